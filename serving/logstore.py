@@ -1,0 +1,314 @@
+"""The request/feedback log store (SQLAlchemy; SQLite in WAL mode by default, any URL by config).
+
+Two tables:
+- ``requests``: one row per exchange through the gateway (messages *after* redaction, response,
+  usage, latencies, guardrail verdicts, status). Written off the hot path by a background writer
+  that batches inserts; :meth:`LogStore.close` flushes what is queued, so nothing is lost on
+  shutdown.
+- ``feedback``: ratings, preferences and edits that users attach to a request id. Written
+  synchronously (the API answers only after the row is stored) and idempotent by content.
+
+Readers (the data stage) use :meth:`LogStore.exchanges` and :meth:`LogStore.feedback_events`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+log = logging.getLogger(__name__)
+
+FeedbackKind = Literal["rating", "preference", "edit"]
+
+metadata = MetaData()
+
+requests_table = Table(
+    "requests",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("release", String(128), nullable=True, index=True),
+    Column("model", String(256), nullable=True),
+    Column("messages", JSON, nullable=False),  # after input guardrails (redacted)
+    Column("params", JSON, nullable=False),  # sampling parameters sent upstream
+    Column("response", Text, nullable=True),  # after output guardrails
+    Column("finish_reason", String(32), nullable=True),
+    Column("usage", JSON, nullable=True),  # {"prompt_tokens", "completion_tokens", "total_tokens"}
+    Column("ttft_ms", Float, nullable=True),
+    Column("latency_ms", Float, nullable=True),
+    Column("guardrail_ms", Float, nullable=True),
+    Column("verdicts", JSON, nullable=False),  # [{"hook", "stage", "action", "reason"}]
+    Column("status", String(32), nullable=False),  # ok | blocked | upstream_error | client_error | cancelled
+    Column("http_status", Integer, nullable=False),
+    Column("stream", Integer, nullable=False, default=0),
+)
+
+feedback_table = Table(
+    "feedback",
+    metadata,
+    Column("id", String(64), primary_key=True),  # content hash: identical feedback is idempotent
+    Column("request_id", String(64), nullable=False, index=True),
+    Column("tenant", String(128), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("comment", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class ExchangeRecord:
+    """One exchange as the gateway logs it (the ``requests`` table's row)."""
+
+    id: str
+    tenant: str
+    messages: list[dict[str, Any]]
+    params: dict[str, Any] = field(default_factory=dict)
+    response: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    guardrail_ms: float | None = None
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "ok"
+    http_status: int = 200
+    stream: bool = False
+    release: str | None = None
+    model: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+    def row(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["stream"] = int(self.stream)
+        return d
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, NORMAL sync and a busy timeout."""
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    if ts is not None and ts.tzinfo is None:
+        return ts.replace(tzinfo=UTC)
+    return ts
+
+
+class LogStore:
+    """Log store with a batched background writer for exchanges.
+
+    Args:
+        url: SQLAlchemy URL, e.g. ``sqlite:///.alignloop/logs.db`` or ``postgresql+psycopg://...``.
+        batch_size: exchanges per insert transaction at most.
+    """
+
+    _STOP = object()
+
+    def __init__(self, url: str, batch_size: int = 256) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+        self.batch_size = batch_size
+        self._queue: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="logstore-writer", daemon=True)
+        self._writer.start()
+        self._closed = False
+        self.write_errors = 0
+
+    # -- writes ---------------------------------------------------------------------------------
+    def log_exchange(self, record: ExchangeRecord) -> None:
+        """Queue one exchange; never blocks on the database."""
+        if self._closed:
+            raise RuntimeError("log store is closed")
+        self._queue.put(record.row())
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                self._queue.task_done()
+                return
+            batch = [item]
+            while len(batch) < self.batch_size:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is self._STOP:
+                    self._queue.put(nxt)  # handle after this batch is written
+                    self._queue.task_done()
+                    break
+                batch.append(nxt)
+            self._write_batch(batch)
+            for _ in batch:
+                self._queue.task_done()
+
+    def _write_batch(self, batch: list[dict[str, Any]]) -> None:
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(requests_table), batch)
+                return
+            except Exception:  # noqa: BLE001 - retried, then logged; the writer must not die
+                if attempt == 4:
+                    self.write_errors += len(batch)
+                    log.exception("log store: dropped %d exchange rows after 5 attempts", len(batch))
+                else:
+                    threading.Event().wait(0.2 * (attempt + 1))
+
+    def flush(self) -> None:
+        """Block until every queued exchange is written."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Flush and stop the writer (called on gateway shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(self._STOP)
+        self._writer.join()
+        self.engine.dispose()
+
+    def add_feedback(
+        self,
+        request_id: str,
+        tenant: str,
+        kind: FeedbackKind,
+        payload: dict[str, Any],
+        comment: str | None = None,
+    ) -> tuple[str, bool]:
+        """Store feedback synchronously. Returns (feedback id, created); identical repeats are no-ops."""
+        body = json.dumps([request_id, tenant, kind, payload, comment], sort_keys=True)
+        fid = "fb-" + hashlib.sha256(body.encode()).hexdigest()[:24]
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                select(feedback_table.c.id).where(feedback_table.c.id == fid)
+            ).first()
+            if exists:
+                return fid, False
+            conn.execute(
+                insert(feedback_table).values(
+                    id=fid, request_id=request_id, tenant=tenant, kind=kind, payload=payload,
+                    comment=comment, created_at=utcnow(),
+                )
+            )
+        return fid, True
+
+    # -- reads ----------------------------------------------------------------------------------
+    def get_exchange(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """One exchange by id (restricted to ``tenant`` when given). Flushes queued writes first."""
+        self.flush()
+        q = select(requests_table).where(requests_table.c.id == request_id)
+        if tenant is not None:
+            q = q.where(requests_table.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            row = conn.execute(q).mappings().first()
+        return self._exchange_dict(row) if row else None
+
+    @staticmethod
+    def _exchange_dict(row: Any) -> dict[str, Any]:
+        d = dict(row)
+        d["created_at"] = _aware(d["created_at"])
+        d["stream"] = bool(d["stream"])
+        return d
+
+    def exchanges(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        tenants: list[str] | None = None,
+        releases: list[str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Exchanges in ``[since, until)``, oldest first, optionally filtered by tenant/release."""
+        self.flush()
+        t = requests_table
+        q = select(t).order_by(t.c.created_at, t.c.id)
+        if since is not None:
+            q = q.where(t.c.created_at >= since)
+        if until is not None:
+            q = q.where(t.c.created_at < until)
+        if tenants:
+            q = q.where(t.c.tenant.in_(tenants))
+        if releases:
+            q = q.where(t.c.release.in_(releases))
+        with self.engine.connect() as conn:
+            for row in conn.execute(q).mappings():
+                yield self._exchange_dict(row)
+
+    def feedback_events(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        tenants: list[str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Feedback in ``[since, until)``, oldest first."""
+        t = feedback_table
+        q = select(t).order_by(t.c.created_at, t.c.id)
+        if since is not None:
+            q = q.where(t.c.created_at >= since)
+        if until is not None:
+            q = q.where(t.c.created_at < until)
+        if tenants:
+            q = q.where(t.c.tenant.in_(tenants))
+        with self.engine.connect() as conn:
+            for row in conn.execute(q).mappings():
+                d = dict(row)
+                d["created_at"] = _aware(d["created_at"])
+                yield d
+
+    def count_exchanges(self) -> int:
+        self.flush()
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(requests_table)).scalar_one()
+
+
+def default_url() -> str:
+    from training.config import data_dir
+
+    path = data_dir() / "logs.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"

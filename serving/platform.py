@@ -1,0 +1,119 @@
+"""What this machine is, and the serving/training choices that follow from it.
+
+Facts behind the choices (PLATFORM.md, re-checked where noted):
+- vLLM CPU in bfloat16 on a CPU without AVX-512 BF16 produces fluent garbage: use float32 there.
+- vLLM's CPU int4 kernel (``cpu_gemm_wna16``) ships only in the AVX-512 build: AVX2-only CPUs get
+  W8A8-int8 (oneDNN), AVX-512 CPUs and GPUs get W4A16.
+- TRL defaults to bf16 training; on a CPU without native bf16 that is 10-20x slower than float32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+Scheme = Literal["w4a16", "w8a8-int8", "fp8-dynamic"]
+Dtype = Literal["bfloat16", "float32", "float16"]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The hardware facts that decide dtype, quantization scheme and vLLM arguments."""
+
+    cpu_model: str
+    cpu_flags: frozenset[str] = field(repr=False)
+    cores: int
+    ram_gib: float
+    gpu_names: tuple[str, ...] = ()
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpu_names)
+
+    @property
+    def avx512(self) -> bool:
+        return "avx512f" in self.cpu_flags
+
+    @property
+    def avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.cpu_flags or "amx_bf16" in self.cpu_flags
+
+    @property
+    def isa(self) -> str:
+        if self.has_gpu:
+            return "cuda"
+        return "avx512" if self.avx512 else ("avx2" if "avx2" in self.cpu_flags else "baseline")
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "cpu": self.cpu_model,
+            "cores": self.cores,
+            "ram_gib": round(self.ram_gib, 1),
+            "isa": self.isa,
+            "avx512_bf16": self.avx512_bf16,
+            "gpus": list(self.gpu_names),
+            "serving_dtype": serving_dtype(self),
+            "training_dtype": training_dtype(self),
+            "quant_scheme": default_quant_scheme(self),
+        }
+
+
+def _read_cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = "unknown", frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _gpu_names() -> tuple[str, ...]:
+    if os.environ.get("ALIGNLOOP_FORCE_CPU") == "1" or not shutil.which("nvidia-smi"):
+        return ()
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(line.strip() for line in out.splitlines() if line.strip())
+
+
+@lru_cache(maxsize=1)
+def detect() -> Platform:
+    """Read CPU flags, core count, RAM and NVIDIA GPUs (``ALIGNLOOP_FORCE_CPU=1`` hides GPUs)."""
+    model, flags = _read_cpuinfo()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return Platform(model, flags, os.cpu_count() or 1, ram, _gpu_names())
+
+
+def serving_dtype(p: Platform) -> Dtype:
+    """bfloat16 on GPUs and on CPUs with native bf16; float32 elsewhere (bf16 gives garbage)."""
+    return "bfloat16" if p.has_gpu or p.avx512_bf16 else "float32"
+
+
+def training_dtype(p: Platform) -> Dtype:
+    """bfloat16 on GPUs; float32 on CPUs (emulated bf16 matmuls are 10-20x slower on CPU)."""
+    return "bfloat16" if p.has_gpu else "float32"
+
+
+def default_quant_scheme(p: Platform) -> Scheme:
+    """W4A16 where vLLM has an int4 kernel (GPUs, AVX-512 CPUs); W8A8-int8 on AVX2-only CPUs."""
+    return "w4a16" if p.has_gpu or p.avx512 else "w8a8-int8"
+
+
+def servable_schemes(p: Platform) -> tuple[Scheme, ...]:
+    """Schemes this machine's vLLM can serve (used to reject a scheme the target cannot serve)."""
+    if p.has_gpu:
+        return ("w4a16", "w8a8-int8", "fp8-dynamic")
+    return ("w4a16", "w8a8-int8") if p.avx512 else ("w8a8-int8",)

