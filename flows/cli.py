@@ -10,7 +10,6 @@ import importlib
 import json
 import logging
 
-
 import typer
 
 app = typer.Typer(

@@ -41,7 +41,7 @@ class VLLMArgs(StrictModel):
         "auto", description="'auto' picks from the platform: bf16 on GPU and bf16-capable CPUs, else float32."
     )
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer in tokens.")
-    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE; whole GiB).")
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only)."
     )
@@ -111,7 +111,7 @@ def build_command(
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     else:
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
     if args.max_num_seqs:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
     cmd += args.extra_args
@@ -276,7 +276,20 @@ class VLLMServer:
                 break
             except subprocess.TimeoutExpired:
                 continue
+        _wait_group_gone(proc.pid)
         log.info("vLLM on port %d stopped", self.port)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 10) -> None:
+    """Wait until no process of the group is left (killed children take a moment to be reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    log.warning("processes of group %d still present after %.0fs", pgid, timeout_s)
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -56,7 +56,7 @@ def tiny_vllm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from serving.vllm_server import VLLMArgs, VLLMServer
 
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    args = VLLMArgs(max_model_len=1024, kv_cache_gib=0.5)
+    args = VLLMArgs(max_model_len=1024, kv_cache_gib=1)
     with VLLMServer(tiny_model_dir, args=args, log_path=log_path, served_name="tiny") as server:
         yield server
 

