@@ -1,0 +1,275 @@
+"""`alignloop serve` and `alignloop release list|stage|promote|rollback|retire|attach-eval`.
+
+Release commands talk to the running gateway's admin API when one runs (its URL comes from
+``--url``/``$ALIGNLOOP_GATEWAY_URL`` or the ``server.json`` it writes in the data dir; the key from
+``--admin-key``/``$ALIGNLOOP_ADMIN_KEY``): the gateway owns the vLLM processes. With no gateway
+running they work on the persisted state and say so:
+- ``stage`` starts the candidate, health-checks it, records it ``staged`` and stops it again;
+- ``promote`` marks it live for the next ``alignloop serve`` (which starts it and, if it fails,
+  falls back to the previous release);
+- ``rollback`` swaps live and previous in the files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+release_app = typer.Typer(
+    help="Blue/green releases: list, stage, promote, rollback.", no_args_is_help=True
+)
+
+_URL = typer.Option(
+    None,
+    "--url",
+    envvar="ALIGNLOOP_GATEWAY_URL",
+    help="Running gateway (default: from server.json).",
+)
+_KEY = typer.Option(
+    None, "--admin-key", envvar="ALIGNLOOP_ADMIN_KEY", help="Admin key of the running gateway."
+)
+
+
+def _client(url: str | None, admin_key: str | None):
+    """An AdminClient for the running gateway, or None when none runs (offline mode)."""
+    from serving.admin_api import AdminClient
+    from serving.server import running_server
+
+    if url is None:
+        info = running_server()
+        url = info["url"] if info else None
+    if url is None:
+        return None
+    if not admin_key:
+        raise typer.BadParameter(
+            f"a gateway runs at {url}: pass --admin-key or set ALIGNLOOP_ADMIN_KEY",
+            param_hint="--admin-key",
+        )
+    return AdminClient(url, admin_key)
+
+
+def _run(fn):
+    from serving.admin_api import AdminError
+    from serving.releases import ReleaseError
+    from training.config import ConfigError
+
+    try:
+        return fn()
+    except (AdminError, ReleaseError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _show(rel, note: str = "") -> None:
+    last = rel.history[-1] if rel.history else None
+    typer.echo(
+        f"{rel.release_id}: {rel.status}"
+        + (f" ({last.reason.splitlines()[0][:200]})" if last and last.reason else "")
+    )
+    if note:
+        typer.echo(note)
+
+
+@release_app.command("list")
+def release_list(
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),  # noqa: B008
+    url: str | None = _URL,
+    admin_key: str | None = _KEY,
+) -> None:
+    """List releases (status, model, source; warm/serving when a gateway runs)."""
+    from serving.releases import ReleaseStore
+
+    client = _client(url, admin_key)
+    rows = _run(client.describe) if client else [r.to_dict() for r in ReleaseStore().list()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if client is None:
+        typer.echo("(no gateway running: persisted state)")
+    for r in rows:
+        flags = " serving" if r.get("serving") else (" warm" if r.get("warm") else "")
+        src = r.get("source") or {}
+        lineage = (
+            f" from {src.get('run_dir', src.get('kind', ''))}:{src.get('stage', '')}" if src else ""
+        )
+        typer.echo(
+            f"{r['release_id']:<48} {str(r['status']):<9}{flags:<8} {r['model_dir']}{lineage}"
+        )
+
+
+@release_app.command("stage")
+def release_stage(
+    model_dir: str = typer.Argument(..., help="Model folder (or 'embedded') to serve."),  # noqa: B008
+    overrides: list[str] = typer.Argument(
+        None, help="vLLM args as key=value (dtype=float32 max_model_len=1024)."
+    ),  # noqa: B008
+    args_file: Path | None = typer.Option(None, help="YAML with vLLM args (VLLMArgs)."),  # noqa: B008
+    release_id: str | None = typer.Option(
+        None, "--id", help="Release id (default: time + model name)."
+    ),  # noqa: B008
+    source_run: str | None = typer.Option(
+        None, help="Run folder that produced the model (lineage)."
+    ),  # noqa: B008
+    source_stage: str | None = typer.Option(None, help="Stage inside that run (lineage)."),  # noqa: B008
+    url: str | None = _URL,
+    admin_key: str | None = _KEY,
+) -> None:
+    """Start a candidate on its own port and health-check it; users are not routed to it."""
+    from serving.vllm_server import VLLMArgs
+    from training.base_model import resolve_base_model
+    from training.config import load_config
+
+    # No args given: None, so the gateway applies its own releases.default_args.
+    args = (
+        _run(lambda: load_config(VLLMArgs, args_file, overrides or []))
+        if (args_file or overrides)
+        else None
+    )
+    try:
+        model = resolve_base_model(model_dir)
+    except FileNotFoundError:
+        model = model_dir  # recorded as failed below, with vLLM's reason
+    source = {k: v for k, v in (("run_dir", source_run), ("stage", source_stage)) if v}
+    client = _client(url, admin_key)
+    if client is not None:
+        rel = _run(lambda: client.stage(model, args, source, release_id))
+        note = ""
+    else:
+        from serving.releases import ReleaseManager
+        from serving.server import ServeConfig
+        from training.config import repo_root
+
+        serve_yaml = repo_root() / "configs/serve.yaml"
+        defaults = load_config(
+            ServeConfig, serve_yaml if serve_yaml.is_file() else None
+        ).releases.default_args
+        with ReleaseManager(default_args=defaults) as manager:
+            rel = _run(lambda: manager.stage(model, args, source, release_id))
+        note = (
+            "no gateway running: it started, answered and was stopped again; it starts when "
+            "promoted in a running gateway, or at the next `alignloop serve` if promoted now."
+        )
+    _show(rel, note if rel.status == "staged" else "")
+    if rel.status != "staged":
+        raise typer.Exit(1)
+
+
+@release_app.command("promote")
+def release_promote(
+    release_id: str = typer.Argument(..., help="Release to make live."),  # noqa: B008
+    force: bool = typer.Option(False, help="Promote against a gate decision (needs --reason)."),  # noqa: B008
+    reason: str | None = typer.Option(None, help="Why (kept in the status history)."),  # noqa: B008
+    url: str | None = _URL,
+    admin_key: str | None = _KEY,
+) -> None:
+    """Switch the gateway to a release (health-checked first); the live one becomes previous."""
+    from serving.releases import ReleaseStore
+
+    if force and not reason:
+        raise typer.BadParameter("--force needs --reason", param_hint="--reason")
+    client = _client(url, admin_key)
+    if client is not None:
+        _show(_run(lambda: client.promote(release_id, force, reason)))
+        return
+
+    _show(
+        _run(lambda: ReleaseStore().promote_offline(release_id, force, reason or "")),
+        "no gateway running: marked live in the data dir; the next "
+        "`alignloop serve` starts it (and falls back to the previous release if it fails).",
+    )
+
+
+@release_app.command("rollback")
+def release_rollback(
+    reason: str | None = typer.Option(None, help="Why (kept in the status history)."),  # noqa: B008
+    url: str | None = _URL,
+    admin_key: str | None = _KEY,
+) -> None:
+    """Make the previous release live again (instant while it is warm)."""
+    from serving.releases import ReleaseStore
+
+    client = _client(url, admin_key)
+    if client is not None:
+        _show(_run(lambda: client.rollback(reason)))
+        return
+    _show(
+        _run(lambda: ReleaseStore().rollback_offline(reason or "")),
+        "no gateway running: swapped live and previous in the data dir (takes effect at the next serve).",
+    )
+
+
+@release_app.command("retire")
+def release_retire(
+    release_id: str = typer.Argument(..., help="Staged or previous release to stop."),  # noqa: B008
+    reason: str | None = typer.Option(None, help="Why."),  # noqa: B008
+    url: str | None = _URL,
+    admin_key: str | None = _KEY,
+) -> None:
+    """Stop a staged/previous release and take it out of rotation."""
+    from serving.releases import ReleaseError, ReleaseStore
+
+    client = _client(url, admin_key)
+    if client is not None:
+        _show(_run(lambda: client.retire(release_id, reason)))
+        return
+
+    def offline():
+        store = ReleaseStore()
+        if store.get(release_id).status == "live":
+            raise ReleaseError(f"release {release_id} is live: promote or roll back first")
+        return store.set_status(release_id, "retired", reason or "retired (offline)")
+
+    _show(_run(offline))
+
+
+@release_app.command("attach-eval")
+def release_attach_eval(
+    release_id: str = typer.Argument(...),
+    report: Path = typer.Argument(..., exists=True, help="Report JSON."),  # noqa: B008
+    url: str | None = _URL,
+    admin_key: str | None = _KEY,
+) -> None:
+    """Attach an eval report (JSON) to a release."""
+    from serving.releases import ReleaseStore
+
+    client = _client(url, admin_key)
+    data = json.loads(report.read_text())
+    rel = (
+        _run(lambda: client.attach_eval(release_id, data))
+        if client
+        else _run(lambda: ReleaseStore().attach_eval(release_id, data))
+    )
+    _show(rel)
+
+
+def serve(
+    config: Path | None = typer.Option(
+        None, help="Serve config YAML (default: <repo>/configs/serve.yaml)."
+    ),  # noqa: B008
+    overrides: list[str] = typer.Argument(None, help="Config overrides as key=value (port=8001)."),  # noqa: B008
+) -> None:
+    """Run the gateway with the live release (vLLM), admin API included, until Ctrl-C."""
+    from serving.server import ServeConfig, run_serve, running_server
+    from training.config import ConfigError, load_config, repo_root
+
+    try:
+        cfg = load_config(
+            ServeConfig, config or repo_root() / "configs/serve.yaml", overrides or []
+        )
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if (info := running_server()) is not None:
+        typer.echo(
+            f"error: a gateway already runs for this data dir ({info['url']}, pid {info['pid']})",
+            err=True,
+        )
+        raise typer.Exit(1)
+    run_serve(cfg)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.add_typer(release_app, name="release")

@@ -1,0 +1,236 @@
+"""Admin HTTP API for releases (list, stage, promote, rollback, retire, attach eval) and its client.
+
+The router is mounted by the gateway (``create_app(..., extra_routers=[router])``) and every route
+needs the admin key. Routes are plain ``def`` so FastAPI runs them in its thread pool: staging
+blocks for the candidate's whole start-up (tens of seconds on CPU) without stalling user traffic.
+
+| method | path | body | answer |
+|---|---|---|---|
+| GET | /admin/releases | | ``{"data": [release, ...], "current": id or null}`` |
+| GET | /admin/releases/{id} | | release |
+| POST | /admin/releases | StageRequest | release (status ``staged`` or ``failed``) |
+| POST | /admin/releases/{id}/promote | PromoteRequest | release (now ``live``) |
+| POST | /admin/releases/rollback | RollbackRequest | release (now ``live``) |
+| POST | /admin/releases/{id}/retire | RollbackRequest | release (now ``retired``) |
+| POST | /admin/releases/{id}/eval | EvalRequest | release |
+
+Errors use OpenAI's error shape: 404 unknown release, 409 a state that forbids the operation
+(e.g. promoting a failed release, nothing to roll back to), 422 bad body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import Field
+
+from serving.releases import Release, ReleaseError, ReleaseManager, ReleaseNotFound
+from serving.vllm_server import VLLMArgs
+from training.config import StrictModel
+
+
+class StageRequest(StrictModel):
+    """Stage a candidate: start its vLLM and health-check it (not routed to users)."""
+
+    model_dir: str = Field(..., min_length=1, description="Model folder (or hub id) to serve.")
+    args: VLLMArgs | None = Field(
+        None, description="vLLM arguments; None = the gateway's defaults."
+    )
+    source: dict[str, Any] = Field(
+        default_factory=dict, description="Lineage: run folder, stage, anything the report links."
+    )
+    release_id: str | None = Field(None, description="Id to use; None = timestamp + model name.")
+
+
+class PromoteRequest(StrictModel):
+    force: bool = Field(False, description="Promote against a gate decision (needs a reason).")
+    reason: str | None = Field(
+        None, max_length=2000, description="Why; stored in the status history."
+    )
+
+
+class RollbackRequest(StrictModel):
+    reason: str | None = Field(
+        None, max_length=2000, description="Why; stored in the status history."
+    )
+
+
+class EvalRequest(StrictModel):
+    report: dict[str, Any] = Field(..., description="The eval report (metrics JSON) to attach.")
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        },
+    )
+
+
+def _one(manager: ReleaseManager, release_id: str) -> dict[str, Any]:
+    return next(r for r in manager.describe() if r["release_id"] == release_id)
+
+
+def build_admin_router(
+    manager: ReleaseManager, dependencies: Sequence[Callable[..., Any]] | None = None
+) -> APIRouter:
+    """The admin routes over ``manager``; ``dependencies`` default to ``serving.auth.require_admin``."""
+    if dependencies is None:
+        from serving.auth import require_admin
+
+        dependencies = [require_admin]
+    router = APIRouter(
+        prefix="/admin/releases", tags=["admin"], dependencies=[Depends(d) for d in dependencies]
+    )
+
+    def guarded(fn: Callable[[], Release]) -> Any:
+        try:
+            rel = fn()
+        except ReleaseNotFound as exc:
+            return _error(404, str(exc), "release_not_found")
+        except ReleaseError as exc:
+            return _error(409, str(exc), "release_conflict")
+        return _one(manager, rel.release_id)
+
+    @router.get("")
+    def list_releases() -> dict[str, Any]:
+        cur = manager.current()
+        return {
+            "object": "list",
+            "data": manager.describe(),
+            "current": cur.release_id if cur else None,
+        }
+
+    @router.post("")
+    def stage(body: StageRequest) -> Any:
+        return guarded(
+            lambda: manager.stage(body.model_dir, body.args, body.source, body.release_id)
+        )
+
+    # Declared before "/{release_id}" routes so "rollback" is never read as an id.
+    @router.post("/rollback")
+    def rollback(body: RollbackRequest | None = None) -> Any:
+        return guarded(lambda: manager.rollback((body or RollbackRequest()).reason))
+
+    @router.get("/{release_id}")
+    def get_release(release_id: str) -> Any:
+        return guarded(lambda: manager.get(release_id))
+
+    @router.post("/{release_id}/promote")
+    def promote(release_id: str, body: PromoteRequest | None = None) -> Any:
+        body = body or PromoteRequest()
+        return guarded(lambda: manager.promote(release_id, body.force, body.reason))
+
+    @router.post("/{release_id}/retire")
+    def retire(release_id: str, body: RollbackRequest | None = None) -> Any:
+        return guarded(lambda: manager.retire(release_id, (body or RollbackRequest()).reason or ""))
+
+    @router.post("/{release_id}/eval")
+    def attach_eval(release_id: str, body: EvalRequest) -> Any:
+        return guarded(lambda: manager.attach_eval(release_id, body.report))
+
+    return router
+
+
+class AdminError(RuntimeError):
+    """The admin API answered with an error (message from its OpenAI-shaped body)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+_RELEASE_FIELDS = {f.name for f in fields(Release)}
+
+
+def release_from_api(d: dict[str, Any]) -> Release:
+    """A :class:`Release` from an admin API answer (drops the runtime-only keys)."""
+    return Release.from_dict({k: v for k, v in d.items() if k in _RELEASE_FIELDS})
+
+
+class AdminClient:
+    """The admin API of a running gateway, with ReleaseManager's verbs.
+
+    >>> client = AdminClient("http://127.0.0.1:8000", admin_key)
+    >>> rel = client.stage("runs/.../quantize/output", source={"run": "...", "stage": "quantize"})
+    >>> client.promote(rel.release_id)
+    """
+
+    def __init__(self, base_url: str, admin_key: str, timeout_s: float = 900.0) -> None:
+        # Staging waits for a whole vLLM start-up (up to VLLMArgs.startup_timeout_s).
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {admin_key}"},
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+        )
+
+    def _call(self, method: str, path: str, json: dict[str, Any] | None = None) -> Any:
+        r = self._client.request(method, "/admin/releases" + path, json=json)
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except Exception:  # noqa: BLE001 - not our error shape (proxy, wrong URL)
+                msg = r.text[:500]
+            raise AdminError(r.status_code, msg)
+        return r.json()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Releases with runtime state (``warm``, ``base_url``, ``serving``)."""
+        return self._call("GET", "")["data"]
+
+    def list(self) -> list[Release]:
+        return [release_from_api(d) for d in self.describe()]
+
+    def live(self) -> Release | None:
+        found = [r for r in self.list() if r.status == "live"]
+        return found[-1] if found else None
+
+    def get(self, release_id: str) -> Release:
+        return release_from_api(self._call("GET", f"/{release_id}"))
+
+    def stage(
+        self,
+        model_dir: str,
+        args: VLLMArgs | None = None,
+        source: dict[str, Any] | None = None,
+        release_id: str | None = None,
+    ) -> Release:
+        body = StageRequest(
+            model_dir=str(model_dir), args=args, source=source or {}, release_id=release_id
+        )
+        return release_from_api(self._call("POST", "", body.model_dump(mode="json")))
+
+    def promote(self, release_id: str, force: bool = False, reason: str | None = None) -> Release:
+        return release_from_api(
+            self._call("POST", f"/{release_id}/promote", {"force": force, "reason": reason})
+        )
+
+    def rollback(self, reason: str | None = None) -> Release:
+        return release_from_api(self._call("POST", "/rollback", {"reason": reason}))
+
+    def retire(self, release_id: str, reason: str | None = None) -> Release:
+        return release_from_api(self._call("POST", f"/{release_id}/retire", {"reason": reason}))
+
+    def attach_eval(self, release_id: str, report: dict[str, Any]) -> Release:
+        return release_from_api(self._call("POST", f"/{release_id}/eval", {"report": report}))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

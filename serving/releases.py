@@ -1,0 +1,536 @@
+"""Releases: blue/green vLLM deploys behind the gateway, with promotion, rollback and persisted state.
+
+A release is a model folder + :class:`VLLMArgs` + a status history + (later) an eval report, kept
+in ``<data dir>/releases/<release_id>/release.json`` (with a ``model`` link to the folder, the
+vLLM log and ``eval_report.json``). Statuses:
+
+- ``staged``: started on its own port and health-checked (``/health`` + one real generation);
+  users are not routed to it.
+- ``live``: the gateway's upstream. At most one.
+- ``previous``: the release that was live before; its vLLM stays warm for ``grace_s`` so a
+  rollback is instant, then stops (a later rollback restarts it). At most one.
+- ``retired``: out of rotation. ``failed``: did not start or did not answer; never promoted.
+
+:class:`ReleaseStore` is the persisted state (plain JSON files, written atomically under a file
+lock, so the CLI can edit it while no gateway runs). :class:`ReleaseManager` owns the vLLM
+processes of one gateway process and implements the gateway's ``UpstreamProvider``: the upstream
+is one attribute swapped in a single assignment, and each request reads it once at its start, so
+a switch never breaks a request in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from serving.service import Upstream
+from serving.vllm_server import VLLMArgs, VLLMServer, VLLMStartError
+from training.config import data_dir
+
+log = logging.getLogger(__name__)
+
+Status = Literal["staged", "live", "previous", "retired", "failed"]
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ReleaseError(RuntimeError):
+    """An operation that the releases' state does not allow (the message says why)."""
+
+
+class ReleaseNotFound(ReleaseError):
+    """No release with that id."""
+
+
+@dataclass
+class StatusEvent:
+    """One entry of a release's status history."""
+
+    status: Status
+    at: str
+    reason: str = ""
+    forced: bool = False
+
+
+@dataclass
+class Release:
+    """One release as persisted in ``releases/<release_id>/release.json``."""
+
+    release_id: str
+    model_dir: str
+    vllm_args: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    history: list[StatusEvent] = field(default_factory=list)
+    eval_report: str | None = None  # path of eval_report.json once evals attached one
+
+    @property
+    def status(self) -> Status | None:
+        return self.history[-1].status if self.history else None
+
+    @property
+    def served_name(self) -> str:
+        """The model name vLLM serves it under (the release id, so logs name the release)."""
+        return self.release_id
+
+    def args(self) -> VLLMArgs:
+        return VLLMArgs.model_validate(self.vllm_args)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Release:
+        d = {k: v for k, v in d.items() if k != "status"}
+        d["history"] = [StatusEvent(**e) for e in d.get("history", [])]
+        return cls(**d)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def new_release_id(label: str = "") -> str:
+    """A sortable, unique id: UTC timestamp + optional label + 4 random hex digits."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    label = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.")[:40]
+    return "-".join(p for p in (stamp, label, uuid.uuid4().hex[:4]) if p)
+
+
+class ReleaseStore:
+    """The persisted releases under ``<root>`` (default ``<data dir>/releases``)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root else data_dir() / "releases"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive across threads and processes (CLI and gateway share the folder); reentrant."""
+        with self._thread_lock:
+            if self._depth:  # flock on a second descriptor would wait for ourselves
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            with (self.root / ".lock").open("a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                self._depth = 1
+                try:
+                    yield
+                finally:
+                    self._depth = 0
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def folder(self, release_id: str) -> Path:
+        return self.root / release_id
+
+    def get(self, release_id: str) -> Release:
+        path = self.folder(release_id) / "release.json"
+        if not _ID_RE.match(release_id) or not path.is_file():
+            raise ReleaseNotFound(f"release {release_id!r} not found under {self.root}")
+        return Release.from_dict(json.loads(path.read_text()))
+
+    def save(self, release: Release) -> None:
+        folder = self.folder(release.release_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "release.json.tmp"
+        tmp.write_text(json.dumps(release.to_dict(), indent=2))
+        os.replace(tmp, folder / "release.json")  # atomic: a reader sees old or new, never half
+
+    def list(self) -> list[Release]:
+        """All releases, oldest first."""
+        out = [self.get(p.parent.name) for p in self.root.glob("*/release.json")]
+        return sorted(out, key=lambda r: (r.created_at, r.release_id))
+
+    def with_status(self, status: Status) -> list[Release]:
+        return [r for r in self.list() if r.status == status]
+
+    def live(self) -> Release | None:
+        found = self.with_status("live")
+        return found[-1] if found else None
+
+    def previous(self) -> Release | None:
+        found = self.with_status("previous")
+        return found[-1] if found else None
+
+    def create(
+        self,
+        model_dir: str | Path,
+        args: VLLMArgs,
+        source: dict[str, Any] | None = None,
+        release_id: str | None = None,
+    ) -> Release:
+        """A new release record with an empty history (the caller appends staged or failed)."""
+        model = Path(model_dir).expanduser()
+        model_s = str(model.resolve()) if model.exists() else str(model_dir)
+        release_id = release_id or new_release_id(Path(model_s).name)
+        if not _ID_RE.match(release_id):
+            raise ReleaseError(
+                f"release_id {release_id!r}: use letters, digits, '.', '_' or '-' (max 128)"
+            )
+        with self.locked():
+            if (self.folder(release_id) / "release.json").exists():
+                raise ReleaseError(f"release_id {release_id!r} already exists")
+            rel = Release(
+                release_id=release_id,
+                model_dir=model_s,
+                vllm_args=args.model_dump(mode="json"),
+                source=dict(source or {}),
+                created_at=_now(),
+            )
+            self.save(rel)
+            link = self.folder(release_id) / "model"
+            if model.exists() and not link.exists():
+                link.symlink_to(model.resolve(), target_is_directory=True)
+        return rel
+
+    def set_status(
+        self, release_id: str, status: Status, reason: str = "", forced: bool = False
+    ) -> Release:
+        with self.locked():
+            rel = self.get(release_id)
+            rel.history.append(StatusEvent(status, _now(), reason, forced))
+            self.save(rel)
+            return rel
+
+    def attach_eval(self, release_id: str, report: dict[str, Any] | str | Path) -> Release:
+        """Store an eval report (a dict, or a JSON file's path) as ``eval_report.json``."""
+        if not isinstance(report, dict):
+            report = json.loads(Path(report).read_text())
+        with self.locked():
+            rel = self.get(release_id)
+            path = self.folder(release_id) / "eval_report.json"
+            path.write_text(json.dumps(report, indent=2, default=str))
+            rel.eval_report = str(path)
+            self.save(rel)
+            return rel
+
+    def promote_offline(self, release_id: str, force: bool = False, reason: str = "") -> Release:
+        """Mark a release live in the files only (no gateway runs): it starts on the next serve."""
+        with self.locked():
+            target = self.get(release_id)
+            _check_promotable(target)
+            old = self.live()
+            for prev in self.with_status("previous"):
+                self.set_status(prev.release_id, "retired", f"replaced as previous by {release_id}")
+            if old is not None and old.release_id != release_id:
+                self.set_status(old.release_id, "previous", f"{release_id} promoted (offline)")
+            return self.set_status(release_id, "live", reason or "promoted (offline)", force)
+
+    def rollback_offline(self, reason: str = "") -> Release:
+        """Swap live and previous in the files only (no gateway runs)."""
+        with self.locked():
+            prev, live = self.previous(), self.live()
+            if prev is None:
+                raise ReleaseError("nothing to roll back to: no release has status 'previous'")
+            if live is not None:
+                self.set_status(live.release_id, "previous", f"rolled back to {prev.release_id}")
+            return self.set_status(prev.release_id, "live", reason or "rollback (offline)")
+
+
+def _check_promotable(rel: Release) -> None:
+    # A release that failed to start or answer is never promoted, not even with force: force
+    # overrides the eval gate, not the health check.
+    if rel.status == "failed":
+        raise ReleaseError(
+            f"release {rel.release_id} failed its start/health check; not promotable"
+        )
+    if rel.status == "live":
+        raise ReleaseError(f"release {rel.release_id} is already live")
+    if rel.status not in ("staged", "previous", "retired"):
+        raise ReleaseError(f"release {rel.release_id} was never health-checked; stage it again")
+
+
+class ReleaseManager:
+    """The vLLM processes of one gateway and its current upstream (``UpstreamProvider``).
+
+    Args:
+        store: persisted state (default: ``<data dir>/releases``).
+        grace_s: how long the previous release stays warm after a promotion or rollback; set it
+            above the longest request you serve, since a request still running on the previous
+            release when its server stops fails.
+        default_args: vLLM arguments for a release staged without its own.
+    """
+
+    def __init__(
+        self,
+        store: ReleaseStore | None = None,
+        grace_s: float = 600.0,
+        default_args: VLLMArgs | None = None,
+    ) -> None:
+        self.store = store or ReleaseStore()
+        self.grace_s = grace_s
+        self.default_args = default_args or VLLMArgs()
+        self._servers: dict[str, VLLMServer] = {}
+        self._starting: set[VLLMServer] = set()
+        self._timers: dict[str, threading.Timer] = {}
+        self._upstream: Upstream | None = None
+        # Promote/rollback are serialised; readers (current()) never take this lock.
+        self._ops = threading.RLock()
+        # Every vLLM is launched from this one long-lived thread: PR_SET_PDEATHSIG fires when the
+        # *thread* that forked the child exits, and web-server worker threads come and go.
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-launcher")
+        self._closed = False
+
+    # -- UpstreamProvider ---------------------------------------------------------------------
+    def current(self) -> Upstream | None:
+        """The live release's endpoint, or None when nothing is serving."""
+        return self._upstream
+
+    # -- queries ------------------------------------------------------------------------------
+    def list(self) -> list[Release]:
+        return self.store.list()
+
+    def live(self) -> Release | None:
+        return self.store.live()
+
+    def get(self, release_id: str) -> Release:
+        return self.store.get(release_id)
+
+    def warm(self) -> dict[str, dict[str, Any]]:
+        """Release id -> {base_url, pid} of every vLLM this manager runs now."""
+        return {
+            rid: {"base_url": s.base_url, "pid": s.proc.pid if s.proc else None}
+            for rid, s in list(self._servers.items())
+            if s.alive()
+        }
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Releases as dicts, with whether each is warm here and the current upstream marked."""
+        warm = self.warm()
+        cur = self._upstream.release_id if self._upstream else None
+        return [
+            {
+                **r.to_dict(),
+                "warm": r.release_id in warm,
+                "base_url": warm.get(r.release_id, {}).get("base_url"),
+                "pid": warm.get(r.release_id, {}).get("pid"),
+                "serving": r.release_id == cur,
+            }
+            for r in self.list()
+        ]
+
+    def attach_eval(self, release_id: str, report: dict[str, Any] | str | Path) -> Release:
+        return self.store.attach_eval(release_id, report)
+
+    # -- process handling ---------------------------------------------------------------------
+    def _launch(self, rel: Release) -> VLLMServer:
+        """Start (and health-check) the release's vLLM; raise VLLMStartError on failure."""
+        if self._closed:
+            raise ReleaseError("release manager is shut down")
+        server = VLLMServer(
+            rel.model_dir,
+            args=rel.args(),
+            served_name=rel.served_name,
+            log_path=self.store.folder(rel.release_id) / "vllm.log",
+        )
+        self._starting.add(server)
+        try:
+            self._launcher.submit(server.start, False).result()  # Popen on the launcher thread
+            server.wait_ready()  # stops the process itself if it does not become ready
+        except VLLMStartError:
+            if self._closed:  # shutdown() killed it mid-start: not the release's fault
+                raise ReleaseError("release manager shut down during start-up") from None
+            raise
+        finally:
+            self._starting.discard(server)
+        if self._closed:
+            server.stop()
+            raise ReleaseError("release manager shut down during start-up")
+        self._servers[rel.release_id] = server
+        return server
+
+    def _ensure_warm(self, rel: Release) -> VLLMServer:
+        server = self._servers.get(rel.release_id)
+        if server is not None and server.alive():
+            try:  # it may have died or wedged since it was staged: one real generation again
+                server.check_generation(timeout_s=60)
+                return server
+            except Exception as exc:  # noqa: BLE001 - any failure means "restart it"
+                log.warning("release %s stopped answering (%s); restarting", rel.release_id, exc)
+                server.stop()
+        return self._launch(rel)
+
+    def _stop(self, release_id: str) -> None:
+        timer = self._timers.pop(release_id, None)
+        if timer:
+            timer.cancel()
+        server = self._servers.pop(release_id, None)
+        if server:
+            server.stop()
+
+    def _stop_after_grace(self, release_id: str) -> None:
+        timer = self._timers.pop(release_id, None)
+        if timer:
+            timer.cancel()
+        if self.grace_s <= 0:
+            self._stop(release_id)
+            return
+        timer = threading.Timer(self.grace_s, self._grace_expired, args=(release_id,))
+        timer.daemon = True
+        self._timers[release_id] = timer
+        timer.start()
+
+    def _grace_expired(self, release_id: str) -> None:
+        with self._ops:
+            cur = self._upstream.release_id if self._upstream else None
+            if release_id != cur:  # it may have become live again by a rollback meanwhile
+                log.info("grace period over: stopping previous release %s", release_id)
+                self._timers.pop(release_id, None)
+                server = self._servers.pop(release_id, None)
+                if server:
+                    server.stop()
+
+    def _switch(self, server: VLLMServer, rel: Release) -> None:
+        timer = self._timers.pop(rel.release_id, None)
+        if timer:  # it was counting down as 'previous'; it is live now
+            timer.cancel()
+        # One reference assignment: a request reads current() once, so it never sees half a switch.
+        self._upstream = Upstream(server.base_url, rel.release_id, rel.served_name)
+
+    # -- verbs ----------------------------------------------------------------------------------
+    def start(self) -> Release | None:
+        """Bring up the persisted live release (gateway start). If it fails, fall back to previous.
+
+        Returns the release that serves, or None (nothing live, or nothing would start).
+        """
+        with self._ops:
+            for rel in (self.store.live(), self.store.previous()):
+                if rel is None:
+                    continue
+                try:
+                    server = self._launch(rel)
+                except VLLMStartError as exc:  # (ReleaseError on shutdown propagates)
+                    log.error("release %s did not start: %s", rel.release_id, exc)
+                    self.store.set_status(rel.release_id, "failed", _short(exc))
+                    continue
+                if rel.status != "live":
+                    self.store.set_status(rel.release_id, "live", "live release failed at start")
+                self._switch(server, rel)
+                log.info("serving release %s at %s", rel.release_id, server.base_url)
+                return rel
+            return None
+
+    def stage(
+        self,
+        model_dir: str | Path,
+        args: VLLMArgs | None = None,
+        source: dict[str, Any] | None = None,
+        release_id: str | None = None,
+    ) -> Release:
+        """Start a candidate on its own port and health-check it; users are not routed to it.
+
+        Returns the release with status ``staged``, or ``failed`` (with the reason) when it did
+        not start or answer: a failed release stays on record and can never be promoted.
+        """
+        rel = self.store.create(model_dir, args or self.default_args, source, release_id)
+        try:
+            server = self._launch(rel)
+        except VLLMStartError as exc:
+            log.error("staging %s failed: %s", rel.release_id, exc)
+            return self.store.set_status(rel.release_id, "failed", _short(exc))
+        return self.store.set_status(
+            rel.release_id, "staged", f"healthy at {server.base_url} after {server.startup_s:.0f}s"
+        )
+
+    def promote(self, release_id: str, force: bool = False, reason: str | None = None) -> Release:
+        """Make a release live. It is started (if cold) and health-checked first; on failure the
+        live release keeps serving and this raises :class:`ReleaseError`.
+
+        Args:
+            force: the promotion overrides a gate decision; recorded with ``reason``.
+        """
+        if force and not reason:
+            raise ReleaseError("a forced promotion needs a reason")
+        with self._ops:
+            target = self.store.get(release_id)
+            _check_promotable(target)
+            try:
+                server = self._ensure_warm(target)
+            except VLLMStartError as exc:
+                self.store.set_status(release_id, "failed", _short(exc))
+                raise ReleaseError(
+                    f"release {release_id} failed to start; live unchanged: {exc}"
+                ) from None
+            old = self.store.live()
+            self._switch(server, target)
+            self._demote_after_switch(old, release_id, f"{release_id} promoted")
+            return self.store.set_status(release_id, "live", reason or "promoted", force)
+
+    def rollback(self, reason: str | None = None) -> Release:
+        """Make the previous release live again (instant while warm; restarted otherwise)."""
+        with self._ops:
+            prev = self.store.previous()
+            if prev is None:
+                raise ReleaseError("nothing to roll back to: no release has status 'previous'")
+            try:
+                server = self._ensure_warm(prev)
+            except VLLMStartError as exc:
+                raise ReleaseError(
+                    f"previous release {prev.release_id} failed to restart; live unchanged: {exc}"
+                ) from None
+            old = self.store.live()
+            self._switch(server, prev)
+            # The rolled-back release becomes 'previous' (warm for the grace period), so a second
+            # rollback undoes the first.
+            self._demote_after_switch(old, prev.release_id, f"rolled back to {prev.release_id}")
+            return self.store.set_status(prev.release_id, "live", reason or "rollback")
+
+    def _demote_after_switch(self, old: Release | None, new_id: str, why: str) -> None:
+        for p in self.store.with_status("previous"):
+            if p.release_id != new_id:
+                self._stop(p.release_id)
+                self.store.set_status(p.release_id, "retired", f"replaced as previous: {why}")
+        if old is not None and old.release_id != new_id:
+            self.store.set_status(old.release_id, "previous", why)
+            self._stop_after_grace(old.release_id)
+
+    def retire(self, release_id: str, reason: str = "") -> Release:
+        """Stop a staged or previous release and take it out of rotation (not the live one)."""
+        with self._ops:
+            rel = self.store.get(release_id)
+            if rel.status == "live":
+                raise ReleaseError(f"release {release_id} is live: promote or roll back first")
+            self._stop(release_id)
+            return self.store.set_status(release_id, "retired", reason or "retired")
+
+    def shutdown(self) -> None:
+        """Stop every vLLM this manager started (statuses stay as they are for the next start)."""
+        self._closed = True
+        for server in list(self._starting):  # do not wait out a start-up in progress
+            server.stop()
+        with self._ops:
+            self._upstream = None
+            for rid in list(self._timers):
+                self._timers.pop(rid).cancel()
+            for rid in list(self._servers):
+                self._servers.pop(rid).stop()
+        self._launcher.shutdown(wait=False)
+
+    def __enter__(self) -> ReleaseManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _short(exc: BaseException, limit: int = 2000) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[: limit // 2] + "\n...\n" + text[-limit // 2 :]

@@ -1,0 +1,176 @@
+"""The ``alignloop serve`` runtime: gateway app + ReleaseManager + uvicorn, in one process.
+
+This process owns every vLLM it starts. The live release boots in the background while the
+gateway already listens (it answers 503 until the upstream is ready); on exit (SIGINT/SIGTERM,
+or an error) every vLLM is stopped, and if the process is killed outright the servers get
+SIGTERM from the kernel (``PR_SET_PDEATHSIG`` in :mod:`serving.vllm_server`).
+
+While it runs, ``<data dir>/server.json`` says where it listens, so ``alignloop release ...``
+talks to its admin API instead of editing the files under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import Field
+
+from serving.gateway_config import GatewayConfig, load_gateway_config
+from serving.vllm_server import VLLMArgs
+from training.config import StrictModel, data_dir, repo_root
+
+log = logging.getLogger(__name__)
+
+
+class ReleasesConfig(StrictModel):
+    """How the gateway runs releases."""
+
+    grace_s: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds the previous release stays warm after a switch (instant rollback); "
+        "keep it above the longest request. 0 = stop it at once.",
+    )
+    default_args: VLLMArgs = Field(
+        default_factory=VLLMArgs,
+        description="vLLM arguments for releases staged without their own.",
+    )
+    initial_model: str | None = Field(
+        "embedded",
+        description="Staged and promoted when no release is live yet ('embedded', a folder or a "
+        "hub id); None = start with no upstream (503) until one is promoted.",
+    )
+
+
+class ServeConfig(StrictModel):
+    """``alignloop serve`` (``configs/serve.yaml``)."""
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    gateway_file: str | None = Field(
+        None,
+        description="A gateway YAML (configs/gateway.yaml); relative paths are from the repo "
+        "root. None = use the inline `gateway` section.",
+    )
+    gateway: GatewayConfig = Field(
+        default_factory=GatewayConfig,
+        description="Gateway config inline (when gateway_file is None).",
+    )
+    releases: ReleasesConfig = Field(
+        default_factory=ReleasesConfig, description="Release handling."
+    )
+    log_level: str = Field("info", description="uvicorn log level.")
+
+    def gateway_config(self) -> GatewayConfig:
+        if self.gateway_file is None:
+            return self.gateway
+        path = Path(self.gateway_file)
+        if not path.is_absolute() and not path.exists():
+            path = repo_root() / path
+        return load_gateway_config(path)
+
+
+def server_file() -> Path:
+    """Where a running ``alignloop serve`` records its URL and pid."""
+    return data_dir() / "server.json"
+
+
+def running_server() -> dict | None:
+    """The running gateway's ``{"url", "pid"}`` if its process is alive, else None."""
+    try:
+        info = json.loads(server_file().read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info
+
+
+def _boot(manager, initial_model: str | None) -> None:
+    """Start the persisted live release; with none, stage + promote ``initial_model``."""
+    from serving.releases import ReleaseError
+
+    try:
+        # The initial model is only for a data dir where no release was ever live: when the
+        # persisted live and previous releases both fail to start, we say so rather than
+        # silently serving something else.
+        ever_live = manager.live() is not None or manager.store.previous() is not None
+        if manager.start() is not None or ever_live or not initial_model:
+            if manager.current() is None:
+                log.error("no release is serving; the gateway answers 503 until one is promoted")
+            return
+        from training.base_model import resolve_base_model
+
+        model_dir = resolve_base_model(initial_model)
+        rel = manager.stage(model_dir, source={"kind": "initial_model", "name": initial_model})
+        if rel.status != "staged":
+            log.error("initial model %s failed to start: %s", initial_model, rel.history[-1].reason)
+            return
+        manager.promote(rel.release_id, reason="initial release (no release was live)")
+    except ReleaseError as exc:  # shut down during boot
+        log.warning("boot interrupted: %s", exc)
+    except Exception:  # the gateway keeps running (503) and says why
+        log.exception("booting the live release failed")
+
+
+def _server_class():
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM once it has shut down (uvicorn >= 0.29), which would kill
+        this process before it stops its vLLMs; swallow that so ``run_serve`` cleans up and exits."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return _Server
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """Run the gateway until SIGINT/SIGTERM; stop every vLLM it started on the way out."""
+    import uvicorn
+
+    from serving.admin_api import build_admin_router
+    from serving.app import create_app
+    from serving.logstore import LogStore, default_url
+    from serving.releases import ReleaseManager, ReleaseStore
+
+    _Server = _server_class()
+    logging.getLogger("httpx").setLevel(
+        logging.WARNING
+    )  # one INFO line per proxied request otherwise
+    gw = cfg.gateway_config()
+    store = LogStore(gw.log_store_url or default_url())
+    manager = ReleaseManager(ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args)
+    info = server_file()
+    try:
+        app = create_app(gw, manager, store, extra_routers=[build_admin_router(manager)])
+        server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
+        boot = threading.Thread(
+            target=_boot,
+            args=(manager, cfg.releases.initial_model),
+            name="release-boot",
+            daemon=True,
+        )
+        boot.start()
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        info.parent.mkdir(parents=True, exist_ok=True)
+        info.write_text(json.dumps({"url": f"http://{host}:{cfg.port}", "pid": os.getpid()}))
+        server.run()  # handles SIGINT/SIGTERM itself, then returns
+    finally:
+        log.info("shutting down: stopping every vLLM this gateway started")
+        manager.shutdown()
+        store.close()  # the app's lifespan closes it too; closing twice is a no-op
+        try:
+            if json.loads(info.read_text()).get("pid") == os.getpid():
+                info.unlink()
+        except (OSError, ValueError):
+            pass
