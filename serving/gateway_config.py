@@ -1,0 +1,142 @@
+"""Typed gateway configuration: tenants (hashed API keys), admin key, limits, timeouts, guardrails.
+
+API keys are never stored: the config holds their SHA-256 hex digests (``hash_key``), so a leaked
+config file does not leak credentials. Generate one with
+``python -c "from serving.gateway_config import hash_key; print(hash_key('sk-...'))"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from training.config import StrictModel, load_config
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 hex digest of an API key (what the config stores)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _check_hash(v: str) -> str:
+    if not _HEX64.match(v):
+        raise ValueError("must be a lowercase SHA-256 hex digest (64 chars); use hash_key(key)")
+    return v
+
+
+class TenantConfig(StrictModel):
+    """One tenant: a name the logs use and the hash of its API key."""
+
+    name: str = Field(..., min_length=1, max_length=128, description="Tenant name (log store key).")
+    key_sha256: str = Field(..., description="SHA-256 hex digest of the tenant's API key.")
+    max_in_flight: int = Field(
+        64, ge=1, description="Concurrent chat requests for this tenant; more get 429."
+    )
+
+    _v = field_validator("key_sha256")(_check_hash)
+
+
+class HookSpec(StrictModel):
+    """One guardrail hook in a chain: a registered name or a ``module:Class`` import path."""
+
+    name: str = Field(
+        ..., description="Hook name in guardrails.registry (e.g. 'pii') or 'pkg.mod:Factory'."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the hook."
+    )
+
+
+class GuardrailsConfig(StrictModel):
+    """The input and output hook chains, in order."""
+
+    input: list[HookSpec] = Field(
+        default_factory=list, description="Hooks run on each request before the upstream call."
+    )
+    output: list[HookSpec] = Field(
+        default_factory=list, description="Hooks run on each answer (streams: incrementally)."
+    )
+    refusal: str = Field(
+        "Sorry, I can't help with that request.",
+        description="Answer text sent when a hook blocks (finish_reason 'content_filter').",
+    )
+
+
+class LimitsConfig(StrictModel):
+    """Backpressure and request-size limits."""
+
+    max_in_flight: int = Field(
+        256, ge=1, description="Concurrent chat requests over all tenants; more get 429."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body; larger gets 413."
+    )
+
+
+class UpstreamConfig(StrictModel):
+    """How the gateway talks to the live vLLM release."""
+
+    connect_timeout_s: float = Field(
+        2.0, gt=0, description="TCP connect timeout; a down upstream answers 503 this fast."
+    )
+    read_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait for the next bytes from upstream before 503."
+    )
+    max_connections: int = Field(512, ge=1, description="Connection pool size towards upstream.")
+
+
+class GatewayConfig(StrictModel):
+    """Everything the gateway needs (``configs/gateway.yaml``)."""
+
+    tenants: list[TenantConfig] = Field(
+        default_factory=list, description="Tenants and their hashed API keys."
+    )
+    admin_key_sha256: str | None = Field(
+        None, description="SHA-256 of the admin key; None disables admin endpoints."
+    )
+    public_models: list[str] = Field(
+        default_factory=lambda: ["alignloop"],
+        min_length=1,
+        description="Model names clients may send; all map to the live release's served model.",
+    )
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="Backpressure and size limits."
+    )
+    upstream: UpstreamConfig = Field(
+        default_factory=UpstreamConfig, description="Upstream timeouts and pool."
+    )
+    guardrails: GuardrailsConfig = Field(
+        default_factory=GuardrailsConfig, description="Input/output hook chains."
+    )
+    log_store_url: str | None = Field(
+        None, description="SQLAlchemy URL of the log store; None = <data dir>/logs.db."
+    )
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _admin_hash(cls, v: str | None) -> str | None:
+        return None if v is None else _check_hash(v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        names = [t.name for t in self.tenants]
+        if len(set(names)) != len(names):
+            raise ValueError("tenants: names must be unique")
+        hashes = [t.key_sha256 for t in self.tenants]
+        if len(set(hashes)) != len(hashes) or (self.admin_key_sha256 in hashes):
+            raise ValueError("tenants: each API key (and the admin key) must be distinct")
+        return self
+
+
+def load_gateway_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> GatewayConfig:
+    """Load and validate a gateway config (``ConfigError`` names a bad field)."""
+    return load_config(GatewayConfig, path, overrides)

@@ -1,0 +1,135 @@
+"""Test support for the gateway tests (no tests here): a scripted fake upstream and app builders.
+
+The fake upstream is a *mock of vLLM* used only where a test must control what the model says
+(PII in outputs, slow answers) or see exactly what the upstream received; tests say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serving.app import create_app, serve_in_thread
+from serving.gateway_config import GatewayConfig, hash_key
+from serving.logstore import LogStore
+from serving.service import StaticUpstream, Upstream
+
+KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-admin"
+
+
+class FakeUpstream:
+    """A scripted OpenAI-compatible server: answers ``reply`` in ``chunk_chars``-sized stream pieces."""
+
+    def __init__(
+        self, reply: str = "Hello there, friend.", chunk_chars: int = 3, delay_s: float = 0.0
+    ) -> None:
+        self.reply, self.chunk_chars, self.delay_s = reply, chunk_chars, delay_s
+        self.received: list[dict] = []
+        self.app = FastAPI()
+        self.app.post("/v1/chat/completions")(self._chat)
+        self.app.get("/health")(lambda: {"ok": True})
+
+    def _usage(self) -> dict:
+        n = max(1, len(self.reply) // self.chunk_chars)
+        return {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
+
+    async def _chat(self, request: Request):  # noqa: ANN202
+        body = await request.json()
+        self.received.append(body)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        base = {"id": "chatcmpl-upstream", "created": int(time.time()), "model": body["model"]}
+        if not body.get("stream"):
+            return JSONResponse(
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "usage": self._usage(),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": self.reply},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                }
+            )
+
+        async def events():  # noqa: ANN202
+            def chunk(delta: dict, finish: str | None = None) -> bytes:
+                obj = {
+                    **base,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+                return f"data: {json.dumps(obj)}\n\n".encode()
+
+            yield chunk({"role": "assistant", "content": ""})
+            for i in range(0, len(self.reply), self.chunk_chars):
+                yield chunk({"content": self.reply[i : i + self.chunk_chars]})
+            yield chunk({}, "stop")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                obj = {
+                    **base,
+                    "object": "chat.completion.chunk",
+                    "choices": [],
+                    "usage": self._usage(),
+                }
+                yield f"data: {json.dumps(obj)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def make_config(**overrides) -> GatewayConfig:  # noqa: ANN003
+    data = {
+        "tenants": [
+            {"name": "a", "key_sha256": hash_key(KEY_A)},
+            {"name": "b", "key_sha256": hash_key(KEY_B)},
+        ],
+        "admin_key_sha256": hash_key(ADMIN),
+        "upstream": {"connect_timeout_s": 1.0, "read_timeout_s": 10.0},
+        "guardrails": {
+            "input": [
+                {
+                    "name": "size_limits",
+                    "params": {"max_chars": 2000, "max_messages": 8, "max_tokens": 512},
+                },
+                {"name": "injection"},
+                {
+                    "name": "blocked_topics",
+                    "params": {"topics": {"weapons": [r"\bbuild a bomb\b"]}},
+                },
+                {"name": "pii"},
+            ],
+            "output": [{"name": "pii_output", "params": {"mode": "redact"}}],
+        },
+    }
+    data.update(overrides)
+    return GatewayConfig.model_validate(data)
+
+
+@contextlib.contextmanager
+def running_gateway(
+    tmp_path: Path, upstream: Upstream | None, config: GatewayConfig | None = None, extra_routers=()
+) -> Iterator[tuple[str, StaticUpstream, LogStore]]:  # noqa: ANN001
+    """A gateway on a free port over a fresh SQLite store; yields (base_url, provider, store)."""
+    db = tmp_path / "logs.db"
+    store = LogStore(f"sqlite:///{db}")
+    provider = StaticUpstream(upstream)
+    app = create_app(config or make_config(), provider, store, extra_routers=extra_routers)
+    with serve_in_thread(app) as base:
+        yield base, provider, store  # the app closes (flushes) it on shutdown
+
+
+@contextlib.contextmanager
+def running_fake(fake: FakeUpstream) -> Iterator[Upstream]:
+    with serve_in_thread(fake.app) as base:
+        yield Upstream(base_url=base + "/v1", release_id="fake-r1", served_model="fake-model")
