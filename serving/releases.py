@@ -226,7 +226,7 @@ class ReleaseStore:
         """Mark a release live in the files only (no gateway runs): it starts on the next serve."""
         with self.locked():
             target = self.get(release_id)
-            _check_promotable(target)
+            _check_promotable(target, force)
             old = self.live()
             for prev in self.with_status("previous"):
                 self.set_status(prev.release_id, "retired", f"replaced as previous by {release_id}")
@@ -245,7 +245,18 @@ class ReleaseStore:
             return self.set_status(prev.release_id, "live", reason or "rollback (offline)")
 
 
-def _check_promotable(rel: Release) -> None:
+def gate_passed(rel: Release) -> bool:
+    """Whether the eval report attached to ``rel`` records a passing gate decision."""
+    if not rel.eval_report:
+        return False
+    try:
+        report = json.loads(Path(rel.eval_report).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(report.get("gate", {}).get("passed"))
+
+
+def _check_promotable(rel: Release, force: bool = False) -> None:
     # A release that failed to start or answer is never promoted, not even with force: force
     # overrides the eval gate, not the health check.
     if rel.status == "failed":
@@ -256,6 +267,14 @@ def _check_promotable(rel: Release) -> None:
         raise ReleaseError(f"release {rel.release_id} is already live")
     if rel.status not in ("staged", "previous", "retired"):
         raise ReleaseError(f"release {rel.release_id} was never health-checked; stage it again")
+    # Promotion goes through the gate: a release that has never served users needs a passing
+    # gate decision attached (the loop attaches it), unless forced with a recorded reason.
+    ever_live = any(e.status == "live" for e in rel.history)
+    if not (force or ever_live or gate_passed(rel)):
+        raise ReleaseError(
+            f"release {rel.release_id} has no passing gate decision attached; promotion goes "
+            "through the gate (`alignloop run`), or use `alignloop promote --force --reason ...`"
+        )
 
 
 class ReleaseManager:
@@ -461,7 +480,7 @@ class ReleaseManager:
             raise ReleaseError("a forced promotion needs a reason")
         with self._ops:
             target = self.store.get(release_id)
-            _check_promotable(target)
+            _check_promotable(target, force)
             try:
                 server = self._ensure_warm(target)
             except VLLMStartError as exc:

@@ -111,7 +111,8 @@ def _boot(manager, initial_model: str | None) -> None:
         if rel.status != "staged":
             log.error("initial model %s failed to start: %s", initial_model, rel.history[-1].reason)
             return
-        manager.promote(rel.release_id, reason="initial release (no release was live)")
+        # Nothing is live to compare against, so there is no gate to pass: recorded as forced.
+        manager.promote(rel.release_id, force=True, reason="initial release (no release was live)")
     except ReleaseError as exc:  # shut down during boot
         log.warning("boot interrupted: %s", exc)
     except Exception:  # the gateway keeps running (503) and says why

@@ -20,6 +20,8 @@ from serving.server import ServeConfig
 from serving.vllm_server import VLLMArgs
 from training.config import ConfigError, load_config, repo_root
 
+GATE_PASSED = {"gate": {"passed": True}}  # what the loop attaches when a candidate passes
+
 
 def _staged(store: ReleaseStore, model: Path, rid: str) -> str:
     store.create(model, VLLMArgs(), {"run_dir": "runs/x", "stage": "quantize"}, rid)
@@ -54,6 +56,8 @@ def test_store_persists_record_link_and_lineage(data_home: Path, model_dir: Path
 def test_offline_promote_and_rollback_walk_the_statuses(data_home: Path, model_dir: Path) -> None:
     store = ReleaseStore()
     a, b, c = (_staged(store, model_dir, r) for r in ("a", "b", "c"))
+    for rid in (a, b):
+        store.attach_eval(rid, GATE_PASSED)
     store.promote_offline(a)
     store.promote_offline(b)
     assert [r.status for r in store.list()] == ["previous", "live", "staged"]
@@ -143,6 +147,9 @@ def test_cli_offline_promote_and_list(data_home: Path, model_dir: Path, monkeypa
     _staged(store, model_dir, "r1")
     runner = CliRunner()
     res = runner.invoke(app, ["release", "promote", "r1"])
+    assert res.exit_code == 1 and "no passing gate decision" in res.output  # the gate decides
+    store.attach_eval("r1", GATE_PASSED)
+    res = runner.invoke(app, ["release", "promote", "r1"])
     assert res.exit_code == 0, res.output
     assert "no gateway running" in res.output and store.get("r1").status == "live"
     res = runner.invoke(app, ["release", "list"])
@@ -186,3 +193,16 @@ def test_cli_talks_to_running_gateway_and_needs_admin_key(data_home: Path, monke
     assert res.exit_code != 0 and "ALIGNLOOP_ADMIN_KEY" in res.output
     res = runner.invoke(app, ["serve", "--config", str(repo_root() / "configs/serve.yaml")])
     assert res.exit_code == 1 and "already runs" in res.output
+
+
+def test_promotion_goes_through_the_gate(data_home: Path, model_dir: Path) -> None:
+    """A never-live release needs a passing gate decision attached, or force with a reason."""
+    store = ReleaseStore()
+    rid = _staged(store, model_dir, "cand")
+    with pytest.raises(ReleaseError, match="no passing gate decision"):
+        store.promote_offline(rid)
+    store.attach_eval(rid, {"gate": {"passed": False}})
+    with pytest.raises(ReleaseError, match="no passing gate decision"):
+        store.promote_offline(rid)
+    forced = store.promote_offline(rid, force=True, reason="incident 42: the live model leaks")
+    assert forced.status == "live" and forced.history[-1].forced

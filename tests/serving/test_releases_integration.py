@@ -40,6 +40,8 @@ GATEWAY = GatewayConfig(
     admin_key_sha256=hash_key(ADMIN_KEY),
 )
 
+GATE_PASSED = {"gate": {"passed": True}}  # what the loop attaches when a candidate passes
+
 
 def _live_group_members(pgids: set[int]) -> list[int]:
     """Pids (not zombies) whose process group is one of ``pgids``: vLLM servers and their workers."""
@@ -169,11 +171,13 @@ def test_blue_green_in_process(tiny_model_dir: Path, data_home: Path, tmp_path: 
             )
             assert blue.status == "staged" and blue.source["stage"] == "merge"
             assert _chat(url)["status"] == 503, "a staged release must not be routed to"
+            admin.attach_eval("blue", GATE_PASSED)
             assert admin.promote("blue").status == "live"
             first = _chat(url)
             assert first["status"] == 200 and _release_of(logs, first["id"]) == "blue"
 
             green = manager.stage(tiny_model_dir, release_id="green")  # the flows' Python API
+            manager.attach_eval("green", GATE_PASSED)
             assert green.status == "staged" and manager.current().release_id == "blue"
             pgids |= {w["pid"] for w in manager.warm().values()}
 
@@ -309,6 +313,9 @@ def test_cli_round_trip_and_restart(tiny_model_dir: Path, data_home: Path, tmp_p
         )
         assert res.returncode == 0 and "green: staged" in res.stdout, res.stdout + res.stderr
         assert _wait_serving(url, first) == first  # staged, not routed
+        gate_file = tmp_path / "gate-passed.json"
+        gate_file.write_text(json.dumps(GATE_PASSED))
+        assert _cli("release", "attach-eval", "green", str(gate_file), env=env).returncode == 0
         res = _cli("release", "promote", "green", env=env)
         assert res.returncode == 0 and "green: live" in res.stdout, res.stderr
         assert _wait_serving(url, "green")
