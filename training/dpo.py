@@ -1,0 +1,226 @@
+"""DPO stage: a fresh LoRA adapter trained with TRL's ``DPOTrainer`` on top of the SFT model.
+
+The base model and the SFT adapter are loaded and merged in memory (``merge_and_unload``); DPO
+then trains a new LoRA on that SFT model. With a PEFT model and no ``ref_model``, TRL computes
+the reference log-probabilities with the adapter disabled, i.e. from the SFT model itself: no
+second copy of the weights.
+
+How the merge stage finds both adapters: the DPO adapter folder carries
+``alignloop_adapter.json`` with the base model and the SFT adapter path (``parent_adapters``), and
+the DPO result records them too; the merge stage reads that file and folds SFT then DPO.
+
+Run: ``alignloop dpo --config configs/dpo.yaml sft_adapter=<run>/sft/output/adapter [key=value ...]``
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from training.config import StrictModel
+from training.lora import (
+    LoraSettings,
+    TrainSettings,
+    check_adapter_dir,
+    load_split,
+    loss_curve,
+    optional_split,
+    read_lineage,
+    resolve_run_dir,
+    set_threads,
+    to_lora_config,
+    trainer_kwargs,
+    write_lineage,
+)
+from training.runs import StageDir
+from training.sft import folder_bytes, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DPO_COLUMNS = ["prompt", "chosen", "rejected"]
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "sppo_hard"]
+
+
+def _dpo_train_defaults() -> TrainSettings:
+    # DPO moves the policy away from a reference it starts equal to: a lower rate than SFT.
+    return TrainSettings(learning_rate=5e-5, batch_size=4)
+
+
+class DPOStageConfig(StrictModel):
+    """The DPO stage (``configs/dpo.yaml``)."""
+
+    sft_adapter: str = Field(..., description="The SFT stage's adapter folder (<run>/sft/output/adapter).")
+    base_model: str | None = Field(
+        None, description="Base model folder; None = the one recorded in the SFT adapter's lineage."
+    )
+    dataset_path: str = Field(..., description="DatasetDict folder (save_to_disk) with a 'dpo' split.")
+    split: str = Field("dpo", description="Split of preference pairs to train on.")
+    heldout_split: str | None = Field("heldout_dpo", description="Held-out pairs for reward metrics; None = skip.")
+    min_rows: int = Field(4, ge=1, description="Refuse to train on fewer pairs than this.")
+    beta: float = Field(0.1, gt=0, description="DPO beta: higher keeps the policy closer to the SFT reference.")
+    loss_type: LossType = Field("sigmoid", description="DPO loss (TRL loss_type); 'sigmoid' is the original DPO.")
+    eval_train: bool = Field(
+        True,
+        description="After training, measure reward accuracy/margins on the train pairs (two more forward "
+        "passes per pair; the running means logged during training are recorded either way).",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The new DPO adapter.")
+    train: TrainSettings = Field(default_factory=_dpo_train_defaults, description="Optimisation and batching.")
+    run_dir: str | None = Field(
+        None, description="Run folder; None = the run that holds sft_adapter, else a new one."
+    )
+
+
+@dataclass
+class DPOResult:
+    """What the DPO stage produced (also ``result.json``)."""
+
+    stage_dir: str
+    adapter_dir: str
+    sft_adapter: str
+    base_model: str
+    train_pairs: int
+    heldout_pairs: int
+    steps: int
+    epochs: float
+    final_loss: float | None
+    reward_metrics: dict[str, dict[str, float]]
+    tokens: int
+    tokens_per_s: float
+    train_s: float
+    wall_s: float
+    adapter_bytes: int
+    threads: int
+    device: str
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    skipped: bool = False
+
+
+def to_trl_config(cfg: DPOStageConfig, output_dir: Path) -> Any:
+    """Our config as TRL's ``DPOConfig`` (the one place the mapping lives)."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **trainer_kwargs(cfg.train, output_dir),
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+    )
+
+
+def load_sft_model(base: str, sft_adapter: Path) -> Any:
+    """Base + SFT adapter, merged in memory: the starting point and the reference of DPO."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base), str(sft_adapter))
+    return model.merge_and_unload()
+
+
+def _reward_summary(logged: dict[str, float]) -> dict[str, float]:
+    """Reward accuracy/margins from the log entry TRL writes after an ``evaluate`` call."""
+    out = {}
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        if f"eval_{key}" in logged:
+            out[key.split("/")[-1]] = round(float(logged[f"eval_{key}"]), 5)
+    return out
+
+
+def evaluate_rewards(trainer: Any, datasets: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Reward accuracy and margins of the trained policy vs the reference on each dataset.
+
+    TRL adds its reward metrics to the logged record, not to ``evaluate``'s return value, so
+    they are read back from the log history.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, ds in datasets.items():
+        metrics = trainer.evaluate(ds, metric_key_prefix=f"eval_{name}")
+        summary = _reward_summary(trainer.state.log_history[-1])
+        summary["loss"] = round(float(metrics[f"eval_{name}_loss"]), 5)
+        out[name] = summary
+    return out
+
+
+def run(cfg: DPOStageConfig) -> DPOResult:
+    """Train the DPO adapter on the SFT model (skipped when the inputs are unchanged)."""
+    from training.base_model import resolve_base_model
+
+    t0 = time.monotonic()
+    sft_adapter = check_adapter_dir(cfg.sft_adapter, "sft_adapter")
+    lineage = read_lineage(sft_adapter)
+    base = resolve_base_model(cfg.base_model or lineage["base_model"])
+    train_ds = load_split(cfg.dataset_path, cfg.split, DPO_COLUMNS, cfg.min_rows)
+    run_dir = resolve_run_dir(cfg.run_dir, sft_adapter)
+    stage = StageDir(
+        run_dir, "dpo", cfg,
+        inputs={"dataset": cfg.dataset_path, "base": base, "sft_adapter": str(sft_adapter)},
+    )
+    if (done := stage.cached_result()) is not None:
+        return DPOResult(**{**done, "skipped": True})
+    stage.start()
+
+    from trl import DPOTrainer
+
+    threads = set_threads(cfg.train.threads)
+    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, DPO_COLUMNS) if cfg.heldout_split else None
+    log.info("dpo: %d pairs (held-out %d) on %s + %s, %d threads", len(train_ds),
+             len(heldout) if heldout is not None else 0, base, sft_adapter, threads)
+    tok = load_tokenizer(base)
+    trainer = DPOTrainer(
+        model=load_sft_model(base, sft_adapter),
+        ref_model=None,  # PEFT: the reference is the SFT model with the DPO adapter disabled
+        args=to_trl_config(cfg, stage.path / "trainer"),
+        train_dataset=train_ds,
+        processing_class=tok,
+        peft_config=to_lora_config(cfg.lora),
+    )
+    prepared = trainer.train_dataset
+    # Each pair costs a forward+backward of prompt+chosen and prompt+rejected.
+    pair_tokens = [
+        2 * len(p) + len(c) + len(r)
+        for p, c, r in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"], strict=True)
+    ] if "prompt_ids" in prepared.column_names else []
+    t_train = time.monotonic()
+    trainer.train()
+    train_s = time.monotonic() - t_train
+    epochs_done = float(trainer.state.epoch or 0.0)
+    tokens = int(sum(pair_tokens) * epochs_done)
+
+    eval_sets = {}
+    if cfg.eval_train:
+        eval_sets["train"] = train_ds
+    if heldout is not None:
+        eval_sets["heldout"] = heldout
+    reward_metrics = evaluate_rewards(trainer, eval_sets)
+    # Running means over the train pairs, logged while the policy was still changing: free,
+    # and the only train-side numbers when eval_train is off.
+    during = [e for e in trainer.state.log_history if "rewards/accuracies" in e and "loss" in e]
+    if during:
+        reward_metrics["train_during_training"] = {
+            "accuracies": round(sum(e["rewards/accuracies"] for e in during) / len(during), 5),
+            "margins": round(sum(e["rewards/margins"] for e in during) / len(during), 5),
+        }
+
+    adapter_dir = stage.out / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    write_lineage(adapter_dir, base, parents=[*lineage.get("parent_adapters", []), str(sft_adapter)])
+    curve = loss_curve(trainer.state.log_history)
+    result = DPOResult(
+        stage_dir=str(stage.path), adapter_dir=str(adapter_dir), sft_adapter=str(sft_adapter),
+        base_model=base, train_pairs=len(train_ds),
+        heldout_pairs=len(heldout) if heldout is not None else 0,
+        steps=int(trainer.state.global_step), epochs=round(epochs_done, 3),
+        final_loss=curve[-1]["loss"] if curve else None, reward_metrics=reward_metrics,
+        tokens=tokens, tokens_per_s=round(tokens / max(train_s, 1e-9), 1),
+        train_s=round(train_s, 2), wall_s=round(time.monotonic() - t0, 2),
+        adapter_bytes=folder_bytes(adapter_dir), threads=threads, device=str(trainer.args.device),
+        loss_curve=curve,
+    )
+    stage.save(asdict(result))
+    log.info("dpo: %d steps, loss %s, rewards %s, %.1fs -> %s", result.steps, result.final_loss,
+             reward_metrics, result.train_s, adapter_dir)
+    return result

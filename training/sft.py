@@ -1,0 +1,196 @@
+"""SFT stage: a LoRA adapter trained with TRL's ``SFTTrainer`` on the ``sft`` split.
+
+Rows are conversational prompt-completion pairs (``prompt``: messages ending with the user turn,
+``completion``: one assistant message), so TRL computes the loss on the completion only, i.e. on
+the assistant's tokens (SmolLM2's chat template has no ``{% generation %}`` markers, which
+``assistant_only_loss`` would need). Output: ``<run>/sft/output/adapter`` (PEFT adapter, tokenizer,
+``alignloop_adapter.json`` naming the base).
+
+Run: ``alignloop sft --config configs/sft.yaml dataset_path=... [key=value ...]``
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from training.config import ModelRef, StrictModel
+from training.lora import (
+    LoraSettings,
+    TrainSettings,
+    compute_dtype,
+    load_split,
+    loss_curve,
+    optional_split,
+    resolve_run_dir,
+    set_threads,
+    to_lora_config,
+    trainer_kwargs,
+    write_lineage,
+)
+from training.runs import StageDir
+
+log = logging.getLogger(__name__)
+
+SFT_COLUMNS = ["prompt", "completion"]
+
+
+class SFTStageConfig(StrictModel):
+    """The SFT stage (``configs/sft.yaml``)."""
+
+    model: ModelRef = Field(default_factory=ModelRef, description="Base model to adapt.")
+    dataset_path: str = Field(..., description="DatasetDict folder (save_to_disk) with an 'sft' split.")
+    split: str = Field("sft", description="Split to train on.")
+    heldout_split: str | None = Field("heldout_sft", description="Split for the held-out loss; None = skip.")
+    min_rows: int = Field(4, ge=1, description="Refuse to train on fewer rows than this.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation and batching.")
+    packing: bool = Field(
+        False, description="Pack rows into max_length blocks (BFD, padding-free; attention stays per row)."
+    )
+    run_dir: str | None = Field(None, description="Run folder; None = a new one under <data dir>/runs.")
+
+
+@dataclass
+class SFTResult:
+    """What the SFT stage produced (also ``result.json``)."""
+
+    stage_dir: str
+    adapter_dir: str
+    base_model: str
+    train_rows: int
+    heldout_rows: int
+    steps: int
+    epochs: float
+    final_loss: float | None
+    heldout_loss: float | None
+    tokens: int
+    tokens_per_s: float
+    train_s: float
+    wall_s: float
+    adapter_bytes: int
+    threads: int
+    device: str
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    skipped: bool = False
+
+
+def to_trl_config(cfg: SFTStageConfig, output_dir: Path) -> Any:
+    """Our config as TRL's ``SFTConfig`` (the one place the mapping lives)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_kwargs(cfg.train, output_dir),
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        completion_only_loss=True,
+        dataset_num_proc=None,
+    )
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    """The model's tokenizer, with eos/pad agreeing with the model's config.json.
+
+    The embedded model's GGUF-converted tokenizer names ``<|im_start|>`` as eos while its config
+    (and chat template) end turns with ``<|im_end|>``; the config wins, so training, the merged
+    folder and vLLM all stop on the token the template actually ends turns with.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg_file = Path(model_dir) / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    eos_id = cfg.get("eos_token_id")
+    if isinstance(eos_id, int) and eos_id != tok.eos_token_id:
+        log.warning("tokenizer eos %r differs from config eos id %d; using %r", tok.eos_token, eos_id,
+                    tok.convert_ids_to_tokens(eos_id))
+        tok.eos_token = tok.convert_ids_to_tokens(eos_id)
+    if tok.pad_token is None:
+        pad_id = cfg.get("pad_token_id")
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id) if isinstance(pad_id, int) else tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str) -> Any:
+    """A causal LM in the training dtype (float32 on CPU, bf16 on GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from training.lora import is_quantized
+
+    if is_quantized(model_dir):
+        raise ValueError(
+            f"model: {model_dir} is a quantized checkpoint; train on the full-precision model "
+            "(merge-then-quantize is the only order)"
+        )
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype())
+
+
+def run(cfg: SFTStageConfig) -> SFTResult:
+    """Train the SFT LoRA adapter (skipped when the same inputs already produced one)."""
+    from training.base_model import resolve_base_model
+
+    t0 = time.monotonic()
+    base = resolve_base_model(cfg.model.name_or_path)
+    train_ds = load_split(cfg.dataset_path, cfg.split, SFT_COLUMNS, cfg.min_rows)
+    run_dir = resolve_run_dir(cfg.run_dir)
+    stage = StageDir(run_dir, "sft", cfg, inputs={"dataset": cfg.dataset_path, "base": base})
+    if (done := stage.cached_result()) is not None:
+        return SFTResult(**{**done, "skipped": True})
+    stage.start()
+
+    from trl import SFTTrainer
+
+    threads = set_threads(cfg.train.threads)
+    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, SFT_COLUMNS) if cfg.heldout_split else None
+    log.info("sft: %d rows (held-out %d), base %s, %d threads", len(train_ds),
+             len(heldout) if heldout is not None else 0, base, threads)
+    tok = load_tokenizer(base)
+    trainer = SFTTrainer(
+        model=load_model(base),
+        args=to_trl_config(cfg, stage.path / "trainer"),
+        train_dataset=train_ds,
+        processing_class=tok,
+        peft_config=to_lora_config(cfg.lora),
+    )
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    t_train = time.monotonic()
+    out = trainer.train()
+    train_s = time.monotonic() - t_train
+    epochs_done = float(trainer.state.epoch or 0.0)
+    # TRL counts the non-padding tokens it trained on; fall back to dataset lengths x epochs.
+    logged = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
+    tokens = int(logged[-1]) if logged else int(sum(lengths) * epochs_done)
+    heldout_loss = None
+    if heldout is not None:
+        heldout_loss = round(float(trainer.evaluate(heldout)["eval_loss"]), 5)
+
+    adapter_dir = stage.out / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    write_lineage(adapter_dir, base, parents=[])
+    curve = loss_curve(trainer.state.log_history)
+    result = SFTResult(
+        stage_dir=str(stage.path), adapter_dir=str(adapter_dir), base_model=base,
+        train_rows=len(train_ds), heldout_rows=len(heldout) if heldout is not None else 0,
+        steps=int(trainer.state.global_step), epochs=round(epochs_done, 3),
+        final_loss=curve[-1]["loss"] if curve else round(float(out.training_loss), 5),
+        heldout_loss=heldout_loss, tokens=tokens, tokens_per_s=round(tokens / max(train_s, 1e-9), 1),
+        train_s=round(train_s, 2), wall_s=round(time.monotonic() - t0, 2),
+        adapter_bytes=folder_bytes(adapter_dir), threads=threads, device=str(trainer.args.device),
+        loss_curve=curve,
+    )
+    stage.save(asdict(result))
+    log.info("sft: %d steps, loss %s, %.0f tok/s, %.1fs -> %s", result.steps, result.final_loss,
+             result.tokens_per_s, result.train_s, adapter_dir)
+    return result
