@@ -1,6 +1,6 @@
 """Gateway overhead: `vllm bench serve` against vLLM directly and through the gateway, same run.
 
-    .venv/bin/python benchmarks/gateway_overhead.py --model .alignloop-test/models/tiny-llama \
+    .venv/bin/python benchmarks/gateway_overhead.py --model .alignloop-test/models/tiny-llama-v2 \
         --concurrency 1 8 32 --input-len 128 --output-len 64 --out bench-gateway.json
 
 Starts one vLLM server (serving env) for ``--model`` and the gateway (uvicorn, in a thread of this

@@ -21,7 +21,8 @@ app = typer.Typer(
 model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
-_AREAS = ("cli_serving", "cli_training", "cli_evals", "cli_flows")
+# Command order in --help: serving first, then the pipeline in data order.
+_AREAS = ("cli_serving", "cli_data", "cli_training", "cli_evals", "cli_flows")
 
 
 @app.callback()
@@ -63,3 +64,7 @@ for _area in _AREAS:
         continue
     _mod.register(app)
 
+
+
+if __name__ == "__main__":  # `python -m flows.cli` (the demo starts `serve` this way)
+    app()

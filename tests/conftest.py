@@ -28,7 +28,7 @@ def embedded_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(embedded_model_dir: Path) -> Path:
     """A 2-layer random Llama (hidden 128, 2 heads of 64) with SmolLM2's tokenizer + chat template."""
-    out = TEST_HOME / "models" / "tiny-llama"
+    out = TEST_HOME / "models" / "tiny-llama-v2"  # v2: eos/pad <|im_end|> (base_model.FORMAT 2)
     if (out / "config.json").is_file():
         return out
     import torch
@@ -39,7 +39,7 @@ def tiny_model_dir(embedded_model_dir: Path) -> Path:
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)

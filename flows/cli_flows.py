@@ -1,0 +1,128 @@
+"""`alignloop run|schedule|ui|promote|demo`: the loop as Prefect flows, from one CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime
+
+import typer
+
+_CONFIG = typer.Option("configs/loop.yaml", "--config", "-c", help="Loop config YAML.")
+_OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. sft.train.epochs=2")
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected an ISO 8601 time, got {value!r}", param_hint=name) from None
+
+
+def _check_config(config: str, overrides: list[str]) -> None:
+    """Fail before Prefect starts: a bad config names its field and exits 2."""
+    from flows.loop_config import load_loop_config
+    from training.config import ConfigError
+
+    try:
+        load_loop_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def run(
+    config: str = _CONFIG,
+    since: str | None = typer.Option(None, help="Window start (ISO 8601); default: end of the last successful run."),
+    until: str | None = typer.Option(None, help="Window end (ISO 8601); default: now."),
+    overrides: list[str] = _OVERRIDES,
+) -> None:
+    """Run the whole loop once on a feedback window: align, evaluate, gate, promote or keep."""
+    from flows import prefect_env
+
+    _check_config(config, overrides or [])
+    typer.echo(f"reporting to {prefect_env.configure()}")
+    from flows.loop import run_loop
+
+    outcome = run_loop(config, overrides or [], _parse_time(since, "--since"), _parse_time(until, "--until"))
+    typer.echo(json.dumps(outcome, indent=2, default=str))
+
+
+def schedule(
+    cron: str = typer.Option(..., help='Cron schedule, e.g. "0 3 * * *" (daily at 03:00).'),
+    name: str = typer.Option("scheduled", help="Deployment name."),
+    config: str = _CONFIG,
+    register_only: bool = typer.Option(
+        False, help="Create/update the deployment and exit (run it with your own worker or `prefect` runner)."
+    ),
+    overrides: list[str] = _OVERRIDES,
+) -> None:
+    """Serve the loop on a cron schedule (each run takes the window since the last successful one)."""
+    from flows import prefect_env
+
+    _check_config(config, overrides or [])
+    where = prefect_env.configure()
+    if "ephemeral" in where:  # schedules need a server whose scheduler creates the runs
+        state = prefect_env.start_ui()
+        os.environ["PREFECT_API_URL"] = state["api_url"]
+        where = f"local Prefect UI at {state['ui_url']}"
+    from flows.schedule import register_deployment, serve_deployment
+
+    deployment_id = register_deployment(name, cron, config, overrides or [])
+    typer.echo(f"deployment alignment-loop/{name} ({deployment_id}) with cron {cron!r} on {where}")
+    if not register_only:
+        serve_deployment(name, cron, config, overrides or [])
+
+
+def ui(
+    port: int = typer.Option(4200, help="Port of the local Prefect server."),
+) -> None:
+    """Start a local Prefect server (SQLite) in the background and print its URL."""
+    from flows import prefect_env
+
+    state = prefect_env.start_ui(port=port)
+    typer.echo(f"Prefect UI: {state['ui_url']}  (API {state['api_url']}, pid {state['pid']})")
+    typer.echo("alignloop commands run from now on report there; stop it with: kill " + str(state["pid"]))
+
+
+def promote(
+    release_id: str = typer.Argument(..., help="Release to make live without a passing gate."),
+    force: bool = typer.Option(False, "--force", help="Required: this bypasses the eval gate."),
+    reason: str = typer.Option(..., help="Why (recorded in the release history and the log)."),
+    url: str | None = typer.Option(None, envvar="ALIGNLOOP_GATEWAY_URL", help="Running gateway URL."),
+    admin_key: str | None = typer.Option(None, envvar="ALIGNLOOP_ADMIN_KEY", help="Admin key."),
+) -> None:
+    """Emergency promotion that bypasses the gate (normal promotion happens only in the loop)."""
+    if not force:
+        typer.echo(
+            "error: promotion goes through the gate (`alignloop run`); "
+            "pass --force --reason '...' for an emergency promotion",
+            err=True,
+        )
+        raise typer.Exit(2)
+    from flows.cli_serving import release_promote
+
+    logging.getLogger("alignloop.promote").warning("FORCED promotion of %s: %s", release_id, reason)
+    release_promote(release_id, force=True, reason=f"forced: {reason}", url=url, admin_key=admin_key)
+
+
+def demo(
+    overrides: list[str] = _OVERRIDES,
+    keep_serving: bool = typer.Option(False, help="Leave the gateway running after the demo."),
+) -> None:
+    """The whole loop on the embedded SmolLM2 on this machine, with simulated users (labeled as such)."""
+    from flows.demo import run_demo
+
+    raise typer.Exit(run_demo(overrides or [], keep_serving=keep_serving))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("schedule")(schedule)
+    app.command("ui")(ui)
+    app.command("promote")(promote)
+    app.command("demo")(demo)
+

@@ -1,0 +1,226 @@
+"""The alignment loop as Prefect flows: thin tasks over each stage's ``run(cfg)``.
+
+    export window -> datasets -> SFT -> DPO -> merge -> quantize -> stage releases
+      -> evals (live + candidates, each behind a private gateway) -> report -> gate -> promote|keep
+
+Rules kept here: retries only on I/O tasks (export, staging, promotion), never on training; every
+stage writes ``runs/<run_id>/<stage>/`` and is skipped when its inputs are unchanged, so a rerun
+of the same data window resumes where the last attempt stopped; promotion happens only through
+the gate (``alignloop promote --force`` is the recorded emergency exit).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from flows import window as windows
+from flows.loop_config import LoopConfig, load_loop_config, resolve_path
+from training.config import data_dir
+
+log = logging.getLogger(__name__)
+
+
+# -- tasks: each loads its config, calls the stage, returns a plain dict --------------------------
+@task(name="export + governance", retries=2, retry_delay_seconds=5)
+def build_datasets(cfg: LoopConfig, run_dir: str, since: datetime | None, until: datetime) -> dict:
+    from training.data import run
+
+    logstore = {**cfg.data.get("logstore", {}), "since": since, "until": until}
+    return asdict(run(cfg.stage_config("data", run_dir=run_dir, logstore=logstore)))
+
+
+@task(name="sft")
+def train_sft(cfg: LoopConfig, run_dir: str, dataset_path: str) -> dict:
+    from training.sft import run
+
+    return asdict(run(cfg.stage_config("sft", run_dir=run_dir, dataset_path=dataset_path)))
+
+
+@task(name="dpo")
+def train_dpo(cfg: LoopConfig, run_dir: str, dataset_path: str, sft_adapter: str) -> dict:
+    from training.dpo import run
+
+    return asdict(run(cfg.stage_config(
+        "dpo", run_dir=run_dir, dataset_path=dataset_path, sft_adapter=sft_adapter
+    )))
+
+
+@task(name="merge")
+def merge_adapters(cfg: LoopConfig, run_dir: str, adapter: str) -> dict:
+    from training.merge import run
+
+    return asdict(run(cfg.stage_config("merge", run_dir=run_dir, adapter=adapter)))
+
+
+@task(name="quantize")
+def quantize_model(cfg: LoopConfig, run_dir: str, model_dir: str, dataset_path: str) -> dict:
+    from training.quantize import run
+
+    return asdict(run(cfg.stage_config(
+        "quantize", run_dir=run_dir, model_dir=model_dir, dataset_path=dataset_path
+    )))
+
+
+@task(name="stage release", retries=2, retry_delay_seconds=10)
+def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict) -> dict:
+    """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
+    from flows.steps import admin_client
+
+    with admin_client(cfg) as admin:
+        for rel in admin.describe():
+            same = rel.get("source", {}).get("model_dir") == model_dir
+            if same and rel["status"] in ("staged", "live", "previous") and rel.get("warm"):
+                return rel
+        rel = admin.stage(model_dir, cfg.candidate_args, source={**source, "model_dir": model_dir})
+        if rel.status != "staged":
+            raise RuntimeError(f"{variant} release {rel.release_id} failed to start: {rel.history[-1].reason}")
+        return next(r for r in admin.describe() if r["release_id"] == rel.release_id)
+
+
+@task(name="evaluate")
+def evaluate_release(cfg: LoopConfig, variant: str, release: dict, run_dir: str, dataset_path: str) -> dict:
+    from flows.steps import evaluate
+
+    return evaluate(cfg, variant, release, Path(run_dir), dataset_path)
+
+
+@task(name="report + gate")
+def report_and_gate(
+    cfg: LoopConfig, run_dir: str, metrics: dict[str, dict], schemes: dict[str, str], window: tuple
+) -> dict:
+    from flows.steps import decide
+
+    return decide(cfg, Path(run_dir), metrics, schemes, window)
+
+
+@task(name="attach evals + promote or keep", retries=2, retry_delay_seconds=5)
+def apply_decision(cfg: LoopConfig, releases: dict[str, dict], decision: dict, run_dir: str) -> dict | None:
+    from flows.steps import apply_decision as apply
+
+    return apply(cfg, releases, decision, run_dir)
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+def _image_markdown(path: Path, title: str) -> str:
+    """A PNG inlined as a data URI (the Prefect UI renders it without a file server)."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n\n`{path}`\n"
+
+
+def publish_artifacts(run_dir: Path, data: dict, decision: dict, promotion: dict | None) -> None:
+    """What someone who only opens the Prefect UI needs: what changed, what it cost, why (not)."""
+    key = windows.artifact_key(run_dir.name)
+    create_markdown_artifact(
+        Path(decision["report_md"]).read_text(), key=f"report-{key}",
+        description="Baseline vs aligned vs quantized: quality, safety, latency, $ at the SLO",
+    )
+    create_table_artifact(decision["table"], key=f"comparison-{key}", description="Side-by-side metrics")
+    gate_md = [f"## Gate decision: {decision['summary']}\n"]
+    if promotion:
+        gate_md.append(f"**Promotion:** {promotion['release_id']} ({promotion['why']})\n")
+    gate_md.append(decision["gate_md"])
+    create_markdown_artifact("\n".join(gate_md), key=f"gate-{key}", description="Every rule, value, threshold")
+    counts = data.get("counts", {})
+    create_table_artifact(
+        [{"count": k, "value": v} for k, v in counts.items()], key=f"dataset-{key}",
+        description=f"Dataset manifest counts ({data.get('manifest_path')})",
+    )
+    plots = [_image_markdown(Path(p), Path(p).stem) for p in decision.get("plots", []) if Path(p).is_file()]
+    if plots:
+        create_markdown_artifact("\n".join(plots), key=f"plots-{key}", description="Report plots")
+    create_link_artifact(run_dir.resolve().as_uri(), link_text=f"run folder {run_dir}", key=f"run-{key}")
+    create_link_artifact((data_dir() / "releases").as_uri(), link_text="release folders", key=f"releases-{key}")
+
+
+# -- the flow ------------------------------------------------------------------------------------
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    win = windows.resolve(_as_datetime(p.get("since")), _as_datetime(p.get("until")))
+    windows.mark_pending(win)  # the flow body resolves the same window from it
+    return "align-" + win.label
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+@flow(name="alignment-loop", flow_run_name=_run_name, log_prints=True)
+def alignment_loop(
+    config: str = "configs/loop.yaml",
+    overrides: list[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> dict[str, Any]:
+    """Align on the feedback window [since, until), evaluate, gate, and promote or keep the live model.
+
+    Args:
+        config: Loop config YAML (configs/loop.yaml).
+        overrides: key=value overrides of the config, e.g. ``sft.train.epochs=2``.
+        since: Window start; None = where the last successful run ended (or a pending window).
+        until: Window end; None = now.
+    """
+    logger = get_run_logger()
+    cfg = load_loop_config(config, overrides or [])
+    win = windows.resolve(since, until)
+    run_dir = data_dir() / "runs" / win.run_id
+    windows.mark_pending(win)  # a failed run is resumed on the same window (flows/window.py)
+    logger.info("window %s -> %s, run folder %s", win.since, win.until, run_dir)
+
+    data = build_datasets(cfg, str(run_dir), win.since, win.until)
+    sft = train_sft(cfg, str(run_dir), data["dataset_path"])
+    dpo = train_dpo(cfg, str(run_dir), data["dataset_path"], sft["adapter_dir"])
+    merged = merge_adapters(cfg, str(run_dir), dpo["adapter_dir"])
+    models = {"aligned": merged["model_dir"]}
+    schemes = {"baseline": "bf16", "aligned": "bf16"}  # unquantized (bf16 or fp32 per platform)
+    if "quantized" in cfg.candidates:
+        quant = quantize_model(cfg, str(run_dir), merged["model_dir"], data["dataset_path"])
+        models["quantized"] = quant["model_dir"]
+        schemes["quantized"] = quant["scheme"]
+
+    from flows.steps import live_release
+
+    releases = {"baseline": live_release(cfg)}
+    for variant in cfg.candidates:
+        source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
+                  "variant": variant, "window": [str(win.since), str(win.until)]}
+        releases[variant] = stage_release(cfg, variant, models[variant], source)
+
+    metrics = {
+        variant: evaluate_release(cfg, variant, rel, str(run_dir), data["dataset_path"])
+        for variant, rel in releases.items()
+    }
+    decision = report_and_gate(cfg, str(run_dir), metrics, schemes, (win.since, win.until))
+
+    winner = decision.get("winner")
+    promotion = apply_decision(cfg, releases, decision, str(run_dir))
+    publish_artifacts(run_dir, data, decision, promotion)
+    windows.mark_success(win)
+    outcome = {
+        "run_dir": str(run_dir), "window": [str(win.since), str(win.until)],
+        "decision": decision["summary"], "winner": winner, "promotion": promotion,
+        "report": decision["report_md"], "releases": {k: v["release_id"] for k, v in releases.items()},
+    }
+    (run_dir / "loop-result.json").write_text(json.dumps(outcome, indent=2, default=str))
+    print(decision["table_md"])
+    print(f"decision: {decision['summary']}")
+    return outcome
+
+
+def run_loop(config: str, overrides: list[str], since: datetime | None, until: datetime | None) -> dict:
+    """Entry used by the CLI: the flow with its Prefect environment configured."""
+    return alignment_loop(config=str(resolve_path(config)), overrides=overrides, since=since, until=until)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,152 @@
+"""The alignment loop's config (``configs/loop.yaml``): one section per stage, checked at load.
+
+Each stage section uses that stage's own config class. Fields the loop wires itself (the run
+folder, the dataset and adapter paths) are filled in at run time; every other key is validated
+when the file is loaded, so a typo fails before any stage runs, naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from serving.vllm_server import VLLMArgs
+from training.config import (
+    ConfigError,
+    ModelRef,
+    StrictModel,
+    build_config,
+    load_config,
+    merge_dicts,
+    repo_root,
+)
+
+# Placeholders that satisfy required path fields while a section is validated at load time.
+_WIRED: dict[str, dict[str, Any]] = {
+    "sft": {"dataset_path": "<data stage>"},
+    "dpo": {"dataset_path": "<data stage>", "sft_adapter": "<sft stage>"},
+    "merge": {"adapter": "<dpo stage>"},
+    "quantize": {"model_dir": "<merge stage>", "dataset_path": "<data stage>"},
+}
+
+
+def stage_class(stage: str) -> type[StrictModel]:
+    """The config class of a stage (imported lazily: the classes live with their stages)."""
+    if stage == "data":
+        from training.data import DataConfig
+
+        return DataConfig
+    if stage == "sft":
+        from training.sft import SFTStageConfig
+
+        return SFTStageConfig
+    if stage == "dpo":
+        from training.dpo import DPOStageConfig
+
+        return DPOStageConfig
+    if stage == "merge":
+        from training.merge import MergeConfig
+
+        return MergeConfig
+    if stage == "quantize":
+        from training.quantize import QuantizeConfig
+
+        return QuantizeConfig
+    raise KeyError(stage)
+
+
+class GatewayTarget(StrictModel):
+    """The running gateway (``alignloop serve``) that candidates are staged into."""
+
+    url: str | None = Field(None, description="Gateway root URL; None = the one in <data dir>/server.json.")
+    admin_key: str | None = Field(None, description="Admin key; None = read the env var admin_key_env.")
+    admin_key_env: str = Field("ALIGNLOOP_ADMIN_KEY", description="Env var holding the admin key.")
+    config_file: str = Field(
+        "configs/gateway.yaml",
+        description="Gateway config whose guardrails the evals put in front of each variant.",
+    )
+
+
+class LoopConfig(StrictModel):
+    """The whole loop: data -> sft -> dpo -> merge -> quantize -> stage -> evals -> gate -> promote."""
+
+    model: ModelRef = Field(default_factory=ModelRef, description="Base model the adapters train on.")
+    gateway: GatewayTarget = Field(default_factory=GatewayTarget, description="Where releases live.")
+    stage_files: dict[str, str] = Field(
+        default_factory=lambda: {s: f"configs/{s}.yaml" for s in ("data", "sft", "dpo", "merge", "quantize")},
+        description="Each stage's own YAML; the loop's section for the stage overrides it.",
+    )
+    data: dict[str, Any] = Field(default_factory=dict, description="training.data.DataConfig keys.")
+    sft: dict[str, Any] = Field(default_factory=dict, description="training.sft.SFTStageConfig keys.")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="training.dpo.DPOStageConfig keys.")
+    merge: dict[str, Any] = Field(default_factory=dict, description="training.merge.MergeConfig keys.")
+    quantize: dict[str, Any] = Field(
+        default_factory=dict, description="training.quantize.QuantizeConfig keys."
+    )
+    candidates: list[Literal["aligned", "quantized"]] = Field(
+        default_factory=lambda: ["aligned", "quantized"],
+        description="Which variants to stage and evaluate against the live release.",
+    )
+    candidate_args: VLLMArgs = Field(
+        default_factory=VLLMArgs, description="vLLM arguments of staged candidates."
+    )
+    workload_concurrency: int | None = Field(
+        None, ge=1,
+        description="Requests in flight the serving choice plans for; None = what the window's logs show.",
+    )
+    evals_file: str = Field("configs/evals.yaml", description="Eval suites config.")
+    gate_file: str = Field("configs/gate.yaml", description="Promotion gate policy.")
+    promote: bool = Field(True, description="Promote the best passing candidate (false: report only).")
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> LoopConfig:
+        unknown = set(self.stage_files) - {"data", *_WIRED}
+        if unknown:
+            raise ValueError(f"stage_files: unknown stages {sorted(unknown)}")
+        for stage in ("data", *_WIRED):
+            if "run_dir" in getattr(self, stage):
+                raise ValueError(f"{stage}.run_dir is set by the loop (one folder per data window)")
+            build_config(stage_class(stage), {**self.section(stage), **_WIRED.get(stage, {})}, f"section {stage!r}")
+        for name in (self.evals_file, self.gate_file, self.gateway.config_file):
+            if not resolve_path(name).is_file():
+                raise ValueError(f"file not found: {name}")
+        return self
+
+    def section(self, stage: str) -> dict[str, Any]:
+        """The stage's YAML (``stage_files``) with the loop's section for it on top."""
+        base: dict[str, Any] = {}
+        if file := self.stage_files.get(stage):
+            path = resolve_path(file)
+            if not path.is_file():
+                raise ValueError(f"stage_files.{stage}: file not found: {file}")
+            base = yaml.safe_load(path.read_text()) or {}
+        own = getattr(self, stage)
+        section = merge_dicts(base, own)
+        if stage == "sft" and "model" not in own:  # the base model is named once, at the top
+            section["model"] = self.model.model_dump()
+        return section
+
+    def stage_config(self, stage: str, **wired: Any) -> StrictModel:
+        """The stage's config: its section plus the wired paths (run folder, inputs)."""
+        return build_config(stage_class(stage), merge_dicts(self.section(stage), wired), f"section {stage!r}")
+
+
+def resolve_path(name: str | Path) -> Path:
+    """Relative config paths are taken from the working directory, then from the repo root."""
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return path
+    return repo_root() / path
+
+
+def load_loop_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> LoopConfig:
+    """Load configs/loop.yaml (or ``path``) with overrides; errors name the field."""
+    try:
+        return load_config(LoopConfig, resolve_path(path) if path else None, overrides)
+    except ConfigError:
+        raise
+    except ValueError as err:  # raised by a section's own validation inside the validator
+        raise ConfigError(str(err)) from None

@@ -1,0 +1,56 @@
+"""Every YAML the project ships loads into its schema, and says what it is for on line one."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.config import build_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# file -> (schema, values for the fields a command line or the loop fills in)
+SCHEMAS: dict[str, tuple[str, dict]] = {
+    "data.yaml": ("training.data:DataConfig", {}),
+    "demo.yaml": ("training.simulate:SimulateConfig", {}),
+    "sft.yaml": ("training.sft:SFTStageConfig", {"dataset_path": "d"}),
+    "dpo.yaml": ("training.dpo:DPOStageConfig", {"dataset_path": "d", "sft_adapter": "a"}),
+    "merge.yaml": ("training.merge:MergeConfig", {"adapter": "a"}),
+    "quantize.yaml": ("training.quantize:QuantizeConfig", {"model_dir": "m", "dataset_path": "d"}),
+    "evals.yaml": ("evals.config:EvalsConfig", {}),
+    "gate.yaml": ("evals.gate:GateConfig", {}),
+    "gateway.yaml": ("serving.gateway_config:GatewayConfig", {}),
+    "serve.yaml": ("serving.server:ServeConfig", {}),
+    "loop.yaml": ("flows.loop_config:LoopConfig", {}),
+}
+
+
+def _schema(ref: str) -> type:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_every_shipped_yaml_has_a_schema() -> None:
+    shipped = {p.name for p in (REPO / "configs").glob("*.yaml")}
+    assert shipped == set(SCHEMAS), f"add new config files to SCHEMAS: {shipped ^ set(SCHEMAS)}"
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_shipped_yaml_loads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    path = REPO / "configs" / name
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and len(first) > 20, f"{name}: line one should say what it is for"
+    ref, wired = SCHEMAS[name]
+    data = yaml.safe_load(path.read_text()) or {}
+    build_config(_schema(ref), {**data, **wired}, name)
+
+
+def test_shipped_yaml_rejects_a_typo() -> None:
+    from training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(_schema(SCHEMAS["sft.yaml"][0]), REPO / "configs" / "sft.yaml", ["dataset_path=d", "trian.epochs=1"])
