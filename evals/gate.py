@@ -114,7 +114,9 @@ def _check(rule: GateRule, metric: str, candidate: dict[str, float], live: dict[
         if ref is None:
             why = "no live metrics" if source is None else f"reference {where}:{ref_key} missing"
             return RuleOutcome(label, metric, rule.op, value, None, False, why)
-        threshold = ref * rule.scale + rule.offset
+        # Rounded: 0.56 - 0.08 is 0.48000000000000004 in binary floating point, and a candidate
+        # at exactly 0.48 (12 of 25 items) must pass a ">= live - 8 points" rule.
+        threshold = round(ref * rule.scale + rule.offset, 9)
         ref_note = f"{where} {ref:.4g}" + (f" x{rule.scale:g}" if rule.scale != 1 else "") + (
             f" {rule.offset:+g}" if rule.offset else "")
     if value is None:

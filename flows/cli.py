@@ -32,6 +32,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # one line per HTTP request drowns the stage logs
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @model_app.command("materialize")

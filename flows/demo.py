@@ -115,7 +115,9 @@ def run_demo(overrides: list[str], keep_serving: bool = False) -> int:
     run_dir = Path(outcome["run_dir"])
     (run_dir / "demo-timings.json").write_text(json.dumps(timings, indent=2))
     typer.echo("")
-    typer.echo(Path(outcome["report"]).read_text().split("\n## ", 1)[0])
+    # The report's first sections: what changed, in words, and the side-by-side table.
+    sections = Path(outcome["report"]).read_text().split("\n## ")
+    typer.echo("\n## ".join(sections[:3]))
     typer.echo(f"decision: {outcome['decision']}")
     typer.echo(f"report: {outcome['report']}")
     typer.echo(f"run folder: {run_dir}   releases: {data_dir() / 'releases'}")

@@ -263,16 +263,9 @@ class LogStore:
     ) -> Iterator[dict[str, Any]]:
         """Exchanges in ``[since, until)``, oldest first, optionally filtered by tenant/release."""
         self.flush()
-        t = requests_table
-        q = select(t).order_by(t.c.created_at, t.c.id)
-        if since is not None:
-            q = q.where(t.c.created_at >= since)
-        if until is not None:
-            q = q.where(t.c.created_at < until)
-        if tenants:
-            q = q.where(t.c.tenant.in_(tenants))
+        q = _window_query(requests_table, since, until, tenants)
         if releases:
-            q = q.where(t.c.release.in_(releases))
+            q = q.where(requests_table.c.release.in_(releases))
         with self.engine.connect() as conn:
             for row in conn.execute(q).mappings():
                 yield self._exchange_dict(row)
@@ -284,14 +277,7 @@ class LogStore:
         tenants: list[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Feedback in ``[since, until)``, oldest first."""
-        t = feedback_table
-        q = select(t).order_by(t.c.created_at, t.c.id)
-        if since is not None:
-            q = q.where(t.c.created_at >= since)
-        if until is not None:
-            q = q.where(t.c.created_at < until)
-        if tenants:
-            q = q.where(t.c.tenant.in_(tenants))
+        q = _window_query(feedback_table, since, until, tenants)
         with self.engine.connect() as conn:
             for row in conn.execute(q).mappings():
                 d = dict(row)
@@ -304,6 +290,18 @@ class LogStore:
 
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(requests_table)).scalar_one()
+
+
+def _window_query(t: Table, since: datetime | None, until: datetime | None, tenants: list[str] | None):
+    """Rows of ``t`` with ``created_at`` in ``[since, until)``, oldest first, for ``tenants``."""
+    q = select(t).order_by(t.c.created_at, t.c.id)
+    if since is not None:
+        q = q.where(t.c.created_at >= since)
+    if until is not None:
+        q = q.where(t.c.created_at < until)
+    if tenants:
+        q = q.where(t.c.tenant.in_(tenants))
+    return q
 
 
 def default_url() -> str:

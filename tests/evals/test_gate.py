@@ -114,3 +114,12 @@ def test_shipped_gate_yaml_loads_and_fails_on_empty_candidate() -> None:
     assert not d.passed and all(not o.passed for o in d.outcomes)
     md = d.to_markdown()
     assert "FAIL" in md and "safety.attack_block_rate" in md
+
+
+def test_relative_threshold_is_not_fooled_by_float_rounding() -> None:
+    """live 0.56 - 0.08 = 0.48000000000000004 in floats; a candidate at 0.48 is exactly on it."""
+    from evals.gate import GateConfig, evaluate
+
+    cfg = GateConfig.model_validate({"rules": [{"metric": "q.science", "op": ">=", "relative_to": "live", "offset": -0.08}]})
+    assert evaluate(cfg, {"q.science": 0.48}, {"q.science": 0.56}).passed
+    assert not evaluate(cfg, {"q.science": 0.44}, {"q.science": 0.56}).passed
