@@ -155,7 +155,7 @@ def _as_datetime(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-@flow(name="alignment-loop", flow_run_name=_run_name, log_prints=True)
+@flow(name="alignment-loop", flow_run_name=_run_name)
 def alignment_loop(
     config: str = "configs/loop.yaml",
     overrides: list[str] | None = None,
@@ -212,8 +212,8 @@ def alignment_loop(
         "report": decision["report_md"], "releases": {k: v["release_id"] for k, v in releases.items()},
     }
     (run_dir / "loop-result.json").write_text(json.dumps(outcome, indent=2, default=str))
-    print(decision["table_md"])
-    print(f"decision: {decision['summary']}")
+    logger.info("comparison:\n%s", decision["table_md"])
+    logger.info("decision: %s", decision["summary"])
     return outcome
 
 
