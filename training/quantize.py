@@ -1,8 +1,8 @@
 """Quantize stage: AWQ with llm-compressor (``oneshot`` + ``AWQModifier``) into a compressed-tensors folder.
 
-The scheme is chosen for the serving target (``serving.platform``): W4A16 where vLLM has an int4
-kernel (GPUs, AVX-512 CPUs), W8A8-int8 on AVX2-only CPUs; a scheme the target cannot serve is
-refused. W4A16's group size is derived from the layer widths: the largest of 128/64/32 that
+The scheme is chosen for the serving target (``serving.platform``): W4A16 on GPUs, W8A8-int8 on
+CPUs (AVX2-only CPUs have no int4 kernel; on AVX-512 CPUs int4 is servable but measured slower
+than bf16); a scheme the target cannot serve is refused. W4A16's group size is derived from the layer widths: the largest of 128/64/32 that
 divides every quantized layer's ``in_features`` (SmolLM2's 576 and 1536 -> 64). Calibration rows
 are the SFT split's conversations, chat-templated, so AWQ sees the activations the served model
 will see. Only merged, full-precision folders are accepted (merge-then-quantize).
