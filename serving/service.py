@@ -387,18 +387,23 @@ class GatewayService:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _complete(self, ex: Exchange, payload: dict[str, Any]) -> Response:
+    async def _send(self, ex: Exchange, payload: dict[str, Any], stream: bool) -> httpx.Response:
+        """POST the request upstream; a timeout or a connection error becomes a 503."""
         url = ex.upstream.base_url.rstrip("/") + "/chat/completions"
+        req = self.client.build_request(
+            "POST", url, content=orjson.dumps(payload), headers={"content-type": "application/json"}
+        )
         try:
-            r = await self.client.post(
-                url, content=orjson.dumps(payload), headers={"content-type": "application/json"}
-            )
+            return await self.client.send(req, stream=stream)
         except httpx.TimeoutException:
             raise self._upstream_failure(ex, "timeout", "the model server timed out") from None
         except httpx.HTTPError as e:
             raise self._upstream_failure(
                 ex, "unavailable", f"the model server is unavailable ({type(e).__name__})"
             ) from None
+
+    async def _complete(self, ex: Exchange, payload: dict[str, Any]) -> Response:
+        r = await self._send(ex, payload, stream=False)
         if r.status_code != 200:
             return self._upstream_status(ex, r.status_code, r.content)
         data = orjson.loads(r.content)
@@ -429,18 +434,7 @@ class GatewayService:
 
     async def _open_stream(self, ex: Exchange, payload: dict[str, Any]) -> Response:
         """Connect before answering, so a down upstream is a 503, not a broken 200 stream."""
-        url = ex.upstream.base_url.rstrip("/") + "/chat/completions"
-        req = self.client.build_request(
-            "POST", url, content=orjson.dumps(payload), headers={"content-type": "application/json"}
-        )
-        try:
-            r = await self.client.send(req, stream=True)
-        except httpx.TimeoutException:
-            raise self._upstream_failure(ex, "timeout", "the model server timed out") from None
-        except httpx.HTTPError as e:
-            raise self._upstream_failure(
-                ex, "unavailable", f"the model server is unavailable ({type(e).__name__})"
-            ) from None
+        r = await self._send(ex, payload, stream=True)
         if r.status_code != 200:
             try:
                 content = await r.aread()
