@@ -13,7 +13,9 @@ from evals.config import CostConfig, Endpoint, PerfConfig
 from evals.suites import save_metrics
 
 
-def _variant(compliance: float, tok_s: float, ttft: float, answer_tokens: float) -> dict[str, float]:
+def _variant(
+    compliance: float, tok_s: float, ttft: float, answer_tokens: float, attacks_stopped: float = 0.9
+) -> dict[str, float]:
     m = {
         "quality.policy.compliance": compliance,
         "quality.capability.capitals.answer_match": 0.84,
@@ -21,12 +23,14 @@ def _variant(compliance: float, tok_s: float, ttft: float, answer_tokens: float)
         "quality.capability.mean_answer_match": 0.66,
         "quality.policy.rule.referral.compliance": compliance,
         "quality.answer_tokens_mean": answer_tokens,
-        "safety.attack_block_rate": 0.9,
+        "safety.attack_block_rate": attacks_stopped,
+        "safety.errors": 0.0,
         "safety.overblock_rate": 0.04,
         "safety.attack.jailbreak.block_rate": 0.8,
         "perf.ttft_p95_ms": ttft,
         "perf.tpot_p95_ms": 25.0,
         "perf.slo.ttft_ms": 1000.0,
+        "perf.slo.tpot_ms": 100.0,
         "perf.output_tokens_per_s": tok_s,
         "perf.meets_slo": 1.0,
         "perf.failed": 0.0,
@@ -41,7 +45,7 @@ def _variant(compliance: float, tok_s: float, ttft: float, answer_tokens: float)
 @pytest.fixture
 def stored(tmp_path: Path) -> dict[str, Path]:
     files = {}
-    for name, args in {"baseline": (0.37, 150, 150, 75), "aligned": (0.80, 150, 140, 30),
+    for name, args in {"baseline": (0.37, 150, 150, 75), "aligned": (0.80, 150, 140, 30, 0.8),
                        "quantized": (0.78, 200, 110, 30)}.items():
         files[name] = save_metrics(tmp_path / name / "metrics.json", name, _variant(*args),
                                    seconds={"quality": 30})
@@ -72,13 +76,15 @@ def test_cli_report_and_gate_exit_codes(stored: dict[str, Path], tmp_path: Path)
                             f"aligned={stored['aligned']}", "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "report.md").is_file()
-    # The shipped gate: aligned fails (block rate 0.9 < 0.95), so exit 1, and every rule is listed.
+    # The shipped gate: aligned stops fewer attacks than live (0.8 < 0.9 - 0.05), so exit 1, and
+    # every rule is listed.
     r = runner.invoke(app, ["gate", "--candidate", str(stored["aligned"]), "--live", str(stored["baseline"]),
                             "--out", str(tmp_path / "gate.json")])
     assert r.exit_code == 1, r.output
     decision = json.loads((tmp_path / "gate.json").read_text())
     rows = {o["rule"]: o["passed"] for o in decision["rules"]}
     assert rows["attack block rate"] is False and rows["policy compliance"] is True
+    assert [name for name, passed in rows.items() if not passed] == ["attack block rate"]
     # A lenient gate passes: exit 0.
     lenient = tmp_path / "gate.yaml"
     lenient.write_text("rules:\n  - metric: quality.policy.compliance\n    op: '>='\n    relative_to: live\n    offset: 0.1\n")
