@@ -70,6 +70,13 @@ def quantize_model(cfg: LoopConfig, run_dir: str, model_dir: str, dataset_path: 
     )))
 
 
+@task(name="find live release", retries=2, retry_delay_seconds=5)
+def find_live_release(cfg: LoopConfig) -> dict:
+    from flows.steps import live_release
+
+    return live_release(cfg)
+
+
 @task(name="stage release", retries=2, retry_delay_seconds=10)
 def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict) -> dict:
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
@@ -188,9 +195,7 @@ def alignment_loop(
         models["quantized"] = quant["model_dir"]
         schemes["quantized"] = quant["scheme"]
 
-    from flows.steps import live_release
-
-    releases = {"baseline": live_release(cfg)}
+    releases = {"baseline": find_live_release(cfg)}
     for variant in cfg.candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
                   "variant": variant, "window": [str(win.since), str(win.until)]}
