@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.auth import KeyRing, require_tenant
 from serving.gateway_config import GatewayConfig
 from serving.logstore import LogStore
-from serving.protocol import FeedbackRequest, GatewayError, error_body
+from serving.protocol import FeedbackRequest, GatewayError
 from serving.service import GatewayService, UpstreamProvider
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        error_body(message, type_, param, code), status_code=status, headers=headers
-    )
+def _response(e: GatewayError) -> JSONResponse:
+    """The error in OpenAI's shape, with its status and headers (Retry-After, ...)."""
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -71,23 +63,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         if not e.counted and request.url.path == "/v1/chat/completions":
             tenant = getattr(request.state, "tenant", "-")  # "-": failed before authentication
             app.state.service.metrics.requests.labels(tenant, str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return _response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"] if p != "body")
-        return _error(400, f"{loc}: {err['msg']}", param=loc or None, code="invalid_value")
+        return _response(GatewayError(400, f"{loc}: {err['msg']}", param=loc or None, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), type_, headers=getattr(e, "headers", None))
+        return _response(GatewayError(e.status_code, str(e.detail), type_, headers=getattr(e, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("gateway: unexpected error")
-        return _error(500, f"internal gateway error ({type(e).__name__})", "server_error")
+        return _response(GatewayError(500, f"internal gateway error ({type(e).__name__})", "server_error"))
 
 
 def _routes(service: GatewayService) -> APIRouter:
