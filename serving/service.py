@@ -401,6 +401,14 @@ class GatewayService:
             raise self._upstream_failure(
                 ex, "unavailable", f"the model server is unavailable ({type(e).__name__})"
             ) from None
+        except Exception as e:  # noqa: BLE001
+            # A peer dying during connect can surface from below httpx's exception types:
+            # anyio raised AttributeError ('NoneType' has no 'getpeername') when vLLM was killed
+            # under load (tests/serving/test_gateway_vllm.py). It is still "upstream down": 503.
+            log.warning("upstream send failed outside httpx's errors: %r", e)
+            raise self._upstream_failure(
+                ex, "unavailable", f"the model server is unavailable ({type(e).__name__})"
+            ) from None
 
     async def _complete(self, ex: Exchange, payload: dict[str, Any]) -> Response:
         r = await self._send(ex, payload, stream=False)

@@ -436,6 +436,31 @@ def test_backpressure_429_with_retry_after(tmp_path: Path) -> None:
         assert 'gateway_requests_total{status="429",tenant="a"} 1.0' in metrics
 
 
+def test_peer_dying_during_connect_is_a_503_not_a_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killing vLLM under load once surfaced from anyio as AttributeError during connect (seen in
+    CI). The upstream send is replaced by one raising that error: outside our control, mocked."""
+    import httpx as httpx_mod
+
+    async def dying_peer(self, request, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+
+    up = Upstream(base_url="http://127.0.0.1:9/v1", release_id="dying", served_model="m")
+    with running_gateway(tmp_path, up) as (base, _, store):
+        monkeypatch.setattr(httpx_mod.AsyncClient, "send", dying_peer)
+        for stream in (False, True):
+            r = httpx.post(
+                base + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {KEY_A}"},
+                json={"model": "alignloop", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 503 and r.json()["error"]["type"] == "upstream_error"
+        monkeypatch.undo()
+        store.flush()
+        assert [x["status"] for x in store.exchanges()] == ["upstream_error"] * 2
+
+
 def test_upstream_missing_or_down_gives_fast_503(tmp_path: Path) -> None:
     from serving.vllm_server import free_port
 
