@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from evals.config import TASKS_DIR, Endpoint, PerfConfig, default_tokenizer
+from training.runs import folder_bytes
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,6 @@ def kv_cache_tokens(root_url: str, api_key: str = "EMPTY") -> float | None:
         return None
 
 
-def dir_size_bytes(path: str | Path) -> float:
-    return float(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()))
-
-
 def _realistic_file(cfg: PerfConfig, workdir: Path) -> Path:
     """The realistic prompts as a ShareGPT-format JSON file (human turn = prompt)."""
     src = Path(cfg.realistic_prompts) if cfg.realistic_prompts else None
@@ -249,7 +246,7 @@ def run(cfg: PerfConfig, endpoint: Endpoint, out_dir: str | Path | None = None) 
     if kv is not None:
         metrics["perf.kv_cache_tokens"] = kv
     if cfg.model_dir:
-        metrics["perf.model_size_bytes"] = dir_size_bytes(cfg.model_dir)
+        metrics["perf.model_size_bytes"] = float(folder_bytes(cfg.model_dir))
     seconds = time.monotonic() - t0
     metrics["perf.seconds"] = round(seconds, 1)
     (work / "perf_runs.json").write_text(json.dumps(raw_runs, indent=2, default=str))

@@ -37,8 +37,8 @@ from training.lora import (
     trainer_kwargs,
     write_lineage,
 )
-from training.runs import StageDir
-from training.sft import folder_bytes, load_model, load_tokenizer
+from training.runs import StageDir, folder_bytes
+from training.sft import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from pydantic import Field
 
 from training.config import StrictModel
 from training.lora import check_adapter_dir, is_quantized, read_lineage, resolve_run_dir
-from training.runs import StageDir
-from training.sft import folder_bytes, load_tokenizer
+from training.runs import StageDir, folder_bytes
+from training.sft import load_tokenizer
 
 log = logging.getLogger(__name__)
 

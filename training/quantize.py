@@ -25,8 +25,8 @@ from pydantic import Field
 
 from training.config import StrictModel
 from training.lora import is_quantized, resolve_run_dir, set_threads
-from training.runs import StageDir
-from training.sft import folder_bytes, load_tokenizer
+from training.runs import StageDir, folder_bytes
+from training.sft import load_tokenizer
 
 log = logging.getLogger(__name__)
 

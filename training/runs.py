@@ -92,6 +92,11 @@ def fingerprint_path(path: str | Path) -> str:
     return outer.hexdigest()
 
 
+def folder_bytes(path: str | Path) -> int:
+    """Size on disk of every file under ``path`` (model and adapter sizes in results and evals)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def fingerprint_input(value: Any) -> str:
     """A path that exists is hashed by content; anything else by its JSON value."""
     if isinstance(value, str | Path) and Path(value).exists():

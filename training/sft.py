@@ -33,7 +33,7 @@ from training.lora import (
     trainer_kwargs,
     write_lineage,
 )
-from training.runs import StageDir
+from training.runs import StageDir, folder_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ def to_trl_config(cfg: SFTStageConfig, output_dir: Path) -> Any:
         completion_only_loss=True,
         dataset_num_proc=None,
     )
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def load_tokenizer(model_dir: str) -> Any:
