@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,6 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from flows import window as windows
 from flows.loop_config import LoopConfig, load_loop_config, resolve_path
 from training.config import data_dir
-
-log = logging.getLogger(__name__)
 
 
 # -- tasks: each loads its config, calls the stage, returns a plain dict --------------------------
@@ -223,9 +220,5 @@ def alignment_loop(
 
 
 def run_loop(config: str, overrides: list[str], since: datetime | None, until: datetime | None) -> dict:
-    """Entry used by the CLI: the flow with its Prefect environment configured."""
+    """Entry for the CLI and the demo (they call ``prefect_env.configure()`` first)."""
     return alignment_loop(config=str(resolve_path(config)), overrides=overrides, since=since, until=until)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
