@@ -78,7 +78,13 @@ feedback_table = Table(
     Column("payload", JSON, nullable=False),
     Column("comment", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    # Who gave it, as the server knows it (never taken from text a client controls): an end-user
+    # or reviewer id (None = not given), and their role: user | reviewer | simulated.
+    Column("actor", String(128), nullable=True, index=True),
+    Column("actor_role", String(16), nullable=False, default="user"),
 )
+
+ActorRole = Literal["user", "reviewer", "simulated"]
 
 
 def utcnow() -> datetime:
@@ -150,6 +156,7 @@ class LogStore:
         self.url = url
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self.batch_size = batch_size
         self._queue: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="logstore-writer", daemon=True)
@@ -218,9 +225,16 @@ class LogStore:
         kind: FeedbackKind,
         payload: dict[str, Any],
         comment: str | None = None,
+        actor: str | None = None,
+        actor_role: ActorRole = "user",
     ) -> tuple[str, bool]:
-        """Store feedback synchronously. Returns (feedback id, created); identical repeats are no-ops."""
-        body = json.dumps([request_id, tenant, kind, payload, comment], sort_keys=True)
+        """Store feedback synchronously. Returns (feedback id, created); identical repeats are no-ops.
+
+        The id hashes the actor too: the same verdict from two people is two rows (agreement
+        counts), the same verdict sent twice by one person is one.
+        """
+        who = [] if actor is None and actor_role == "user" else [actor, actor_role]
+        body = json.dumps([request_id, tenant, kind, payload, comment, *who], sort_keys=True)
         fid = "fb-" + hashlib.sha256(body.encode()).hexdigest()[:24]
         with self.engine.begin() as conn:
             exists = conn.execute(
@@ -231,7 +245,7 @@ class LogStore:
             conn.execute(
                 insert(feedback_table).values(
                     id=fid, request_id=request_id, tenant=tenant, kind=kind, payload=payload,
-                    comment=comment, created_at=utcnow(),
+                    comment=comment, created_at=utcnow(), actor=actor, actor_role=actor_role,
                 )
             )
         return fid, True
@@ -290,6 +304,24 @@ class LogStore:
 
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(requests_table)).scalar_one()
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add columns that newer code declares to tables an older version created (nullable or
+    defaulted columns only, so existing rows stay valid). No migration framework for two tables."""
+    from sqlalchemy import inspect, text
+
+    insp = inspect(engine)
+    for table in (requests_table, feedback_table):
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
+            if col.default is not None:
+                ddl += f" DEFAULT '{col.default.arg}'"
+            with engine.begin() as conn:
+                conn.execute(text(ddl))
 
 
 def _window_query(t: Table, since: datetime | None, until: datetime | None, tenants: list[str] | None):

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from guardrails.base import InputChain, OutputChain, StreamGuard, Verdict, build_hook
 from serving.gateway_config import GatewayConfig
-from serving.logstore import ExchangeRecord, LogStore
+from serving.logstore import ActorRole, ExchangeRecord, LogStore
 from serving.protocol import (
     ChatCompletionRequest,
     FeedbackRequest,
@@ -192,8 +192,15 @@ class GatewayService:
             state["upstream"]["error"] = type(e).__name__
         return (200 if state["upstream"]["ok"] else 503), state
 
-    def feedback(self, req: FeedbackRequest, tenant: str) -> FeedbackResponse:
-        """Store one feedback event; 404 unless every referenced request id is this tenant's."""
+    def feedback(
+        self, req: FeedbackRequest, tenant: str, *, actor: str | None = None,
+        actor_role: ActorRole = "user",
+    ) -> FeedbackResponse:
+        """Store one feedback event; 404 unless every referenced request id is this tenant's.
+
+        ``actor``/``actor_role`` say who gave it as the server knows it (the API's caller, or a
+        reviewer signed in to the review page); they are never read from the request body.
+        """
         if self.store.get_exchange(req.request_id, tenant=tenant) is None:
             raise GatewayError(
                 404, f"no request with id {req.request_id!r}", param="request_id", code="not_found"
@@ -207,7 +214,9 @@ class GatewayService:
                 code="not_found",
             )
         kind, payload = req.kind_and_payload()
-        fid, created = self.store.add_feedback(req.request_id, tenant, kind, payload, req.comment)
+        fid, created = self.store.add_feedback(
+            req.request_id, tenant, kind, payload, req.comment, actor=actor, actor_role=actor_role
+        )
         return FeedbackResponse(id=fid, created=created)
 
     # -- chat -----------------------------------------------------------------------------------

@@ -133,3 +133,49 @@ def running_gateway(
 def running_fake(fake: FakeUpstream) -> Iterator[Upstream]:
     with serve_in_thread(fake.app) as base:
         yield Upstream(base_url=base + "/v1", release_id="fake-r1", served_model="fake-model")
+
+
+def test_feedback_actor_is_stored_and_part_of_identity(tmp_path):
+    from serving.logstore import LogStore
+
+    db = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
+    try:
+        a, created_a = db.add_feedback("r1", "t", "rating", {"score": 5}, actor="u1")
+        b, created_b = db.add_feedback("r1", "t", "rating", {"score": 5}, actor="u2")
+        again, created_again = db.add_feedback("r1", "t", "rating", {"score": 5}, actor="u1")
+        rev, _ = db.add_feedback("r1", "t", "rating", {"score": 5}, actor="u1", actor_role="reviewer")
+        assert created_a and created_b and not created_again and a == again
+        assert len({a, b, rev}) == 3
+        rows = {r["id"]: r for r in db.feedback_events()}
+        assert rows[a]["actor"] == "u1" and rows[a]["actor_role"] == "user"
+        assert rows[rev]["actor_role"] == "reviewer"
+    finally:
+        db.close()
+
+
+def test_logstore_adds_feedback_columns_to_an_older_database(tmp_path):
+    import sqlite3
+
+    from serving.logstore import LogStore
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)  # the feedback table as the first release created it
+    con.execute(
+        "CREATE TABLE feedback (id VARCHAR(64) PRIMARY KEY, request_id VARCHAR(64) NOT NULL, "
+        "tenant VARCHAR(128) NOT NULL, kind VARCHAR(16) NOT NULL, payload JSON NOT NULL, "
+        "comment TEXT, created_at DATETIME NOT NULL)"
+    )
+    con.execute(
+        "INSERT INTO feedback VALUES ('fb-old', 'r0', 't', 'rating', '{\"score\": 1}', NULL, "
+        "'2026-11-01 00:00:00')"
+    )
+    con.commit()
+    con.close()
+    db = LogStore(f"sqlite:///{path}")
+    try:
+        db.add_feedback("r1", "t", "edit", {"text": "x"}, actor="rev", actor_role="reviewer")
+        rows = {r["id"]: r for r in db.feedback_events()}
+        assert rows["fb-old"]["actor"] is None and rows["fb-old"]["actor_role"] == "user"
+        assert len(rows) == 2
+    finally:
+        db.close()
