@@ -275,3 +275,61 @@ def test_window_excludes_old_exchanges(tmp_path: Path) -> None:
         assert load_queue(store, QueueQuery(hours=48, tenant="a"), ["b"], now=now).total == 0
     finally:
         store.close()
+
+
+def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(tmp_path: Path, data_home: Path) -> None:
+    """The loop's last step (flows/steps.apply_decision) against a real gateway's admin API:
+    with require_approval the winner is not promoted (which the release manager would refuse)
+    and stays staged for the review page; the losing candidate is retired as before."""
+    import json
+
+    from flows.loop_config import LoopConfig
+    from flows.steps import apply_decision
+    from serving.admin_api import build_admin_router
+    from serving.releases import ReleaseManager
+    from serving.vllm_server import VLLMArgs
+    from test_gateway_support import ADMIN
+
+    store = ReleaseStore(tmp_path / "releases")
+    run = tmp_path / "run"
+    make_run(run)
+    releases = {}
+    for variant in ("aligned", "quantized"):
+        model = run / variant
+        model.mkdir()
+        rel = store.create(model, VLLMArgs(), release_id=f"rel-{variant}")
+        store.set_status(rel.release_id, "staged", "healthy (test)")
+        releases[variant] = {"release_id": rel.release_id}
+    gate = {v: {"passed": v == "aligned", "require_approval": True, "rules": []} for v in releases}
+    report_json = run / "report" / "decision.json"
+    report_json.write_text(json.dumps({"gate": gate | {"serving_choice": {}}}))
+    decision = {"winner": "aligned", "summary": "promote aligned", "report_json": str(report_json),
+                "report_md": str(run / "report" / "report.md")}
+    manager = ReleaseManager(store)  # no vLLM starts: nothing is promoted
+    try:
+        with running_gateway(tmp_path, None, make_config(),
+                             extra_routers=[build_admin_router(manager)]) as (base, _, _store):
+            cfg = LoopConfig.model_validate({"gateway": {"url": base, "admin_key": ADMIN}})
+            promotion = apply_decision(cfg, releases, decision, str(run))
+    finally:
+        manager.shutdown()
+    assert promotion["promoted"] is False and "awaiting" in promotion["why"]
+    assert store.get("rel-aligned").status == "staged"
+    assert store.get("rel-quantized").status == "retired"
+    with pytest.raises(ReleaseError, match="approval"):
+        store.promote_offline("rel-aligned")
+    store.approve("rel-aligned", "alice")
+    assert store.promote_offline("rel-aligned").status == "live"
+
+
+def test_templates_and_static_files_ship_in_the_package() -> None:
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["serving"]
+    for folder in ("templates", "static"):
+        for f in (root / "serving" / folder).iterdir():
+            rel = f"{folder}/{f.name}"
+            assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} would not be packaged"
