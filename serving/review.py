@@ -187,10 +187,17 @@ async def candidate_answer(
 ) -> dict[str, Any]:
     """Ask ``upstream`` the exchange's (stored, redacted) prompt through the gateway's own
     request path: same guardrails, logged as an exchange of the same tenant. Returns its row."""
-    params = {k: v for k, v in (exchange.get("params") or {}).items()
-              if k not in ("stream", "stream_options", "n", "model")}
-    body = {**params, "model": service.config.public_models[0],
-            "messages": exchange["messages"], "user": f"review:{reviewer}"}
+    params = {
+        k: v
+        for k, v in (exchange.get("params") or {}).items()
+        if k not in ("stream", "stream_options", "n", "model")
+    }
+    body = {
+        **params,
+        "model": service.config.public_models[0],
+        "messages": exchange["messages"],
+        "user": f"review:{reviewer}",
+    }
     relay = GatewayService(service.config, StaticUpstream(upstream), service.store)
     await relay.start()
     try:
@@ -218,7 +225,9 @@ def build_review_router(
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     auth = _Auth()
 
-    def page(request: Request, name: str, session: Session | None, status: int = 200, **ctx: Any) -> HTMLResponse:
+    def page(
+        request: Request, name: str, session: Session | None, status: int = 200, **ctx: Any
+    ) -> HTMLResponse:
         return templates.TemplateResponse(
             request, name, {"session": session, **ctx}, status_code=status
         )
@@ -262,19 +271,34 @@ def build_review_router(
             return None  # another tenant's exchange looks the same as none at all
         return ex
 
-    async def card(request: Request, session: Session, ex: dict[str, Any], **extra: Any) -> HTMLResponse:
+    async def card(
+        request: Request, session: Session, ex: dict[str, Any], **extra: Any
+    ) -> HTMLResponse:
         store = _service(request.app).store
         ex = dict(ex)
-        ex["feedback"] = (await run_in_threadpool(feedback_by_request, store, [ex["id"]])).get(ex["id"], [])
-        return page(request, "_card.html", session, ex=display_exchange(ex),
-                    can_compare=candidates is not None, **extra)
+        ex["feedback"] = (await run_in_threadpool(feedback_by_request, store, [ex["id"]])).get(
+            ex["id"], []
+        )
+        return page(
+            request,
+            "_card.html",
+            session,
+            ex=display_exchange(ex),
+            can_compare=candidates is not None,
+            **extra,
+        )
 
-    async def give_feedback(request: Request, session: Session, ex: dict, req: dict) -> HTMLResponse:
+    async def give_feedback(
+        request: Request, session: Session, ex: dict, req: dict
+    ) -> HTMLResponse:
         try:
             fb = FeedbackRequest.model_validate({"request_id": ex["id"], **req})
             result = await run_in_threadpool(
-                _service(request.app).feedback, fb, ex["tenant"],
-                actor=session.reviewer.name, actor_role="reviewer",
+                _service(request.app).feedback,
+                fb,
+                ex["tenant"],
+                actor=session.reviewer.name,
+                actor_role="reviewer",
             )
         except ValidationError as e:
             return fragment_error(e.errors()[0]["msg"], 400)
@@ -292,21 +316,34 @@ def build_review_router(
     async def login(request: Request) -> Response:
         origin = request.headers.get("origin")
         if origin and origin.rstrip("/") != str(request.base_url).rstrip("/"):
-            return page(request, "login.html", None, status=403, next="/review",
-                        error="sign-in from another site refused")
+            return page(
+                request,
+                "login.html",
+                None,
+                status=403,
+                next="/review",
+                error="sign-in from another site refused",
+            )
         try:
             form = await read_form(request)
         except GatewayError as e:
-            return page(request, "login.html", None, status=e.status, next="/review", error=e.message)
+            return page(
+                request, "login.html", None, status=e.status, next="/review", error=e.message
+            )
         reviewer = reviewer_for_key(request.app.state.config, form.get("key", "").strip())
         next_url = _safe_next(form.get("next", "/review"))
         if reviewer is None:
-            return page(request, "login.html", None, status=401, next=next_url,
-                        error="unknown reviewer key")
+            return page(
+                request, "login.html", None, status=401, next=next_url, error="unknown reviewer key"
+            )
         resp = RedirectResponse(next_url, 303)
         resp.set_cookie(
-            COOKIE, auth.cookie(request, reviewer), max_age=request.app.state.config.review.session_ttl_s,
-            path="/review", httponly=True, samesite="strict",
+            COOKIE,
+            auth.cookie(request, reviewer),
+            max_age=request.app.state.config.review.session_ttl_s,
+            path="/review",
+            httponly=True,
+            samesite="strict",
             secure=request.url.scheme == "https",
         )
         log.info("review: %s signed in", reviewer.name)
@@ -325,8 +362,11 @@ def build_review_router(
     async def static(name: str) -> Response:
         if name not in STATIC_FILES:
             return fragment_error("not found", 404)
-        return FileResponse(HERE / "static" / name, media_type=STATIC_FILES[name],
-                            headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(
+            HERE / "static" / name,
+            media_type=STATIC_FILES[name],
+            headers={"Cache-Control": "max-age=3600"},
+        )
 
     # -- the queue -----------------------------------------------------------------------------
     @router.get("")
@@ -343,14 +383,21 @@ def build_review_router(
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
-            return page(request, "error.html", session, status=400,
-                        message=f"{field}: {err['msg']}")
+            return page(
+                request, "error.html", session, status=400, message=f"{field}: {err['msg']}"
+            )
         store = _service(request.app).store
         result = await run_in_threadpool(load_queue, store, q, session.tenants)
-        return page(request, "queue.html", session, q=q, queue=result,
-                    items=[display_exchange(ex) for ex in result.items],
-                    can_compare=candidates is not None,
-                    tenants=session.tenants or result.tenants)
+        return page(
+            request,
+            "queue.html",
+            session,
+            q=q,
+            queue=result,
+            items=[display_exchange(ex) for ex in result.items],
+            can_compare=candidates is not None,
+            tenants=session.tenants or result.tenants,
+        )
 
     @router.post("/x/{request_id}/rate")
     async def rate(request: Request, request_id: str) -> Response:
@@ -395,7 +442,9 @@ def build_review_router(
         if not warm:
             return fragment_error("no staged candidate release is running to compare with", 409)
         try:
-            other = await candidate_answer(_service(request.app), ex, warm[0], session.reviewer.name)
+            other = await candidate_answer(
+                _service(request.app), ex, warm[0], session.reviewer.name
+            )
         except GatewayError as e:
             return fragment_error(f"the candidate did not answer: {e.message}", e.status)
         # Blind: the order comes from a keyed coin, so not even the (signed, readable) token
@@ -404,8 +453,15 @@ def build_review_router(
         token = auth.token(request, {"x": ex["id"], "o": other["id"], "k": nonce}, "compare")
         pair = auth.order(request, ex["id"], other["id"], nonce)
         answers = {ex["id"]: ex.get("response"), other["id"]: other.get("response")}
-        return page(request, "_compare.html", session, ex=display_exchange(ex), token=token,
-                    a=redact_for_display(answers[pair[0]]), b=redact_for_display(answers[pair[1]]))
+        return page(
+            request,
+            "_compare.html",
+            session,
+            ex=display_exchange(ex),
+            token=token,
+            a=redact_for_display(answers[pair[0]]),
+            b=redact_for_display(answers[pair[1]]),
+        )
 
     @router.post("/x/{request_id}/prefer")
     async def prefer(request: Request, request_id: str) -> Response:
@@ -424,7 +480,9 @@ def build_review_router(
         pair = auth.order(request, request_id, other, token["k"])
         preferred = "this" if pair["ab".index(choice)] == request_id else "other"
         return await give_feedback(
-            request, session, ex,
+            request,
+            session,
+            ex,
             {"preference": {"other_request_id": other, "preferred": preferred}},
         )
 
@@ -448,8 +506,13 @@ def build_review_router(
 
         rows = []
         for rel in reversed(await run_in_threadpool(releases.list) if releases else []):
-            rows.append({"rel": rel, "gate_passed": gate_passed(rel),
-                         "needs_approval": approval_required(rel)})
+            rows.append(
+                {
+                    "rel": rel,
+                    "gate_passed": gate_passed(rel),
+                    "needs_approval": approval_required(rel),
+                }
+            )
         return page(request, "releases.html", session, rows=rows)
 
     @router.get("/releases/{release_id}")
@@ -459,13 +522,19 @@ def build_review_router(
             return session
         rel = release_or_404(release_id)
         if rel is None:
-            return page(request, "error.html", session, status=404,
-                        message=f"release {release_id!r} not found")
+            return page(
+                request,
+                "error.html",
+                session,
+                status=404,
+                message=f"release {release_id!r} not found",
+            )
         from serving.releases import approval_required
 
         view = await run_in_threadpool(release_view, rel)
-        return page(request, "release.html", session, v=view, rel=rel,
-                    needs_approval=approval_required(rel))
+        return page(
+            request, "release.html", session, v=view, rel=rel, needs_approval=approval_required(rel)
+        )
 
     @router.get("/releases/{release_id}/plots/{name}")
     async def release_plot(request: Request, release_id: str, name: str) -> Response:
@@ -493,17 +562,30 @@ def build_review_router(
             return fragment_error(f"release {release_id!r} not found", 404)
         try:
             rel = await run_in_threadpool(
-                releases.approve, release_id, session.reviewer.name, "reviewer",
+                releases.approve,
+                release_id,
+                session.reviewer.name,
+                "reviewer",
                 form.get("note", "").strip()[:2000],
             )
         except ReleaseError as e:
             return fragment_error(str(e), 409)
-        return page(request, "_approvals.html", session, rel=rel, needs_approval=True,
-                    flash="approval recorded")
+        return page(
+            request,
+            "_approvals.html",
+            session,
+            rel=rel,
+            needs_approval=True,
+            flash="approval recorded",
+        )
 
     return router
 
 
 def _safe_next(target: str) -> str:
     """Only paths of this page after sign-in: never another site (open redirect)."""
-    return target if target.startswith("/review") and "//" not in target and "\\" not in target else "/review"
+    return (
+        target
+        if target.startswith("/review") and "//" not in target and "\\" not in target
+        else "/review"
+    )

@@ -36,7 +36,8 @@ class QueueQuery(StrictModel):
         "any", description="Guardrail verdicts: any, allow (nothing fired), flagged, redact, block."
     )
     feedback: FeedbackFilter = Field(
-        "any", description="any, none (no feedback yet), unreviewed, reviewed (by a reviewer), user."
+        "any",
+        description="any, none (no feedback yet), unreviewed, reviewed (by a reviewer), user.",
     )
     n: int = Field(25, ge=1, le=500, description="Sample size (stratified by release and tenant).")
     seed: int = Field(0, ge=0, description="Sampling seed: the same seed shows the same slice.")
@@ -94,7 +95,10 @@ def feedback_by_request(store: LogStore, request_ids: Iterable[str]) -> dict[str
 
 
 def stratified_sample(
-    items: list[dict[str, Any]], n: int, seed: int, key=lambda ex: (ex["release"], ex["tenant"])  # noqa: ANN001
+    items: list[dict[str, Any]],
+    n: int,
+    seed: int,
+    key=lambda ex: (ex["release"], ex["tenant"]),  # noqa: ANN001
 ) -> list[dict[str, Any]]:
     """``n`` items drawn so each stratum (release, tenant) keeps its share of the window.
 
@@ -117,7 +121,9 @@ def stratified_sample(
     for k in keys:
         quota[k] += min(int(shares[k]), len(groups[k]) - quota[k])
     left = n - sum(quota.values())
-    by_remainder = sorted(keys, key=lambda k: (shares[k] - int(shares[k]), len(groups[k])), reverse=True)
+    by_remainder = sorted(
+        keys, key=lambda k: (shares[k] - int(shares[k]), len(groups[k])), reverse=True
+    )
     while left > 0:
         for k in by_remainder:
             if left and quota[k] < len(groups[k]):
@@ -139,14 +145,16 @@ def load_queue(
     if tenants == []:
         return Queue([], 0, {})
     window = [
-        ex for ex in store.exchanges(since=now - timedelta(hours=q.hours), until=now, tenants=tenants)
+        ex
+        for ex in store.exchanges(since=now - timedelta(hours=q.hours), until=now, tenants=tenants)
         if ex["status"] in REVIEWABLE_STATUS
     ]
     releases = sorted({ex["release"] for ex in window if ex["release"]})
     seen_tenants = sorted({ex["tenant"] for ex in window})
     feedback = feedback_by_request(store, [ex["id"] for ex in window])
     matched = [
-        ex for ex in window
+        ex
+        for ex in window
         if (q.release is None or ex["release"] == q.release)
         and _verdict_ok(ex, q.verdict)
         and _feedback_ok(feedback.get(ex["id"], []), q.feedback)
@@ -222,13 +230,16 @@ def side_by_side(run_dir: str | Path, variant: str, baseline: str = "baseline") 
         b = cand.get(key)
         if b is None:
             continue
-        rows.append({
-            "task": a.get("task", ""), "prompt": a.get("prompt", ""),
-            "reference": a.get("answer", ""),
-            "live": redact_for_display(a.get("response")),
-            "candidate": redact_for_display(b.get("response")),
-            "same": (a.get("response") or "").strip() == (b.get("response") or "").strip(),
-        })
+        rows.append(
+            {
+                "task": a.get("task", ""),
+                "prompt": a.get("prompt", ""),
+                "reference": a.get("answer", ""),
+                "live": redact_for_display(a.get("response")),
+                "candidate": redact_for_display(b.get("response")),
+                "same": (a.get("response") or "").strip() == (b.get("response") or "").strip(),
+            }
+        )
     return rows
 
 
@@ -267,24 +278,38 @@ def release_view(release: Any) -> dict[str, Any]:
     run_dir = source.get("run_dir") or attached.get("run_dir")
     variant = source.get("variant") or attached.get("variant")
     view: dict[str, Any] = {
-        "release": release, "source": source, "gate": attached.get("gate") or {},
-        "run_dir": run_dir, "variant": variant, "stages": [], "metrics": [], "plots": [],
-        "samples": [], "summary": [], "baseline_release": None,
+        "release": release,
+        "source": source,
+        "gate": attached.get("gate") or {},
+        "run_dir": run_dir,
+        "variant": variant,
+        "stages": [],
+        "metrics": [],
+        "plots": [],
+        "samples": [],
+        "summary": [],
+        "baseline_release": None,
     }
     if not run_dir or not Path(run_dir).is_dir():
         return view
     run = Path(run_dir)
     for stage in sorted(p for p in run.iterdir() if (p / "result.json").is_file()):
         result = _json(stage / "result.json")
-        view["stages"].append({"name": stage.name, "finished": result.get("finished_at", ""),
-                               "facts": _stage_facts(result)})
+        view["stages"].append(
+            {
+                "name": stage.name,
+                "finished": result.get("finished_at", ""),
+                "facts": _stage_facts(result),
+            }
+        )
     report = _json(run / "report" / "report.json")
     variants = report.get("variants") or {}
     base = (variants.get("baseline") or {}).get("metrics", {})
     mine = (variants.get(variant) or {}).get("metrics", {}) if variant else {}
     view["metrics"] = [
         {"label": label, "live": _fmt(base.get(key), kind), "candidate": _fmt(mine.get(key), kind)}
-        for key, label, kind in HEADLINE if key in base or key in mine
+        for key, label, kind in HEADLINE
+        if key in base or key in mine
     ]
     view["summary"] = [line.replace("**", "") for line in report.get("summary") or []]  # markdown
     view["plots"] = [p for p in REPORT_PLOTS if (run / "report" / p).is_file()]

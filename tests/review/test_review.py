@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from review_support import (  # noqa: E402
+    ADMIN,
     ALICE,
     BOB,
     CAROL,
@@ -55,8 +56,12 @@ def test_login_session_csrf_and_tenant_scope(tmp_path: Path, data_home: Path) ->
         assert anon.get("/review").status_code == 303  # to the login form
         assert anon.post("/review/login", data={"key": "nope"}).status_code == 401
         # A login posted from another site is refused (login CSRF).
-        assert anon.post("/review/login", data={"key": ALICE},
-                         headers={"origin": "http://evil.example"}).status_code == 403
+        assert (
+            anon.post(
+                "/review/login", data={"key": ALICE}, headers={"origin": "http://evil.example"}
+            ).status_code
+            == 403
+        )
 
         r = anon.post("/review/login", data={"key": ALICE, "next": "https://evil.example/"})
         assert r.headers["location"] == "/review"  # no open redirect
@@ -71,50 +76,71 @@ def test_login_session_csrf_and_tenant_scope(tmp_path: Path, data_home: Path) ->
         # Action POSTs need the session's CSRF token.
         r = alice.post(f"/review/x/{a_id}/rate", data={"thumbs": "up"})
         assert r.status_code == 403
-        r = alice.post(f"/review/x/{a_id}/rate", data={"thumbs": "up"}, headers={"X-CSRF-Token": "0" * 64})
+        r = alice.post(
+            f"/review/x/{a_id}/rate", data={"thumbs": "up"}, headers={"X-CSRF-Token": "0" * 64}
+        )
         assert r.status_code == 403
         assert list(site.store.feedback_events()) == []
 
         # Another tenant's exchange is "not found", as in the API, and nothing is stored.
-        r = alice.post(f"/review/x/{b_id}/rate", data={"thumbs": "down"}, headers={"X-CSRF-Token": csrf})
+        r = alice.post(
+            f"/review/x/{b_id}/rate", data={"thumbs": "down"}, headers={"X-CSRF-Token": csrf}
+        )
         assert r.status_code == 404
         assert list(site.store.feedback_events()) == []
 
         # The same rating twice is one row (the feedback service's idempotency).
         for note in ("saved", "already recorded"):
-            r = alice.post(f"/review/x/{a_id}/rate", data={"thumbs": "up"}, headers={"X-CSRF-Token": csrf})
+            r = alice.post(
+                f"/review/x/{a_id}/rate", data={"thumbs": "up"}, headers={"X-CSRF-Token": csrf}
+            )
             assert r.status_code == 200 and note in r.text
         rows = list(site.store.feedback_events())
         assert [(f["request_id"], f["tenant"], f["actor"], f["actor_role"]) for f in rows] == [
             (a_id, "a", "alice", "reviewer")
         ]
         # Bad input is a 4xx with the field named, and stores nothing.
-        r = alice.post(f"/review/x/{a_id}/rate", data={"thumbs": "meh"}, headers={"X-CSRF-Token": csrf})
+        r = alice.post(
+            f"/review/x/{a_id}/rate", data={"thumbs": "meh"}, headers={"X-CSRF-Token": csrf}
+        )
         assert r.status_code == 400 and "thumbs" in r.text
-        r = alice.post(f"/review/x/{a_id}/edit", data={"text": "  "}, headers={"X-CSRF-Token": csrf})
+        r = alice.post(
+            f"/review/x/{a_id}/edit", data={"text": "  "}, headers={"X-CSRF-Token": csrf}
+        )
         assert r.status_code == 400 and "text" in r.text
         assert len(list(site.store.feedback_events())) == 1
 
         # A tampered session cookie is no session.
-        forged = httpx.Client(base_url=site.base, cookies={"alignloop_review": "eyJyIjoiY2Fyb2wifQ.x.y"})
+        forged = httpx.Client(
+            base_url=site.base, cookies={"alignloop_review": "eyJyIjoiY2Fyb2wifQ.x.y"}
+        )
         assert forged.get("/review").status_code == 303
 
         # Bob (tenant b) sees b's exchange; a comparison token of alice's is no use to him.
         bob, bob_csrf = signed_in(site.base, BOB)
         assert b_id in bob.get("/review").text
-        r = bob.post(f"/review/x/{b_id}/prefer", data={"choice": "a", "token": "x"},
-                     headers={"X-CSRF-Token": bob_csrf})
+        r = bob.post(
+            f"/review/x/{b_id}/prefer",
+            data={"choice": "a", "token": "x"},
+            headers={"X-CSRF-Token": bob_csrf},
+        )
         assert r.status_code == 400
 
 
-def test_queue_shows_pii_redacted_even_when_the_store_holds_it(tmp_path: Path, data_home: Path) -> None:
+def test_queue_shows_pii_redacted_even_when_the_store_holds_it(
+    tmp_path: Path, data_home: Path
+) -> None:
     # No guardrails in this gateway: the store keeps the planted email and phone verbatim, and
     # the page must still not show them.
     leak = "Sure: write to jane.doe@example.com or call +1 415-555-0132."
     cfg = review_config(guardrails={"input": [], "output": []})
     with (
         running_fake(FakeUpstream(reply=leak)) as up,
-        running_gateway(tmp_path, up, cfg, extra_routers=[build_review_router()]) as (base, _, store),
+        running_gateway(tmp_path, up, cfg, extra_routers=[build_review_router()]) as (
+            base,
+            _,
+            store,
+        ),
     ):
         rid = chat(base, KEY_A, "I am bob@example.org, phone 415-555-0199. Help?")
         assert "jane.doe@example.com" in store.get_exchange(rid)["response"]
@@ -125,7 +151,9 @@ def test_queue_shows_pii_redacted_even_when_the_store_holds_it(tmp_path: Path, d
         assert page.count("&lt;EMAIL_ADDRESS&gt;") >= 2 and "&lt;PHONE_NUMBER&gt;" in page
 
 
-def test_queue_filters_by_verdict_feedback_release_and_tenant(tmp_path: Path, data_home: Path) -> None:
+def test_queue_filters_by_verdict_feedback_release_and_tenant(
+    tmp_path: Path, data_home: Path
+) -> None:
     with review_site(tmp_path) as site:
         carol, csrf = signed_in(site.base, CAROL)  # every tenant
 
@@ -144,7 +172,9 @@ def test_queue_filters_by_verdict_feedback_release_and_tenant(tmp_path: Path, da
         assert shown(release="fake-r1") == everything - blocked  # blocked never reached a release
 
         rated = site.live_ids["a"][0]
-        r = carol.post(f"/review/x/{rated}/rate", data={"thumbs": "down"}, headers={"X-CSRF-Token": csrf})
+        r = carol.post(
+            f"/review/x/{rated}/rate", data={"thumbs": "down"}, headers={"X-CSRF-Token": csrf}
+        )
         assert r.status_code == 200
         assert shown(feedback="reviewed") == {rated}
         assert shown(feedback="none") == everything - {rated}
@@ -160,8 +190,12 @@ def test_queue_filters_by_verdict_feedback_release_and_tenant(tmp_path: Path, da
 
 def test_stratified_sample_keeps_every_stratum_and_its_share() -> None:
     now = datetime.now(UTC)
-    items = [{"release": "r1", "tenant": "big", "id": f"b{i}", "created_at": now} for i in range(90)]
-    items += [{"release": "r2", "tenant": "small", "id": f"s{i}", "created_at": now} for i in range(10)]
+    items = [
+        {"release": "r1", "tenant": "big", "id": f"b{i}", "created_at": now} for i in range(90)
+    ]
+    items += [
+        {"release": "r2", "tenant": "small", "id": f"s{i}", "created_at": now} for i in range(10)
+    ]
     items += [{"release": "r1", "tenant": "tiny", "id": "t0", "created_at": now}]
     picked = stratified_sample(items, 20, seed=3)
     assert len(picked) == 20 and len({p["id"] for p in picked}) == 20
@@ -181,15 +215,21 @@ def test_approval_rule_and_who_may_approve(tmp_path: Path, data_home: Path) -> N
         assert site.releases.get(rel.release_id).status == "staged"
 
         bob, bob_csrf = signed_in(site.base, BOB)  # a reviewer without can_approve
-        r = bob.post("/review/releases/rel-aligned/approve", data={"note": "lgtm"},
-                     headers={"X-CSRF-Token": bob_csrf})
+        r = bob.post(
+            "/review/releases/rel-aligned/approve",
+            data={"note": "lgtm"},
+            headers={"X-CSRF-Token": bob_csrf},
+        )
         assert r.status_code == 403 and site.releases.get("rel-aligned").approvals == []
 
         alice, csrf = signed_in(site.base, ALICE)
         assert "require" in alice.get("/review/releases/rel-aligned").text
         for _ in range(2):  # approving twice records one approval
-            r = alice.post("/review/releases/rel-aligned/approve", data={"note": "ok"},
-                           headers={"X-CSRF-Token": csrf})
+            r = alice.post(
+                "/review/releases/rel-aligned/approve",
+                data={"note": "ok"},
+                headers={"X-CSRF-Token": csrf},
+            )
             assert r.status_code == 200 and "approved by" in r.text
         approvals = site.releases.get("rel-aligned").approvals
         assert [(a.by, a.role) for a in approvals] == [("alice", "reviewer")]
@@ -210,7 +250,6 @@ def test_without_require_approval_promotion_needs_none(tmp_path: Path) -> None:
 
 
 def test_admin_api_records_an_approval(tmp_path: Path, data_home: Path) -> None:
-    from test_gateway_support import ADMIN
 
     from serving.admin_api import build_admin_router
     from serving.releases import ReleaseManager
@@ -221,13 +260,18 @@ def test_admin_api_records_an_approval(tmp_path: Path, data_home: Path) -> None:
     staged_candidate(store, run)
     manager = ReleaseManager(store)  # no vLLM is started: approval only touches the files
     try:
-        with running_gateway(tmp_path, None, make_config(),
-                             extra_routers=[build_admin_router(manager)]) as (base, _, _store):
+        with running_gateway(
+            tmp_path, None, make_config(), extra_routers=[build_admin_router(manager)]
+        ) as (base, _, _store):
             headers = {"Authorization": f"Bearer {ADMIN}"}
-            r = httpx.post(base + "/admin/releases/rel-aligned/approve", json={"note": "ci"}, headers=headers)
+            r = httpx.post(
+                base + "/admin/releases/rel-aligned/approve", json={"note": "ci"}, headers=headers
+            )
             assert r.status_code == 200, r.text
             assert r.json()["approvals"][0]["by"] == "admin"
-            r = httpx.post(base + "/admin/releases/rel-aligned/approve", json={"oops": 1}, headers=headers)
+            r = httpx.post(
+                base + "/admin/releases/rel-aligned/approve", json={"oops": 1}, headers=headers
+            )
             assert r.status_code in (400, 422)
     finally:
         manager.shutdown()
@@ -239,7 +283,10 @@ def test_reviewer_config_is_checked_at_load(tmp_path: Path) -> None:
     bad = {**base, "reviewers": [{"name": "x", "key_sha256": hash_key("k"), "tenants": ["zz"]}]}
     with pytest.raises(ValueError, match="unknown tenants"):
         GatewayConfig.model_validate(bad)
-    same_key = {**base, "reviewers": [{"name": "x", "key_sha256": hash_key(KEY_A), "tenants": ["a"]}]}
+    same_key = {
+        **base,
+        "reviewers": [{"name": "x", "key_sha256": hash_key(KEY_A), "tenants": ["a"]}],
+    }
     with pytest.raises(ValueError, match="distinct"):
         GatewayConfig.model_validate(same_key)
     path = tmp_path / "gw.yaml"
@@ -267,8 +314,16 @@ def test_window_excludes_old_exchanges(tmp_path: Path) -> None:
     try:
         now = datetime.now(UTC)
         for rid, age_h in (("old", 30), ("new", 1)):
-            store.log_exchange(ExchangeRecord(id=rid, tenant="a", messages=[{"role": "user", "content": "hi"}],
-                                              response="hello", release="r1", created_at=now - timedelta(hours=age_h)))
+            store.log_exchange(
+                ExchangeRecord(
+                    id=rid,
+                    tenant="a",
+                    messages=[{"role": "user", "content": "hi"}],
+                    response="hello",
+                    release="r1",
+                    created_at=now - timedelta(hours=age_h),
+                )
+            )
         q = load_queue(store, QueueQuery(hours=24), ["a"], now=now)
         assert [ex["id"] for ex in q.items] == ["new"] and q.total == 1
         assert load_queue(store, QueueQuery(hours=48), ["b"], now=now).total == 0  # not her tenant
@@ -277,7 +332,9 @@ def test_window_excludes_old_exchanges(tmp_path: Path) -> None:
         store.close()
 
 
-def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(tmp_path: Path, data_home: Path) -> None:
+def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(
+    tmp_path: Path, data_home: Path
+) -> None:
     """The loop's last step (flows/steps.apply_decision) against a real gateway's admin API:
     with require_approval the winner is not promoted (which the release manager would refuse)
     and stays staged for the review page; the losing candidate is retired as before."""
@@ -288,7 +345,6 @@ def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(tmp_path: Path,
     from serving.admin_api import build_admin_router
     from serving.releases import ReleaseManager
     from serving.vllm_server import VLLMArgs
-    from test_gateway_support import ADMIN
 
     store = ReleaseStore(tmp_path / "releases")
     run = tmp_path / "run"
@@ -303,12 +359,17 @@ def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(tmp_path: Path,
     gate = {v: {"passed": v == "aligned", "require_approval": True, "rules": []} for v in releases}
     report_json = run / "report" / "decision.json"
     report_json.write_text(json.dumps({"gate": gate | {"serving_choice": {}}}))
-    decision = {"winner": "aligned", "summary": "promote aligned", "report_json": str(report_json),
-                "report_md": str(run / "report" / "report.md")}
+    decision = {
+        "winner": "aligned",
+        "summary": "promote aligned",
+        "report_json": str(report_json),
+        "report_md": str(run / "report" / "report.md"),
+    }
     manager = ReleaseManager(store)  # no vLLM starts: nothing is promoted
     try:
-        with running_gateway(tmp_path, None, make_config(),
-                             extra_routers=[build_admin_router(manager)]) as (base, _, _store):
+        with running_gateway(
+            tmp_path, None, make_config(), extra_routers=[build_admin_router(manager)]
+        ) as (base, _, _store):
             cfg = LoopConfig.model_validate({"gateway": {"url": base, "admin_key": ADMIN}})
             promotion = apply_decision(cfg, releases, decision, str(run))
     finally:
@@ -328,7 +389,8 @@ def test_templates_and_static_files_ship_in_the_package() -> None:
 
     root = Path(__file__).parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["serving"]
+        "package-data"
+    ]["serving"]
     for folder in ("templates", "static"):
         for f in (root / "serving" / folder).iterdir():
             rel = f"{folder}/{f.name}"

@@ -31,15 +31,22 @@ pytestmark = pytest.mark.integration
 
 # This machine's closed network refuses Chromium's background connections: switch them off.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 EDITED = "Refunds: within 30 days of delivery, for unused items."
 
 
 def chromium_path() -> str:
-    path = os.environ.get("ALIGNLOOP_CHROMIUM") or shutil.which("chromium") or shutil.which(
-        "chromium-browser"
+    path = (
+        os.environ.get("ALIGNLOOP_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
     )
     if not path:
         pytest.fail(
@@ -69,7 +76,9 @@ def _shot(page, name: str) -> None:  # noqa: ANN001
         page.screenshot(path=str(Path(out) / name), full_page=True)
 
 
-def test_reviewer_rates_edits_compares_and_approves(tmp_path: Path, data_home: Path, browser) -> None:  # noqa: ANN001
+def test_reviewer_rates_edits_compares_and_approves(
+    tmp_path: Path, data_home: Path, browser
+) -> None:  # noqa: ANN001
     from playwright.sync_api import expect
 
     with review_site(tmp_path) as site:
@@ -100,7 +109,9 @@ def test_reviewer_rates_edits_compares_and_approves(tmp_path: Path, data_home: P
 
         # Rate: the first card is selected; "u" is thumbs up.
         page.keyboard.press("u")
-        expect(page.locator(f"#card-{ids[0]} .chip.fb")).to_contain_text("rating up · reviewer alice")
+        expect(page.locator(f"#card-{ids[0]} .chip.fb")).to_contain_text(
+            "rating up · reviewer alice"
+        )
 
         # Edit: "j" moves to the next card, "e" opens its editor, Ctrl+Enter saves.
         page.keyboard.press("j")
@@ -121,7 +132,9 @@ def test_reviewer_rates_edits_compares_and_approves(tmp_path: Path, data_home: P
         assert sorted(texts) == sorted([LIVE_REPLY, CANDIDATE_REPLY])
         _shot(page, "review-compare.png")
         page.keyboard.press("1")  # A is better
-        expect(page.locator(f"#card-{ids[2]} .chip.fb")).to_contain_text("preference · reviewer alice")
+        expect(page.locator(f"#card-{ids[2]} .chip.fb")).to_contain_text(
+            "preference · reviewer alice"
+        )
 
         # Release view: lineage, the report's plots, held-out answers side by side; "a" approves.
         page.goto(site.base + "/review/releases/rel-aligned")
