@@ -22,9 +22,21 @@ export TOKENIZERS_PARALLELISM := false
 # ephemeral start-up timeout (PLATFORM.md).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-fast lint lock clean
+.PHONY: setup browser demo test test-fast lint lock clean
 
-setup: $(VENV)/.installed $(SERVE)/.installed
+setup: $(VENV)/.installed $(SERVE)/.installed browser
+
+# The review page's browser tests drive a system Chromium through Playwright (the pipeline env
+# carries Playwright; its own browser download is not used). Debian/Ubuntu: the chromium package.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ -n "$$ALIGNLOOP_CHROMIUM" ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium (review-page browser tests)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; \
+	else \
+	  echo "no chromium: install Chromium and set ALIGNLOOP_CHROMIUM=/path/to/chromium" >&2; exit 1; \
+	fi
 
 $(VENV)/.installed: requirements/pipeline.lock pyproject.toml
 	rm -rf $(VENV)

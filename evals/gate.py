@@ -57,6 +57,13 @@ class GateConfig(StrictModel):
     """configs/gate.yaml: the rules a candidate must pass to be promoted."""
 
     rules: list[GateRule] = Field(..., min_length=1, description="Every rule must pass.")
+    # Review approval: one switch, read by the loop (flows/steps.py) and enforced by the release
+    # manager through the attached gate decision (serving/releases.py, approval_required).
+    require_approval: bool = Field(
+        False,
+        description="A candidate that passes every rule is promoted only after a reviewer "
+        "approved it on the review page (/review/releases); until then it stays staged.",
+    )
 
 
 @dataclass

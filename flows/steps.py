@@ -215,7 +215,10 @@ def decide(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"variant": variant, "metrics": m}, indent=2))
         metrics_files[variant] = path
-    gate_doc = {v: d.to_dict() for v, d in decisions.items()} | {
+    gate_doc = {
+        v: d.to_dict() | {"require_approval": gate_cfg.require_approval}
+        for v, d in decisions.items()
+    } | {
         "winner": winner, "summary": summary, "serving_choice": choice,
     }
     rendered = report.run(metrics_files, out, gate=gate_doc, gate_markdown=f"## Gate: {summary}\n\n{gate_md}")
@@ -250,11 +253,15 @@ def apply_decision(
             rid = releases[winner]["release_id"]
             if live is not None and live.release_id == rid:
                 promotion = {"release_id": rid, "promoted": False, "why": "already live (rerun)"}
+            elif gate[winner].get("require_approval") and not admin.get(rid).approvals:
+                # Stays staged (and warm) until a reviewer approves it on the review page.
+                promotion = {"release_id": rid, "promoted": False,
+                             "why": f"awaiting a reviewer's approval: {decision['summary']}"}
             else:
                 admin.promote(rid, reason=f"gate passed: {decision['summary']} (run {Path(run_dir).name})")
                 promotion = {"release_id": rid, "promoted": True, "why": decision["summary"]}
         for variant, rel in releases.items():
-            promoted = promotion and rel["release_id"] == promotion["release_id"]
+            promoted = promotion and rel["release_id"] == promotion["release_id"]  # or awaiting approval
             if variant != "baseline" and not promoted and admin.get(rel["release_id"]).status == "staged":
                 admin.retire(rel["release_id"], reason=f"not promoted: {decision['summary']}")
     return promotion

@@ -13,6 +13,7 @@ blocks for the candidate's whole start-up (tens of seconds on CPU) without stall
 | POST | /admin/releases/rollback | RollbackRequest | release (now ``live``) |
 | POST | /admin/releases/{id}/retire | RollbackRequest | release (now ``retired``) |
 | POST | /admin/releases/{id}/eval | EvalRequest | release |
+| POST | /admin/releases/{id}/approve | ApproveRequest | release (approval recorded, by "admin") |
 
 Errors use OpenAI's error shape: 404 unknown release, 409 a state that forbids the operation
 (e.g. promoting a failed release, nothing to roll back to), 422 bad body.
@@ -58,6 +59,10 @@ class RollbackRequest(StrictModel):
     reason: str | None = Field(
         None, max_length=2000, description="Why; stored in the status history."
     )
+
+
+class ApproveRequest(StrictModel):
+    note: str = Field("", max_length=2000, description="Why; stored with the approval.")
 
 
 class EvalRequest(StrictModel):
@@ -135,6 +140,12 @@ def build_admin_router(
     @router.post("/{release_id}/retire")
     def retire(release_id: str, body: RollbackRequest | None = None) -> Any:
         return guarded(lambda: manager.retire(release_id, (body or RollbackRequest()).reason or ""))
+
+    @router.post("/{release_id}/approve")
+    def approve(release_id: str, body: ApproveRequest | None = None) -> Any:
+        # Reviewers approve on the review page under their own id; this is the automation path.
+        note = (body or ApproveRequest()).note
+        return guarded(lambda: manager.store.approve(release_id, "admin", "admin", note))
 
     @router.post("/{release_id}/eval")
     def attach_eval(release_id: str, body: EvalRequest) -> Any:
@@ -222,6 +233,9 @@ class AdminClient:
 
     def retire(self, release_id: str, reason: str | None = None) -> Release:
         return release_from_api(self._call("POST", f"/{release_id}/retire", {"reason": reason}))
+
+    def approve(self, release_id: str, note: str = "") -> Release:
+        return release_from_api(self._call("POST", f"/{release_id}/approve", {"note": note}))
 
     def attach_eval(self, release_id: str, report: dict[str, Any]) -> Release:
         return release_from_api(self._call("POST", f"/{release_id}/eval", {"report": report}))

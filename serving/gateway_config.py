@@ -92,6 +92,44 @@ class UpstreamConfig(StrictModel):
     max_connections: int = Field(512, ge=1, description="Connection pool size towards upstream.")
 
 
+class ReviewerConfig(StrictModel):
+    """One person who may use the review page (``/review``): an id, a hashed key, their tenants."""
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$",
+        description="Reviewer id, recorded as the actor of their feedback and approvals.",
+    )
+    key_sha256: str = Field(..., description="SHA-256 hex digest of the reviewer's key.")
+    tenants: list[str] = Field(
+        ..., min_length=1, description="Tenants whose exchanges they may review; ['*'] = all."
+    )
+    can_approve: bool = Field(
+        False, description="May approve releases for promotion (the gate's require_approval)."
+    )
+
+    _v = field_validator("key_sha256")(_check_hash)
+
+    def may_review(self, tenant: str) -> bool:
+        return "*" in self.tenants or tenant in self.tenants
+
+
+class ReviewConfig(StrictModel):
+    """The review page's sessions and queue defaults."""
+
+    session_ttl_s: int = Field(
+        8 * 3600, ge=60, description="A login lasts this long (signed session cookie)."
+    )
+    secret_file: str | None = Field(
+        None,
+        description="File holding the key that signs session cookies (created 0600 when "
+        "missing); None = <data dir>/review-session.key. Every gateway process must share it.",
+    )
+    page_size: int = Field(25, ge=1, le=500, description="Exchanges the queue shows by default.")
+    window_hours: float = Field(
+        24.0, gt=0, description="Default queue window: the last this many hours."
+    )
+
+
 class GatewayConfig(StrictModel):
     """Everything the gateway needs (``configs/gateway.yaml``)."""
 
@@ -118,6 +156,12 @@ class GatewayConfig(StrictModel):
     log_store_url: str | None = Field(
         None, description="SQLAlchemy URL of the log store; None = <data dir>/logs.db."
     )
+    reviewers: list[ReviewerConfig] = Field(
+        default_factory=list, description="People who may sign in to the review page (/review)."
+    )
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig, description="Review page sessions and queue defaults."
+    )
 
     @field_validator("admin_key_sha256")
     @classmethod
@@ -132,6 +176,18 @@ class GatewayConfig(StrictModel):
         hashes = [t.key_sha256 for t in self.tenants]
         if len(set(hashes)) != len(hashes) or (self.admin_key_sha256 in hashes):
             raise ValueError("tenants: each API key (and the admin key) must be distinct")
+        reviewer_names = [r.name for r in self.reviewers]
+        if len(set(reviewer_names)) != len(reviewer_names):
+            raise ValueError("reviewers: names must be unique")
+        reviewer_hashes = {r.key_sha256 for r in self.reviewers}
+        if len(reviewer_hashes) != len(self.reviewers) or reviewer_hashes & (
+            set(hashes) | {self.admin_key_sha256}
+        ):
+            raise ValueError("reviewers: each key must be distinct from every other key")
+        for r in self.reviewers:
+            unknown = sorted(set(r.tenants) - set(names) - {"*"})
+            if unknown:
+                raise ValueError(f"reviewers.{r.name}.tenants: unknown tenants {unknown}")
         return self
 
 

@@ -65,6 +65,16 @@ class StatusEvent:
 
 
 @dataclass
+class Approval:
+    """A person's approval of a release for promotion (the gate's ``require_approval``)."""
+
+    by: str  # reviewer id (or "admin" through the admin API)
+    role: str  # reviewer | admin
+    at: str
+    note: str = ""
+
+
+@dataclass
 class Release:
     """One release as persisted in ``releases/<release_id>/release.json``."""
 
@@ -75,6 +85,7 @@ class Release:
     created_at: str = ""
     history: list[StatusEvent] = field(default_factory=list)
     eval_report: str | None = None  # path of eval_report.json once evals attached one
+    approvals: list[Approval] = field(default_factory=list)
 
     @property
     def status(self) -> Status | None:
@@ -95,6 +106,7 @@ class Release:
     def from_dict(cls, d: dict[str, Any]) -> Release:
         d = {k: v for k, v in d.items() if k != "status"}
         d["history"] = [StatusEvent(**e) for e in d.get("history", [])]
+        d["approvals"] = [Approval(**a) for a in d.get("approvals", [])]
         return cls(**d)
 
 
@@ -222,6 +234,20 @@ class ReleaseStore:
             self.save(rel)
             return rel
 
+    def approve(self, release_id: str, by: str, role: str = "reviewer", note: str = "") -> Release:
+        """Record ``by``'s approval of a release for promotion; approving twice is a no-op."""
+        with self.locked():
+            rel = self.get(release_id)
+            if rel.status in ("live", "failed", None):
+                raise ReleaseError(
+                    f"release {release_id} is {rel.status or 'not started'}: only a staged, "
+                    "previous or retired release can be approved for promotion"
+                )
+            if not any(a.by == by for a in rel.approvals):
+                rel.approvals.append(Approval(by, role, _now(), note))
+                self.save(rel)
+            return rel
+
     def promote_offline(self, release_id: str, force: bool = False, reason: str = "") -> Release:
         """Mark a release live in the files only (no gateway runs): it starts on the next serve."""
         with self.locked():
@@ -256,6 +282,28 @@ def gate_passed(rel: Release) -> bool:
     return bool(report.get("gate", {}).get("passed"))
 
 
+# -- the review-approval rule (gate config ``require_approval``) ---------------------------------
+def approval_required(rel: Release) -> bool:
+    """Whether the gate decision attached to ``rel`` asks for a reviewer's approval."""
+    if not rel.eval_report:
+        return False
+    try:
+        report = json.loads(Path(rel.eval_report).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(report.get("gate", {}).get("require_approval"))
+
+
+def _check_approval(rel: Release, force: bool) -> None:
+    ever_live = any(e.status == "live" for e in rel.history)  # approved (or forced) back then
+    if not (force or ever_live) and approval_required(rel) and not rel.approvals:
+        raise ReleaseError(
+            f"release {rel.release_id} needs a reviewer's approval before promotion (the gate "
+            "config sets require_approval): approve it on the review page (/review/releases), "
+            "or use `alignloop promote --force --reason ...`"
+        )
+
+
 def _check_promotable(rel: Release, force: bool = False) -> None:
     # A release that failed to start or answer is never promoted, not even with force: force
     # overrides the eval gate, not the health check.
@@ -275,6 +323,7 @@ def _check_promotable(rel: Release, force: bool = False) -> None:
             f"release {rel.release_id} has no passing gate decision attached; promotion goes "
             "through the gate (`alignloop run`), or use `alignloop promote --force --reason ...`"
         )
+    _check_approval(rel, force)
 
 
 class ReleaseManager:

@@ -143,6 +143,7 @@ def run_serve(cfg: ServeConfig) -> None:
     from serving.app import create_app
     from serving.logstore import LogStore, default_url
     from serving.releases import ReleaseManager, ReleaseStore
+    from serving.review import build_review_router, candidates_of
 
     _Server = _server_class()
     logging.getLogger("httpx").setLevel(
@@ -153,7 +154,8 @@ def run_serve(cfg: ServeConfig) -> None:
     manager = ReleaseManager(ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args)
     info = server_file()
     try:
-        app = create_app(gw, manager, store, extra_routers=[build_admin_router(manager)])
+        review = build_review_router(manager.store, candidates_of(manager))  # /review
+        app = create_app(gw, manager, store, extra_routers=[build_admin_router(manager), review])
         server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
         boot = threading.Thread(
             target=_boot,
