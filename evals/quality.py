@@ -37,10 +37,34 @@ class QualityResult:
     seconds: float
     samples_path: str | None = None
     skipped: list[str] = field(default_factory=list)
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    """Per item: metric, id, cluster, value (what the gate pairs by item id)."""
 
 
 def _short(task: str) -> str:
     return task.removeprefix(PREFIX)
+
+
+def _item_metric(task: str, cfg: QualityConfig) -> str:
+    """The gate's metric name for one item of ``task`` (the same name as the task's aggregate)."""
+    if task == cfg.policy_task:
+        return "quality.policy.compliance"
+    if task in cfg.instruction_tasks:
+        return f"quality.instructions.{_short(task)}.strict_accuracy"
+    return f"quality.capability.{_short(task)}.answer_match"
+
+
+def item_score(task: str, cfg: QualityConfig, doc: dict[str, Any], response: str) -> float:
+    """One item's score, recomputed with the task's own scorer (deterministic)."""
+    from evals.metrics import capability_process_results, policy_process_results
+
+    if task == cfg.policy_task:
+        return policy_process_results(doc, [response])["compliance"]
+    if task in cfg.instruction_tasks:
+        from evals.metrics import instruction_process_results
+
+        return instruction_process_results(doc, [response])["strict_accuracy"]
+    return capability_process_results(doc, [response])["answer_match"]
 
 
 def _policy_items_present() -> bool:
@@ -179,7 +203,7 @@ def run(
         # Fail before minutes of generation, not after.
         raise FileNotFoundError(f"quality.preference_dataset: {cfg.preference_dataset} is not a folder")
     skipped: list[str] = []
-    tasks = list(cfg.capability_tasks)
+    tasks = list(cfg.capability_tasks) + list(cfg.instruction_tasks)
     if cfg.policy_task:
         if _policy_items_present():
             tasks.append(cfg.policy_task)
@@ -199,12 +223,22 @@ def run(
         cap_scores.append(score)
     if cap_scores:
         metrics["quality.capability.mean_answer_match"] = sum(cap_scores) / len(cap_scores)
+    for task in cfg.instruction_tasks:
+        metrics[f"quality.instructions.{_short(task)}.strict_accuracy"] = float(
+            results[task]["strict_accuracy,none"])
+        metrics[f"quality.instructions.{_short(task)}.n"] = float(len(samples.get(task, [])))
 
     all_rows: list[dict[str, Any]] = []
+    outcomes: list[dict[str, Any]] = []
     for task in tasks:
+        metric = _item_metric(task, cfg)
         for doc, resp in _sample_rows(samples.get(task, [])):
-            all_rows.append({"task": task, "prompt": doc["prompt"], "category": doc.get("category", ""),
-                             "answer": doc.get("answer", ""), "response": resp})
+            value = item_score(task, cfg, doc, resp)
+            all_rows.append({"task": task, "id": doc["id"], "cluster": doc.get("cluster") or doc["id"],
+                             "prompt": doc["prompt"], "category": doc.get("category", ""),
+                             "answer": doc.get("answer", ""), "response": resp, "score": value})
+            outcomes.append({"metric": metric, "id": doc["id"], "cluster": doc.get("cluster") or doc["id"],
+                             "value": value})
     if all_rows:
         for row, n in zip(all_rows, count_tokens([r["response"] for r in all_rows], tokenizer_dir), strict=True):
             row["response_tokens"] = n
@@ -242,4 +276,5 @@ def run(
             for row in all_rows:
                 f.write(json.dumps(row) + "\n")
     log.info("quality suite: %d metrics in %.0fs", len(metrics), seconds)
-    return QualityResult(metrics=metrics, seconds=seconds, samples_path=samples_path, skipped=skipped)
+    return QualityResult(metrics=metrics, seconds=seconds, samples_path=samples_path, skipped=skipped,
+                         outcomes=outcomes)
