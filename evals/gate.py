@@ -247,7 +247,7 @@ def _check_paired(
     rule: GateRule, metric: str, cand_items: ItemOutcomes | None, live_items: ItemOutcomes | None,
     cfg: GateConfig,
 ) -> RuleOutcome:
-    from evals.stats import paired_difference, resolution
+    from evals.stats import paired_difference, resolution, sign_flip_p
 
     base = {"rule": rule.label, "metric": metric, "test": rule.test, "margin": rule.margin,
             "confidence": rule.confidence}
@@ -271,7 +271,14 @@ def _check_paired(
         [ref[i][1] for i in ids], rule.confidence, cfg.resamples, cfg.seed,
     )
     boundary = -rule.margin if rule.test == "non_inferiority" else rule.margin
-    if est.low > boundary:
+    exact_p = None
+    if rule.test == "superiority" and rule.margin == 0 and est.low > 0:
+        # "Better than live at all": confirmed by the exact randomization test, so a candidate
+        # equal to live passes at most 1 - confidence of the time (the bootstrap alone can
+        # slightly exceed that at small n).
+        exact_p = sign_flip_p([sign * cand[i][0] for i in ids], [sign * ref[i][0] for i in ids],
+                              [ref[i][1] for i in ids], cfg.resamples, cfg.seed)
+    if est.low > boundary and (exact_p is None or exact_p < 1 - rule.confidence):
         verdict: Verdict = "pass"
     elif est.high < boundary:
         verdict = "fail"
@@ -281,6 +288,8 @@ def _check_paired(
     side = "at least" if rule.test == "superiority" else "no worse than"
     goal = f"gain {side} {_pts(boundary if rule.test == 'superiority' else -rule.margin)}"
     reason = f"{goal} at {rule.confidence:.0%} one-sided; {est.method}"
+    if exact_p is not None:
+        reason += f"; sign-flip randomization p = {exact_p:.3g}"
     if verdict == "inconclusive":
         more = ("the observed difference sits on the boundary: no realistic n resolves it"
                 if needed is None else f"~{needed} items would resolve the observed difference "
