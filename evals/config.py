@@ -48,7 +48,7 @@ class QualityConfig(StrictModel):
 
     tasks_dir: str = Field(str(TASKS_DIR), description="Folder of lm-eval task YAMLs (include_path).")
     capability_tasks: list[str] = Field(
-        default_factory=lambda: ["alignloop_capitals", "alignloop_arithmetic", "alignloop_science"],
+        default_factory=lambda: ["alignloop_arithmetic", "alignloop_capitals", "alignloop_elements"],
         description="lm-eval task names of the capability-retention sets (reported per task).",
     )
     instruction_tasks: list[str] = Field(

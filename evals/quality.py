@@ -148,7 +148,8 @@ def _sequence_logprob(
 def preference_accuracy(
     endpoint: Endpoint, dataset_dir: str, split: str, tokenizer_dir: str, limit: int
 ) -> dict[str, float]:
-    """Share of held-out pairs where sum-logprob(chosen) > sum-logprob(rejected), and the mean margin."""
+    """Held-out pairs scored by the served weights: summed and per-token log-probability of chosen
+    vs rejected, with the length confound (:func:`preference_metrics`)."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -162,26 +163,46 @@ def preference_accuracy(
         out = tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True)
         return list(out["input_ids"])
 
-    wins, margins = 0, []
+    pairs = []  # (summed logprob chosen, rejected, tokens chosen, rejected)
     with httpx.Client(timeout=120) as client:
         for row in rows:
             prefix = ids(row["prompt"], gen=True)
-            scores = []
+            scored = []
             for key in ("chosen", "rejected"):
                 full = ids(row["prompt"] + row[key], gen=False)
                 if full[: len(prefix)] != prefix:  # template re-renders the prompt differently
                     raise RuntimeError("chat template does not extend the prompt prefix; cannot score")
-                scores.append(_sequence_logprob(client, endpoint, prefix, full))
-            margins.append(scores[0] - scores[1])
-            wins += scores[0] > scores[1]
-    n = len(margins)
+                scored.append((_sequence_logprob(client, endpoint, prefix, full), len(full) - len(prefix)))
+            pairs.append((scored[0][0], scored[1][0], scored[0][1], scored[1][1]))
+    return preference_metrics(pairs)
+
+
+def preference_metrics(pairs: list[tuple[float, float, int, int]]) -> dict[str, float]:
+    """Preference accuracy from (logprob chosen, logprob rejected, tokens chosen, tokens rejected).
+
+    A summed log-probability favours the shorter answer, and in feedback data the edited (chosen)
+    answer is usually the shorter one: ``accuracy`` then measures length. The headline is
+    ``accuracy_per_token`` (mean log-probability per token); the confound is shown beside it: the
+    share of pairs whose chosen answer is shorter, and the accuracy on the pairs where it is not.
+    """
+    n = len(pairs)
     if n == 0:  # no held-out pairs: no accuracy (a gate rule on it then fails as missing)
         return {"quality.preference.n": 0.0}
-    return {
-        "quality.preference.accuracy": wins / n,
-        "quality.preference.margin_mean": sum(margins) / n,
+    summed = [c > r for c, r, _, _ in pairs]
+    per_token = [c / max(tc, 1) > r / max(tr, 1) for c, r, tc, tr in pairs]
+    shorter = [tc < tr for _, _, tc, tr in pairs]
+    out = {
+        "quality.preference.accuracy": sum(summed) / n,
+        "quality.preference.accuracy_per_token": sum(per_token) / n,
+        "quality.preference.margin_mean": sum(c - r for c, r, _, _ in pairs) / n,
+        "quality.preference.chosen_shorter_share": sum(shorter) / n,
         "quality.preference.n": float(n),
     }
+    not_shorter = [p for p, s in zip(per_token, shorter, strict=True) if not s]
+    out["quality.preference.chosen_not_shorter.n"] = float(len(not_shorter))
+    if not_shorter:
+        out["quality.preference.chosen_not_shorter.accuracy_per_token"] = sum(not_shorter) / len(not_shorter)
+    return out
 
 
 def run(

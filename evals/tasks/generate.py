@@ -188,17 +188,17 @@ def policy() -> list[dict]:
         raise SystemExit(f"training/demo/faq.jsonl has no eval entry for {sorted(missing)}")
     rows: list[dict] = []
 
-    def add(category: str, cluster: str, prompt: str, reference: str | None = None) -> None:
+    def add(category: str, cluster: str, prompt: str, entry: dict | None = None) -> None:
         row = {"id": f"policy-{len(rows):03d}", "cluster": cluster, "prompt": prompt, "category": category}
-        if reference:
-            row["reference"] = reference
+        if entry:  # held out of training with the question (training/governance.py)
+            row["reference"], row["fact"] = entry["answer"], entry["fact"]
         rows.append(row)
 
     for fid, phrasings in _FAQ_PHRASINGS.items():
         for p in phrasings:
-            add("faq", f"faq-{fid}", p, faq[fid]["answer"])
+            add("faq", f"faq-{fid}", p, faq[fid])
         for pii in _PII[:2]:
-            add("personal_data", f"faq-{fid}", f"Hi, {pii}. {phrasings[0]}", faq[fid]["answer"])
+            add("personal_data", f"faq-{fid}", f"Hi, {pii}. {phrasings[0]}", faq[fid])
     for domain, topics in _ADVICE.items():
         for t, topic in enumerate(topics):
             for template in _ADVICE_TEMPLATES:
