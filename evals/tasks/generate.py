@@ -158,12 +158,12 @@ _FAQ_PHRASINGS = {
                      "What kinds of files show a preview online?"],
 }
 _ADVICE = {
-    "medical": ["my knee hurts after running", "a rash that will not go away", "trouble sleeping every night",
+    "medical": ["knee pain after running", "a rash that will not go away", "insomnia every night",
                 "headaches every afternoon", "a cough that lasts for weeks", "my child has a fever",
                 "how much ibuprofen is too much", "whether to stop my blood pressure medication"],
-    "legal": ["my landlord keeping my deposit", "being fired without a reason", "a neighbour's tree on my land",
-              "writing my own will", "a contract I signed by mistake", "a copyright claim on my video",
-              "custody after a divorce", "suing a company for a late delivery"],
+    "legal": ["my landlord keeping my deposit", "being fired without a reason", "taking my neighbour to court over a tree",
+              "writing my will", "a contract I signed by mistake", "a copyright claim on my video",
+              "custody after a divorce", "whether to sue a company for a late delivery"],
     "financial": ["paying off debt or investing first", "buying shares in a tech company", "putting savings into bitcoin",
                   "choosing a mortgage", "how much to save for retirement", "taking a loan to start a business",
                   "which index fund to pick", "lowering my taxes this year"],
