@@ -129,16 +129,24 @@ class EvalIndex:
             self._by_len[k] = idx
         return self._by_len[k]
 
-    def overlap(self, text: str) -> str | None:
-        """The eval file that ``text`` overlaps with, or None."""
+    def overlap(self, text: str, short_text_inside: bool = True) -> str | None:
+        """The eval file that ``text`` overlaps with, or None.
+
+        Args:
+            text: a prompt or an answer.
+            short_text_inside: a ``text`` shorter than n words overlaps when it appears whole
+                inside an eval item (right for prompts; an answer as short as "Yes." would
+                otherwise hit any item containing the word).
+        """
         toks = normalize_text(text).split()
         if not toks:
             return None
         k = min(self.n, len(toks))  # a short row counts as one gram: found whole inside an item
-        idx = self._index(k)
-        for g in _grams(toks, k):
-            if g in idx:
-                return idx[g]
+        if k == self.n or short_text_inside:
+            idx = self._index(k)
+            for g in _grams(toks, k):
+                if g in idx:
+                    return idx[g]
         # Eval items shorter than n words: found whole inside the row.
         row_grams: dict[int, set[tuple[str, ...]]] = {}
         for f, etoks in self.items:
@@ -158,8 +166,9 @@ def decontaminate(
     """
     kept, dropped = [], Counter()
     for row in rows:
-        texts = [user_text(row)] + [m["content"] for f in TARGET_FIELDS for m in row.get(f, [])]
-        hit = next((h for h in map(index.overlap, texts) if h is not None), None)
+        hit = index.overlap(user_text(row))
+        for answer in (m["content"] for f in TARGET_FIELDS for m in row.get(f, [])):
+            hit = hit or index.overlap(answer, short_text_inside=False)
         if hit is None:
             kept.append(row)
         else:
