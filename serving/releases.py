@@ -124,8 +124,10 @@ def new_release_id(label: str = "") -> str:
 class ReleaseStore:
     """The persisted releases under ``<root>`` (default ``<data dir>/releases``)."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, gate_file: str | Path | None = None) -> None:
         self.root = Path(root) if root else data_dir() / "releases"
+        self.gate_file = gate_file
+        """The gate policy offline promotions are verified with (None: configs/gate.yaml)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._thread_lock = threading.RLock()
         self._depth = 0
@@ -254,7 +256,7 @@ class ReleaseStore:
         """Mark a release live in the files only (no gateway runs): it starts on the next serve."""
         with self.locked():
             target = self.get(release_id)
-            _check_promotable(target, force, self, gate_file)
+            _check_promotable(target, force, self, gate_file or self.gate_file)
             old = self.live()
             for prev in self.with_status("previous"):
                 self.set_status(prev.release_id, "retired", f"replaced as previous by {release_id}")
@@ -409,7 +411,7 @@ class ReleaseManager:
         gate_file: str | Path | None = None,
     ) -> None:
         self.store = store or ReleaseStore()
-        self.gate_file = gate_file
+        self.gate_file = gate_file or self.store.gate_file
         self.grace_s = grace_s
         self.default_args = default_args or VLLMArgs()
         self._servers: dict[str, VLLMServer] = {}
