@@ -88,6 +88,15 @@ def stage_baseline(cfg: LoopConfig, live: dict) -> dict:
     return stage(cfg, live)
 
 
+@task(name="retire release", retries=2, retry_delay_seconds=5)
+def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
+    from flows.steps import admin_client
+
+    with admin_client(cfg) as admin:
+        if admin.get(release_id).status == "staged":
+            admin.retire(release_id, reason=reason)
+
+
 @task(name="stage release", retries=2, retry_delay_seconds=10)
 def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict) -> dict:
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
@@ -210,19 +219,22 @@ def alignment_loop(
         schemes["quantized"] = quant["scheme"]
 
     # The baseline is an idle copy of live, staged like a candidate and labelled with live's scheme.
+    # The baseline is an idle copy of live, staged like a candidate and labelled with live's scheme.
+    # It is evaluated and stopped before the candidates start, so no more vLLMs run at once than
+    # live + two candidates (its results stay in the run folder, which is what the gate reads).
+    workload = find_workload(cfg, (win.since, win.until))
     baseline = stage_baseline(cfg, find_live_release(cfg))
     releases = {"baseline": baseline}
     schemes = {"baseline": baseline["source"]["scheme"], **schemes}
+    metrics = {"baseline": evaluate_release(
+        cfg, "baseline", baseline, str(run_dir), data["dataset_path"], workload["concurrency"])}
+    retire_release(cfg, baseline["release_id"], "baseline copy evaluated")
     for variant in cfg.candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
                   "variant": variant, "scheme": schemes[variant], "window": [str(win.since), str(win.until)]}
         releases[variant] = stage_release(cfg, variant, models[variant], source)
-
-    workload = find_workload(cfg, (win.since, win.until))
-    metrics = {
-        variant: evaluate_release(cfg, variant, rel, str(run_dir), data["dataset_path"], workload["concurrency"])
-        for variant, rel in releases.items()
-    }
+        metrics[variant] = evaluate_release(
+            cfg, variant, releases[variant], str(run_dir), data["dataset_path"], workload["concurrency"])
     decision = report_and_gate(cfg, str(run_dir), metrics, schemes, workload)
 
     winner = decision.get("winner")
