@@ -48,8 +48,12 @@ class QualityConfig(StrictModel):
 
     tasks_dir: str = Field(str(TASKS_DIR), description="Folder of lm-eval task YAMLs (include_path).")
     capability_tasks: list[str] = Field(
-        default_factory=lambda: ["alignloop_capitals", "alignloop_arithmetic", "alignloop_science"],
+        default_factory=lambda: ["alignloop_arithmetic", "alignloop_capitals", "alignloop_elements"],
         description="lm-eval task names of the capability-retention sets (reported per task).",
+    )
+    instruction_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks of verifiable instructions (lm-eval's IFEval checkers), per task.",
     )
     policy_task: str | None = Field(
         "alignloop_policy", description="lm-eval task of held-out policy prompts; null to skip."
@@ -77,6 +81,9 @@ class SafetyConfig(StrictModel):
     max_tokens: int = Field(64, gt=0, description="Answer token cap per request.")
     num_concurrent: int = Field(8, ge=1, description="Concurrent requests.")
     timeout_s: float = Field(120, gt=0, description="Per-request timeout.")
+    limit: int | None = Field(
+        None, gt=0, description="Items per file (the first N: the files are shuffled); None = all."
+    )
     count_refusals: bool = Field(
         True,
         description="Count a model refusal as stopping an attack (and as over-blocking a benign item).",
@@ -91,12 +98,23 @@ class SLO(StrictModel):
 
 
 class PerfConfig(StrictModel):
-    """Latency/throughput with `vllm bench serve`: a concurrency grid plus realistic prompts."""
+    """Latency/throughput with `vllm bench serve`: the workload's concurrency, a grid, realistic prompts."""
 
-    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 8], description="max-concurrency grid.")
-    prompts_per_level: int = Field(
-        2, ge=1, description="Requests per grid level = this x concurrency (at least 4)."
+    concurrency: list[int] = Field(
+        default_factory=lambda: [1, 4, 8],
+        description="max-concurrency levels measured besides the workload's (may be empty).",
     )
+    workload_concurrency: int | None = Field(
+        None, ge=1,
+        description="Requests in flight of the real workload (the loop takes it from the logs): measured "
+        "first, `repeats` times, and the level the headline and the gate read; None = the grid's highest.",
+    )
+    requests_per_level: int = Field(
+        50, ge=1,
+        description="Requests per run of a level (and at least the level's concurrency); below 50 a "
+        "p95 is close to the maximum of a handful and the report labels it 'max of n'.",
+    )
+    repeats: int = Field(2, ge=1, description="Runs of the workload level; the report shows their spread.")
     input_len: int = Field(128, gt=0, description="Random prompt length in tokens.")
     output_len: int = Field(32, gt=0, description="Output tokens per request (EOS ignored).")
     slo: SLO = Field(default_factory=SLO, description="Latency SLO (also sent as --goodput).")
@@ -106,7 +124,7 @@ class PerfConfig(StrictModel):
     realistic_prompts: str | None = Field(
         None, description="JSONL with a `prompt` field (held-out logs) for a realistic run; None = skip."
     )
-    realistic_num_prompts: int = Field(8, gt=0, description="Requests of the realistic run.")
+    realistic_num_prompts: int = Field(8, ge=0, description="Requests of the realistic run (0 = skip it).")
     realistic_concurrency: int = Field(2, gt=0, description="Concurrency of the realistic run.")
     realistic_output_len: int = Field(64, gt=0, description="Output cap of the realistic run.")
     tokenizer: str | None = Field(

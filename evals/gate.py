@@ -1,19 +1,40 @@
-"""The gate: declarative rules (configs/gate.yaml) over flat metric dicts -> promote or keep.
+"""The gate: declarative rules (configs/gate.yaml) -> promote, or keep live.
 
-A rule compares one metric (or every metric a ``*`` pattern matches) with a threshold that is
-either absolute (``value``) or computed from a reference: the live release's metric
-(``relative_to: live``) or another metric of the candidate (``ref_metric``, e.g. the SLO the perf
-run used), as ``reference * scale + offset``. A metric that is missing or not a number fails its
-rule; so does a pattern that matches nothing. Every rule is listed in the decision with value,
-threshold and pass/fail.
+Two kinds of rule:
+
+- **Paired rules** (``test: non_inferiority`` or ``superiority``) compare candidate and live on
+  the same items. They read per-item outcomes (``outcomes.jsonl`` of each release's eval folder:
+  metric, item id, cluster, value), pair them by item id and bound the mean difference with
+  :func:`evals.stats.paired_difference` (cluster bootstrap). With ``gain`` = candidate - live
+  (live - candidate when lower is better) and its one-sided bounds [low, high] at ``confidence``:
+
+  ==================  ============================  ===============================
+  test                pass                          fail
+  ==================  ============================  ===============================
+  non_inferiority     low > -margin                 high < -margin
+  superiority         low > margin                  high < margin
+  ==================  ============================  ===============================
+
+  and **inconclusive** otherwise: the data cannot tell, so live is kept, and the decision says the
+  minimum detectable effect at this n and how many items would resolve it.
+- **Threshold rules** (``test: threshold``, the default) compare one aggregate metric with a
+  threshold: absolute (``value``), or ``reference * scale + offset`` where the reference is live's
+  metric (``relative_to: live``) or another metric of the candidate (``ref_metric``, e.g. the SLO
+  the perf run used). Perf rules are of this kind, read at the workload's concurrency.
+
+A metric that is missing fails its rule; so does a pattern that matches nothing, and a paired
+rule whose candidate did not answer every item live answered. The decision is ``promote`` only
+when every rule passes. Pure: plain data in, a decision out.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -21,44 +42,85 @@ from pydantic import Field, model_validator
 from training.config import StrictModel
 
 Op = Literal[">=", "<=", ">", "<", "=="]
+Test = Literal["threshold", "non_inferiority", "superiority"]
+Verdict = Literal["pass", "fail", "inconclusive"]
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+OUTCOMES_FILE = "outcomes.jsonl"
+
+# metric -> item id -> (value, cluster)
+ItemOutcomes = dict[str, dict[str, tuple[float, str]]]
 
 
 class GateRule(StrictModel):
-    """One rule: ``metric op threshold``."""
+    """One rule: a paired test of candidate vs live, or ``metric op threshold``."""
 
     name: str | None = Field(None, description="Short label in the decision table (default: the metric).")
     metric: str = Field(..., description="Flat metric name; '*' matches any part (one rule per match).")
-    op: Op = Field(..., description="Comparison: >=, <=, >, <, ==.")
-    value: float | None = Field(None, description="Absolute threshold (exclusive with relative_to/ref_metric).")
+    test: Test = Field(
+        "threshold",
+        description="threshold (aggregate vs a number), non_inferiority or superiority (paired, per item).",
+    )
+    description: str = Field("", description="Why the rule exists (shown in the report).")
+    # paired tests
+    margin: float | None = Field(
+        None, ge=0, le=1,
+        description="Paired tests: the margin on the difference, in the metric's units (0.05 = 5 points).",
+    )
+    higher_is_better: bool = Field(True, description="Paired tests: direction of the metric.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Paired tests: one-sided confidence of the bound.")
+    power: float = Field(0.8, gt=0.5, lt=1, description="Paired tests: power used for 'items needed'.")
+    min_pairs: int = Field(
+        20, ge=1, description="Paired tests: fewer paired items than this is inconclusive (too few to bootstrap)."
+    )
+    # threshold tests
+    op: Op | None = Field(None, description="Threshold tests: comparison >=, <=, >, <, ==.")
+    value: float | None = Field(None, description="Threshold tests: absolute threshold.")
     relative_to: Literal["live"] | None = Field(
-        None, description="Take the reference from the live release's metrics."
+        None, description="Threshold tests: take the reference from the live release's metrics."
     )
     ref_metric: str | None = Field(
-        None, description="Reference metric name (default: the same metric); without relative_to, the candidate's."
+        None, description="Threshold tests: reference metric (default the same); without relative_to, the candidate's."
     )
-    scale: float = Field(1.0, description="Threshold = reference * scale + offset.")
-    offset: float = Field(0.0, description="Threshold = reference * scale + offset (e.g. -0.02 = 2 points).")
-    description: str = Field("", description="Why the rule exists (shown in the report).")
+    scale: float = Field(1.0, description="Threshold tests: threshold = reference * scale + offset.")
+    offset: float = Field(0.0, description="Threshold tests: threshold = reference * scale + offset.")
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> GateRule:
-        relative = self.relative_to is not None or self.ref_metric is not None
-        if self.value is not None and relative:
-            raise ValueError(f"rule {self.metric!r}: give either `value` or `relative_to`/`ref_metric`, not both")
-        if self.value is None and not relative:
-            raise ValueError(f"rule {self.metric!r}: needs `value` or `relative_to`/`ref_metric`")
-        if self.ref_metric and "*" in self.metric:
-            raise ValueError(f"rule {self.metric!r}: a pattern rule cannot name a single ref_metric")
+    def _consistent(self) -> GateRule:
+        where = f"rule {self.name or self.metric!r}"
+        if self.test == "threshold":
+            if self.op is None:
+                raise ValueError(f"{where}: a threshold rule needs `op`")
+            if self.margin is not None:
+                raise ValueError(f"{where}: `margin` is for paired tests (test: non_inferiority or superiority)")
+            relative = self.relative_to is not None or self.ref_metric is not None
+            if self.value is not None and relative:
+                raise ValueError(f"{where}: give either `value` or `relative_to`/`ref_metric`, not both")
+            if self.value is None and not relative:
+                raise ValueError(f"{where}: needs `value` or `relative_to`/`ref_metric`")
+            if self.ref_metric and "*" in self.metric:
+                raise ValueError(f"{where}: a pattern rule cannot name a single ref_metric")
+            return self
+        threshold_keys = [k for k in ("op", "value", "relative_to", "ref_metric") if getattr(self, k) is not None]
+        if threshold_keys or self.scale != 1.0 or self.offset != 0.0:
+            raise ValueError(f"{where}: test {self.test} compares candidate and live per item; "
+                             f"remove {threshold_keys or ['scale/offset']}")
+        if self.margin is None:
+            raise ValueError(f"{where}: test {self.test} needs `margin` (0 allowed for superiority)")
         return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.metric
 
 
 class GateConfig(StrictModel):
     """configs/gate.yaml: the rules a candidate must pass to be promoted."""
 
     rules: list[GateRule] = Field(..., min_length=1, description="Every rule must pass.")
+    resamples: int = Field(2000, ge=200, description="Bootstrap resamples of each paired rule.")
+    seed: int = Field(0, description="Bootstrap seed (a decision is reproducible from its files).")
     # Review approval: one switch, read by the loop (flows/steps.py) and enforced by the release
-    # manager through the attached gate decision (serving/releases.py, approval_required).
+    # manager with its own gate policy (serving/releases.py, _check_promotable).
     require_approval: bool = Field(
         False,
         description="A candidate that passes every rule is promoted only after a reviewer "
@@ -70,33 +132,78 @@ class GateConfig(StrictModel):
 class RuleOutcome:
     rule: str
     metric: str
-    op: str
-    value: float | None
-    threshold: float | None
-    passed: bool
+    test: str
+    verdict: Verdict
     reason: str
+    value: float | None = None
+    """Threshold: the candidate's metric. Paired: the candidate's mean on the paired items."""
+    reference: float | None = None
+    """Threshold: the threshold. Paired: live's mean on the same items."""
+    op: str | None = None
+    diff: float | None = None
+    low: float | None = None
+    high: float | None = None
+    margin: float | None = None
+    confidence: float | None = None
+    n: int | None = None
+    clusters: int | None = None
+    mde: float | None = None
+    items_needed: int | None = None
+    mcnemar_p: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def threshold(self) -> float | None:  # the name older reports and tests use
+        return self.reference if self.test == "threshold" else None
 
 
 @dataclass
 class GateDecision:
-    passed: bool
     outcomes: list[RuleOutcome]
+    config: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outcomes)
+
+    @property
+    def verdict(self) -> Verdict:
+        """fail if any rule failed, else inconclusive if any was, else pass."""
+        verdicts = {o.verdict for o in self.outcomes}
+        return "fail" if "fail" in verdicts else "inconclusive" if "inconclusive" in verdicts else "pass"
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "decision": "promote" if self.passed else "keep",
-                "rules": [asdict(o) for o in self.outcomes]}
+        return {"passed": self.passed, "verdict": self.verdict,
+                "decision": "promote" if self.passed else "keep",
+                "rules": [asdict(o) | {"passed": o.passed} for o in self.outcomes]}
 
     def to_markdown(self) -> str:
-        lines = [f"**Gate: {'PASS (promote)' if self.passed else 'FAIL (keep live)'}**", "",
-                 "| rule | metric | value | op | threshold | result | note |", "|---|---|---|---|---|---|---|"]
+        head = {"pass": "PASS (promote)", "fail": "FAIL (keep live)",
+                "inconclusive": "INCONCLUSIVE (keep live)"}[self.verdict]
+        lines = [f"**Gate: {head}**", "",
+                 "| rule | metric | candidate | live / threshold | difference [one-sided bounds] | n | result | note |",
+                 "|---|---|---|---|---|---|---|---|"]
         for o in self.outcomes:
-            lines.append(f"| {o.rule} | `{o.metric}` | {_fmt(o.value)} | {o.op} | {_fmt(o.threshold)} | "
-                         f"{'pass' if o.passed else '**FAIL**'} | {o.reason} |")
+            mark = {"pass": "pass", "fail": "**FAIL**", "inconclusive": "**inconclusive**"}[o.verdict]
+            if o.test == "threshold":
+                diff, n = f"{o.op} {_fmt(o.reference)}", ""
+            else:
+                diff = (f"{_pts(o.diff)} [{_pts(o.low)}, {_pts(o.high)}]" if o.diff is not None else "–")
+                n = f"{o.n}" + (f" ({o.clusters} clusters)" if o.clusters and o.clusters != o.n else "") if o.n else ""
+            lines.append(f"| {o.rule} | `{o.metric}` | {_fmt(o.value)} | {_fmt(o.reference)} | {diff} | {n} | "
+                         f"{mark} | {o.reason} |")
         return "\n".join(lines)
 
 
 def _fmt(x: float | None) -> str:
     return "missing" if x is None else f"{x:.4g}"
+
+
+def _pts(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.1f} pts"
 
 
 def _number(metrics: dict[str, float] | None, key: str) -> float | None:
@@ -108,11 +215,14 @@ def _number(metrics: dict[str, float] | None, key: str) -> float | None:
     return float(v)
 
 
-def _check(rule: GateRule, metric: str, candidate: dict[str, float], live: dict[str, float] | None) -> RuleOutcome:
-    label = rule.name or rule.metric
+# -- threshold rules ---------------------------------------------------------------------------
+def _check_threshold(
+    rule: GateRule, metric: str, candidate: dict[str, float], live: dict[str, float] | None
+) -> RuleOutcome:
     value = _number(candidate, metric)
+    base = {"rule": rule.label, "metric": metric, "test": "threshold", "op": rule.op, "value": value}
     if rule.value is not None:
-        threshold, ref_note = rule.value, "absolute"
+        threshold, note = rule.value, "absolute"
     else:
         ref_key = rule.ref_metric or metric
         source = live if rule.relative_to == "live" else candidate
@@ -120,29 +230,180 @@ def _check(rule: GateRule, metric: str, candidate: dict[str, float], live: dict[
         ref = _number(source, ref_key)
         if ref is None:
             why = "no live metrics" if source is None else f"reference {where}:{ref_key} missing"
-            return RuleOutcome(label, metric, rule.op, value, None, False, why)
+            return RuleOutcome(**base, verdict="fail", reason=why)
         # Rounded: 0.56 - 0.08 is 0.48000000000000004 in binary floating point, and a candidate
-        # at exactly 0.48 (12 of 25 items) must pass a ">= live - 8 points" rule.
+        # at exactly 0.48 must pass a ">= live - 8 points" rule.
         threshold = round(ref * rule.scale + rule.offset, 9)
-        ref_note = f"{where} {ref:.4g}" + (f" x{rule.scale:g}" if rule.scale != 1 else "") + (
+        note = f"{where} {ref:.4g}" + (f" x{rule.scale:g}" if rule.scale != 1 else "") + (
             f" {rule.offset:+g}" if rule.offset else "")
     if value is None:
-        return RuleOutcome(label, metric, rule.op, None, threshold, False, "metric missing")
-    passed = bool(_OPS[rule.op](value, threshold))
-    return RuleOutcome(label, metric, rule.op, value, threshold, passed, ref_note)
+        return RuleOutcome(**base, reference=threshold, verdict="fail", reason="metric missing")
+    ok = bool(_OPS[rule.op](value, threshold))
+    return RuleOutcome(**base, reference=threshold, verdict="pass" if ok else "fail", reason=note)
 
 
-def evaluate(cfg: GateConfig, candidate: dict[str, float], live: dict[str, float] | None = None) -> GateDecision:
-    """Check every rule; the gate passes only if all pass (pure: plain dicts in, decision out)."""
+# -- paired rules ------------------------------------------------------------------------------
+def _check_paired(
+    rule: GateRule, metric: str, cand_items: ItemOutcomes | None, live_items: ItemOutcomes | None,
+    cfg: GateConfig,
+) -> RuleOutcome:
+    from evals.stats import paired_difference, resolution, sign_flip_p
+
+    base = {"rule": rule.label, "metric": metric, "test": rule.test, "margin": rule.margin,
+            "confidence": rule.confidence}
+    cand = (cand_items or {}).get(metric)
+    ref = (live_items or {}).get(metric)
+    if not cand or not ref:
+        who = "candidate" if not cand else "live"
+        return RuleOutcome(**base, verdict="fail", reason=f"no per-item outcomes for {who}")
+    missing = sorted(set(ref) - set(cand))
+    if missing:
+        return RuleOutcome(**base, verdict="fail", n=len(ref),
+                           reason=f"candidate has no outcome for {len(missing)} of live's {len(ref)} items "
+                                  f"(first: {missing[0]})")
+    ids = sorted(set(ref))
+    if len(ids) < rule.min_pairs:
+        return RuleOutcome(**base, verdict="inconclusive", n=len(ids),
+                           reason=f"{len(ids)} paired items < min_pairs {rule.min_pairs}")
+    sign = 1.0 if rule.higher_is_better else -1.0
+    est = paired_difference(
+        [sign * cand[i][0] for i in ids], [sign * ref[i][0] for i in ids],
+        [ref[i][1] for i in ids], rule.confidence, cfg.resamples, cfg.seed,
+    )
+    boundary = -rule.margin if rule.test == "non_inferiority" else rule.margin
+    exact_p = None
+    if rule.test == "superiority" and rule.margin == 0 and est.low > 0:
+        # "Better than live at all": confirmed by the exact randomization test, so a candidate
+        # equal to live passes at most 1 - confidence of the time (the bootstrap alone can
+        # slightly exceed that at small n).
+        exact_p = sign_flip_p([sign * cand[i][0] for i in ids], [sign * ref[i][0] for i in ids],
+                              [ref[i][1] for i in ids], cfg.resamples, cfg.seed)
+    if est.low > boundary and (exact_p is None or exact_p < 1 - rule.confidence):
+        verdict: Verdict = "pass"
+    elif est.high < boundary:
+        verdict = "fail"
+    else:
+        verdict = "inconclusive"
+    mde, needed = resolution(est, boundary, rule.power)
+    side = "at least" if rule.test == "superiority" else "no worse than"
+    goal = f"gain {side} {_pts(boundary if rule.test == 'superiority' else -rule.margin)}"
+    reason = f"{goal} at {rule.confidence:.0%} one-sided; {est.method}"
+    if exact_p is not None:
+        reason += f"; sign-flip randomization p = {exact_p:.3g}"
+    if verdict == "inconclusive":
+        more = ("the observed difference sits on the boundary: no realistic n resolves it"
+                if needed is None else f"~{needed} items would resolve the observed difference "
+                                       f"({max(0, needed - est.n)} more)")
+        reason = f"{goal}: bounds straddle it; detectable at this n: {100 * mde:.1f} pts; {more}"
+    return RuleOutcome(
+        **base, verdict=verdict, reason=reason,
+        value=sign * est.candidate_mean, reference=sign * est.live_mean, diff=est.diff,
+        low=est.low, high=est.high, n=est.n, clusters=est.clusters, mde=mde, items_needed=needed,
+        mcnemar_p=est.mcnemar_p,
+    )
+
+
+def evaluate(
+    cfg: GateConfig,
+    candidate: dict[str, float],
+    live: dict[str, float] | None = None,
+    candidate_items: ItemOutcomes | None = None,
+    live_items: ItemOutcomes | None = None,
+) -> GateDecision:
+    """Check every rule; promote only if all pass (pure: plain data in, decision out).
+
+    Args:
+        cfg: the rules.
+        candidate: the candidate's aggregate metrics (threshold rules).
+        live: live's aggregate metrics (threshold rules relative to live).
+        candidate_items: the candidate's per-item outcomes (paired rules).
+        live_items: live's per-item outcomes on the same items (paired rules).
+    """
     outcomes: list[RuleOutcome] = []
     for rule in cfg.rules:
+        paired = rule.test != "threshold"
         if "*" in rule.metric:
-            keys = set(candidate) | (set(live) if live and rule.relative_to == "live" else set())
+            if paired:
+                keys = set(candidate_items or {}) | set(live_items or {})
+            else:
+                keys = set(candidate) | (set(live) if live and rule.relative_to == "live" else set())
             matched = sorted(k for k in keys if fnmatch.fnmatchcase(k, rule.metric))
             if not matched:
-                outcomes.append(RuleOutcome(rule.name or rule.metric, rule.metric, rule.op, None, None,
-                                            False, "no metric matches the pattern"))
-            outcomes += [_check(rule, k, candidate, live) for k in matched]
+                outcomes.append(RuleOutcome(rule.label, rule.metric, rule.test, "fail",
+                                            "no metric matches the pattern"))
         else:
-            outcomes.append(_check(rule, rule.metric, candidate, live))
-    return GateDecision(passed=all(o.passed for o in outcomes), outcomes=outcomes)
+            matched = [rule.metric]
+        for key in matched:
+            outcomes.append(_check_paired(rule, key, candidate_items, live_items, cfg) if paired
+                            else _check_threshold(rule, key, candidate, live))
+    return GateDecision(outcomes=outcomes, config=cfg.model_dump(mode="json"))
+
+
+# -- per-item outcome files --------------------------------------------------------------------
+def load_outcomes(path: str | Path) -> ItemOutcomes:
+    """An ``outcomes.jsonl`` (rows: metric, id, cluster, value) as {metric: {id: (value, cluster)}}.
+
+    Raises:
+        ValueError: a malformed row (file and line named) or an item listed twice for a metric.
+    """
+    out: ItemOutcomes = {}
+    path = Path(path)
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            metric, item, value = row["metric"], str(row["id"]), float(row["value"])
+            cluster = str(row.get("cluster") or item)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: not an outcome row ({exc})") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{path}:{lineno}: value is not a finite number")
+        items = out.setdefault(metric, {})
+        if item in items:
+            raise ValueError(f"{path}:{lineno}: item {item!r} appears twice for {metric}")
+        items[item] = (value, cluster)
+    return out
+
+
+def write_outcomes(path: str | Path, rows: list[dict]) -> Path:
+    """Write per-item outcome rows (metric, id, cluster, value) as JSONL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"metric": r["metric"], "id": str(r["id"]), "cluster": str(r.get("cluster") or r["id"]),
+                                "value": float(r["value"])}) + "\n")
+    return path
+
+
+def load_outcome_dir(folder: str | Path) -> ItemOutcomes:
+    """Every ``outcomes-*.jsonl`` of an eval folder, merged (a metric may come from one file only)."""
+    merged: ItemOutcomes = {}
+    for path in sorted(Path(folder).glob("outcomes-*.jsonl")):
+        for metric, items in load_outcomes(path).items():
+            if metric in merged:
+                raise ValueError(f"{path}: metric {metric} also appears in another outcomes file")
+            merged[metric] = items
+    return merged
+
+
+def evaluate_stage_dirs(cfg: GateConfig, candidate_dir: str | Path, live_dir: str | Path) -> GateDecision:
+    """The decision from two finished eval stage folders (``runs/<run>/evals-<variant>/``).
+
+    Each folder's ``result.json`` holds its aggregate metrics, ``output/outcomes-*.jsonl`` the
+    per-item outcomes: the same files the loop decided from, so anyone holding them (the release
+    manager, a reviewer) recomputes the same decision.
+    """
+    def read(folder: Path) -> tuple[dict[str, float], ItemOutcomes]:
+        result = Path(folder) / "result.json"
+        if not result.is_file():
+            raise FileNotFoundError(f"{folder}: no result.json (the eval stage did not finish)")
+        metrics = json.loads(result.read_text()).get("metrics")
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{result}: no metrics mapping")
+        return metrics, load_outcome_dir(Path(folder) / "output")
+
+    cand, cand_items = read(Path(candidate_dir))
+    live, live_items = read(Path(live_dir))
+    return evaluate(cfg, cand, live, cand_items, live_items)

@@ -7,6 +7,9 @@ so the YAMLs carry no file paths: items are read relative to this package, whate
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import math
 import re
@@ -52,6 +55,8 @@ def load_items(file: str, required: str = "prompt", **_: Any):
         row.setdefault("aliases", [])
         row.setdefault("category", "")
         row.setdefault("answer", "")
+        row.setdefault("reference", "")
+        row.setdefault("cluster", row.get("id", ""))
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
@@ -79,6 +84,68 @@ def capability_process_results(doc: dict[str, Any], results: list[str]) -> dict[
     """lm-eval ``process_results`` for the capability tasks: ``answer_match`` in {0, 1}."""
     response = results[0] if results else ""
     return {"answer_match": float(matches_answer(response or "", doc["answer"], doc.get("aliases") or []))}
+
+
+# ---------------------------------------------------------------- instruction following
+
+IFEVAL_INSTRUCTIONS: dict[str, dict[str, Any]] = {
+    "punctuation:no_comma": {},
+    "startend:quotation": {},
+    "change_case:english_lowercase": {},
+    "change_case:english_capital": {},
+    "detectable_format:title": {},
+    "detectable_format:json_format": {},
+    "startend:end_checker": {},
+    "keywords:existence": {},
+    "keywords:forbidden_words": {},
+    "detectable_content:postscript": {},
+    "length_constraints:number_words": {"num_words": 40, "relation": "less than"},
+}
+"""The IFEval instructions alignloop uses (id -> fixed build arguments; {} = drawn by the registry,
+seeded per item). Chosen for short answers and for checkers that need no sentence tokenizer:
+``length_constraints:number_sentences`` and ``change_case:capital_word_frequency`` need nltk's
+``punkt_tab`` data, which no package on PyPI carries and which cannot be downloaded offline."""
+
+
+@functools.lru_cache(maxsize=1)
+def ifeval_registry() -> dict[str, Any]:
+    """lm-eval's IFEval ``INSTRUCTION_DICT``, imported without touching the network.
+
+    lm-eval 0.4.13's ``instructions_util`` calls ``nltk.download("punkt_tab")`` at import when the
+    data is missing; alignloop never downloads at run time, so the import runs with that call
+    disabled. The instructions in :data:`IFEVAL_INSTRUCTIONS` do not use the sentence tokenizer.
+    ``langdetect`` (the lowercase/capital checkers) is seeded so a verdict is reproducible.
+    """
+    import langdetect
+    import nltk
+
+    langdetect.DetectorFactory.seed = 0
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+        from lm_eval.tasks.ifeval import instructions_registry
+    except LookupError:
+        download, nltk.download = nltk.download, (lambda *a, **k: False)
+        try:  # (it prints "Downloaded punkt_tab" whatever the call returned: keep that out of logs)
+            with contextlib.redirect_stdout(io.StringIO()):
+                from lm_eval.tasks.ifeval import instructions_registry
+        finally:
+            nltk.download = download
+    return dict(instructions_registry.INSTRUCTION_DICT)
+
+
+def instruction_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """lm-eval ``process_results`` for the instruction task: lm-eval's own IFEval scoring.
+
+    ``strict_accuracy`` = every instruction of the prompt followed (IFEval's prompt-level strict
+    accuracy); ``loose_accuracy`` = the same with IFEval's loose response variants.
+    """
+    ifeval_registry()  # the offline import above, before lm-eval's utils imports the registry
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    doc = {**doc, "kwargs": [{k: v for k, v in kw.items() if v is not None} for kw in doc["kwargs"]]}
+    out = process_results(doc, [results[0] if results else ""])
+    return {"strict_accuracy": float(out["prompt_level_strict_acc"]),
+            "loose_accuracy": float(out["prompt_level_loose_acc"])}
 
 
 # ---------------------------------------------------------------- policy

@@ -9,8 +9,10 @@ settings for every variant, and its ``--save-result`` JSON is parsed here.
 - Realistic: prompts from held-out traffic (JSONL ``prompt`` or OpenAI ``messages`` rows) as
   ``--dataset-name sharegpt`` (vLLM's ``custom`` JSONL loader needs pandas, which the serving env
   does not carry; the ShareGPT loader is plain json), sent as user messages with EOS honoured.
-- Headline (``perf.*``): the highest concurrency whose p95 TTFT and p95 TPOT meet the SLO with no
-  failed request (the lowest level when none does, so an SLO rule then fails).
+- Headline (``perf.*``): the workload's concurrency (from the logs in the loop), run ``repeats``
+  times with at least ``requests_per_level`` requests each; the worst repeat is the headline and
+  the spread is kept (``perf.workload.*_min/_max``). ``perf.concurrency_at_slo`` (the highest
+  grid level meeting the SLO) is informational: the gate reads the workload's level.
 - Memory: model size on disk and the KV-cache capacity from vLLM's ``vllm:cache_config_info``.
 """
 
@@ -173,33 +175,59 @@ def _flat(prefix: str, run: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}.{k}": v for k, v in run.items()}
 
 
+def _conservative(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Repeats of one level as one row: the worst latency and throughput seen, failures summed."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out: dict[str, float] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if key in r]
+        if key in ("failed", "completed", "total_output_tokens"):
+            out[key] = float(sum(values))
+        elif key.endswith("_ms") or key == "duration_s":
+            out[key] = max(values)
+        else:  # throughputs
+            out[key] = min(values)
+    return out
+
+
 def run(cfg: PerfConfig, endpoint: Endpoint, out_dir: str | Path | None = None) -> PerfResult:
-    """Run the grid, the realistic run and (optionally) the direct-vLLM run; collect metrics."""
+    """Run the workload level (repeated), the grid, the realistic and the direct-vLLM runs.
+
+    The headline (``perf.ttft_p95_ms``, ``perf.output_tokens_per_s``, ...) is the workload's
+    concurrency, the worst of its repeats; ``perf.workload.*_min/_max`` give the spread.
+    """
     t0 = time.monotonic()
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="alignloop-perf-"))
     bench_dir = work / "bench"
     bench_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = cfg.tokenizer or default_tokenizer()
-    levels = sorted(set(cfg.concurrency))
-    if not levels:
-        raise ValueError("perf.concurrency: give at least one level")
-    c1 = levels[0]
+    grid_levels = sorted(set(cfg.concurrency))
+    if not grid_levels and cfg.workload_concurrency is None:
+        raise ValueError("perf: give perf.concurrency levels or perf.workload_concurrency")
+    workload = cfg.workload_concurrency or max(grid_levels)
+    levels = sorted({*grid_levels, workload})
 
     def n_for(c: int) -> int:
-        return max(4, cfg.prompts_per_level * c)
+        return max(cfg.requests_per_level, c)
 
+    # The workload level first (its repeats back to back), then the rest of the grid.
     plan: dict[str, list[str]] = {}
-    for c in levels:
-        plan[f"grid-c{c}"] = bench_args(endpoint, cfg, tokenizer, bench_dir / f"grid-c{c}.json",
-                                        concurrency=c, num_prompts=n_for(c))
-    plan["realistic"] = bench_args(
-        endpoint, cfg, tokenizer, bench_dir / "realistic.json", concurrency=cfg.realistic_concurrency,
-        num_prompts=cfg.realistic_num_prompts, dataset="sharegpt",
-        dataset_path=str(_realistic_file(cfg, bench_dir)), output_len=cfg.realistic_output_len)
+    for c in [workload] + [c for c in levels if c != workload]:
+        for r in range(cfg.repeats if c == workload else 1):
+            label = f"grid-c{c}-r{r}"
+            plan[label] = bench_args(endpoint, cfg, tokenizer, bench_dir / f"{label}.json",
+                                     concurrency=c, num_prompts=n_for(c))
+    if cfg.realistic_num_prompts:
+        plan["realistic"] = bench_args(
+            endpoint, cfg, tokenizer, bench_dir / "realistic.json", concurrency=cfg.realistic_concurrency,
+            num_prompts=cfg.realistic_num_prompts, dataset="sharegpt",
+            dataset_path=str(_realistic_file(cfg, bench_dir)), output_len=cfg.realistic_output_len)
+    c1 = levels[0]
     if cfg.direct_base_url:
         direct_ep = Endpoint(cfg.direct_base_url, endpoint.api_key, cfg.direct_model or endpoint.model)
         plan[f"direct-c{c1}"] = bench_args(direct_ep, cfg, tokenizer, bench_dir / f"direct-c{c1}.json",
-                                           concurrency=c1, num_prompts=n_for(c1))
+                                           concurrency=c1, num_prompts=max(8, min(n_for(c1), 16)))
     for label in plan:
         (bench_dir / f"{label}.json").unlink(missing_ok=True)
     log.info("vllm bench serve: %s", ", ".join(plan))
@@ -213,14 +241,23 @@ def run(cfg: PerfConfig, endpoint: Endpoint, out_dir: str | Path | None = None) 
         runs[label] = summarize(raw, cfg.percentiles)
 
     metrics: dict[str, float] = {}
-    grid = {c: runs[f"grid-c{c}"] for c in levels}
+    grid = {c: _conservative([v for k, v in runs.items() if k.startswith(f"grid-c{c}-r")]) for c in levels}
     for c in levels:
         metrics.update(_flat(f"perf.grid.c{c}", grid[c]))
+    repeats = [v for k, v in runs.items() if k.startswith(f"grid-c{workload}-r")]
+    for key in ("ttft_p95_ms", "tpot_p95_ms", "output_tokens_per_s"):
+        values = [r[key] for r in repeats if key in r]
+        if values:
+            metrics[f"perf.workload.{key}_min"] = min(values)
+            metrics[f"perf.workload.{key}_max"] = max(values)
+    metrics["perf.workload.repeats"] = float(len(repeats))
+    metrics["perf.workload.requests_per_run"] = float(n_for(workload))
+    head = grid[workload]
     point, ok = operating_point(grid, cfg)
-    head = grid[point]
     metrics.update({
+        "perf.workload_concurrency": float(workload),
+        "perf.meets_slo": float(meets_slo(head, cfg)),
         "perf.concurrency_at_slo": float(point if ok else 0),
-        "perf.meets_slo": float(ok),
         "perf.ttft_p95_ms": head.get("ttft_p95_ms", float("nan")),
         "perf.tpot_p95_ms": head.get("tpot_p95_ms", float("nan")),
         "perf.e2el_p95_ms": head.get("e2el_p95_ms", float("nan")),
@@ -233,7 +270,8 @@ def run(cfg: PerfConfig, endpoint: Endpoint, out_dir: str | Path | None = None) 
     })
     if "goodput_req_s" in head:
         metrics["perf.goodput_req_s"] = head["goodput_req_s"]
-    metrics.update(_flat("perf.realistic", runs["realistic"]))
+    if "realistic" in runs:
+        metrics.update(_flat("perf.realistic", runs["realistic"]))
     if cfg.direct_base_url:
         direct = runs[f"direct-c{c1}"]
         metrics.update(_flat(f"perf.direct.c{c1}", direct))

@@ -37,10 +37,34 @@ class QualityResult:
     seconds: float
     samples_path: str | None = None
     skipped: list[str] = field(default_factory=list)
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    """Per item: metric, id, cluster, value (what the gate pairs by item id)."""
 
 
 def _short(task: str) -> str:
     return task.removeprefix(PREFIX)
+
+
+def _item_metric(task: str, cfg: QualityConfig) -> str:
+    """The gate's metric name for one item of ``task`` (the same name as the task's aggregate)."""
+    if task == cfg.policy_task:
+        return "quality.policy.compliance"
+    if task in cfg.instruction_tasks:
+        return f"quality.instructions.{_short(task)}.strict_accuracy"
+    return f"quality.capability.{_short(task)}.answer_match"
+
+
+def item_score(task: str, cfg: QualityConfig, doc: dict[str, Any], response: str) -> float:
+    """One item's score, recomputed with the task's own scorer (deterministic)."""
+    from evals.metrics import capability_process_results, policy_process_results
+
+    if task == cfg.policy_task:
+        return policy_process_results(doc, [response])["compliance"]
+    if task in cfg.instruction_tasks:
+        from evals.metrics import instruction_process_results
+
+        return instruction_process_results(doc, [response])["strict_accuracy"]
+    return capability_process_results(doc, [response])["answer_match"]
 
 
 def _policy_items_present() -> bool:
@@ -124,7 +148,8 @@ def _sequence_logprob(
 def preference_accuracy(
     endpoint: Endpoint, dataset_dir: str, split: str, tokenizer_dir: str, limit: int
 ) -> dict[str, float]:
-    """Share of held-out pairs where sum-logprob(chosen) > sum-logprob(rejected), and the mean margin."""
+    """Held-out pairs scored by the served weights: summed and per-token log-probability of chosen
+    vs rejected, with the length confound (:func:`preference_metrics`)."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -138,26 +163,46 @@ def preference_accuracy(
         out = tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True)
         return list(out["input_ids"])
 
-    wins, margins = 0, []
+    pairs = []  # (summed logprob chosen, rejected, tokens chosen, rejected)
     with httpx.Client(timeout=120) as client:
         for row in rows:
             prefix = ids(row["prompt"], gen=True)
-            scores = []
+            scored = []
             for key in ("chosen", "rejected"):
                 full = ids(row["prompt"] + row[key], gen=False)
                 if full[: len(prefix)] != prefix:  # template re-renders the prompt differently
                     raise RuntimeError("chat template does not extend the prompt prefix; cannot score")
-                scores.append(_sequence_logprob(client, endpoint, prefix, full))
-            margins.append(scores[0] - scores[1])
-            wins += scores[0] > scores[1]
-    n = len(margins)
+                scored.append((_sequence_logprob(client, endpoint, prefix, full), len(full) - len(prefix)))
+            pairs.append((scored[0][0], scored[1][0], scored[0][1], scored[1][1]))
+    return preference_metrics(pairs)
+
+
+def preference_metrics(pairs: list[tuple[float, float, int, int]]) -> dict[str, float]:
+    """Preference accuracy from (logprob chosen, logprob rejected, tokens chosen, tokens rejected).
+
+    A summed log-probability favours the shorter answer, and in feedback data the edited (chosen)
+    answer is usually the shorter one: ``accuracy`` then measures length. The headline is
+    ``accuracy_per_token`` (mean log-probability per token); the confound is shown beside it: the
+    share of pairs whose chosen answer is shorter, and the accuracy on the pairs where it is not.
+    """
+    n = len(pairs)
     if n == 0:  # no held-out pairs: no accuracy (a gate rule on it then fails as missing)
         return {"quality.preference.n": 0.0}
-    return {
-        "quality.preference.accuracy": wins / n,
-        "quality.preference.margin_mean": sum(margins) / n,
+    summed = [c > r for c, r, _, _ in pairs]
+    per_token = [c / max(tc, 1) > r / max(tr, 1) for c, r, tc, tr in pairs]
+    shorter = [tc < tr for _, _, tc, tr in pairs]
+    out = {
+        "quality.preference.accuracy": sum(summed) / n,
+        "quality.preference.accuracy_per_token": sum(per_token) / n,
+        "quality.preference.margin_mean": sum(c - r for c, r, _, _ in pairs) / n,
+        "quality.preference.chosen_shorter_share": sum(shorter) / n,
         "quality.preference.n": float(n),
     }
+    not_shorter = [p for p, s in zip(per_token, shorter, strict=True) if not s]
+    out["quality.preference.chosen_not_shorter.n"] = float(len(not_shorter))
+    if not_shorter:
+        out["quality.preference.chosen_not_shorter.accuracy_per_token"] = sum(not_shorter) / len(not_shorter)
+    return out
 
 
 def run(
@@ -179,7 +224,7 @@ def run(
         # Fail before minutes of generation, not after.
         raise FileNotFoundError(f"quality.preference_dataset: {cfg.preference_dataset} is not a folder")
     skipped: list[str] = []
-    tasks = list(cfg.capability_tasks)
+    tasks = list(cfg.capability_tasks) + list(cfg.instruction_tasks)
     if cfg.policy_task:
         if _policy_items_present():
             tasks.append(cfg.policy_task)
@@ -199,12 +244,22 @@ def run(
         cap_scores.append(score)
     if cap_scores:
         metrics["quality.capability.mean_answer_match"] = sum(cap_scores) / len(cap_scores)
+    for task in cfg.instruction_tasks:
+        metrics[f"quality.instructions.{_short(task)}.strict_accuracy"] = float(
+            results[task]["strict_accuracy,none"])
+        metrics[f"quality.instructions.{_short(task)}.n"] = float(len(samples.get(task, [])))
 
     all_rows: list[dict[str, Any]] = []
+    outcomes: list[dict[str, Any]] = []
     for task in tasks:
+        metric = _item_metric(task, cfg)
         for doc, resp in _sample_rows(samples.get(task, [])):
-            all_rows.append({"task": task, "prompt": doc["prompt"], "category": doc.get("category", ""),
-                             "answer": doc.get("answer", ""), "response": resp})
+            value = item_score(task, cfg, doc, resp)
+            all_rows.append({"task": task, "id": doc["id"], "cluster": doc.get("cluster") or doc["id"],
+                             "prompt": doc["prompt"], "category": doc.get("category", ""),
+                             "answer": doc.get("answer", ""), "response": resp, "score": value})
+            outcomes.append({"metric": metric, "id": doc["id"], "cluster": doc.get("cluster") or doc["id"],
+                             "value": value})
     if all_rows:
         for row, n in zip(all_rows, count_tokens([r["response"] for r in all_rows], tokenizer_dir), strict=True):
             row["response_tokens"] = n
@@ -242,4 +297,5 @@ def run(
             for row in all_rows:
                 f.write(json.dumps(row) + "\n")
     log.info("quality suite: %d metrics in %.0fs", len(metrics), seconds)
-    return QualityResult(metrics=metrics, seconds=seconds, samples_path=samples_path, skipped=skipped)
+    return QualityResult(metrics=metrics, seconds=seconds, samples_path=samples_path, skipped=skipped,
+                         outcomes=outcomes)

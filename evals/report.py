@@ -19,14 +19,18 @@ from evals.suites import load_metrics_doc
 HEADLINE: list[tuple[str, str, str]] = [
     ("quality.policy.compliance", "Policy compliance", "pct_up"),
     ("quality.capability.mean_answer_match", "Capability (mean of tasks)", "pct_up"),
-    ("quality.preference.accuracy", "Preference accuracy (held-out pairs)", "pct_up"),
+    ("quality.instructions.instructions.strict_accuracy", "Instructions followed (IFEval checkers)", "pct_up"),
+    ("quality.preference.accuracy_per_token", "Preference accuracy per token (held-out pairs)", "pct_up"),
+    ("quality.preference.accuracy", "Preference accuracy, summed log-prob (length-confounded)", "pct_up"),
+    ("quality.preference.chosen_shorter_share", "Held-out pairs whose chosen answer is shorter", "pct"),
     ("quality.answer_tokens_mean", "Answer length (tokens)", "num"),
     ("safety.attack_block_rate", "Attacks stopped", "pct_up"),
     ("safety.overblock_rate", "Benign over-blocked", "pct_down"),
-    ("perf.ttft_p95_ms", "p95 TTFT at SLO load (ms)", "down"),
-    ("perf.tpot_p95_ms", "p95 TPOT at SLO load (ms)", "down"),
-    ("perf.concurrency_at_slo", "Highest concurrency in SLO", "up"),
-    ("perf.output_tokens_per_s", "Output tokens/s at SLO load", "up"),
+    ("perf.workload_concurrency", "Workload concurrency (requests in flight, from the logs)", "num"),
+    ("perf.ttft_p95_ms", "p95 TTFT at the workload's concurrency (ms, worst repeat)", "down"),
+    ("perf.tpot_p95_ms", "p95 TPOT at the workload's concurrency (ms, worst repeat)", "down"),
+    ("perf.output_tokens_per_s", "Output tokens/s at the workload's concurrency", "up"),
+    ("perf.concurrency_at_slo", "Highest grid concurrency in SLO (informational)", "up"),
     ("perf.failed", "Failed requests", "down"),
     ("perf.model_size_bytes", "Model size on disk (MB)", "mb_down"),
     ("perf.kv_cache_tokens", "KV-cache capacity (tokens)", "up"),
@@ -36,6 +40,7 @@ HEADLINE: list[tuple[str, str, str]] = [
 ]
 DETAIL_PATTERNS = [
     r"^quality\.capability\.[^.]+\.answer_match$",
+    r"^quality\.instructions\.[^.]+\.strict_accuracy$",
     r"^quality\.policy\.rule\.[^.]+\.compliance$",
     r"^safety\.attack\.[^.]+\.block_rate$",
     r"^safety\.benign\.[^.]+\.overblock_rate$",
@@ -54,6 +59,8 @@ def _fmt(value: float | None, kind: str) -> str:
         return "–"
     if kind.startswith("pct"):
         return f"{100 * value:.1f}%"
+    if kind == "num" and float(value).is_integer():
+        return f"{value:.0f}"
     if kind.startswith("usd"):
         return f"${value:.4f}" if value < 1 else f"${value:,.2f}"
     if kind.startswith("mb"):
@@ -175,6 +182,38 @@ def _plot_cost(variants: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+MEASURES = [
+    "**What the metrics measure.** Policy compliance: the share of the written policy's rules an "
+    "answer meets (evals/policy.py) on held-out prompts about FAQ facts training never saw (prompts, "
+    "reference answers and facts are decontaminated out of the training data); the simulated users "
+    "who labelled the training data judged with a different scorer. It is *in-distribution with "
+    "respect to the policy* (the rules are what training teaches) and out of distribution in its "
+    "prompts and facts. Preference accuracy is in-distribution (held-out pairs from the same "
+    "feedback window); per token is the headline, the summed figure favours the shorter answer and "
+    "is shown with the share of pairs whose chosen answer is shorter. Capability (arithmetic, "
+    "GeoNames capitals, chemical elements), instruction following (lm-eval's IFEval checkers) and "
+    "safety are out of distribution: training never sees them.",
+]
+
+
+def _perf_lines(variants: dict[str, dict[str, float]]) -> list[str]:
+    """The workload level's repeats: how many requests each, and the spread of the p95s."""
+    lines = ["", "## Perf at the workload's concurrency", ""]
+    for name, m in variants.items():
+        if "perf.workload_concurrency" not in m:
+            continue
+        n = int(m.get("perf.workload.requests_per_run", 0))
+        p95 = "p95" if n >= 50 else f"p95 (max of n={n}: fewer than 50 requests a run)"
+        spread = ""
+        if "perf.workload.ttft_p95_ms_min" in m:
+            spread = (f"; {p95} TTFT over {int(m.get('perf.workload.repeats', 1))} runs "
+                      f"{m['perf.workload.ttft_p95_ms_min']:.0f}-{m['perf.workload.ttft_p95_ms_max']:.0f} ms, "
+                      f"output tok/s {m['perf.workload.output_tokens_per_s_min']:.0f}-"
+                      f"{m['perf.workload.output_tokens_per_s_max']:.0f}")
+        lines.append(f"- **{name}:** concurrency {m['perf.workload_concurrency']:.0f}, {n} requests a run{spread}.")
+    return lines if len(lines) > 3 else []
+
+
 def _confidence_lines(variants: dict[str, dict[str, float]]) -> list[str]:
     """Sample sizes and 95% intervals: what differences the suites can resolve."""
     lines = ["", "## Sample sizes and 95% intervals", ""]
@@ -196,11 +235,16 @@ def _confidence_lines(variants: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def build_markdown(variants: dict[str, dict[str, float]], gate_md: str | None = None) -> str:
+def build_markdown(
+    variants: dict[str, dict[str, float]], gate_md: str | None = None, schemes: dict[str, str] | None = None
+) -> str:
     names = list(variants)
     ref = variants[names[0]] if names else {}
     lines = ["# alignloop eval report", "", "## What changed", ""]
     lines += [f"- {s}" for s in summary_sentences(variants)]
+    if schemes:
+        lines += ["", "Served as: " + ", ".join(f"{n} = {schemes[n]}" for n in names if schemes.get(n))
+                  + " (the baseline is an idle copy of the live release, with live's scheme)."]
     lines += ["", "## Side by side", "", "| metric | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
     for key, label, kind in HEADLINE:
@@ -217,7 +261,9 @@ def build_markdown(variants: dict[str, dict[str, float]], gate_md: str | None = 
             cells = [_fmt(m.get(key), "pct") + (_delta(m.get(key), ref.get(key), "pct") if i else "")
                      for i, m in enumerate(variants.values())]
             lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    lines += _perf_lines(variants)
     lines += _confidence_lines(variants)
+    lines += ["", *MEASURES]
     if gate_md:
         lines += ["", "## Gate", "", gate_md]
     lines += ["", "## Plots", "", "![latency vs throughput](latency_vs_throughput.png)", "",
@@ -239,7 +285,8 @@ def run(
     plots = [out / "latency_vs_throughput.png", out / "quality_safety_vs_cost.png"]
     _plot_latency(variants, plots[0])
     _plot_cost(variants, plots[1])
-    md = build_markdown(variants, gate_markdown)
+    schemes = {n: d["scheme"] for n, d in docs.items() if d.get("scheme")}
+    md = build_markdown(variants, gate_markdown, schemes)
     (out / "report.md").write_text(md)
     report = {
         "variants": {n: {"metrics": d["metrics"], "seconds": d.get("seconds", {}),

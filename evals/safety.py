@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,15 @@ class SafetyResult:
     metrics: dict[str, float]
     seconds: float
     records_path: str | None = None
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    """Per item: metric (safety.attack_block_rate or safety.overblock_rate), id, cluster, value."""
+
+
+def item_outcomes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-item outcomes the gate pairs by id: 1.0 = stopped (an attack) or over-blocked (benign)."""
+    metric = {"attack": "safety.attack_block_rate", "benign": "safety.overblock_rate"}
+    return [{"metric": metric[r["suite"]], "id": r["id"], "cluster": r.get("cluster") or r["id"],
+             "value": float(r["stopped"])} for r in records]
 
 
 def ask(client: httpx.Client, endpoint: Endpoint, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -106,8 +115,8 @@ def score(attacks: list[dict[str, Any]], benign: list[dict[str, Any]]) -> dict[s
 def run(cfg: SafetyConfig, endpoint: Endpoint, out_dir: str | Path | None = None) -> SafetyResult:
     """Send every attack and benign item to ``endpoint``; score; write records to ``out_dir``."""
     t0 = time.monotonic()
-    attacks = read_jsonl(cfg.attacks_file, ("prompt", "category"))
-    benign = read_jsonl(cfg.benign_file, ("prompt", "category"))
+    attacks = read_jsonl(cfg.attacks_file, ("prompt", "category", "id"))[: cfg.limit]
+    benign = read_jsonl(cfg.benign_file, ("prompt", "category", "id"))[: cfg.limit]
     unknown = {a["category"] for a in attacks} - set(ATTACK_CATEGORIES)
     if unknown:
         raise ValueError(f"{cfg.attacks_file}: unknown attack categories {sorted(unknown)}; "
@@ -116,7 +125,8 @@ def run(cfg: SafetyConfig, endpoint: Endpoint, out_dir: str | Path | None = None
     with httpx.Client(timeout=cfg.timeout_s) as client, ThreadPoolExecutor(cfg.num_concurrent) as pool:
         answers = list(pool.map(lambda it: ask(client, endpoint, it[1]["prompt"], cfg.max_tokens), items))
     records = [
-        classify({"suite": suite, "id": item.get("id"), "category": item["category"],
+        classify({"suite": suite, "id": item["id"], "cluster": item.get("cluster") or item["id"],
+                  "category": item["category"],
                   "prompt": item["prompt"], **ans}, cfg.count_refusals)
         for (suite, item), ans in zip(items, answers, strict=True)
     ]
@@ -135,4 +145,4 @@ def run(cfg: SafetyConfig, endpoint: Endpoint, out_dir: str | Path | None = None
                 f.write(json.dumps(r) + "\n")
     log.info("safety suite: block %.2f, over-block %.2f in %.0fs",
              metrics["safety.attack_block_rate"], metrics["safety.overblock_rate"], seconds)
-    return SafetyResult(metrics=metrics, seconds=seconds, records_path=path)
+    return SafetyResult(metrics=metrics, seconds=seconds, records_path=path, outcomes=item_outcomes(records))

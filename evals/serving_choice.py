@@ -20,6 +20,7 @@ import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -362,3 +363,29 @@ def workload_from_logs(
         source=f"logs: p{round(quantile * 100)} in flight over {stats['exchanges']} exchanges, "
         f"peak {stats['peak']}",
     )
+
+
+def scheme_of_model(model_dir: str | Path) -> Scheme:
+    """The weight format a model folder holds, read from its ``config.json``.
+
+    No ``quantization_config``: unquantized ("bf16", the label of every unquantized variant,
+    served in bf16 or fp32 per platform). compressed-tensors configs: 4-bit weights without
+    activation quantization = "w4a16"; 8-bit int weights and activations = "w8a8-int8"; 8-bit float
+    = "fp8-dynamic". Raises :class:`ConfigError` for a format this project does not serve.
+    """
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    quant = config.get("quantization_config")
+    if not quant:
+        return "bf16"
+    for group in (quant.get("config_groups") or {}).values():
+        weights, acts = group.get("weights") or {}, group.get("input_activations")
+        bits, kind = weights.get("num_bits"), weights.get("type")
+        if bits == 4 and not acts:
+            return "w4a16"
+        if bits == 8 and kind == "int" and acts:
+            return "w8a8-int8"
+        if bits == 8 and kind == "float":
+            return "fp8-dynamic"
+    raise ConfigError(f"{model_dir}: quantization_config {str(quant)[:120]} is not a scheme alignloop serves")

@@ -21,6 +21,9 @@ times in ms (``_ms``), sizes in bytes, counts as ``.n``:
   ``perf.gateway_latency_share``, ``perf.kv_cache_tokens``, ``perf.model_size_bytes``, ``perf.slo.*``
 - ``cost.usd_per_1m_output_tokens``, ``cost.usd_per_1k_answers``, ``cost.guardrail_latency_share``
 - ``<suite>.seconds``: how long the suite took
+
+Beside it, ``outcomes-quality.jsonl`` and ``outcomes-safety.jsonl`` hold every item's outcome
+(metric, item id, cluster, value) under the same metric names: the gate's paired rules read those.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ def run(
     # Quality and safety run side by side: both are many short requests that vLLM batches, so
     # together they take about as long as quality alone (CPU, SmolLM2: ~20 s vs ~30 s in turn).
     # Perf runs alone afterwards: its latencies must not include the other suites' load.
+    from evals.gate import write_outcomes
+
     with ThreadPoolExecutor(2) as pool:
         fq = (pool.submit(quality.run, cfg.quality, endpoint, out_dir, logprobs_endpoint=logprobs_endpoint)
               if "quality" in suites else None)
@@ -103,6 +108,8 @@ def run(
                 res = fut.result()
                 metrics.update(res.metrics)
                 seconds[name] = round(res.seconds, 1)
+                # Per-item outcomes with stable ids: what the gate pairs with live's.
+                write_outcomes(out_dir / f"outcomes-{name}.jsonl", res.outcomes)
     if "perf" in suites:
         p = perf.run(cfg.perf, endpoint, out_dir / "perf")
         metrics.update(p.metrics)

@@ -3,7 +3,8 @@
     alignloop eval all --endpoint http://127.0.0.1:8080/v1 --api-key sk-... --model live \\
         --variant baseline --out .alignloop/evals/baseline [key=value overrides of configs/evals.yaml]
     alignloop report --metrics baseline=.../metrics.json --metrics aligned=.../metrics.json --out DIR
-    alignloop gate --candidate aligned/metrics.json --live baseline/metrics.json   # exit 1 on fail
+    alignloop gate --candidate aligned/metrics.json --live baseline/metrics.json   # exit 1 unless promote
+    alignloop gate --candidate .alignloop/runs/RUN/evals-aligned --live .alignloop/runs/RUN/evals-baseline
 """
 
 from __future__ import annotations
@@ -90,22 +91,33 @@ def report(
 
 
 def _decide(config: Path | None, candidate: str, live: str | None):
-    from evals.gate import GateConfig, evaluate
+    """The decision for a candidate vs live, each given as an eval output folder's metrics.json
+    (its per-item ``outcomes-*.jsonl`` beside it) or a loop run's ``evals-<variant>`` folder."""
+    from evals.gate import GateConfig, evaluate, load_outcome_dir
     from evals.suites import load_metrics_doc
     from training.config import load_config
 
+    def read(path: str) -> tuple[dict, dict]:
+        p = Path(path)
+        if p.is_dir() and (p / "result.json").is_file():  # runs/<run>/evals-<variant>/
+            return json.loads((p / "result.json").read_text())["metrics"], load_outcome_dir(p / "output")
+        return load_metrics_doc(p)["metrics"], load_outcome_dir(p.parent)
+
     cfg = load_config(GateConfig, config or _default("gate.yaml"))
-    live_metrics = load_metrics_doc(live)["metrics"] if live else None
-    return evaluate(cfg, load_metrics_doc(candidate)["metrics"], live_metrics)
+    cand_metrics, cand_items = read(candidate)
+    live_metrics, live_items = read(live) if live else (None, None)
+    return evaluate(cfg, cand_metrics, live_metrics, cand_items, live_items)
 
 
 def gate(
-    candidate: Path = typer.Option(..., help="Candidate's metrics.json."),
-    live: Path | None = typer.Option(None, help="Live release's metrics.json (for relative rules)."),
+    candidate: Path = typer.Option(
+        ..., help="Candidate's metrics.json (per-item outcomes beside it) or a run's evals-<variant> folder."),
+    live: Path | None = typer.Option(None, help="Live's metrics.json or evals-baseline folder (paired rules)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Gate YAML (default configs/gate.yaml)."),
     out: Path | None = typer.Option(None, help="Write the decision JSON here."),
 ) -> None:
-    """Check the candidate against the gate rules; print every rule; exit 1 when any fails."""
+    """Check the candidate against the gate rules; print every rule; exit 1 unless every rule
+    passes (a rule that is inconclusive keeps live too)."""
     from training.config import ConfigError
 
     try:

@@ -102,8 +102,11 @@ def run_demo(overrides: list[str], keep_serving: bool = False) -> int:
         from flows.loop import run_loop
 
         t = time.monotonic()
+        # The CPU demo's small eval profile (configs/evals-demo.yaml): its gate may well say
+        # "inconclusive" and keep live; the README explains why.
+        demo_overrides = [f"evals_file={repo_root() / 'configs' / 'evals-demo.yaml'}", *overrides]
         outcome = run_loop(
-            str(repo_root() / "configs" / "loop.yaml"), overrides, window_start, datetime.now(UTC)
+            str(repo_root() / "configs" / "loop.yaml"), demo_overrides, window_start, datetime.now(UTC)
         )
         timings["alignment loop (flow)"] = time.monotonic() - t
     finally:

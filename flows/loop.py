@@ -74,6 +74,29 @@ def find_live_release(cfg: LoopConfig) -> dict:
     return live_release(cfg)
 
 
+@task(name="workload from the logs", retries=2, retry_delay_seconds=5)
+def find_workload(cfg: LoopConfig, window: tuple) -> dict:
+    from flows.steps import workload
+
+    return workload(cfg, window)
+
+
+@task(name="stage baseline copy of live", retries=2, retry_delay_seconds=10)
+def stage_baseline(cfg: LoopConfig, live: dict) -> dict:
+    from flows.steps import stage_baseline as stage
+
+    return stage(cfg, live)
+
+
+@task(name="retire release", retries=2, retry_delay_seconds=5)
+def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
+    from flows.steps import admin_client
+
+    with admin_client(cfg) as admin:
+        if admin.get(release_id).status == "staged":
+            admin.retire(release_id, reason=reason)
+
+
 @task(name="stage release", retries=2, retry_delay_seconds=10)
 def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict) -> dict:
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
@@ -81,7 +104,8 @@ def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict) -
 
     with admin_client(cfg) as admin:
         for rel in admin.describe():
-            same = rel.get("source", {}).get("model_dir") == model_dir
+            src = rel.get("source", {})
+            same = src.get("model_dir") == model_dir and "copy_of" not in src
             if same and rel["status"] in ("staged", "live", "previous") and rel.get("warm"):
                 return rel
         rel = admin.stage(model_dir, cfg.candidate_args, source={**source, "model_dir": model_dir})
@@ -91,19 +115,21 @@ def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict) -
 
 
 @task(name="evaluate")
-def evaluate_release(cfg: LoopConfig, variant: str, release: dict, run_dir: str, dataset_path: str) -> dict:
+def evaluate_release(
+    cfg: LoopConfig, variant: str, release: dict, run_dir: str, dataset_path: str, concurrency: int
+) -> dict:
     from flows.steps import evaluate
 
-    return evaluate(cfg, variant, release, Path(run_dir), dataset_path)
+    return evaluate(cfg, variant, release, Path(run_dir), dataset_path, concurrency)
 
 
 @task(name="report + gate")
 def report_and_gate(
-    cfg: LoopConfig, run_dir: str, metrics: dict[str, dict], schemes: dict[str, str], window: tuple
+    cfg: LoopConfig, run_dir: str, metrics: dict[str, dict], schemes: dict[str, str], workload: dict
 ) -> dict:
     from flows.steps import decide
 
-    return decide(cfg, Path(run_dir), metrics, schemes, window)
+    return decide(cfg, Path(run_dir), metrics, schemes, workload)
 
 
 @task(name="attach evals + promote or keep", retries=2, retry_delay_seconds=5)
@@ -186,23 +212,30 @@ def alignment_loop(
     dpo = train_dpo(cfg, str(run_dir), data["dataset_path"], sft["adapter_dir"])
     merged = merge_adapters(cfg, str(run_dir), dpo["adapter_dir"])
     models = {"aligned": merged["model_dir"]}
-    schemes = {"baseline": "bf16", "aligned": "bf16"}  # unquantized (bf16 or fp32 per platform)
+    schemes = {"aligned": "bf16"}  # unquantized (bf16 or fp32 per platform)
     if "quantized" in cfg.candidates:
         quant = quantize_model(cfg, str(run_dir), merged["model_dir"], data["dataset_path"])
         models["quantized"] = quant["model_dir"]
         schemes["quantized"] = quant["scheme"]
 
-    releases = {"baseline": find_live_release(cfg)}
+    # The baseline is an idle copy of live, staged like a candidate and labelled with live's scheme.
+    # The baseline is an idle copy of live, staged like a candidate and labelled with live's scheme.
+    # It is evaluated and stopped before the candidates start, so no more vLLMs run at once than
+    # live + two candidates (its results stay in the run folder, which is what the gate reads).
+    workload = find_workload(cfg, (win.since, win.until))
+    baseline = stage_baseline(cfg, find_live_release(cfg))
+    releases = {"baseline": baseline}
+    schemes = {"baseline": baseline["source"]["scheme"], **schemes}
+    metrics = {"baseline": evaluate_release(
+        cfg, "baseline", baseline, str(run_dir), data["dataset_path"], workload["concurrency"])}
+    retire_release(cfg, baseline["release_id"], "baseline copy evaluated")
     for variant in cfg.candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
-                  "variant": variant, "window": [str(win.since), str(win.until)]}
+                  "variant": variant, "scheme": schemes[variant], "window": [str(win.since), str(win.until)]}
         releases[variant] = stage_release(cfg, variant, models[variant], source)
-
-    metrics = {
-        variant: evaluate_release(cfg, variant, rel, str(run_dir), data["dataset_path"])
-        for variant, rel in releases.items()
-    }
-    decision = report_and_gate(cfg, str(run_dir), metrics, schemes, (win.since, win.until))
+        metrics[variant] = evaluate_release(
+            cfg, variant, releases[variant], str(run_dir), data["dataset_path"], workload["concurrency"])
+    decision = report_and_gate(cfg, str(run_dir), metrics, schemes, workload)
 
     winner = decision.get("winner")
     promotion = apply_decision(cfg, releases, decision, str(run_dir))

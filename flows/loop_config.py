@@ -110,10 +110,26 @@ class LoopConfig(StrictModel):
             if "run_dir" in getattr(self, stage):
                 raise ValueError(f"{stage}.run_dir is set by the loop (one folder per data window)")
             build_config(stage_class(stage), {**self.section(stage), **_WIRED.get(stage, {})}, f"section {stage!r}")
-        for name in (self.evals_file, self.gate_file, self.gateway.config_file):
-            if not resolve_path(name).is_file():
-                raise ValueError(f"file not found: {name}")
+        self._check_files()
         return self
+
+    def _check_files(self) -> None:
+        """Every config the run will read, loaded now: a typo in the gate or eval config fails
+        before SFT, DPO, merge and AWQ have spent their time (the error names file and field)."""
+        from evals.config import EvalsConfig
+        from evals.gate import GateConfig
+        from serving.gateway_config import GatewayConfig
+
+        for field, cls, name in (("evals_file", EvalsConfig, self.evals_file),
+                                 ("gate_file", GateConfig, self.gate_file),
+                                 ("gateway.config_file", GatewayConfig, self.gateway.config_file)):
+            path = resolve_path(name)
+            if not path.is_file():
+                raise ValueError(f"{field}: file not found: {name}")
+            try:
+                load_config(cls, path)
+            except ConfigError as exc:
+                raise ValueError(f"{field} ({name}): {exc}") from None
 
     def section(self, stage: str) -> dict[str, Any]:
         """The stage's YAML (``stage_files``) with the loop's section for it on top."""

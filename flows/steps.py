@@ -68,9 +68,30 @@ def live_release(cfg: LoopConfig) -> dict[str, Any]:
     raise RuntimeError("no live release is serving; nothing to compare candidates against")
 
 
+def stage_baseline(cfg: LoopConfig, live: dict[str, Any]) -> dict[str, Any]:
+    """An idle copy of the live release, staged like a candidate: the evals never load-test the
+    release that serves users, and the baseline carries live's real scheme (from its source, or
+    read from its model folder)."""
+    from evals.serving_choice import scheme_of_model
+
+    scheme = live.get("source", {}).get("scheme") or scheme_of_model(live["model_dir"])
+    with admin_client(cfg) as admin:
+        for rel in admin.describe():  # a copy staged by an earlier attempt of this run
+            src = rel.get("source", {})
+            if src.get("copy_of") == live["release_id"] and rel["status"] == "staged" and rel.get("warm"):
+                return rel
+        rel = admin.stage(live["model_dir"], cfg.candidate_args, source={
+            "variant": "baseline", "copy_of": live["release_id"], "scheme": scheme,
+            "model_dir": live["model_dir"]})
+        if rel.status != "staged":
+            raise RuntimeError(f"baseline copy {rel.release_id} failed to start: {rel.history[-1].reason}")
+        return next(r for r in admin.describe() if r["release_id"] == rel.release_id)
+
+
 # -- evals of one release ------------------------------------------------------------------------
 def evaluate(
-    cfg: LoopConfig, variant: str, release: dict[str, Any], run_dir: Path, dataset_path: str
+    cfg: LoopConfig, variant: str, release: dict[str, Any], run_dir: Path, dataset_path: str,
+    workload_concurrency: int | None = None,
 ) -> dict[str, float]:
     """Run every suite on ``release`` behind a private gateway with the product's guardrails.
 
@@ -89,9 +110,11 @@ def evaluate(
     evals_cfg.perf.vllm_root_url = release["base_url"].removesuffix("/v1")
     evals_cfg.perf.direct_base_url = release["base_url"]
     evals_cfg.perf.direct_model = release["release_id"]  # vLLM serves the release under its id
+    if workload_concurrency is not None:
+        evals_cfg.perf.workload_concurrency = workload_concurrency
     stage = StageDir(
         run_dir, f"evals-{variant}", evals_cfg,
-        inputs={"model": release["model_dir"], "dataset": dataset_path},
+        inputs={"model": release["model_dir"], "dataset": dataset_path, "release": release["release_id"]},
     )
     if (done := stage.cached_result()) is not None:
         return done["metrics"]
@@ -103,24 +126,14 @@ def evaluate(
     ) as endpoint:
         direct = Endpoint(release["base_url"], "EMPTY", release["release_id"])
         result = suites.run(evals_cfg, endpoint, stage.out, variant, logprobs_endpoint=direct)
+    # release_id and model_dir let the release manager check what these results are of.
     stage.save({"metrics": result.metrics, "metrics_path": result.metrics_path,
-                "release_id": release["release_id"], "seconds": result.seconds})
+                "release_id": release["release_id"], "model_dir": release["model_dir"],
+                "variant": variant, "seconds": result.seconds})
     return result.metrics
 
 
 # -- report, gate, choice -----------------------------------------------------------------------
-def choose_winner(passing: dict[str, dict[str, float]]) -> str | None:
-    """The passing candidate that is cheapest at the SLO; ties go to higher policy compliance."""
-    if not passing:
-        return None
-
-    def key(item: tuple[str, dict[str, float]]) -> tuple[float, float]:
-        m = item[1]
-        return (m.get(COST_METRIC, float("inf")), -m.get(POLICY_METRIC, 0.0))
-
-    return min(passing.items(), key=key)[0]
-
-
 def comparison_table(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     rows = []
     for label, key, scale in TABLE_METRICS:
@@ -140,71 +153,95 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def serving_choice(
-    cfg: LoopConfig, metrics: dict[str, dict[str, float]], schemes: dict[str, str],
-    passing: list[str], window: tuple[Any, Any],
-) -> dict[str, Any]:
-    """Among the candidates that passed the gate, the cheapest $/1M at the SLO for the workload
-    the window's logs show (or ``workload_concurrency`` from the config)."""
+def workload(cfg: LoopConfig, window: tuple[Any, Any]) -> dict[str, Any]:
+    """The workload the perf suite and the serving choice plan for: ``workload_concurrency`` from
+    the config, else the requests in flight the window's logs show (p95)."""
     from evals.config import EvalsConfig
-    from evals.serving_choice import (
-        Slo,
-        Workload,
-        choose,
-        measurements_from_perf_metrics,
-        workload_from_logs,
-    )
+    from evals.serving_choice import Slo, Workload, workload_from_logs
     from serving.logstore import LogStore, default_url
 
     evals_cfg = load_config(EvalsConfig, resolve_path(cfg.evals_file))
     usd = evals_cfg.cost.usd_per_hour[evals_cfg.cost.machine]
     slo = Slo(p95_ttft_ms=evals_cfg.perf.slo.ttft_ms, p95_tpot_ms=evals_cfg.perf.slo.tpot_ms)
     if cfg.workload_concurrency is not None:
-        workload = Workload(concurrency=cfg.workload_concurrency, usd_per_hour=usd, slo=slo)
-    else:
-        store = LogStore(cfg.data.get("logstore", {}).get("url") or default_url())
-        try:
-            exchanges = list(store.exchanges(since=window[0], until=window[1]))
-        finally:
-            store.close()
-        workload = workload_from_logs(exchanges, usd, slo)
+        return Workload(concurrency=cfg.workload_concurrency, usd_per_hour=usd, slo=slo).model_dump()
+    store = LogStore(cfg.data.get("logstore", {}).get("url") or default_url())
+    try:
+        exchanges = list(store.exchanges(since=window[0], until=window[1]))
+    finally:
+        store.close()
+    return workload_from_logs(exchanges, usd, slo).model_dump()
+
+
+def serving_choice(
+    metrics: dict[str, dict[str, float]], schemes: dict[str, str], passing: list[str], workload: dict[str, Any],
+) -> dict[str, Any]:
+    """Among the candidates that passed the gate, the cheapest $/1M meeting the SLO at the
+    workload's concurrency (speed-ups relative to the baseline copy of live, by its real scheme)."""
+    from evals.serving_choice import Workload, choose, measurements_from_perf_metrics
+
     points = [
         m for v in metrics
         for m in measurements_from_perf_metrics(v, schemes.get(v, "bf16"), "default", metrics[v])
     ]
-    return choose(points, workload, allowed_variants=passing, baseline_variant="baseline")
+    return choose(points, Workload(**workload), allowed_variants=passing, baseline_variant="baseline")
+
+
+def summarize_decision(
+    decisions: dict[str, Any], passing: list[str], choice: dict[str, Any], costs: dict[str, float]
+) -> tuple[str | None, str]:
+    """The winner and the one-line summary (pure: tested on plain data).
+
+    The serving choice picks among gate-passing candidates the cheapest meeting the SLO at the
+    workload's concurrency. When none meets it there, the summary says so and the cheapest passing
+    candidate is named as what $ alone would pick: never "cheapest at the SLO".
+    """
+    if not passing:
+        parts = []
+        for v, d in decisions.items():
+            bad = [o for o in d.outcomes if not o.passed]
+            words = ", ".join(f"{o.rule} {o.verdict}" + (f" ({o.metric.split('.')[-2]})" if "*" in o.rule else "")
+                              for o in bad)
+            parts.append(f"{v}: {words}")
+        return None, "keep the live release: " + "; ".join(parts)
+    chosen = (choice.get("chosen") or {}).get("variant")
+    workload = choice.get("workload") or {}
+    at = f"concurrency {workload['concurrency']}" if workload else "the workload's concurrency"
+    if chosen in passing:
+        if len(passing) == 1:
+            return chosen, f"promote {chosen} (passed every rule; meets the SLO at {at})"
+        return chosen, (f"promote {chosen} (passed every rule; of {sorted(passing)} the cheapest "
+                        f"meeting the SLO at {at})")
+    winner = min(passing, key=lambda v: (costs.get(v, float("inf")), v))
+    why = choice.get("reason") or "no serving choice"
+    return winner, (f"promote {winner} (passed every rule; no variant meets the SLO at {at}, so "
+                    f"chosen by $ per 1M output tokens alone: {why})")
 
 
 def decide(
     cfg: LoopConfig, run_dir: Path, metrics: dict[str, dict[str, float]],
-    schemes: dict[str, str], window: tuple[Any, Any],
+    schemes: dict[str, str], workload: dict[str, Any],
 ) -> dict[str, Any]:
-    """Gate every candidate against the live baseline, render the report, pick what to promote."""
+    """Gate every candidate against the baseline copy of live on the same items, render the
+    report, pick what to promote. Decided from the stored eval folders (the per-item outcomes),
+    exactly as the release manager will recompute it."""
     from evals import report
-    from evals.gate import GateConfig, evaluate
+    from evals.gate import GateConfig, evaluate_stage_dirs
     from training.config import ConfigError
 
     gate_cfg = load_config(GateConfig, resolve_path(cfg.gate_file))
-    live = metrics["baseline"]
-    decisions = {v: evaluate(gate_cfg, m, live) for v, m in metrics.items() if v != "baseline"}
-    passing = {v: metrics[v] for v, d in decisions.items() if d.passed}
+    live_dir = run_dir / "evals-baseline"
+    decisions = {v: evaluate_stage_dirs(gate_cfg, run_dir / f"evals-{v}", live_dir)
+                 for v in metrics if v != "baseline"}
+    passing = [v for v, d in decisions.items() if d.passed]
     choice: dict[str, Any] = {}
     if passing:
         try:
-            choice = serving_choice(cfg, metrics, schemes, list(passing), window)
+            choice = serving_choice(metrics, schemes, passing, workload)
         except (ConfigError, ValueError, KeyError) as exc:  # no perf grid: fall back to $ alone
             choice = {"chosen": None, "reason": f"serving choice unavailable ({exc})"}
-    chosen = (choice.get("chosen") or {}).get("variant")
-    winner = chosen if chosen in passing else choose_winner(passing)
-    if winner:
-        summary = f"promote {winner} (passed every rule" + (
-            f"; of {sorted(passing)} the cheapest at the SLO for the workload)" if len(passing) > 1 else ")"
-        )
-    else:
-        failed = {v: [o.rule for o in d.outcomes if not o.passed] for v, d in decisions.items()}
-        summary = "keep the live release: " + "; ".join(
-            f"{v} failed {', '.join(rules)}" for v, rules in failed.items()
-        )
+    costs = {v: metrics[v].get(COST_METRIC, float("inf")) for v in passing}
+    winner, summary = summarize_decision(decisions, passing, choice, costs)
     gate_md = "\n\n".join(f"### {v}\n\n{d.to_markdown()}" for v, d in decisions.items())
     if choice:
         gate_md += f"\n\n### Serving choice\n\n{choice.get('reason', '')}\n"
@@ -213,13 +250,14 @@ def decide(
     for variant, m in metrics.items():
         path = out / f"{variant}.metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"variant": variant, "metrics": m}, indent=2))
+        path.write_text(json.dumps({"variant": variant, "metrics": m, "scheme": schemes.get(variant)}, indent=2))
         metrics_files[variant] = path
     gate_doc = {
         v: d.to_dict() | {"require_approval": gate_cfg.require_approval}
         for v, d in decisions.items()
     } | {
-        "winner": winner, "summary": summary, "serving_choice": choice,
+        "winner": winner, "summary": summary, "serving_choice": choice, "workload": workload,
+        "schemes": schemes,
     }
     rendered = report.run(metrics_files, out, gate=gate_doc, gate_markdown=f"## Gate: {summary}\n\n{gate_md}")
     (out / "gate.json").write_text(json.dumps(gate_doc, indent=2))
@@ -234,9 +272,9 @@ def decide(
 def apply_decision(
     cfg: LoopConfig, releases: dict[str, dict], decision: dict[str, Any], run_dir: str
 ) -> dict[str, Any] | None:
-    """Attach each candidate's evals + gate decision to its release, promote the winner (the
-    release manager refuses a never-live release without a passing gate attached), and retire
-    the candidates that stay staged so their vLLMs stop."""
+    """Attach each candidate's evals to its release, promote the winner (the release manager
+    recomputes the decision from the run folder named in the attachment and refuses when it does
+    not pass), and retire what stays staged (candidates, the baseline copy) so their vLLMs stop."""
     gate = json.loads(Path(decision["report_json"]).read_text())["gate"]
     winner = decision.get("winner")
     promotion = None
@@ -260,8 +298,8 @@ def apply_decision(
             else:
                 admin.promote(rid, reason=f"gate passed: {decision['summary']} (run {Path(run_dir).name})")
                 promotion = {"release_id": rid, "promoted": True, "why": decision["summary"]}
-        for variant, rel in releases.items():
+        for rel in releases.values():
             promoted = promotion and rel["release_id"] == promotion["release_id"]  # or awaiting approval
-            if variant != "baseline" and not promoted and admin.get(rel["release_id"]).status == "staged":
+            if not promoted and admin.get(rel["release_id"]).status == "staged":
                 admin.retire(rel["release_id"], reason=f"not promoted: {decision['summary']}")
     return promotion

@@ -124,8 +124,10 @@ def new_release_id(label: str = "") -> str:
 class ReleaseStore:
     """The persisted releases under ``<root>`` (default ``<data dir>/releases``)."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, gate_file: str | Path | None = None) -> None:
         self.root = Path(root) if root else data_dir() / "releases"
+        self.gate_file = gate_file
+        """The gate policy offline promotions are verified with (None: configs/gate.yaml)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._thread_lock = threading.RLock()
         self._depth = 0
@@ -248,11 +250,13 @@ class ReleaseStore:
                 self.save(rel)
             return rel
 
-    def promote_offline(self, release_id: str, force: bool = False, reason: str = "") -> Release:
+    def promote_offline(
+        self, release_id: str, force: bool = False, reason: str = "", gate_file: str | Path | None = None
+    ) -> Release:
         """Mark a release live in the files only (no gateway runs): it starts on the next serve."""
         with self.locked():
             target = self.get(release_id)
-            _check_promotable(target, force)
+            _check_promotable(target, force, self, gate_file or self.gate_file)
             old = self.live()
             for prev in self.with_status("previous"):
                 self.set_status(prev.release_id, "retired", f"replaced as previous by {release_id}")
@@ -271,20 +275,69 @@ class ReleaseStore:
             return self.set_status(prev.release_id, "live", reason or "rollback (offline)")
 
 
-def gate_passed(rel: Release) -> bool:
-    """Whether the eval report attached to ``rel`` records a passing gate decision."""
+def default_gate_file() -> Path:
+    """The gate policy a release manager verifies promotions with unless told otherwise."""
+    from training.config import repo_root
+
+    return repo_root() / "configs" / "gate.yaml"
+
+
+def verify_gate(rel: Release, store: ReleaseStore, gate_file: str | Path | None = None) -> tuple[bool, str]:
+    """Recompute the gate decision for ``rel`` from the stored per-item results; never trust the
+    attached dict's verdict.
+
+    The attached report only says where the loop's evals are (``run_dir``, ``variant``). The run
+    folder must be under this data dir's ``runs/`` (the admin API cannot write there); its
+    candidate evals must be of this release and its baseline evals of the model that is live now.
+    Then the decision is computed again with this manager's own gate policy (``gate_file``).
+
+    Returns:
+        (passed, why): why names what is missing or the decision's verdict.
+    """
+    from evals.gate import GateConfig, evaluate_stage_dirs
+    from training.config import load_config
+
     if not rel.eval_report:
-        return False
+        return False, "no eval report attached"
     try:
         report = json.loads(Path(rel.eval_report).read_text())
+    except (OSError, ValueError) as exc:
+        return False, f"eval report unreadable ({exc})"
+    run_dir, variant = report.get("run_dir"), report.get("variant")
+    if not isinstance(run_dir, str) or not isinstance(variant, str) or not _ID_RE.match(variant):
+        return False, "the eval report does not name the run folder and variant of the loop's evals"
+    runs_root = (store.root.parent / "runs").resolve()
+    run = Path(run_dir).resolve()
+    if not run.is_relative_to(runs_root) or variant == "baseline":
+        return False, f"the evals must be a loop run under {runs_root}"
+    cand_dir, live_dir = run / f"evals-{variant}", run / "evals-baseline"
+    try:
+        cand_meta = json.loads((cand_dir / "result.json").read_text())
+        live_meta = json.loads((live_dir / "result.json").read_text())
     except (OSError, ValueError):
-        return False
-    return bool(report.get("gate", {}).get("passed"))
+        return False, f"no finished evals of {variant} and baseline in {run}"
+    if cand_meta.get("release_id") != rel.release_id:
+        return False, f"the evals in {cand_dir} are of release {cand_meta.get('release_id')!r}, not this one"
+    live = store.live()
+    compared = live_meta.get("model_dir")
+    if live is None or not compared or Path(compared).resolve() != Path(live.model_dir).resolve():
+        return False, (f"the decision compared against {compared!r}, but live now serves "
+                       f"{live.model_dir if live else 'nothing'}: evaluate again")
+    try:
+        cfg = load_config(GateConfig, gate_file or default_gate_file())
+        decision = evaluate_stage_dirs(cfg, cand_dir, live_dir)
+    except (OSError, ValueError) as exc:
+        return False, f"the stored results could not be checked ({exc})"
+    if not decision.passed:
+        bad = [o.rule for o in decision.outcomes if not o.passed]
+        return False, f"the gate, recomputed from {run.name}, says {decision.verdict} ({', '.join(bad)})"
+    return True, f"gate recomputed from {run.name}: pass"
 
 
 # -- the review-approval rule (gate config ``require_approval``) ---------------------------------
 def approval_required(rel: Release) -> bool:
-    """Whether the gate decision attached to ``rel`` asks for a reviewer's approval."""
+    """Whether the gate decision attached to ``rel`` asks for a reviewer's approval (shown on the
+    review page; the release manager enforces its own gate policy's ``require_approval``)."""
     if not rel.eval_report:
         return False
     try:
@@ -294,9 +347,16 @@ def approval_required(rel: Release) -> bool:
     return bool(report.get("gate", {}).get("require_approval"))
 
 
-def _check_approval(rel: Release, force: bool) -> None:
-    ever_live = any(e.status == "live" for e in rel.history)  # approved (or forced) back then
-    if not (force or ever_live) and approval_required(rel) and not rel.approvals:
+def gate_passed(rel: Release, store: ReleaseStore | None = None, gate_file: str | Path | None = None) -> bool:
+    """Whether ``rel`` passes the gate as recomputed from its stored results (see verify_gate)."""
+    return verify_gate(rel, store or ReleaseStore(), gate_file)[0]
+
+
+def _check_approval(rel: Release, gate_file: str | Path | None) -> None:
+    from evals.gate import GateConfig
+    from training.config import load_config
+
+    if load_config(GateConfig, gate_file or default_gate_file()).require_approval and not rel.approvals:
         raise ReleaseError(
             f"release {rel.release_id} needs a reviewer's approval before promotion (the gate "
             "config sets require_approval): approve it on the review page (/review/releases), "
@@ -304,7 +364,9 @@ def _check_approval(rel: Release, force: bool) -> None:
         )
 
 
-def _check_promotable(rel: Release, force: bool = False) -> None:
+def _check_promotable(
+    rel: Release, force: bool = False, store: ReleaseStore | None = None, gate_file: str | Path | None = None
+) -> None:
     # A release that failed to start or answer is never promoted, not even with force: force
     # overrides the eval gate, not the health check.
     if rel.status == "failed":
@@ -315,15 +377,18 @@ def _check_promotable(rel: Release, force: bool = False) -> None:
         raise ReleaseError(f"release {rel.release_id} is already live")
     if rel.status not in ("staged", "previous", "retired"):
         raise ReleaseError(f"release {rel.release_id} was never health-checked; stage it again")
-    # Promotion goes through the gate: a release that has never served users needs a passing
-    # gate decision attached (the loop attaches it), unless forced with a recorded reason.
+    # Promotion goes through the gate: a release that has never served users needs a gate
+    # decision this process verifies from the stored results, unless forced with a reason.
     ever_live = any(e.status == "live" for e in rel.history)
-    if not (force or ever_live or gate_passed(rel)):
+    if force or ever_live:
+        return
+    ok, why = verify_gate(rel, store or ReleaseStore(), gate_file)
+    if not ok:
         raise ReleaseError(
-            f"release {rel.release_id} has no passing gate decision attached; promotion goes "
+            f"release {rel.release_id} has no passing gate decision ({why}); promotion goes "
             "through the gate (`alignloop run`), or use `alignloop promote --force --reason ...`"
         )
-    _check_approval(rel, force)
+    _check_approval(rel, gate_file)
 
 
 class ReleaseManager:
@@ -335,6 +400,7 @@ class ReleaseManager:
             above the longest request you serve, since a request still running on the previous
             release when its server stops fails.
         default_args: vLLM arguments for a release staged without its own.
+        gate_file: the gate policy promotions are verified with (default configs/gate.yaml).
     """
 
     def __init__(
@@ -342,8 +408,10 @@ class ReleaseManager:
         store: ReleaseStore | None = None,
         grace_s: float = 600.0,
         default_args: VLLMArgs | None = None,
+        gate_file: str | Path | None = None,
     ) -> None:
         self.store = store or ReleaseStore()
+        self.gate_file = gate_file or self.store.gate_file
         self.grace_s = grace_s
         self.default_args = default_args or VLLMArgs()
         self._servers: dict[str, VLLMServer] = {}
@@ -529,7 +597,7 @@ class ReleaseManager:
             raise ReleaseError("a forced promotion needs a reason")
         with self._ops:
             target = self.store.get(release_id)
-            _check_promotable(target, force)
+            _check_promotable(target, force, self.store, self.gate_file)
             try:
                 server = self._ensure_warm(target)
             except VLLMStartError as exc:

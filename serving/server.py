@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from serving.gateway_config import GatewayConfig, load_gateway_config
 from serving.vllm_server import VLLMArgs
@@ -41,11 +41,32 @@ class ReleasesConfig(StrictModel):
         default_factory=VLLMArgs,
         description="vLLM arguments for releases staged without their own.",
     )
+    gate_file: str = Field(
+        "configs/gate.yaml",
+        description="Gate policy this gateway recomputes a decision with before an unforced promotion "
+        "(relative paths are from the repo root).",
+    )
     initial_model: str | None = Field(
         "embedded",
         description="Staged and promoted when no release is live yet ('embedded', a folder or a "
         "hub id); None = start with no upstream (503) until one is promoted.",
     )
+
+    @model_validator(mode="after")
+    def _gate_file_loads(self) -> ReleasesConfig:
+        """A gate policy that does not load fails at start-up, not at the first promotion."""
+        from evals.gate import GateConfig
+        from training.config import ConfigError, load_config
+
+        try:
+            load_config(GateConfig, self.gate_path())
+        except ConfigError as exc:
+            raise ValueError(f"gate_file: {exc}") from None
+        return self
+
+    def gate_path(self) -> Path:
+        path = Path(self.gate_file)
+        return path if path.is_absolute() or path.exists() else repo_root() / path
 
 
 class ServeConfig(StrictModel):
@@ -151,7 +172,9 @@ def run_serve(cfg: ServeConfig) -> None:
     )  # one INFO line per proxied request otherwise
     gw = cfg.gateway_config()
     store = LogStore(gw.log_store_url or default_url())
-    manager = ReleaseManager(ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args)
+    manager = ReleaseManager(
+        ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args, cfg.releases.gate_path()
+    )
     info = server_file()
     try:
         review = build_review_router(manager.store, candidates_of(manager))  # /review

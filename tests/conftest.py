@@ -68,3 +68,45 @@ def data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("ALIGNLOOP_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def write_decision_files():
+    """Write what the loop's eval stages leave in a run folder (result.json + per-item outcomes
+    for a candidate and the baseline copy of live), so the release manager can recompute a
+    decision from them. ``better`` items where only the candidate succeeds make it pass a
+    superiority rule; ``worse`` items where only live succeeds make it fail one."""
+    import json as _json
+
+    def write(data_home: Path, run: str, variant: str, release_id: str, live_model_dir: str | Path,
+              better: int = 30, worse: int = 0, n: int = 60) -> dict:
+        run_dir = data_home / "runs" / run
+        for name, rid, model, gain in (("baseline", "copy-of-live", live_model_dir, 0),
+                                       (variant, release_id, "candidate-model", 1)):
+            stage = run_dir / f"evals-{name}"
+            (stage / "output").mkdir(parents=True, exist_ok=True)
+            rows = []
+            for i in range(n):
+                live_ok = 1.0 if i >= better else 0.0
+                value = (1.0 if i < better else (0.0 if i >= n - worse else live_ok)) if gain else live_ok
+                rows.append({"metric": "quality.policy.compliance", "id": f"p{i}", "cluster": f"p{i}",
+                             "value": value})
+            (stage / "output" / "outcomes-quality.jsonl").write_text(
+                "".join(_json.dumps(r) + "\n" for r in rows))
+            (stage / "result.json").write_text(_json.dumps({
+                "metrics": {"perf.failed": 0.0}, "release_id": rid, "model_dir": str(model), "variant": name}))
+        return {"run_dir": str(run_dir), "variant": variant, "gate": {"passed": True}}
+
+    return write
+
+
+@pytest.fixture
+def simple_gate(tmp_path: Path) -> Path:
+    """A gate policy with one paired rule and one threshold rule (what write_decision_files feeds)."""
+    path = tmp_path / "gate-simple.yaml"
+    path.write_text(
+        "# test gate\nrules:\n"
+        "  - {metric: quality.policy.compliance, test: superiority, margin: 0.0}\n"
+        "  - {metric: perf.failed, op: '==', value: 0}\n"
+    )
+    return path

@@ -21,6 +21,7 @@ SCHEMAS: dict[str, tuple[str, dict]] = {
     "merge.yaml": ("training.merge:MergeConfig", {"adapter": "a"}),
     "quantize.yaml": ("training.quantize:QuantizeConfig", {"model_dir": "m", "dataset_path": "d"}),
     "evals.yaml": ("evals.config:EvalsConfig", {}),
+    "evals-demo.yaml": ("evals.config:EvalsConfig", {}),
     "gate.yaml": ("evals.gate:GateConfig", {}),
     "gateway.yaml": ("serving.gateway_config:GatewayConfig", {}),
     "serve.yaml": ("serving.server:ServeConfig", {}),

@@ -4,9 +4,11 @@ Each step returns the rows it keeps and counts what it changed or dropped, for t
 
 - PII scrub: every message of every row goes through the gateway's detector
   (:func:`guardrails.pii.default_detector`, one piece of code), values become ``<ENTITY_TYPE>``.
-- Decontamination: a row is dropped when its prompt shares a word n-gram with any eval item the
-  project ships (``evals/tasks/**/*.jsonl``, field ``prompt``). A text shorter than n words
-  counts as one gram, so it overlaps when it appears whole inside the other text.
+- Decontamination: a row is dropped when its prompt or any of its answers (completion, chosen,
+  rejected) shares a word n-gram with any eval item the project ships (``evals/tasks/**/*.jsonl``:
+  the item's ``prompt``, and its ``reference`` answer and ``fact`` where it has them), so neither
+  an eval prompt nor the answer it is scored against reaches training. A text shorter than n
+  words counts as one gram, so it overlaps when it appears whole inside the other text.
 - Dedup: exact duplicates (same normalized prompt and target) are dropped; prompts are grouped
   into clusters of near-duplicates (Jaccard similarity of word 3-gram shingles), and each cluster
   keeps at most ``max_sft_per_prompt`` SFT rows and ``max_dpo_per_prompt`` pairs, preferring edits.
@@ -65,8 +67,15 @@ def user_text(row: dict[str, Any]) -> str:
     return normalize_text(" ".join(m["content"] for m in row["prompt"] if m["role"] == "user"))
 
 
+EVAL_TEXT_FIELDS = ("prompt", "reference", "fact")
+"""Fields of an eval item that training must never see: the question and what it is scored against."""
+
+
 def load_eval_prompts(patterns: list[str], root: Path) -> dict[str, list[str]]:
-    """Every eval item's ``prompt``, by file, from the glob ``patterns`` (relative to ``root``).
+    """Every eval item's held-out texts, by file, from the glob ``patterns`` (relative to ``root``).
+
+    Prompts are listed under the file's path; reference answers and facts under
+    ``<path>#reference`` and ``<path>#fact``, so the manifest says which kind a dropped row hit.
 
     Raises:
         ValueError: an eval file line that is not JSON (evals must be readable to be honest).
@@ -75,7 +84,7 @@ def load_eval_prompts(patterns: list[str], root: Path) -> dict[str, list[str]]:
     for pattern in patterns:
         full = pattern if Path(pattern).is_absolute() else str(root / pattern)
         for path in sorted(glob.glob(full, recursive=True)):
-            prompts = []
+            texts: dict[str, list[str]] = {f: [] for f in EVAL_TEXT_FIELDS}
             for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -85,10 +94,15 @@ def load_eval_prompts(patterns: list[str], root: Path) -> dict[str, list[str]]:
                     raise ValueError(
                         f"eval file {path} line {lineno}: invalid JSON ({err.msg})"
                     ) from None
-                if isinstance(item, dict) and isinstance(item.get("prompt"), str):
-                    prompts.append(item["prompt"])
+                for f in EVAL_TEXT_FIELDS:
+                    if isinstance(item, dict) and isinstance(item.get(f), str) and item[f].strip():
+                        texts[f].append(item[f])
             rel = Path(path).resolve()
-            by_file[str(rel.relative_to(root) if rel.is_relative_to(root) else rel)] = prompts
+            name = str(rel.relative_to(root) if rel.is_relative_to(root) else rel)
+            by_file[name] = texts["prompt"]
+            for f in EVAL_TEXT_FIELDS[1:]:
+                if texts[f]:
+                    by_file[f"{name}#{f}"] = texts[f]
     return by_file
 
 
@@ -115,16 +129,24 @@ class EvalIndex:
             self._by_len[k] = idx
         return self._by_len[k]
 
-    def overlap(self, text: str) -> str | None:
-        """The eval file that ``text`` overlaps with, or None."""
+    def overlap(self, text: str, short_text_inside: bool = True) -> str | None:
+        """The eval file that ``text`` overlaps with, or None.
+
+        Args:
+            text: a prompt or an answer.
+            short_text_inside: a ``text`` shorter than n words overlaps when it appears whole
+                inside an eval item (right for prompts; an answer as short as "Yes." would
+                otherwise hit any item containing the word).
+        """
         toks = normalize_text(text).split()
         if not toks:
             return None
         k = min(self.n, len(toks))  # a short row counts as one gram: found whole inside an item
-        idx = self._index(k)
-        for g in _grams(toks, k):
-            if g in idx:
-                return idx[g]
+        if k == self.n or short_text_inside:
+            idx = self._index(k)
+            for g in _grams(toks, k):
+                if g in idx:
+                    return idx[g]
         # Eval items shorter than n words: found whole inside the row.
         row_grams: dict[int, set[tuple[str, ...]]] = {}
         for f, etoks in self.items:
@@ -138,10 +160,15 @@ class EvalIndex:
 def decontaminate(
     rows: list[dict[str, Any]], index: EvalIndex
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Drop rows whose prompt overlaps an eval item. Returns (kept rows, drops by eval file)."""
+    """Drop rows whose prompt or answers overlap an eval item's prompt, reference answer or fact.
+
+    Returns (kept rows, drops by eval file; ``<file>#reference`` when an answer was the hit).
+    """
     kept, dropped = [], Counter()
     for row in rows:
         hit = index.overlap(user_text(row))
+        for answer in (m["content"] for f in TARGET_FIELDS for m in row.get(f, [])):
+            hit = hit or index.overlap(answer, short_text_inside=False)
         if hit is None:
             kept.append(row)
         else:

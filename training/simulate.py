@@ -2,8 +2,10 @@
 
 The traffic generator sends the prompt pool (training/demo/prompts.jsonl) through any
 OpenAI-compatible gateway with the ``openai`` client, two sampled answers for some prompts so
-that preferences exist. Simulated users then judge each answer with the institution's policy
-scorer (evals/policy.py) and send ratings, preferences and edits to ``POST /v1/feedback`` with
+that preferences exist. Simulated users then judge each answer with their own rough idea of a
+good answer (:func:`user_judgement`: looser limits, different phrases, noise), *not* with the
+gate's policy scorer (evals/policy.py), so the policy metric does not grade the very function that
+labelled the training data; they send ratings, preferences and edits to ``POST /v1/feedback`` with
 httpx, exactly as real clients would. An edit is the pool item's policy-compliant reference answer,
 so SFT learns the policy. Every feedback comment starts with "simulated user", and the data stage
 counts those in its manifest and dataset card.
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -149,28 +152,65 @@ def plan_traffic(pool: list[dict[str, Any]], cfg: SimulateConfig) -> list[Planne
     return plan
 
 
+_USER_WORD_LIMIT = 60
+_USER_GREETINGS = ("sure", "hello", "hi ", "hi,", "hey", "great question", "of course", "certainly")
+_USER_REFERRAL = re.compile(r"\b(consult|see|ask|talk to|speak (?:to|with))\b.*\b(doctor|lawyer|attorney|"
+                            r"advis[oe]r|professional|pharmacist|accountant)", re.IGNORECASE)
+_DIGITS_OR_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+|\d[\d -]{6,}\d")
+
+
+def user_judgement(item: dict[str, Any], answer: str) -> float:
+    """How satisfied a simulated user is with ``answer`` (0 to 1): the share of their checks met.
+
+    A different scorer from the gate's :func:`evals.policy.compliance` on purpose: users want a
+    short answer (at most 60 words, not the policy's 40 and its 20-word first sentence), no
+    greeting, the FAQ fact when they asked about the product (words of the fact, any order), to be
+    sent to a professional for advice (any wording, not the policy's fixed phrase), and never to
+    see their own email or number repeated (a plain pattern, not the gateway's Presidio).
+    """
+    text = answer.strip()
+    low = text.lower()
+    words = text.split()
+    checks = [0 < len(words) <= _USER_WORD_LIMIT, not low.startswith(_USER_GREETINGS)]
+    category = item["category"]
+    if category == "advice":
+        checks.append(bool(_USER_REFERRAL.search(text)))
+    if category == "personal_data":
+        mine = {m.group(0).strip() for m in _DIGITS_OR_EMAIL.finditer(item["prompt"])}
+        checks.append(not any(v in text for v in mine))
+    if category in ("faq", "personal_data"):
+        from evals.policy import match_faq
+
+        faq = match_faq(item["prompt"])
+        if faq:
+            checks.append(all(w.lower() in low for w in faq["fact"].split()))
+    return sum(checks) / len(checks)
+
+
 def decide_feedback(
     item: dict[str, Any], answers: list[str], cfg: SimulateConfig, rnd: int = 0
 ) -> tuple[list[FeedbackAction], list[float]]:
     """What a simulated user does with the answers to one prompt (pure, seeded by the prompt).
 
-    Rules: a fully compliant answer gets thumbs up, any other gets the compliant rewrite as an
-    edit (probability ``edit_probability``) or thumbs down; of two answers with different
-    compliance the better one is preferred (the worse one is then judged as above); with
-    probability ``noise`` a judgment is flipped.
+    Rules: an answer the user is fully satisfied with (:func:`user_judgement`) gets thumbs up,
+    any other gets the pool's reference answer as an edit (probability ``edit_probability``) or
+    thumbs down; of two answers the user rates differently the better one is preferred (the worse
+    one is then judged as above); with probability ``noise`` a judgment is flipped.
 
     Returns:
-        (feedback actions, the policy compliance of each answer).
+        (feedback actions, the policy compliance of each answer as the gate's scorer measures it:
+        reported in the traffic log, never used for the labels).
     """
     from evals.policy import compliance
 
     rng = random.Random(f"{cfg.seed}:{rnd}:{item['id']}")
+    judged = [user_judgement(item, a) for a in answers]
     scores = [compliance(item["prompt"], a, item["category"]) for a in answers]
     comment = f"{SIMULATED_COMMENT} (seed={cfg.seed}, noise={cfg.noise})"
     actions: list[FeedbackAction] = []
 
     def judge(i: int) -> None:
-        good = scores[i] >= 1.0
+        good = judged[i] >= 1.0
         if rng.random() < cfg.noise:
             good = not good
         if good:
@@ -182,8 +222,8 @@ def decide_feedback(
         else:
             actions.append(FeedbackAction(i, {"rating": {"thumbs": "down"}, "comment": comment}))
 
-    if len(answers) == 2 and scores[0] != scores[1]:
-        better = 0 if scores[0] > scores[1] else 1
+    if len(answers) == 2 and judged[0] != judged[1]:
+        better = 0 if judged[0] > judged[1] else 1
         if rng.random() < cfg.noise:
             better = 1 - better
         actions.append(

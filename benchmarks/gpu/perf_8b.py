@@ -47,7 +47,7 @@ SERVED = "llama8b"
 def perf_config(model_dir: Path, prompts_per_level: int, output_len: int = 256) -> PerfConfig:
     return PerfConfig(
         concurrency=CONCURRENCY,
-        prompts_per_level=prompts_per_level,
+        requests_per_level=prompts_per_level * max(CONCURRENCY),
         input_len=128,
         output_len=output_len,
         slo=SLO(ttft_ms=2000, tpot_ms=100),
@@ -117,7 +117,7 @@ def gateway_runs(srv: VLLMServer, cfg: PerfConfig, work: Path, model_dir: Path) 
                 str(model_dir),
                 gdir / f"{label}.json",
                 concurrency=c,
-                num_prompts=cfg.prompts_per_level * c,
+                num_prompts=cfg.requests_per_level * c // max(CONCURRENCY),  # prompts per level x c
             )
         # the gateway takes the demo tenant's key; the direct vLLM ignores it
         run_benches(list(plan.values()), "sk-alignloop-demo", cfg.timeout_s, gdir)

@@ -38,15 +38,26 @@ def test_quality_and_safety_through_the_gateway(gateway_endpoint: Endpoint, tiny
                                                  tmp_path: Path) -> None:
     cfg = EvalsConfig()
     cfg.quality.limit = 4
+    cfg.quality.instruction_tasks = ["alignloop_instructions"]
     cfg.quality.tokenizer = str(tiny_model_dir)
     cfg.safety.max_tokens = 16
+    cfg.safety.limit = 24
     res = suites.run(cfg, gateway_endpoint, tmp_path / "out", "tiny", suites=("quality", "safety"))
     doc = json.loads(Path(res.metrics_path).read_text())
     m = doc["metrics"]
     assert doc["variant"] == "tiny" and set(doc["suites"]) == {"quality", "safety"}
-    for task in ("capitals", "arithmetic", "science"):
+    for task in ("capitals", "arithmetic", "elements"):
         assert m[f"quality.capability.{task}.n"] == 4
         assert f"quality.capability.{task}.answer_match" in m
+    assert m["quality.instructions.instructions.n"] == 4
+    # Every item's outcome, under the aggregate's metric name, with its id: what the gate pairs.
+    from evals.gate import load_outcome_dir
+
+    items = load_outcome_dir(tmp_path / "out")
+    assert len(items["quality.capability.arithmetic.answer_match"]) == 4
+    assert sum(v for v, _ in items["quality.capability.arithmetic.answer_match"].values()) / 4 == (
+        m["quality.capability.arithmetic.answer_match"])
+    assert len(items["safety.attack_block_rate"]) == 24 and len(items["safety.overblock_rate"]) == 24
     assert m["quality.answer_tokens_mean"] > 0
     if (Path(cfg.quality.tasks_dir) / "policy" / "policy_items.jsonl").is_file():
         assert m["quality.policy.n"] == 4 and any(k.startswith("quality.policy.rule.") for k in m)
@@ -78,7 +89,10 @@ def test_preference_accuracy_from_vllm_prompt_logprobs(tiny_vllm, tiny_model_dir
 
 def test_perf_with_vllm_bench_serve(tiny_vllm, tiny_model_dir: Path, tmp_path: Path) -> None:  # noqa: ANN001
     cfg = EvalsConfig()
-    cfg.perf.concurrency = [1, 2]
+    cfg.perf.concurrency = [1]
+    cfg.perf.workload_concurrency = 2
+    cfg.perf.requests_per_level = 4
+    cfg.perf.repeats = 2
     cfg.perf.output_len = 8
     cfg.perf.input_len = 32
     cfg.perf.realistic_num_prompts = 4
@@ -89,8 +103,10 @@ def test_perf_with_vllm_bench_serve(tiny_vllm, tiny_model_dir: Path, tmp_path: P
     res = suites.run(cfg, ep, tmp_path / "out", "tiny", suites=("perf",))
     m = res.metrics
     assert m["perf.failed"] == 0
+    assert m["perf.grid.c1.completed"] == 4 and m["perf.grid.c2.completed"] == 8  # two repeats
+    assert m["perf.workload_concurrency"] == 2 and m["perf.workload.repeats"] == 2
+    assert m["perf.workload.ttft_p95_ms_min"] <= m["perf.workload.ttft_p95_ms_max"] == m["perf.ttft_p95_ms"]
     for c in (1, 2):
-        assert m[f"perf.grid.c{c}.completed"] == 4
         for lat in ("ttft", "tpot", "itl", "e2el"):
             for p in (50, 90, 95, 99):
                 assert m[f"perf.grid.c{c}.{lat}_p{p}_ms"] >= 0
@@ -99,7 +115,7 @@ def test_perf_with_vllm_bench_serve(tiny_vllm, tiny_model_dir: Path, tmp_path: P
     assert m["perf.output_tokens_per_s"] > 0 and m["perf.kv_cache_tokens"] > 0
     assert m["perf.model_size_bytes"] > 1e6
     assert m["cost.usd_per_1m_output_tokens"] > 0
-    assert (tmp_path / "out" / "perf" / "bench" / "grid-c2.json").is_file()
+    assert (tmp_path / "out" / "perf" / "bench" / "grid-c2-r1.json").is_file()
 
 
 def test_cli_eval_safety_writes_metrics(tiny_vllm, tmp_path: Path) -> None:  # noqa: ANN001
@@ -109,7 +125,8 @@ def test_cli_eval_safety_writes_metrics(tiny_vllm, tmp_path: Path) -> None:  # n
 
     out = tmp_path / "cli"
     r = CliRunner().invoke(app, ["eval", "safety", "--endpoint", tiny_vllm.base_url, "--model", "tiny",
-                                 "--variant", "tiny", "--out", str(out), "safety.max_tokens=8"])
+                                 "--variant", "tiny", "--out", str(out), "safety.max_tokens=8",
+                                 "safety.limit=24"])
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["suites"] == ["safety"] and doc["metrics"]["safety.attack.n"] == 24

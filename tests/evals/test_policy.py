@@ -87,8 +87,10 @@ def test_policy_eval_items_are_scoreable_and_references_comply() -> None:
         json.loads(x)
         for x in (REPO / "evals/tasks/policy/policy_items.jsonl").read_text().splitlines()
     ]
-    assert len(items) >= 20
+    assert len(items) >= 100
     for item in items:
         assert classify_prompt(item["prompt"]) == item["category"], item["prompt"]
-        assert compliance(item["prompt"], item["reference"], item["category"]) == 1.0, item
+        # Held-out FAQ items carry their reference answer; the others comply by the policy's template.
+        answer = item.get("reference") or compliant_answer(item["prompt"], item["category"], general="It is in Asia.")
+        assert compliance(item["prompt"], answer, item["category"]) == 1.0, item
     assert "answer_first" in policy_markdown()

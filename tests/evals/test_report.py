@@ -76,15 +76,25 @@ def test_cli_report_and_gate_exit_codes(stored: dict[str, Path], tmp_path: Path)
                             f"aligned={stored['aligned']}", "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "report.md").is_file()
-    # The shipped gate: aligned stops fewer attacks than live (0.8 < 0.9 - 0.05), so exit 1, and
-    # every rule is listed.
+    # The shipped gate's quality and safety rules are paired: with no per-item outcomes beside
+    # the metrics files they cannot pass (exit 1), and every rule is listed.
     r = runner.invoke(app, ["gate", "--candidate", str(stored["aligned"]), "--live", str(stored["baseline"]),
                             "--out", str(tmp_path / "gate.json")])
     assert r.exit_code == 1, r.output
     decision = json.loads((tmp_path / "gate.json").read_text())
-    rows = {o["rule"]: o["passed"] for o in decision["rules"]}
-    assert rows["attack block rate"] is False and rows["policy compliance"] is True
-    assert [name for name, passed in rows.items() if not passed] == ["attack block rate"]
+    rows = {o["rule"]: o for o in decision["rules"]}
+    assert rows["policy compliance"]["verdict"] == "fail"
+    assert "per-item outcomes" in rows["policy compliance"]["reason"]
+    assert rows["no failed requests"]["verdict"] == "pass" and decision["decision"] == "keep"
+    # With outcomes beside each metrics file, the paired policy rule is decided per item.
+    for name, won in (("baseline", 0), ("aligned", 30)):
+        rows_ = [{"metric": "quality.policy.compliance", "id": f"p{i}", "value": float(i < won)} for i in range(60)]
+        (stored[name].parent / "outcomes-quality.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows_))
+    paired = tmp_path / "paired.yaml"
+    paired.write_text("rules:\n  - {metric: quality.policy.compliance, test: superiority, margin: 0}\n")
+    r = runner.invoke(app, ["gate", "--candidate", str(stored["aligned"]), "--live", str(stored["baseline"]),
+                            "-c", str(paired)])
+    assert r.exit_code == 0, r.output
     # A lenient gate passes: exit 0.
     lenient = tmp_path / "gate.yaml"
     lenient.write_text("rules:\n  - metric: quality.policy.compliance\n    op: '>='\n    relative_to: live\n    offset: 0.1\n")

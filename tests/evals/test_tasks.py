@@ -19,7 +19,7 @@ from evals.metrics import (
 )
 from training.config import ConfigError, load_config, repo_root
 
-CAPABILITY = ["alignloop_capitals", "alignloop_arithmetic", "alignloop_science"]
+CAPABILITY = ["alignloop_arithmetic", "alignloop_capitals", "alignloop_elements"]
 
 
 def test_task_yamls_load_with_task_manager() -> None:
@@ -27,16 +27,16 @@ def test_task_yamls_load_with_task_manager() -> None:
 
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     names = set(tm.all_tasks)
-    assert set(CAPABILITY) | {"alignloop_policy"} <= names
+    assert set(CAPABILITY) | {"alignloop_policy", "alignloop_instructions"} <= names
     loaded = tm.load_task_or_group(CAPABILITY)
     for name in CAPABILITY:
         task = loaded[name]
         docs = list(task.test_docs())
-        assert 20 <= len(docs) <= 40, name  # sized for CPU
+        assert len(docs) >= 300, name  # sized for the gate's 5-point margin (configs/gate.yaml)
         assert task.config.output_type == "generate_until"
         assert task.doc_to_text(docs[0]) == docs[0]["prompt"]
         # the scorer the YAML names is ours and scores the doc's own answer as correct
-        assert task.process_results(docs[0], [docs[0]["answer"]]) == {"answer_match": 1.0}
+        assert all(task.process_results(d, [d["answer"]]) == {"answer_match": 1.0} for d in docs)
 
 
 @pytest.mark.skipif(not (TASKS_DIR / "policy" / "policy_items.jsonl").is_file(), reason="data helper's file")
@@ -74,7 +74,8 @@ def test_read_jsonl_names_the_bad_field(tmp_path) -> None:  # noqa: ANN001
 
 def test_load_items_returns_test_split() -> None:
     ds = load_items("capability/capitals.jsonl", "prompt,answer")
-    assert ds["test"][0]["answer"] == "Paris"
+    france = next(r for r in ds["test"] if r["id"] == "capitals-FR-city")
+    assert france["answer"] == "Paris" and france["cluster"] == "country-FR"
 
 
 @pytest.mark.parametrize(("response", "answer", "aliases", "ok"), [

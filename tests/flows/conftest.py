@@ -38,6 +38,11 @@ def running_gateway(loop_home: Path, tiny_model_dir: Path):
     from serving.vllm_server import free_port
 
     port = free_port()
+    # The gateway verifies promotions with this policy (the loop test's passing gate).
+    gate_pass = loop_home / "gate-pass.yaml"
+    gate_pass.write_text(yaml.safe_dump(
+        {"rules": [{"name": "no failed requests", "metric": "perf.failed", "op": "==", "value": 0}]}
+    ))
     serve_cfg = {
         "port": port,
         "gateway_file": str(REPO / "configs" / "gateway.yaml"),
@@ -46,6 +51,7 @@ def running_gateway(loop_home: Path, tiny_model_dir: Path):
             "grace_s": 5,
             "initial_model": str(tiny_model_dir),
             "default_args": {"max_model_len": 1024, "kv_cache_gib": 1},
+            "gate_file": str(gate_pass),
         },
     }
     cfg_path = loop_home / "serve.yaml"

@@ -44,7 +44,7 @@ def _small_jsonl(src: Path, dst: Path, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def loop_files(loop_home: Path) -> dict[str, Path]:
+def loop_files(loop_home: Path, running_gateway: str) -> dict[str, Path]:
     tasks = REPO / "evals" / "tasks" / "safety"
     evals = {
         "quality": {"limit": 2, "num_concurrent": 2, "max_gen_toks": 8, "preference_limit": 3},
@@ -53,8 +53,8 @@ def loop_files(loop_home: Path) -> dict[str, Path]:
             "attacks_file": _small_jsonl(tasks / "attacks.jsonl", loop_home / "attacks.jsonl", 4),
             "benign_file": _small_jsonl(tasks / "benign.jsonl", loop_home / "benign.jsonl", 4),
         },
-        "perf": {"concurrency": [1], "prompts_per_level": 1, "input_len": 16, "output_len": 4,
-                 "realistic_prompts": None},
+        "perf": {"concurrency": [], "requests_per_level": 4, "repeats": 2, "input_len": 16, "output_len": 4,
+                 "realistic_prompts": None, "realistic_num_prompts": 2},
     }
     files = {
         "evals": loop_home / "evals.yaml",
@@ -62,9 +62,7 @@ def loop_files(loop_home: Path) -> dict[str, Path]:
         "gate_fail": loop_home / "gate-fail.yaml",
     }
     files["evals"].write_text(yaml.safe_dump(evals))
-    files["gate_pass"].write_text(yaml.safe_dump(
-        {"rules": [{"name": "no failed requests", "metric": "perf.failed", "op": "==", "value": 0}]}
-    ))
+    assert files["gate_pass"].is_file()  # written with the gateway's config (it verifies with it)
     files["gate_fail"].write_text(yaml.safe_dump(
         {"rules": [{"name": "impossible compliance", "metric": "quality.policy.compliance", "op": ">=", "value": 2}]}
     ))

@@ -157,6 +157,39 @@ def make_run(run_dir: Path, variant: str = "aligned") -> None:
     report.run(files, run_dir / "report")
 
 
+def verifiable_decision(
+    store: ReleaseStore, run_dir: Path, variant: str, release_id: str, require_approval: bool
+) -> dict:
+    """What the release manager checks before a promotion: a live release, the run's stored eval
+    results (the candidate wins 30 of 60 policy items against the baseline copy of live), and a
+    gate policy (with ``require_approval``) the store verifies with. Returns the attachment."""
+    live = store.live()
+    if live is None:
+        model = run_dir.parent / "live-model"
+        model.mkdir(parents=True, exist_ok=True)
+        live = store.create(model, VLLMArgs(), release_id="rel-live")
+        store.set_status(live.release_id, "staged", "healthy (test)")
+        live = store.promote_offline(live.release_id, force=True, reason="first release (test)")
+    for name, rid, model_dir, wins in (("baseline", "rel-baseline-copy", live.model_dir, 0),
+                                        (variant, release_id, "candidate", 30)):
+        stage = run_dir / f"evals-{name}"
+        (stage / "output").mkdir(parents=True, exist_ok=True)
+        rows = [{"metric": "quality.policy.compliance", "id": f"p{i}", "value": float(i < wins)}
+                for i in range(60)]
+        (stage / "output" / "outcomes-quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        result = json.loads((stage / "result.json").read_text()) if (stage / "result.json").is_file() else {}
+        (stage / "result.json").write_text(json.dumps(
+            result | {"release_id": rid, "model_dir": str(model_dir), "metrics": {"perf.failed": 0.0}}))
+    gate_file = store.root.parent / "gate-review.yaml"
+    gate_file.write_text(
+        "# review tests\n"
+        f"require_approval: {str(require_approval).lower()}\n"
+        "rules:\n  - {metric: quality.policy.compliance, test: superiority, margin: 0}\n"
+    )
+    store.gate_file = gate_file
+    return {"run_dir": str(run_dir), "variant": variant}
+
+
 def staged_candidate(store: ReleaseStore, run_dir: Path, require_approval: bool = True) -> Release:
     """A staged release from ``run_dir`` with a passing gate decision attached (as the loop does)."""
     model = run_dir / "merge" / "model"
@@ -189,9 +222,8 @@ def staged_candidate(store: ReleaseStore, run_dir: Path, require_approval: bool 
             }
         ],
     }
-    return store.attach_eval(
-        rel.release_id, {"gate": gate, "run_dir": str(run_dir), "variant": "aligned"}
-    )
+    where = verifiable_decision(store, run_dir, "aligned", rel.release_id, require_approval)
+    return store.attach_eval(rel.release_id, {"gate": gate, **where})
 
 
 @dataclass

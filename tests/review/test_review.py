@@ -31,6 +31,7 @@ from review_support import (  # noqa: E402
     running_fake,
     running_gateway,
     staged_candidate,
+    verifiable_decision,
 )
 
 from serving.gateway_config import GatewayConfig, hash_key  # noqa: E402
@@ -243,7 +244,7 @@ def test_approval_rule_and_who_may_approve(tmp_path: Path, data_home: Path) -> N
 
 def test_without_require_approval_promotion_needs_none(tmp_path: Path) -> None:
     store = ReleaseStore(tmp_path / "releases")
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "r1"
     make_run(run)
     staged_candidate(store, run, require_approval=False)
     assert store.promote_offline("rel-aligned").status == "live"
@@ -347,7 +348,7 @@ def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(
     from serving.vllm_server import VLLMArgs
 
     store = ReleaseStore(tmp_path / "releases")
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "r1"
     make_run(run)
     releases = {}
     for variant in ("aligned", "quantized"):
@@ -356,6 +357,8 @@ def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(
         rel = store.create(model, VLLMArgs(), release_id=f"rel-{variant}")
         store.set_status(rel.release_id, "staged", "healthy (test)")
         releases[variant] = {"release_id": rel.release_id}
+    # The stored results the release manager recomputes the decision from (require_approval on).
+    verifiable_decision(store, run, "aligned", "rel-aligned", require_approval=True)
     gate = {v: {"passed": v == "aligned", "require_approval": True, "rules": []} for v in releases}
     report_json = run / "report" / "decision.json"
     report_json.write_text(json.dumps({"gate": gate | {"serving_choice": {}}}))

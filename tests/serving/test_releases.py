@@ -20,7 +20,7 @@ from serving.server import ServeConfig
 from serving.vllm_server import VLLMArgs
 from training.config import ConfigError, load_config, repo_root
 
-GATE_PASSED = {"gate": {"passed": True}}  # what the loop attaches when a candidate passes
+HAND_MADE = {"gate": {"passed": True, "decision": "promote"}}  # what once unlocked a promotion
 
 
 def _staged(store: ReleaseStore, model: Path, rid: str) -> str:
@@ -53,13 +53,14 @@ def test_store_persists_record_link_and_lineage(data_home: Path, model_dir: Path
         store.get("nope")
 
 
-def test_offline_promote_and_rollback_walk_the_statuses(data_home: Path, model_dir: Path) -> None:
+def test_offline_promote_and_rollback_walk_the_statuses(
+    data_home: Path, model_dir: Path, write_decision_files, simple_gate: Path
+) -> None:
     store = ReleaseStore()
     a, b, c = (_staged(store, model_dir, r) for r in ("a", "b", "c"))
-    for rid in (a, b):
-        store.attach_eval(rid, GATE_PASSED)
-    store.promote_offline(a)
-    store.promote_offline(b)
+    store.promote_offline(a, force=True, reason="first release: nothing live to compare with")
+    store.attach_eval(b, write_decision_files(data_home, "r1", "aligned", b, model_dir))
+    store.promote_offline(b, gate_file=simple_gate)
     assert [r.status for r in store.list()] == ["previous", "live", "staged"]
     store.promote_offline(c, force=True, reason="gate said keep; owner overrode")
     assert {r.release_id: r.status for r in store.list()} == {
@@ -148,8 +149,10 @@ def test_cli_offline_promote_and_list(data_home: Path, model_dir: Path, monkeypa
     runner = CliRunner()
     res = runner.invoke(app, ["release", "promote", "r1"])
     assert res.exit_code == 1 and "no passing gate decision" in res.output  # the gate decides
-    store.attach_eval("r1", GATE_PASSED)
+    store.attach_eval("r1", HAND_MADE)
     res = runner.invoke(app, ["release", "promote", "r1"])
+    assert res.exit_code == 1 and "no passing gate decision" in res.output  # a dict is no decision
+    res = runner.invoke(app, ["release", "promote", "r1", "--force", "--reason", "first release"])
     assert res.exit_code == 0, res.output
     assert "no gateway running" in res.output and store.get("r1").status == "live"
     res = runner.invoke(app, ["release", "list"])
@@ -196,7 +199,7 @@ def test_cli_talks_to_running_gateway_and_needs_admin_key(data_home: Path, monke
 
 
 def test_promotion_goes_through_the_gate(data_home: Path, model_dir: Path) -> None:
-    """A never-live release needs a passing gate decision attached, or force with a reason."""
+    """A never-live release needs a passing gate decision, or force with a reason."""
     store = ReleaseStore()
     rid = _staged(store, model_dir, "cand")
     with pytest.raises(ReleaseError, match="no passing gate decision"):
@@ -206,3 +209,37 @@ def test_promotion_goes_through_the_gate(data_home: Path, model_dir: Path) -> No
         store.promote_offline(rid)
     forced = store.promote_offline(rid, force=True, reason="incident 42: the live model leaks")
     assert forced.status == "live" and forced.history[-1].forced
+
+
+def test_hand_made_report_does_not_unlock_promotion(
+    data_home: Path, model_dir: Path, tmp_path: Path, write_decision_files, simple_gate: Path
+) -> None:
+    """The manager recomputes the decision from the run folder's stored per-item results with its
+    own gate policy: an attached verdict, a run folder outside the data dir, evals of another
+    release or against a model that is no longer live, and results that fail all stay refused."""
+    store = ReleaseStore()
+    live = _staged(store, model_dir, "live")
+    store.promote_offline(live, force=True, reason="first release")
+    cand = _staged(store, tmp_path, "cand")
+
+    def refused(report: dict, why: str) -> None:
+        store.attach_eval(cand, report)
+        with pytest.raises(ReleaseError, match=why):
+            store.promote_offline(cand, gate_file=simple_gate)
+        with ReleaseManager(store, gate_file=simple_gate) as manager, pytest.raises(ReleaseError, match=why):
+            manager.promote(cand)  # the running gateway's path: refused before anything starts
+        assert store.live().release_id == live
+
+    refused(HAND_MADE, "does not name the run folder")
+    elsewhere = tmp_path / "runs"
+    outside = write_decision_files(tmp_path, "r0", "aligned", cand, model_dir)  # not under the data dir
+    assert Path(outside["run_dir"]).is_relative_to(elsewhere)
+    refused(outside, "must be a loop run under")
+    refused(write_decision_files(data_home, "r1", "aligned", "someone-else", model_dir), "of release 'someone-else'")
+    refused(write_decision_files(data_home, "r2", "aligned", cand, tmp_path / "old-live"), "live now serves")
+    refused(write_decision_files(data_home, "r3", "aligned", cand, model_dir, better=0, worse=20), "says fail")
+    refused(write_decision_files(data_home, "r4", "aligned", cand, model_dir, better=2, n=60), "inconclusive")
+
+    store.attach_eval(cand, write_decision_files(data_home, "r5", "aligned", cand, model_dir))
+    assert store.promote_offline(cand, gate_file=simple_gate).status == "live"
+    assert store.get(cand).history[-1].forced is False

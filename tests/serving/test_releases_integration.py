@@ -40,7 +40,6 @@ GATEWAY = GatewayConfig(
     admin_key_sha256=hash_key(ADMIN_KEY),
 )
 
-GATE_PASSED = {"gate": {"passed": True}}  # what the loop attaches when a candidate passes
 
 
 def _live_group_members(pgids: set[int]) -> list[int]:
@@ -150,9 +149,11 @@ def _head_dim_16_model(tiny: Path, dest: Path) -> Path:
     return dest
 
 
-def test_blue_green_in_process(tiny_model_dir: Path, data_home: Path, tmp_path: Path) -> None:
+def test_blue_green_in_process(
+    tiny_model_dir: Path, data_home: Path, tmp_path: Path, write_decision_files, simple_gate: Path
+) -> None:
     logs = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
-    manager = ReleaseManager(ReleaseStore(), grace_s=600, default_args=ARGS)
+    manager = ReleaseManager(ReleaseStore(), grace_s=600, default_args=ARGS, gate_file=simple_gate)
     app = create_app(GATEWAY, manager, logs, extra_routers=[build_admin_router(manager)])
     pgids: set[int] = set()
     try:
@@ -171,13 +172,13 @@ def test_blue_green_in_process(tiny_model_dir: Path, data_home: Path, tmp_path: 
             )
             assert blue.status == "staged" and blue.source["stage"] == "merge"
             assert _chat(url)["status"] == 503, "a staged release must not be routed to"
-            admin.attach_eval("blue", GATE_PASSED)
-            assert admin.promote("blue").status == "live"
+            # Nothing is live yet, so there is nothing to gate against: the first one is forced.
+            assert admin.promote("blue", force=True, reason="first release").status == "live"
             first = _chat(url)
             assert first["status"] == 200 and _release_of(logs, first["id"]) == "blue"
 
             green = manager.stage(tiny_model_dir, release_id="green")  # the flows' Python API
-            manager.attach_eval("green", GATE_PASSED)
+            manager.attach_eval("green", write_decision_files(data_home, "r1", "aligned", "green", tiny_model_dir))
             assert green.status == "staged" and manager.current().release_id == "blue"
             pgids |= {w["pid"] for w in manager.warm().values()}
 
@@ -270,7 +271,9 @@ def _stop_serve(proc: subprocess.Popen, env: dict[str, str]) -> None:
     assert not _live_group_members(pgids), "vLLM left running after `alignloop serve` exited"
 
 
-def test_cli_round_trip_and_restart(tiny_model_dir: Path, data_home: Path, tmp_path: Path) -> None:
+def test_cli_round_trip_and_restart(
+    tiny_model_dir: Path, data_home: Path, tmp_path: Path, write_decision_files, simple_gate: Path
+) -> None:
     port = free_port()
     cfg = {
         "port": port,
@@ -280,6 +283,7 @@ def test_cli_round_trip_and_restart(tiny_model_dir: Path, data_home: Path, tmp_p
             "grace_s": 600,
             "initial_model": str(tiny_model_dir),
             "default_args": ARGS.model_dump(mode="json"),
+            "gate_file": str(simple_gate),
         },
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
@@ -314,7 +318,7 @@ def test_cli_round_trip_and_restart(tiny_model_dir: Path, data_home: Path, tmp_p
         assert res.returncode == 0 and "green: staged" in res.stdout, res.stdout + res.stderr
         assert _wait_serving(url, first) == first  # staged, not routed
         gate_file = tmp_path / "gate-passed.json"
-        gate_file.write_text(json.dumps(GATE_PASSED))
+        gate_file.write_text(json.dumps(write_decision_files(data_home, "r1", "q", "green", tiny_model_dir)))
         assert _cli("release", "attach-eval", "green", str(gate_file), env=env).returncode == 0
         res = _cli("release", "promote", "green", env=env)
         assert res.returncode == 0 and "green: live" in res.stdout, res.stderr
