@@ -2,8 +2,8 @@
 
 This process owns every vLLM it starts. The live release boots in the background while the
 gateway already listens (it answers 503 until the upstream is ready); on exit (SIGINT/SIGTERM,
-or an error) every vLLM is stopped, and if the process is killed outright the servers get
-SIGTERM from the kernel (``PR_SET_PDEATHSIG`` in :mod:`serving.vllm_server`).
+or an error) every vLLM is stopped, and if the process is killed outright each server's
+watchdog stops it (:mod:`training.procs`).
 
 While it runs, ``<data dir>/server.json`` says where it listens, so ``alignloop release ...``
 talks to its admin API instead of editing the files under it.

@@ -12,12 +12,8 @@ report healthy and die at its first request (a CPU attention kernel that rejects
 from __future__ import annotations
 
 import atexit
-import contextlib
-import ctypes
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +26,9 @@ from pydantic import Field
 
 from serving.platform import Platform, detect, serving_dtype
 from training.config import StrictModel, repo_root
+from training.procs import free_port, owned_popen, stop_group
+
+__all__ = ["VLLMArgs", "VLLMServer", "VLLMStartError", "build_command", "free_port", "serve_python"]
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +64,6 @@ class VLLMStartError(RuntimeError):
 def serve_python() -> Path:
     """The serving env's interpreter: ``$ALIGNLOOP_SERVE_PYTHON`` or ``<repo>/.venv-serve/bin/python``."""
     return Path(os.environ.get("ALIGNLOOP_SERVE_PYTHON", repo_root() / ".venv-serve/bin/python"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM the server when the process that started it dies, however it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 _LIVE: set[VLLMServer] = set()
@@ -185,10 +172,9 @@ class VLLMServer:
         log.info("starting vLLM on port %d: %s", self.port, " ".join(cmd))
         logf = self.log_path.open("ab")
         self._t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )
+        # Under a watchdog in its own process group: the server and its engine processes stop
+        # when this process exits, however it exits (training/procs.py).
+        self.proc = owned_popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         logf.close()
         with _LIVE_LOCK:
             _LIVE.add(self)
@@ -263,33 +249,8 @@ class VLLMServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                # Children (engine core) may outlive the leader briefly; sweep the group.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        _wait_group_gone(proc.pid)
+        stop_group(proc, timeout_s)
         log.info("vLLM on port %d stopped", self.port)
-
-
-def _wait_group_gone(pgid: int, timeout_s: float = 10) -> None:
-    """Wait until no process of the group is left (killed children take a moment to be reaped)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    log.warning("processes of group %d still present after %.0fs", pgid, timeout_s)
 
 
 def _looks_like_hub_id(name: str) -> bool:
