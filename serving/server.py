@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import Field
 
 from serving.gateway_config import GatewayConfig, load_gateway_config
+from serving.placement import PlacementConfig
 from serving.vllm_server import VLLMArgs
 from training.config import StrictModel, data_dir, repo_root
 
@@ -45,6 +46,10 @@ class ReleasesConfig(StrictModel):
         "embedded",
         description="Staged and promoted when no release is live yet ('embedded', a folder or a "
         "hub id); None = start with no upstream (503) until one is promoted.",
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig,
+        description="How releases share the GPUs: whole GPUs or memory shares (GPU machines only).",
     )
 
 
@@ -151,7 +156,9 @@ def run_serve(cfg: ServeConfig) -> None:
     )  # one INFO line per proxied request otherwise
     gw = cfg.gateway_config()
     store = LogStore(gw.log_store_url or default_url())
-    manager = ReleaseManager(ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args)
+    manager = ReleaseManager(
+        ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args, cfg.releases.placement
+    )
     info = server_file()
     try:
         review = build_review_router(manager.store, candidates_of(manager))  # /review

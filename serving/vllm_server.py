@@ -41,14 +41,19 @@ class VLLMArgs(StrictModel):
     )
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer in tokens.")
     kv_cache_gib: int = Field(1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE; whole GiB).")
-    gpu_memory_utilization: float = Field(
-        0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only)."
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1,
+        description="Fraction of each GPU's memory this server may take (GPU only); None = the "
+        "share its placement gives it (serving/placement.py), 0.9 when started on its own.",
     )
     enforce_eager: bool | None = Field(
         None, description="Skip CUDA graphs/torch.compile; None = true on CPU (start-up 250 s -> 50 s)."
     )
     max_num_seqs: int | None = Field(None, gt=0, description="Max concurrent sequences; None = vLLM's default.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over (per replica).")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Model replicas behind one server (each on tensor_parallel_size GPUs)."
+    )
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, verbatim.")
     env: dict[str, str] = Field(
         default_factory=dict,
@@ -65,6 +70,9 @@ def serve_python() -> Path:
     """The serving env's interpreter: ``$ALIGNLOOP_SERVE_PYTHON`` or ``<repo>/.venv-serve/bin/python``."""
     return Path(os.environ.get("ALIGNLOOP_SERVE_PYTHON", repo_root() / ".venv-serve/bin/python"))
 
+
+WHOLE_GPU_SHARE = 0.9
+"""gpu_memory_utilization of a server that was given no share (it has its GPUs to itself)."""
 
 _LIVE: set[VLLMServer] = set()
 _LIVE_LOCK = threading.Lock()
@@ -95,8 +103,10 @@ def build_command(
     if eager:
         cmd.append("--enforce-eager")
     if platform.has_gpu:
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization or WHOLE_GPU_SHARE)]
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+        if args.data_parallel_size > 1:
+            cmd += ["--data-parallel-size", str(args.data_parallel_size)]
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
     if args.max_num_seqs:
