@@ -142,7 +142,7 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
 
 def serving_choice(
     cfg: LoopConfig, metrics: dict[str, dict[str, float]], schemes: dict[str, str],
-    passing: list[str], window: tuple[Any, Any],
+    passing: list[str], window: tuple[Any, Any], kernels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Among the candidates that passed the gate, the cheapest $/1M at the SLO for the workload
     the window's logs show (or ``workload_concurrency`` from the config)."""
@@ -170,14 +170,15 @@ def serving_choice(
         workload = workload_from_logs(exchanges, usd, slo)
     points = [
         m for v in metrics
-        for m in measurements_from_perf_metrics(v, schemes.get(v, "bf16"), "default", metrics[v])
+        for m in measurements_from_perf_metrics(
+            v, schemes.get(v, "bf16"), (kernels or {}).get(v, "default"), metrics[v])
     ]
     return choose(points, workload, allowed_variants=passing, baseline_variant="baseline")
 
 
 def decide(
     cfg: LoopConfig, run_dir: Path, metrics: dict[str, dict[str, float]],
-    schemes: dict[str, str], window: tuple[Any, Any],
+    schemes: dict[str, str], window: tuple[Any, Any], kernels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Gate every candidate against the live baseline, render the report, pick what to promote."""
     from evals import report
@@ -191,7 +192,7 @@ def decide(
     choice: dict[str, Any] = {}
     if passing:
         try:
-            choice = serving_choice(cfg, metrics, schemes, list(passing), window)
+            choice = serving_choice(cfg, metrics, schemes, list(passing), window, kernels)
         except (ConfigError, ValueError, KeyError) as exc:  # no perf grid: fall back to $ alone
             choice = {"chosen": None, "reason": f"serving choice unavailable ({exc})"}
     chosen = (choice.get("chosen") or {}).get("variant")
