@@ -66,10 +66,11 @@ def launch_training(
     return asdict(result)
 
 
-def kernels_for(cfg: LoopConfig, scheme: str) -> list[str]:
-    """vLLM kernels to stage a candidate of ``scheme`` with: ``cfg.kernels`` for W4A16 on a GPU
-    (Marlin beats vLLM's default Machete at low concurrency and loses at high), else default."""
-    if scheme != "w4a16" or not gpu_inventory(cfg.placement):
+def kernels_for(cfg: LoopConfig, scheme: str, live: dict[str, Any]) -> list[str]:
+    """vLLM kernels to stage a candidate of ``scheme`` with: ``cfg.kernels`` for W4A16 where the
+    gateway serves on GPUs (the live release's placement says so), else the default one. Marlin
+    beats vLLM's default Machete at low concurrency and loses at high, so both are measured."""
+    if scheme != "w4a16" or not (live.get("placement") or {}).get("devices"):
         return ["default"]
     return list(dict.fromkeys(cfg.kernels))
 

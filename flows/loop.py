@@ -210,7 +210,7 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     for variant in cfg.candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
                   "variant": variant, "window": [str(win.since), str(win.until)]}
-        for kernel in kernels_for(cfg, schemes[variant]):  # W4A16 on a GPU: Machete and Marlin
+        for kernel in kernels_for(cfg, schemes[variant], releases["baseline"]):  # W4A16 on a GPU: Machete, Marlin
             name = variant + KERNEL_VARIANT_SUFFIX[kernel]
             releases[name] = stage_release(cfg, name, models[variant], {**source, "variant": name}, kernel)
             schemes[name], kernels[name] = schemes[variant], kernel

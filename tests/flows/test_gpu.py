@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from flows import gpu
 from flows.loop_config import load_loop_config
-from serving.placement import Gpu
 from serving.vllm_server import VLLMArgs
 
 
@@ -46,14 +43,15 @@ def test_live_release_is_labelled_with_what_it_serves(tmp_path: Path) -> None:
     assert gpu.served_label({"model_dir": int4, "vllm_args": VLLMArgs().model_dump()}) == ("w4a16", "default")
 
 
-def test_kernels_tried_per_scheme_and_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernels_tried_per_scheme_and_machine() -> None:
     cfg = load_loop_config("configs/loop.yaml")
-    monkeypatch.setattr(gpu, "gpu_inventory", lambda _cfg=None: ())
-    assert gpu.kernels_for(cfg, "w4a16") == ["default"]  # a CPU has one int4 path
-    monkeypatch.setattr(gpu, "gpu_inventory", lambda _cfg=None: (Gpu(0, "NVIDIA H200", 143771),))
-    assert gpu.kernels_for(cfg, "w4a16") == ["default", "marlin"]
-    assert gpu.kernels_for(cfg, "fp8-dynamic") == ["default"]
-    assert gpu.kernels_for(cfg, "bf16") == ["default"]
+    on_cpu = {"placement": {"devices": [], "share": None}}
+    on_gpu = {"placement": {"devices": [0], "share": 0.15}}
+    assert gpu.kernels_for(cfg, "w4a16", on_cpu) == ["default"]  # a CPU has one int4 path
+    assert gpu.kernels_for(cfg, "w4a16", {}) == ["default"]  # a release never placed
+    assert gpu.kernels_for(cfg, "w4a16", on_gpu) == ["default", "marlin"]
+    assert gpu.kernels_for(cfg, "fp8-dynamic", on_gpu) == ["default"]
+    assert gpu.kernels_for(cfg, "bf16", on_gpu) == ["default"]
     only = load_loop_config("configs/loop.yaml", ["kernels=[marlin]"])
-    assert gpu.kernels_for(only, "w4a16") == ["marlin"]
+    assert gpu.kernels_for(only, "w4a16", on_gpu) == ["marlin"]
     assert gpu.KERNEL_VARIANT_SUFFIX["marlin"] == "-marlin"
