@@ -97,26 +97,29 @@ def platform_args(python: str, glibc: str) -> list[str]:
     return args + ["--platform", "manylinux2014_x86_64", "--platform", "manylinux1_x86_64"]
 
 
-def pip(*args: str) -> None:
+def pip(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PIP_CONSTRAINT": ""}  # the build machine's own caps do not apply
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, env=env)
+    return subprocess.run([sys.executable, "-m", "pip", *args], check=not capture, env=env,
+                          capture_output=capture, text=True)
 
 
 def download(pins: list[str], dest: Path, plat: list[str]) -> None:
     """Binary wheels for the box; a pin with no wheel (a pure-Python sdist) is built into one."""
     dest.mkdir(parents=True, exist_ok=True)
-    req = dest.parent / f"{dest.name}-requirements.txt"
-    req.write_text("\n".join(pins) + "\n")
-    try:
-        pip("download", "-q", "--no-deps", *plat, "-d", str(dest), "-r", str(req))
-        return
-    except subprocess.CalledProcessError:
-        pass
-    for pin in pins:  # one at a time to find the ones without a wheel for the box
-        try:
-            pip("download", "-q", "--no-deps", *plat, "-d", str(dest), pin)
-        except subprocess.CalledProcessError:
-            pip("wheel", "-q", "--no-deps", "-w", str(dest), pin)
+    todo = list(pins)
+    while todo:
+        req = dest.parent / f"{dest.name}-requirements.txt"
+        req.write_text("\n".join(todo) + "\n")
+        res = pip("download", "-q", "--no-deps", *plat, "-d", str(dest), "-r", str(req), capture=True)
+        if res.returncode == 0:
+            return
+        # pip names the first pin it found no wheel for: build that one, then try the rest again.
+        m = re.search(r"No matching distribution found for (\S+)", res.stderr)
+        missing = next((p for p in todo if m and canonical(p.split("==")[0]) == canonical(m.group(1).split("==")[0])), None)
+        if missing is None:
+            raise SystemExit(f"pip download failed:\n{res.stderr[-2000:]}")
+        pip("wheel", "-q", "--no-deps", "-w", str(dest), missing)
+        todo.remove(missing)
 
 
 def drop_files(wheel: Path, prefixes: list[str]) -> int:
