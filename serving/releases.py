@@ -429,7 +429,9 @@ class ReleaseManager:
     def _place(self, rel: Release) -> Placement:
         """Devices for the release beside the warm ones (reserved until it stops or fails)."""
         with self._placing:
-            others = {rid: p for rid, p in self._held.items() if rid != rel.release_id}
+            # A server that died on its own no longer holds its share; one still starting does.
+            others = {rid: p for rid, p in self._held.items() if rid != rel.release_id
+                      and (rid not in self._servers or self._servers[rid].alive())}
             try:
                 placement = place_release(rel.args(), self.gpus, others, self.placement)
             except PlacementError as exc:  # reported like any other failed start
@@ -454,9 +456,9 @@ class ReleaseManager:
             with self._gpu_start if not placement.on_cpu else contextlib.nullcontext():
                 server.start(wait=False)
                 server.wait_ready()  # stops the process itself if it does not become ready
-        except VLLMStartError:
+        except BaseException as exc:
             self._held.pop(rel.release_id, None)
-            if self._closed:  # shutdown() killed it mid-start: not the release's fault
+            if isinstance(exc, VLLMStartError) and self._closed:  # shutdown() killed it mid-start
                 raise ReleaseError("release manager shut down during start-up") from None
             raise
         finally:
