@@ -10,7 +10,9 @@ SERVE_REQ := $(if $(HAS_GPU),requirements/serve-gpu.in,requirements/serve-cpu.lo
 
 # Where torch==2.13.0+cpu comes from: pip's configured sources when they carry it (this machine's
 # local wheel folder), PyTorch's CPU wheel index everywhere else. Override: make setup TORCH_INDEX=...
-TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),,https://download.pytorch.org/whl/cpu)
+# With a GPU the pipeline env takes PyPI's CUDA build instead (TORCH_GPU; docs/GPU.md).
+TORCH_INDEX ?= $(if $(HAS_GPU),,$(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),,https://download.pytorch.org/whl/cpu))
+TORCH_GPU ?= torch==2.13.0
 PIP := pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 # Tests and the demo never reach a model hub; everything they load is local.
@@ -41,7 +43,13 @@ browser:
 $(VENV)/.installed: requirements/pipeline.lock pyproject.toml
 	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
+ifeq ($(HAS_GPU),)
 	$(VENV)/bin/$(PIP) -r requirements/pipeline.lock
+else
+	# The lock pins the CPU build of torch; training on the GPU needs the CUDA one.
+	grep -v '^torch==' requirements/pipeline.lock > $(VENV)/pipeline-gpu.txt
+	$(VENV)/bin/$(PIP) $(TORCH_GPU) -r $(VENV)/pipeline-gpu.txt
+endif
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 

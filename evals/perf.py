@@ -86,12 +86,13 @@ def run_benches(runs: list[list[str]], api_key: str, timeout_s: float, workdir: 
     cmd = [str(serve_python()), "-P", str(BENCH_SCRIPT), "--runs-file", str(runs_file)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update({"OPENAI_API_KEY": api_key, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    from training.procs import run_owned  # the client stops with us, however we stop
+
     with open(log_file, "w") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                              timeout=timeout_s * len(runs))
-    if proc.returncode != 0:
+        code = run_owned(cmd, timeout_s=timeout_s * len(runs), stdout=logf, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
-        raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+        raise RuntimeError(f"vllm bench serve failed (exit {code}); log {log_file}:\n{tail}")
 
 
 def summarize(raw: dict[str, Any], percentiles: list[int]) -> dict[str, float]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import signal
+import sys
 
 import typer
 
@@ -25,8 +27,18 @@ app.add_typer(model_app, name="model")
 _AREAS = ("cli_serving", "cli_data", "cli_training", "cli_evals", "cli_flows")
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a cancelled Prefect run, systemd) unwinds like Ctrl-C, so `finally`
+    blocks and exit handlers stop what the command started. A handler someone else installed
+    (uvicorn's, Prefect's) is left alone; SIGKILL is handled by the children's watchdogs
+    (training/procs.py)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    _exit_on_sigterm()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -55,12 +55,19 @@ def schedule(
     cron: str = typer.Option(..., help='Cron schedule, e.g. "0 3 * * *" (daily at 03:00).'),
     name: str = typer.Option("scheduled", help="Deployment name."),
     config: str = _CONFIG,
+    pool: str = typer.Option("alignloop", help="Prefect work pool the deployment goes to (created if missing)."),
+    pool_type: str = typer.Option("process", help="Type of a pool that does not exist yet (process, docker, kubernetes, ...)."),
     register_only: bool = typer.Option(
-        False, help="Create/update the deployment and exit (run it with your own worker or `prefect` runner)."
+        False, help="Create/update the deployment and exit; a worker of the pool runs it "
+        "(`prefect worker start --pool alignloop`, e.g. on the GPU machine).",
     ),
     overrides: list[str] = _OVERRIDES,
 ) -> None:
-    """Serve the loop on a cron schedule (each run takes the window since the last successful one)."""
+    """Put the loop on a cron schedule in a work pool, then run a worker for it here.
+
+    Each run takes the window since the last successful one; runs of the same base model never
+    overlap (a global concurrency limit of one slot per model).
+    """
     from flows import prefect_env
 
     _check_config(config, overrides or [])
@@ -69,12 +76,16 @@ def schedule(
         state = prefect_env.start_ui()
         os.environ["PREFECT_API_URL"] = state["api_url"]
         where = f"local Prefect UI at {state['ui_url']}"
-    from flows.schedule import register_deployment, serve_deployment
+    from flows.schedule import register_deployment, worker_command
 
-    deployment_id = register_deployment(name, cron, config, overrides or [])
-    typer.echo(f"deployment alignment-loop/{name} ({deployment_id}) with cron {cron!r} on {where}")
-    if not register_only:
-        serve_deployment(name, cron, config, overrides or [])
+    deployment_id = register_deployment(name, cron, config, overrides or [], pool, pool_type)
+    typer.echo(f"deployment alignment-loop/{name} ({deployment_id}) with cron {cron!r} in work pool {pool!r} on {where}")
+    cmd = worker_command(pool)
+    if register_only:
+        typer.echo(f"start a worker where the loop should run (same checkout path): {' '.join(cmd[1:])}")
+        return
+    typer.echo(f"starting a worker for pool {pool!r} here (Ctrl-C stops it)")
+    os.execv(cmd[0], cmd)  # the worker replaces this process: its signals, its exit code
 
 
 def ui(

@@ -47,7 +47,12 @@ def _make_command(module: str, cls_name: str, default_file: str, help_text: str)
         mod = importlib.import_module(module)
         try:
             cfg = load_config(getattr(mod, cls_name), config or _default_config(default_file), overrides or [])
-            result = asdict(mod.run(cfg))
+            if hasattr(cfg, "launch"):  # SFT, DPO: `accelerate launch` on GPUs (training/launch.py)
+                from training.launch import run_stage
+
+                result = asdict(run_stage(module.rsplit(".", 1)[1], cfg))
+            else:
+                result = asdict(mod.run(cfg))
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -30,8 +30,11 @@ def _say(msg: str) -> None:
     typer.echo(f"[demo {time.strftime('%H:%M:%S')}] {msg}")
 
 
-def _start_gateway(log_path: Path, timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
-    """`alignloop serve` in a child process; wait until the live release answers through it."""
+def _start_gateway(log_path: Path, keep: bool = False, timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
+    """`alignloop serve` in a child process; wait until the live release answers through it.
+
+    It stops with the demo (training/procs.py), unless ``keep``: then it is detached and serves on.
+    """
     from serving.server import running_server, server_file
     from serving.vllm_server import free_port
 
@@ -40,11 +43,15 @@ def _start_gateway(log_path: Path, timeout_s: float = 600) -> tuple[subprocess.P
     server_file().unlink(missing_ok=True)
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    from training.procs import owned_popen
+
+    cmd = [sys.executable, "-m", "flows.cli", "serve", f"port={port}"]
     with log_path.open("ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", f"port={port}"],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=repo_root(),
-        )
+        out = {"stdout": logf, "stderr": subprocess.STDOUT, "cwd": repo_root()}
+        if keep:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, **out)
+        else:
+            proc = owned_popen(cmd, grace_s=90, **out)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -83,7 +90,7 @@ def run_demo(overrides: list[str], keep_serving: bool = False) -> int:
     _say(f"base model {model.path} ({model.check_answer!r})")
 
     t = time.monotonic()
-    proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log")
+    proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving)
     timings["start gateway + live release"] = time.monotonic() - t
     _say(f"gateway at {url} (OpenAI base {url}/v1); live release up")
     try:

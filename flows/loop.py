@@ -37,18 +37,17 @@ def build_datasets(cfg: LoopConfig, run_dir: str, since: datetime | None, until:
 
 @task(name="sft")
 def train_sft(cfg: LoopConfig, run_dir: str, dataset_path: str) -> dict:
-    from training.sft import run
+    from flows.gpu import launch_training  # accelerate launch on free GPUs; inline on a CPU
 
-    return asdict(run(cfg.stage_config("sft", run_dir=run_dir, dataset_path=dataset_path)))
+    return launch_training(cfg, "sft", get_run_logger().info, run_dir=run_dir, dataset_path=dataset_path)
 
 
 @task(name="dpo")
 def train_dpo(cfg: LoopConfig, run_dir: str, dataset_path: str, sft_adapter: str) -> dict:
-    from training.dpo import run
+    from flows.gpu import launch_training
 
-    return asdict(run(cfg.stage_config(
-        "dpo", run_dir=run_dir, dataset_path=dataset_path, sft_adapter=sft_adapter
-    )))
+    return launch_training(cfg, "dpo", get_run_logger().info, run_dir=run_dir,
+                           dataset_path=dataset_path, sft_adapter=sft_adapter)
 
 
 @task(name="merge")
@@ -98,17 +97,20 @@ def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
 
 
 @task(name="stage release", retries=2, retry_delay_seconds=10)
-def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict) -> dict:
+def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, kernel: str = "default") -> dict:
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
+    from flows.gpu import kernel_args
     from flows.steps import admin_client
 
     with admin_client(cfg) as admin:
         for rel in admin.describe():
             src = rel.get("source", {})
-            same = src.get("model_dir") == model_dir and "copy_of" not in src
+            same = (src.get("model_dir") == model_dir and "copy_of" not in src
+                    and src.get("kernel", "default") == kernel)
             if same and rel["status"] in ("staged", "live", "previous") and rel.get("warm"):
                 return rel
-        rel = admin.stage(model_dir, cfg.candidate_args, source={**source, "model_dir": model_dir})
+        rel = admin.stage(model_dir, kernel_args(cfg.candidate_args, kernel),
+                          source={**source, "model_dir": model_dir, "kernel": kernel})
         if rel.status != "staged":
             raise RuntimeError(f"{variant} release {rel.release_id} failed to start: {rel.history[-1].reason}")
         return next(r for r in admin.describe() if r["release_id"] == rel.release_id)
@@ -125,11 +127,12 @@ def evaluate_release(
 
 @task(name="report + gate")
 def report_and_gate(
-    cfg: LoopConfig, run_dir: str, metrics: dict[str, dict], schemes: dict[str, str], workload: dict
+    cfg: LoopConfig, run_dir: str, metrics: dict[str, dict], schemes: dict[str, str], workload: dict,
+    kernels: dict[str, str] | None = None,
 ) -> dict:
     from flows.steps import decide
 
-    return decide(cfg, Path(run_dir), metrics, schemes, workload)
+    return decide(cfg, Path(run_dir), metrics, schemes, workload, kernels)
 
 
 @task(name="attach evals + promote or keep", retries=2, retry_delay_seconds=5)
@@ -200,8 +203,15 @@ def alignment_loop(
         since: Window start; None = where the last successful run ended (or a pending window).
         until: Window end; None = now.
     """
-    logger = get_run_logger()
+    from flows.schedule import one_run_per_model
+
     cfg = load_loop_config(config, overrides or [])
+    with one_run_per_model(cfg.model.name_or_path):  # never two runs of one model at once
+        return _align(cfg, since, until)
+
+
+def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> dict[str, Any]:
+    logger = get_run_logger()
     win = windows.resolve(since, until)
     run_dir = data_dir() / "runs" / win.run_id
     windows.mark_pending(win)  # a failed run is resumed on the same window (flows/window.py)
@@ -218,24 +228,31 @@ def alignment_loop(
         models["quantized"] = quant["model_dir"]
         schemes["quantized"] = quant["scheme"]
 
-    # The baseline is an idle copy of live, staged like a candidate and labelled with live's scheme.
-    # The baseline is an idle copy of live, staged like a candidate and labelled with live's scheme.
-    # It is evaluated and stopped before the candidates start, so no more vLLMs run at once than
-    # live + two candidates (its results stay in the run folder, which is what the gate reads).
+    from flows.gpu import KERNEL_VARIANT_SUFFIX, kernels_for
+
+    # The baseline is an idle copy of live, staged like a candidate and labelled with what live
+    # really serves (scheme and kernel). It is evaluated and stopped before the candidates start,
+    # so no more vLLMs run at once than live + the candidates (its results stay in the run folder,
+    # which is what the gate reads).
     workload = find_workload(cfg, (win.since, win.until))
-    baseline = stage_baseline(cfg, find_live_release(cfg))
+    live = find_live_release(cfg)
+    baseline = stage_baseline(cfg, live)
     releases = {"baseline": baseline}
     schemes = {"baseline": baseline["source"]["scheme"], **schemes}
+    kernels = {"baseline": baseline["source"].get("kernel", "default")}
     metrics = {"baseline": evaluate_release(
         cfg, "baseline", baseline, str(run_dir), data["dataset_path"], workload["concurrency"])}
     retire_release(cfg, baseline["release_id"], "baseline copy evaluated")
     for variant in cfg.candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
                   "variant": variant, "scheme": schemes[variant], "window": [str(win.since), str(win.until)]}
-        releases[variant] = stage_release(cfg, variant, models[variant], source)
-        metrics[variant] = evaluate_release(
-            cfg, variant, releases[variant], str(run_dir), data["dataset_path"], workload["concurrency"])
-    decision = report_and_gate(cfg, str(run_dir), metrics, schemes, workload)
+        for kernel in kernels_for(cfg, schemes[variant], live):  # W4A16 on a GPU: Machete, Marlin
+            name = variant + KERNEL_VARIANT_SUFFIX[kernel]
+            releases[name] = stage_release(cfg, name, models[variant], {**source, "variant": name}, kernel)
+            schemes[name], kernels[name] = schemes[variant], kernel
+            metrics[name] = evaluate_release(
+                cfg, name, releases[name], str(run_dir), data["dataset_path"], workload["concurrency"])
+    decision = report_and_gate(cfg, str(run_dir), metrics, schemes, workload, kernels)
 
     winner = decision.get("winner")
     promotion = apply_decision(cfg, releases, decision, str(run_dir))
@@ -244,6 +261,7 @@ def alignment_loop(
     outcome = {
         "run_dir": str(run_dir), "window": [str(win.since), str(win.until)],
         "decision": decision["summary"], "winner": winner, "promotion": promotion,
+        "served": {v: {"scheme": schemes[v], "kernel": kernels[v]} for v in releases},
         "report": decision["report_md"], "releases": {k: v["release_id"] for k, v in releases.items()},
     }
     (run_dir / "loop-result.json").write_text(json.dumps(outcome, indent=2, default=str))

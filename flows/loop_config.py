@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from serving.placement import PlacementConfig
 from serving.vllm_server import VLLMArgs
 from training.config import (
     ConfigError,
@@ -92,6 +93,15 @@ class LoopConfig(StrictModel):
     )
     candidate_args: VLLMArgs = Field(
         default_factory=VLLMArgs, description="vLLM arguments of staged candidates."
+    )
+    kernels: list[Literal["default", "marlin"]] = Field(
+        default_factory=lambda: ["default", "marlin"], min_length=1,
+        description="vLLM kernels a W4A16 candidate is staged and measured with on a GPU (one "
+        "release each; the serving choice picks); other schemes and CPUs use the default.",
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig,
+        description="GPU sharing rules for training beside the gateway's releases (use the gateway's).",
     )
     workload_concurrency: int | None = Field(
         None, ge=1,

@@ -70,18 +70,18 @@ def live_release(cfg: LoopConfig) -> dict[str, Any]:
 
 def stage_baseline(cfg: LoopConfig, live: dict[str, Any]) -> dict[str, Any]:
     """An idle copy of the live release, staged like a candidate: the evals never load-test the
-    release that serves users, and the baseline carries live's real scheme (from its source, or
-    read from its model folder)."""
-    from evals.serving_choice import scheme_of_model
+    release that serves users, and the baseline carries what live really serves: the scheme of its
+    checkpoint and the kernel its vLLM arguments select."""
+    from flows.gpu import kernel_args, served_label
 
-    scheme = live.get("source", {}).get("scheme") or scheme_of_model(live["model_dir"])
+    scheme, kernel = served_label(live)
     with admin_client(cfg) as admin:
         for rel in admin.describe():  # a copy staged by an earlier attempt of this run
             src = rel.get("source", {})
             if src.get("copy_of") == live["release_id"] and rel["status"] == "staged" and rel.get("warm"):
                 return rel
-        rel = admin.stage(live["model_dir"], cfg.candidate_args, source={
-            "variant": "baseline", "copy_of": live["release_id"], "scheme": scheme,
+        rel = admin.stage(live["model_dir"], kernel_args(cfg.candidate_args, kernel), source={
+            "variant": "baseline", "copy_of": live["release_id"], "scheme": scheme, "kernel": kernel,
             "model_dir": live["model_dir"]})
         if rel.status != "staged":
             raise RuntimeError(f"baseline copy {rel.release_id} failed to start: {rel.history[-1].reason}")
@@ -175,6 +175,7 @@ def workload(cfg: LoopConfig, window: tuple[Any, Any]) -> dict[str, Any]:
 
 def serving_choice(
     metrics: dict[str, dict[str, float]], schemes: dict[str, str], passing: list[str], workload: dict[str, Any],
+    kernels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Among the candidates that passed the gate, the cheapest $/1M meeting the SLO at the
     workload's concurrency (speed-ups relative to the baseline copy of live, by its real scheme)."""
@@ -182,7 +183,8 @@ def serving_choice(
 
     points = [
         m for v in metrics
-        for m in measurements_from_perf_metrics(v, schemes.get(v, "bf16"), "default", metrics[v])
+        for m in measurements_from_perf_metrics(
+            v, schemes.get(v, "bf16"), (kernels or {}).get(v, "default"), metrics[v])
     ]
     return choose(points, Workload(**workload), allowed_variants=passing, baseline_variant="baseline")
 
@@ -220,7 +222,7 @@ def summarize_decision(
 
 def decide(
     cfg: LoopConfig, run_dir: Path, metrics: dict[str, dict[str, float]],
-    schemes: dict[str, str], workload: dict[str, Any],
+    schemes: dict[str, str], workload: dict[str, Any], kernels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Gate every candidate against the baseline copy of live on the same items, render the
     report, pick what to promote. Decided from the stored eval folders (the per-item outcomes),
@@ -237,7 +239,7 @@ def decide(
     choice: dict[str, Any] = {}
     if passing:
         try:
-            choice = serving_choice(metrics, schemes, passing, workload)
+            choice = serving_choice(metrics, schemes, passing, workload, kernels)
         except (ConfigError, ValueError, KeyError) as exc:  # no perf grid: fall back to $ alone
             choice = {"chosen": None, "reason": f"serving choice unavailable ({exc})"}
     costs = {v: metrics[v].get(COST_METRIC, float("inf")) for v in passing}

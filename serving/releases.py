@@ -11,6 +11,9 @@ vLLM log and ``eval_report.json``). Statuses:
   rollback is instant, then stops (a later rollback restarts it). At most one.
 - ``retired``: out of rotation. ``failed``: did not start or did not answer; never promoted.
 
+Each start places the release on devices (:mod:`serving.placement`: whole GPUs, or a memory share
+when GPUs are fewer than releases; nothing on a CPU) and records that as ``placement``.
+
 :class:`ReleaseStore` is the persisted state (plain JSON files, written atomically under a file
 lock, so the CLI can edit it while no gateway runs). :class:`ReleaseManager` owns the vLLM
 processes of one gateway process and implements the gateway's ``UpstreamProvider``: the upstream
@@ -30,12 +33,20 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from serving.placement import (
+    Gpu,
+    Placement,
+    PlacementConfig,
+    PlacementError,
+    apply_placement,
+    gpu_inventory,
+    place_release,
+)
 from serving.service import Upstream
 from serving.vllm_server import VLLMArgs, VLLMServer, VLLMStartError
 from training.config import data_dir
@@ -86,6 +97,7 @@ class Release:
     history: list[StatusEvent] = field(default_factory=list)
     eval_report: str | None = None  # path of eval_report.json once evals attached one
     approvals: list[Approval] = field(default_factory=list)
+    placement: dict[str, Any] | None = None  # devices + memory share of its last start
 
     @property
     def status(self) -> Status | None:
@@ -221,6 +233,14 @@ class ReleaseStore:
         with self.locked():
             rel = self.get(release_id)
             rel.history.append(StatusEvent(status, _now(), reason, forced))
+            self.save(rel)
+            return rel
+
+    def set_placement(self, release_id: str, placement: Placement) -> Release:
+        """Record where the release's vLLM runs (its last start)."""
+        with self.locked():
+            rel = self.get(release_id)
+            rel.placement = placement.to_dict()
             self.save(rel)
             return rel
 
@@ -401,6 +421,8 @@ class ReleaseManager:
             release when its server stops fails.
         default_args: vLLM arguments for a release staged without its own.
         gate_file: the gate policy promotions are verified with (default configs/gate.yaml).
+        placement: how releases share the GPUs (serving/placement.py).
+        gpus: the GPUs to place on; None = what ``nvidia-smi`` shows (none on a CPU machine).
     """
 
     def __init__(
@@ -409,20 +431,25 @@ class ReleaseManager:
         grace_s: float = 600.0,
         default_args: VLLMArgs | None = None,
         gate_file: str | Path | None = None,
+        placement: PlacementConfig | None = None,
+        gpus: tuple[Gpu, ...] | None = None,
     ) -> None:
         self.store = store or ReleaseStore()
         self.gate_file = gate_file or self.store.gate_file
         self.grace_s = grace_s
         self.default_args = default_args or VLLMArgs()
+        self.placement = placement or PlacementConfig()
+        self.gpus = gpu_inventory(self.placement) if gpus is None else gpus
         self._servers: dict[str, VLLMServer] = {}
         self._starting: set[VLLMServer] = set()
+        self._held: dict[str, Placement] = {}  # release id -> devices of a warm or starting vLLM
         self._timers: dict[str, threading.Timer] = {}
         self._upstream: Upstream | None = None
         # Promote/rollback are serialised; readers (current()) never take this lock.
         self._ops = threading.RLock()
-        # Every vLLM is launched from this one long-lived thread: PR_SET_PDEATHSIG fires when the
-        # *thread* that forked the child exits, and web-server worker threads come and go.
-        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-launcher")
+        self._placing = threading.Lock()
+        # GPU starts one at a time: vLLM sizes its KV cache from the memory it sees free.
+        self._gpu_start = threading.Lock()
         self._closed = False
 
     # -- UpstreamProvider ---------------------------------------------------------------------
@@ -467,22 +494,39 @@ class ReleaseManager:
         return self.store.attach_eval(release_id, report)
 
     # -- process handling ---------------------------------------------------------------------
+    def _place(self, rel: Release) -> Placement:
+        """Devices for the release beside the warm ones (reserved until it stops or fails)."""
+        with self._placing:
+            # A server that died on its own no longer holds its share; one still starting does.
+            others = {rid: p for rid, p in self._held.items() if rid != rel.release_id
+                      and (rid not in self._servers or self._servers[rid].alive())}
+            try:
+                placement = place_release(rel.args(), self.gpus, others, self.placement)
+            except PlacementError as exc:  # reported like any other failed start
+                raise VLLMStartError(f"no devices for release {rel.release_id}: {exc}") from None
+            self._held[rel.release_id] = placement
+        self.store.set_placement(rel.release_id, placement)
+        return placement
+
     def _launch(self, rel: Release) -> VLLMServer:
-        """Start (and health-check) the release's vLLM; raise VLLMStartError on failure."""
+        """Place, start and health-check the release's vLLM; raise VLLMStartError on failure."""
         if self._closed:
             raise ReleaseError("release manager is shut down")
+        placement = self._place(rel)
         server = VLLMServer(
             rel.model_dir,
-            args=rel.args(),
+            args=apply_placement(rel.args(), placement),
             served_name=rel.served_name,
             log_path=self.store.folder(rel.release_id) / "vllm.log",
         )
         self._starting.add(server)
         try:
-            self._launcher.submit(server.start, False).result()  # Popen on the launcher thread
-            server.wait_ready()  # stops the process itself if it does not become ready
-        except VLLMStartError:
-            if self._closed:  # shutdown() killed it mid-start: not the release's fault
+            with self._gpu_start if not placement.on_cpu else contextlib.nullcontext():
+                server.start(wait=False)
+                server.wait_ready()  # stops the process itself if it does not become ready
+        except BaseException as exc:
+            self._held.pop(rel.release_id, None)
+            if isinstance(exc, VLLMStartError) and self._closed:  # shutdown() killed it mid-start
                 raise ReleaseError("release manager shut down during start-up") from None
             raise
         finally:
@@ -511,6 +555,7 @@ class ReleaseManager:
         server = self._servers.pop(release_id, None)
         if server:
             server.stop()
+        self._held.pop(release_id, None)
 
     def _stop_after_grace(self, release_id: str) -> None:
         timer = self._timers.pop(release_id, None)
@@ -529,10 +574,7 @@ class ReleaseManager:
             cur = self._upstream.release_id if self._upstream else None
             if release_id != cur:  # it may have become live again by a rollback meanwhile
                 log.info("grace period over: stopping previous release %s", release_id)
-                self._timers.pop(release_id, None)
-                server = self._servers.pop(release_id, None)
-                if server:
-                    server.stop()
+                self._stop(release_id)
 
     def _switch(self, server: VLLMServer, rel: Release) -> None:
         timer = self._timers.pop(rel.release_id, None)
@@ -658,7 +700,7 @@ class ReleaseManager:
                 self._timers.pop(rid).cancel()
             for rid in list(self._servers):
                 self._servers.pop(rid).stop()
-        self._launcher.shutdown(wait=False)
+            self._held.clear()
 
     def __enter__(self) -> ReleaseManager:
         return self

@@ -2,8 +2,8 @@
 
 This process owns every vLLM it starts. The live release boots in the background while the
 gateway already listens (it answers 503 until the upstream is ready); on exit (SIGINT/SIGTERM,
-or an error) every vLLM is stopped, and if the process is killed outright the servers get
-SIGTERM from the kernel (``PR_SET_PDEATHSIG`` in :mod:`serving.vllm_server`).
+or an error) every vLLM is stopped, and if the process is killed outright each server's
+watchdog stops it (:mod:`training.procs`).
 
 While it runs, ``<data dir>/server.json`` says where it listens, so ``alignloop release ...``
 talks to its admin API instead of editing the files under it.
@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from serving.gateway_config import GatewayConfig, load_gateway_config
+from serving.placement import PlacementConfig
 from serving.vllm_server import VLLMArgs
 from training.config import StrictModel, data_dir, repo_root
 
@@ -50,6 +51,10 @@ class ReleasesConfig(StrictModel):
         "embedded",
         description="Staged and promoted when no release is live yet ('embedded', a folder or a "
         "hub id); None = start with no upstream (503) until one is promoted.",
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig,
+        description="How releases share the GPUs: whole GPUs or memory shares (GPU machines only).",
     )
 
     @model_validator(mode="after")
@@ -173,7 +178,8 @@ def run_serve(cfg: ServeConfig) -> None:
     gw = cfg.gateway_config()
     store = LogStore(gw.log_store_url or default_url())
     manager = ReleaseManager(
-        ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args, cfg.releases.gate_path()
+        ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args, cfg.releases.gate_path(),
+        cfg.releases.placement,
     )
     info = server_file()
     try:

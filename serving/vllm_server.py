@@ -12,12 +12,8 @@ report healthy and die at its first request (a CPU attention kernel that rejects
 from __future__ import annotations
 
 import atexit
-import contextlib
-import ctypes
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +26,9 @@ from pydantic import Field
 
 from serving.platform import Platform, detect, serving_dtype
 from training.config import StrictModel, repo_root
+from training.procs import free_port, owned_popen, stop_group
+
+__all__ = ["VLLMArgs", "VLLMServer", "VLLMStartError", "build_command", "free_port", "serve_python"]
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +41,19 @@ class VLLMArgs(StrictModel):
     )
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer in tokens.")
     kv_cache_gib: int = Field(1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE; whole GiB).")
-    gpu_memory_utilization: float = Field(
-        0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only)."
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1,
+        description="Fraction of each GPU's memory this server may take (GPU only); None = the "
+        "share its placement gives it (serving/placement.py), 0.9 when started on its own.",
     )
     enforce_eager: bool | None = Field(
         None, description="Skip CUDA graphs/torch.compile; None = true on CPU (start-up 250 s -> 50 s)."
     )
     max_num_seqs: int | None = Field(None, gt=0, description="Max concurrent sequences; None = vLLM's default.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over (per replica).")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Model replicas behind one server (each on tensor_parallel_size GPUs)."
+    )
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, verbatim.")
     env: dict[str, str] = Field(
         default_factory=dict,
@@ -67,17 +71,8 @@ def serve_python() -> Path:
     return Path(os.environ.get("ALIGNLOOP_SERVE_PYTHON", repo_root() / ".venv-serve/bin/python"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM the server when the process that started it dies, however it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
+WHOLE_GPU_SHARE = 0.9
+"""gpu_memory_utilization of a server that was given no share (it has its GPUs to itself)."""
 
 _LIVE: set[VLLMServer] = set()
 _LIVE_LOCK = threading.Lock()
@@ -108,8 +103,10 @@ def build_command(
     if eager:
         cmd.append("--enforce-eager")
     if platform.has_gpu:
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization or WHOLE_GPU_SHARE)]
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+        if args.data_parallel_size > 1:
+            cmd += ["--data-parallel-size", str(args.data_parallel_size)]
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
     if args.max_num_seqs:
@@ -185,10 +182,9 @@ class VLLMServer:
         log.info("starting vLLM on port %d: %s", self.port, " ".join(cmd))
         logf = self.log_path.open("ab")
         self._t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )
+        # Under a watchdog in its own process group: the server and its engine processes stop
+        # when this process exits, however it exits (training/procs.py).
+        self.proc = owned_popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         logf.close()
         with _LIVE_LOCK:
             _LIVE.add(self)
@@ -263,33 +259,8 @@ class VLLMServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                # Children (engine core) may outlive the leader briefly; sweep the group.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        _wait_group_gone(proc.pid)
+        stop_group(proc, timeout_s)
         log.info("vLLM on port %d stopped", self.port)
-
-
-def _wait_group_gone(pgid: int, timeout_s: float = 10) -> None:
-    """Wait until no process of the group is left (killed children take a moment to be reaped)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    log.warning("processes of group %d still present after %.0fs", pgid, timeout_s)
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -7,7 +7,9 @@ request; PLATFORM.md): two heads of 64.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,59 @@ def simple_gate(tmp_path: Path) -> Path:
         "  - {metric: perf.failed, op: '==', value: 0}\n"
     )
     return path
+def tagged_pids(tag: str) -> list[int]:
+    """Pids of live processes whose environment carries ``ALIGNLOOP_TEST_TAG=tag``: everything a
+    command started, whoever its parent is now (a process reparented to init keeps its env)."""
+    needle = f"ALIGNLOOP_TEST_TAG={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class ProcTag:
+    """The processes of one test, found by the ``ALIGNLOOP_TEST_TAG`` in their environment."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def pids(self) -> list[int]:
+        return tagged_pids(self.tag)
+
+    def cmdlines(self) -> list[str]:
+        out = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        return out
+
+    def __call__(self, timeout_s: float) -> list[int]:
+        """Wait until no tagged process is left; return the pids still alive after ``timeout_s``."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while (pids := self.pids()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        return pids
+
+
+@pytest.fixture
+def proc_tag(monkeypatch: pytest.MonkeyPatch):
+    """A fresh ALIGNLOOP_TEST_TAG in this test's environment, inherited by every child; calling
+    the fixture's value waits until no tagged process is left. Strays are killed at teardown."""
+    import uuid
+
+    tag = ProcTag(uuid.uuid4().hex)
+    monkeypatch.setenv("ALIGNLOOP_TEST_TAG", tag.tag)
+    yield tag
+    for pid in tag.pids():  # never leave a stray behind, whatever the test did
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -22,10 +22,13 @@ SCHEMAS: dict[str, tuple[str, dict]] = {
     "quantize.yaml": ("training.quantize:QuantizeConfig", {"model_dir": "m", "dataset_path": "d"}),
     "evals.yaml": ("evals.config:EvalsConfig", {}),
     "evals-demo.yaml": ("evals.config:EvalsConfig", {}),
+    "evals-gpu.yaml": ("evals.config:EvalsConfig", {}),
     "gate.yaml": ("evals.gate:GateConfig", {}),
     "gateway.yaml": ("serving.gateway_config:GatewayConfig", {}),
     "serve.yaml": ("serving.server:ServeConfig", {}),
+    "serve-gpu.yaml": ("serving.server:ServeConfig", {}),
     "loop.yaml": ("flows.loop_config:LoopConfig", {}),
+    "loop-gpu.yaml": ("flows.loop_config:LoopConfig", {}),
 }
 
 
@@ -55,3 +58,17 @@ def test_shipped_yaml_rejects_a_typo() -> None:
 
     with pytest.raises(ConfigError, match="trian"):
         load_config(_schema(SCHEMAS["sft.yaml"][0]), REPO / "configs" / "sft.yaml", ["dataset_path=d", "trian.epochs=1"])
+
+
+def test_gpu_configs_stay_in_step_with_the_cpu_ones() -> None:
+    """configs/*-gpu.yaml differ from their CPU twins only where a GPU box differs."""
+    def suites(name: str) -> dict:  # quality and safety, less how many requests run at once
+        doc = yaml.safe_load((REPO / "configs" / name).read_text())
+        return {k: {f: x for f, x in v.items() if f != "num_concurrent"} for k, v in doc.items()
+                if k not in ("perf", "cost")}
+
+    assert suites("evals-gpu.yaml") == suites("evals.yaml"), "evals-gpu.yaml: copy the changes of evals.yaml"
+    serve = yaml.safe_load((REPO / "configs" / "serve-gpu.yaml").read_text())["releases"]["placement"]
+    loop = yaml.safe_load((REPO / "configs" / "loop-gpu.yaml").read_text())
+    assert all(serve[k] == v for k, v in loop["placement"].items()), "loop-gpu.yaml: placement as the gateway's"
+    assert loop["evals_file"] == "configs/evals-gpu.yaml"

@@ -9,7 +9,8 @@ How the merge stage finds both adapters: the DPO adapter folder carries
 ``alignloop_adapter.json`` with the base model and the SFT adapter path (``parent_adapters``), and
 the DPO result records them too; the merge stage reads that file and folds SFT then DPO.
 
-Run: ``alignloop dpo --config configs/dpo.yaml sft_adapter=<run>/sft/output/adapter [key=value ...]``
+Run: ``alignloop dpo --config configs/dpo.yaml sft_adapter=<run>/sft/output/adapter [key=value ...]``;
+with GPUs it runs under ``accelerate launch`` (``launch:``; training/launch.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from training.config import StrictModel
+from training.launch import LaunchSettings, process_state, progress_callbacks, stage_main
 from training.lora import (
     LoraSettings,
     TrainSettings,
@@ -32,6 +34,7 @@ from training.lora import (
     optional_split,
     read_lineage,
     resolve_run_dir,
+    save_adapter,
     set_threads,
     to_lora_config,
     trainer_kwargs,
@@ -74,6 +77,7 @@ class DPOStageConfig(StrictModel):
     run_dir: str | None = Field(
         None, description="Run folder; None = the run that holds sft_adapter, else a new one."
     )
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="How the training processes start.")
 
 
 @dataclass
@@ -99,6 +103,7 @@ class DPOResult:
     device: str
     loss_curve: list[dict[str, float]] = field(default_factory=list)
     skipped: bool = False
+    processes: int = 1
 
 
 def to_trl_config(cfg: DPOStageConfig, output_dir: Path) -> Any:
@@ -149,9 +154,11 @@ def run(cfg: DPOStageConfig) -> DPOResult:
     from training.base_model import resolve_base_model
 
     t0 = time.monotonic()
+    ranks = process_state()  # one process inline; every rank runs this under accelerate launch
     sft_adapter = check_adapter_dir(cfg.sft_adapter, "sft_adapter")
     lineage = read_lineage(sft_adapter)
-    base = resolve_base_model(cfg.base_model or lineage["base_model"])
+    with ranks.main_process_first():
+        base = resolve_base_model(cfg.base_model or lineage["base_model"])
     train_ds = load_split(cfg.dataset_path, cfg.split, DPO_COLUMNS, cfg.min_rows)
     run_dir = resolve_run_dir(cfg.run_dir, sft_adapter)
     stage = StageDir(
@@ -160,7 +167,9 @@ def run(cfg: DPOStageConfig) -> DPOResult:
     )
     if (done := stage.cached_result()) is not None:
         return DPOResult(**{**done, "skipped": True})
-    stage.start()
+    if ranks.is_main_process:
+        stage.start()
+    ranks.wait_for_everyone()
 
     from trl import DPOTrainer
 
@@ -176,6 +185,7 @@ def run(cfg: DPOStageConfig) -> DPOResult:
         train_dataset=train_ds,
         processing_class=tok,
         peft_config=to_lora_config(cfg.lora),
+        callbacks=progress_callbacks(),
     )
     prepared = trainer.train_dataset
     # Each pair costs a forward+backward of prompt+chosen and prompt+rejected.
@@ -204,10 +214,11 @@ def run(cfg: DPOStageConfig) -> DPOResult:
             "margins": round(sum(e["rewards/margins"] for e in during) / len(during), 5),
         }
 
-    adapter_dir = stage.out / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    tok.save_pretrained(adapter_dir)
-    write_lineage(adapter_dir, base, parents=[*lineage.get("parent_adapters", []), str(sft_adapter)])
+    adapter_dir = stage.path / "output" / "adapter"
+    save_adapter(trainer, adapter_dir, ranks.is_main_process)  # every rank; rank 0 writes
+    if ranks.is_main_process:
+        tok.save_pretrained(adapter_dir)
+        write_lineage(adapter_dir, base, parents=[*lineage.get("parent_adapters", []), str(sft_adapter)])
     curve = loss_curve(trainer.state.log_history)
     result = DPOResult(
         stage_dir=str(stage.path), adapter_dir=str(adapter_dir), sft_adapter=str(sft_adapter),
@@ -217,10 +228,15 @@ def run(cfg: DPOStageConfig) -> DPOResult:
         final_loss=curve[-1]["loss"] if curve else None, reward_metrics=reward_metrics,
         tokens=tokens, tokens_per_s=round(tokens / max(train_s, 1e-9), 1),
         train_s=round(train_s, 2), wall_s=round(time.monotonic() - t0, 2),
-        adapter_bytes=folder_bytes(adapter_dir), threads=threads, device=str(trainer.args.device),
-        loss_curve=curve,
+        adapter_bytes=folder_bytes(adapter_dir) if ranks.is_main_process else 0, threads=threads,
+        device=str(trainer.args.device), loss_curve=curve, processes=ranks.num_processes,
     )
-    stage.save(asdict(result))
-    log.info("dpo: %d steps, loss %s, rewards %s, %.1fs -> %s", result.steps, result.final_loss,
-             reward_metrics, result.train_s, adapter_dir)
+    if ranks.is_main_process:
+        stage.save(asdict(result))
+        log.info("dpo: %d steps, loss %s, rewards %s, %.1fs -> %s", result.steps, result.final_loss,
+                 reward_metrics, result.train_s, adapter_dir)
     return result
+
+
+if __name__ == "__main__":  # one rank under `accelerate launch -m training.dpo --config FILE`
+    stage_main(DPOStageConfig, run)

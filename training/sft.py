@@ -6,7 +6,9 @@ the assistant's tokens (SmolLM2's chat template has no ``{% generation %}`` mark
 ``assistant_only_loss`` would need). Output: ``<run>/sft/output/adapter`` (PEFT adapter, tokenizer,
 ``alignloop_adapter.json`` naming the base).
 
-Run: ``alignloop sft --config configs/sft.yaml dataset_path=... [key=value ...]``
+Run: ``alignloop sft --config configs/sft.yaml dataset_path=... [key=value ...]``; with GPUs it
+runs under ``accelerate launch`` (``launch:``; training/launch.py), which starts
+``python -m training.sft --config FILE`` in each process.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from training.config import ModelRef, StrictModel
+from training.launch import LaunchSettings, process_state, progress_callbacks, stage_main
 from training.lora import (
     LoraSettings,
     TrainSettings,
@@ -28,6 +31,7 @@ from training.lora import (
     loss_curve,
     optional_split,
     resolve_run_dir,
+    save_adapter,
     set_threads,
     to_lora_config,
     trainer_kwargs,
@@ -54,6 +58,7 @@ class SFTStageConfig(StrictModel):
         False, description="Pack rows into max_length blocks (BFD, padding-free; attention stays per row)."
     )
     run_dir: str | None = Field(None, description="Run folder; None = a new one under <data dir>/runs.")
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="How the training processes start.")
 
 
 @dataclass
@@ -78,6 +83,7 @@ class SFTResult:
     device: str
     loss_curve: list[dict[str, float]] = field(default_factory=list)
     skipped: bool = False
+    processes: int = 1
 
 
 def to_trl_config(cfg: SFTStageConfig, output_dir: Path) -> Any:
@@ -137,13 +143,17 @@ def run(cfg: SFTStageConfig) -> SFTResult:
     from training.base_model import resolve_base_model
 
     t0 = time.monotonic()
-    base = resolve_base_model(cfg.model.name_or_path)
+    ranks = process_state()  # one process inline; every rank runs this under accelerate launch
+    with ranks.main_process_first():  # the first use may materialize the embedded model
+        base = resolve_base_model(cfg.model.name_or_path)
     train_ds = load_split(cfg.dataset_path, cfg.split, SFT_COLUMNS, cfg.min_rows)
     run_dir = resolve_run_dir(cfg.run_dir)
     stage = StageDir(run_dir, "sft", cfg, inputs={"dataset": cfg.dataset_path, "base": base})
     if (done := stage.cached_result()) is not None:
         return SFTResult(**{**done, "skipped": True})
-    stage.start()
+    if ranks.is_main_process:
+        stage.start()
+    ranks.wait_for_everyone()
 
     from trl import SFTTrainer
 
@@ -158,6 +168,7 @@ def run(cfg: SFTStageConfig) -> SFTResult:
         train_dataset=train_ds,
         processing_class=tok,
         peft_config=to_lora_config(cfg.lora),
+        callbacks=progress_callbacks(),
     )
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     t_train = time.monotonic()
@@ -171,10 +182,11 @@ def run(cfg: SFTStageConfig) -> SFTResult:
     if heldout is not None:
         heldout_loss = round(float(trainer.evaluate(heldout)["eval_loss"]), 5)
 
-    adapter_dir = stage.out / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    tok.save_pretrained(adapter_dir)
-    write_lineage(adapter_dir, base, parents=[])
+    adapter_dir = stage.path / "output" / "adapter"
+    save_adapter(trainer, adapter_dir, ranks.is_main_process)  # every rank; rank 0 writes
+    if ranks.is_main_process:
+        tok.save_pretrained(adapter_dir)
+        write_lineage(adapter_dir, base, parents=[])
     curve = loss_curve(trainer.state.log_history)
     result = SFTResult(
         stage_dir=str(stage.path), adapter_dir=str(adapter_dir), base_model=base,
@@ -183,10 +195,14 @@ def run(cfg: SFTStageConfig) -> SFTResult:
         final_loss=curve[-1]["loss"] if curve else round(float(out.training_loss), 5),
         heldout_loss=heldout_loss, tokens=tokens, tokens_per_s=round(tokens / max(train_s, 1e-9), 1),
         train_s=round(train_s, 2), wall_s=round(time.monotonic() - t0, 2),
-        adapter_bytes=folder_bytes(adapter_dir), threads=threads, device=str(trainer.args.device),
-        loss_curve=curve,
+        adapter_bytes=folder_bytes(adapter_dir) if ranks.is_main_process else 0, threads=threads,
+        device=str(trainer.args.device), loss_curve=curve, processes=ranks.num_processes,
     )
-    stage.save(asdict(result))
-    log.info("sft: %d steps, loss %s, %.0f tok/s, %.1fs -> %s", result.steps, result.final_loss,
-             result.tokens_per_s, result.train_s, adapter_dir)
+    if ranks.is_main_process:
+        stage.save(asdict(result))
+        log.info("sft: %d steps, loss %s, %.0f tok/s, %.1fs -> %s", result.steps, result.final_loss,
+                 result.tokens_per_s, result.train_s, adapter_dir)
     return result
+
+if __name__ == "__main__":  # one rank under `accelerate launch -m training.sft --config FILE`
+    stage_main(SFTStageConfig, run)

@@ -1,14 +1,19 @@
-"""Perf of an 8B-class Llama (dummy weights) per serving variant, with the project's own code.
+"""An 8B-class Llama (dummy weights) served per (scheme, kernel), direct and through the gateway.
 
-    python3 benchmarks/gpu/perf_8b.py --models DIR --out DIR --variants bf16,w4a16 [--gateway]
+    .venv/bin/python benchmarks/gpu/perf_8b.py --models DIR --out DIR [--variants bf16,fp8-dynamic]
+        [--concurrency 1,256] [--tensor-parallel 1] [--data-parallel 1]
 
-Each variant is served by :class:`serving.vllm_server.VLLMServer` (``--load-format dummy`` via
-``extra_args``; the Marlin variant disables Machete through ``VLLMArgs.env``) and measured by
-:func:`evals.perf.run` (``vllm bench serve``: 128-token prompts, 256 output tokens, EOS ignored,
-concurrency 1/8/64/256). With ``--gateway``, the last variant is also measured at concurrency
-256 through the gateway (serving.app.create_app in its own process, benchmarks/gpu/gateway_proc.py),
-with and without guardrails, next to a direct run. Results go to ``OUT/perf_8b.json``
-(merged with an existing file, so two device calls add up) and a short table to stdout.
+Each variant is a release of the product's :class:`serving.releases.ReleaseManager` (placed on
+the GPUs by serving/placement.py; ``--load-format dummy``; the Marlin variant carries the kernel's
+environment exactly as the loop stages it, flows/gpu.py), with the product's gateway in front of it
+(benchmarks/gpu/gateway_proc.py: configs/gateway.yaml, guardrails on, in-flight limits raised so
+a c=256 run measures the proxy rather than its 429s). One ``vllm bench serve`` process
+(evals.perf.run_benches) then runs, back to back, every concurrency direct and through the
+gateway: 128-token prompts, 256 output tokens, EOS ignored, 3 x c prompts (at least 4).
+``--tensor-parallel``/``--data-parallel`` make the release span GPUs (the TP/DP comparison).
+Results merge into OUT/perf_8b.json (two device calls add up); summarize.py makes the tables and
+applies the serving choice the loop would make. ``--cpu-dry-run`` runs the same path on a CPU with
+a 2-layer model of the same family (bf16 only, a few short requests).
 """
 
 from __future__ import annotations
@@ -23,15 +28,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evals.config import SLO, Endpoint, PerfConfig  # noqa: E402
 from evals.perf import bench_args, run_benches, summarize  # noqa: E402
-from evals.perf import run as perf_run  # noqa: E402
-from evals.serving_choice import KERNEL_ENV  # noqa: E402
-from serving.vllm_server import VLLMArgs, VLLMServer, free_port  # noqa: E402
+from serving.vllm_server import VLLMArgs, free_port  # noqa: E402
 
 log = logging.getLogger("perf_8b")
 HERE = Path(__file__).resolve().parent
+GATEWAY_KEY = "sk-alignloop-demo"  # the demo tenant of configs/gateway.yaml
 
 # name -> (model folder under --models, scheme, kernel)
 VARIANTS = {
@@ -40,197 +45,149 @@ VARIANTS = {
     "w4a16-marlin": ("w4a16", "w4a16", "marlin"),
     "fp8-dynamic": ("fp8-dynamic", "fp8-dynamic", "default"),
 }
-CONCURRENCY = [1, 8, 64, 256]
-SERVED = "llama8b"
 
 
-def perf_config(model_dir: Path, prompts_per_level: int, output_len: int = 256) -> PerfConfig:
+def perf_config(model_dir: Path, concurrency: list[int], output_len: int) -> PerfConfig:
     return PerfConfig(
-        concurrency=CONCURRENCY,
-        requests_per_level=prompts_per_level * max(CONCURRENCY),
-        input_len=128,
-        output_len=output_len,
-        slo=SLO(ttft_ms=2000, tpot_ms=100),
-        percentiles=[50, 95, 99],
-        tokenizer=str(model_dir),
-        realistic_num_prompts=4,
-        realistic_concurrency=4,
-        realistic_output_len=32,
-        model_dir=None,
+        concurrency=concurrency, requests_per_level=max(4, 3 * max(concurrency)), input_len=128, output_len=output_len,
+        slo=SLO(ttft_ms=2000, tpot_ms=100), percentiles=[50, 95, 99], tokenizer=str(model_dir),
+        realistic_num_prompts=4, realistic_concurrency=4, realistic_output_len=32, model_dir=None,
         timeout_s=300,
     )
 
 
-def vllm_args(kernel: str) -> VLLMArgs:
-    env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", **KERNEL_ENV[kernel]}
-    return VLLMArgs(
-        max_model_len=2048,
-        gpu_memory_utilization=0.90,
-        max_num_seqs=256,
-        extra_args=["--load-format", "dummy"],
-        env=env,
-        startup_timeout_s=420,
-    )
+def release_args(kernel: str, tp: int, dp: int) -> VLLMArgs:
+    from flows.gpu import kernel_args
+
+    base = VLLMArgs(max_model_len=2048, max_num_seqs=256, tensor_parallel_size=tp, data_parallel_size=dp,
+                    extra_args=["--load-format", "dummy"], startup_timeout_s=540)
+    return kernel_args(base, kernel)
 
 
-def gateway_runs(srv: VLLMServer, cfg: PerfConfig, work: Path, model_dir: Path) -> dict:
-    """Direct vs gateway (guardrails on, then off) at the highest concurrency, back to back in
-    one ``vllm bench serve`` process (evals.perf.run_benches)."""
-    c = max(CONCURRENCY)
-    procs: list[subprocess.Popen] = []
-    out: dict[str, dict] = {}
-    plan: dict[str, list[str]] = {}
-    try:
-        endpoints = {"direct": Endpoint(srv.base_url, "EMPTY", SERVED)}
-        for guard in ("guardrails", "noguard"):
-            port = free_port()
-            with open(work / f"gateway-{guard}.log", "w") as glog:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(HERE / "gateway_proc.py"),
-                        "--upstream",
-                        srv.base_url,
-                        "--served",
-                        SERVED,
-                        "--port",
-                        str(port),
-                        "--guardrails",
-                        guard,
-                        "--db",
-                        str(work / f"gateway-{guard}.db"),
-                    ],
-                    stdout=glog,
-                    stderr=subprocess.STDOUT,
-                )
-            procs.append(proc)
-            _wait_http(f"http://127.0.0.1:{port}/healthz", proc, 90)
-            endpoints[f"gateway-{guard}"] = Endpoint(
-                f"http://127.0.0.1:{port}/v1", "sk-alignloop-demo", "alignloop"
-            )
-        gdir = work / "gateway"
-        gdir.mkdir(exist_ok=True)
-        for label, ep in endpoints.items():
-            plan[label] = bench_args(
-                ep,
-                cfg,
-                str(model_dir),
-                gdir / f"{label}.json",
-                concurrency=c,
-                num_prompts=cfg.requests_per_level * c // max(CONCURRENCY),  # prompts per level x c
-            )
-        # the gateway takes the demo tenant's key; the direct vLLM ignores it
-        run_benches(list(plan.values()), "sk-alignloop-demo", cfg.timeout_s, gdir)
-        for label in plan:
-            out[label] = summarize(
-                json.loads((gdir / f"{label}.json").read_text()), cfg.percentiles
-            )
-    except Exception as exc:  # keep the variant's other numbers
-        out["error"] = {"error": str(exc)[-2000:]}
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=20)
-    d = out.get("direct", {}).get("output_tokens_per_s")
-    for label, run in out.items():
-        g = run.get("output_tokens_per_s")
-        if d and g and label != "direct":
-            run["vs_direct"] = round(g / d, 4)
-    return out
+def start_gateway(upstream: str, served: str, work: Path) -> tuple[subprocess.Popen, str]:
+    from training.procs import owned_popen
 
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    port = free_port()
+    with open(work / "gateway.log", "w") as glog:
+        proc = owned_popen([sys.executable, str(HERE / "gateway_proc.py"), "--upstream", upstream,
+                            "--served", served, "--port", str(port), "--db", str(work / "gateway.db")],
+                           stdout=glog, stderr=subprocess.STDOUT)
     import httpx
 
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {proc.returncode}")
+            raise RuntimeError(f"gateway exited with {proc.returncode}: {(work / 'gateway.log').read_text()[-1500:]}")
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code < 500:
+                return proc, f"http://127.0.0.1:{port}/v1"
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"gateway not up after {timeout_s}s")
+    raise RuntimeError("gateway not up after 120 s")
+
+
+def measure(name: str, models: Path, out: Path, conc: list[int], tp: int, dp: int, output_len: int) -> dict:
+    from serving.placement import PlacementConfig
+    from serving.releases import ReleaseManager, ReleaseStore
+    from training.procs import stop_group
+
+    folder, scheme, kernel = VARIANTS[name]
+    model_dir = models / folder
+    label = name + (f"-tp{tp}" if tp > 1 else "") + (f"-dp{dp}" if dp > 1 else "")
+    work = out / "work" / label
+    work.mkdir(parents=True, exist_ok=True)
+    entry: dict = {"variant": name, "scheme": scheme, "kernel": kernel, "tensor_parallel": tp,
+                   "data_parallel": dp, "model": str(model_dir)}
+    cfg = perf_config(model_dir, conc, output_len)
+    # One release at a time: it gets whole GPUs (0.9 of their memory), as a dedicated server would.
+    manager = ReleaseManager(ReleaseStore(work / "releases"), grace_s=0, placement=PlacementConfig(max_releases=1))
+    gateway = None
+    t0 = time.monotonic()
+    try:
+        rel = manager.stage(model_dir, release_args(kernel, tp, dp), source={"benchmark": label})
+        entry["placement"] = rel.placement
+        if rel.status != "staged":
+            raise RuntimeError(rel.history[-1].reason)
+        server = manager._servers[rel.release_id]
+        entry["startup_s"] = round(server.startup_s or 0, 1)
+        gateway, gw_url = start_gateway(server.base_url, rel.served_name, work)
+        endpoints = {"direct": Endpoint(server.base_url, "EMPTY", rel.served_name),
+                     "gateway": Endpoint(gw_url, GATEWAY_KEY, "alignloop")}
+        plan = {f"{path}-c{c}": bench_args(ep, cfg, str(model_dir), work / f"{path}-c{c}.json", concurrency=c,
+                                           num_prompts=max(4, 3 * c))
+                for path, ep in endpoints.items() for c in conc}
+        run_benches(list(plan.values()), GATEWAY_KEY, cfg.timeout_s, work)
+        for key in plan:
+            path, c = key.rsplit("-c", 1)
+            entry.setdefault(path, {})[c] = summarize(json.loads((work / f"{key}.json").read_text()),
+                                                      cfg.percentiles)
+    except Exception as exc:  # keep the other variants' numbers
+        entry["error"] = str(exc)[-3000:]
+        log.exception("variant %s failed", label)
+    finally:
+        if gateway is not None:
+            stop_group(gateway)
+        manager.shutdown()
+    entry["wall_s"] = round(time.monotonic() - t0, 1)
+    return {label: entry}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", required=True, type=Path)
+    ap.add_argument("--models", required=True, type=Path, help="make_llama8b.py output")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--prompts-per-level", type=int, default=3)
-    ap.add_argument("--gateway", action="store_true")
-    ap.add_argument(
-        "--concurrency", default=",".join(map(str, CONCURRENCY)), help="smoke tests only"
-    )
-    ap.add_argument("--output-len", type=int, default=256, help="smoke tests only")
+    ap.add_argument("--concurrency", default="1,256")
+    ap.add_argument("--tensor-parallel", type=int, default=1)
+    ap.add_argument("--data-parallel", type=int, default=1)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--cpu-dry-run", action="store_true")
     a = ap.parse_args()
-    CONCURRENCY[:] = [int(c) for c in a.concurrency.split(",")]
+    if a.cpu_dry_run:
+        a.models, a.variants, a.concurrency, a.output_len = _tiny_models(a.out), "bf16", "1,2", 8
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     a.out.mkdir(parents=True, exist_ok=True)
     summary_file = a.out / "perf_8b.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"variants": {}}
-    names = [v for v in a.variants.split(",") if v]
-    for i, name in enumerate(names):
-        folder, scheme, kernel = VARIANTS[name]
-        model_dir = a.models / folder
-        work = a.out / "work" / name
-        work.mkdir(parents=True, exist_ok=True)
-        cfg = perf_config(model_dir, a.prompts_per_level, a.output_len)
-        entry: dict = {"scheme": scheme, "kernel": kernel, "model": str(model_dir)}
-        t0 = time.monotonic()
-        try:
-            with VLLMServer(
-                model_dir, args=vllm_args(kernel), log_path=work / "vllm.log", served_name=SERVED
-            ) as srv:
-                entry["startup_s"] = round(srv.startup_s or 0, 1)
-                res = perf_run(cfg, Endpoint(srv.base_url, "EMPTY", SERVED), out_dir=work)
-                entry["metrics"] = res.metrics
-                entry["perf_seconds"] = round(res.seconds, 1)
-                if a.gateway and i == len(names) - 1:
-                    entry["gateway"] = gateway_runs(srv, cfg, work, model_dir)
-        except Exception as exc:
-            entry["error"] = str(exc)[-3000:]
-            log.exception("variant %s failed", name)
-        entry["wall_s"] = round(time.monotonic() - t0, 1)
-        summary["variants"][name] = entry
-        summary_file.write_text(json.dumps(summary, indent=2))
-        _print_row(name, entry)
-    summary["env"] = _env()
-    summary_file.write_text(json.dumps(summary, indent=2))
+    conc = [int(c) for c in a.concurrency.split(",")]
+    for name in [v for v in a.variants.split(",") if v]:
+        got = measure(name, a.models, a.out, conc, a.tensor_parallel, a.data_parallel, a.output_len)
+        summary["variants"].update(got)
+        summary_file.write_text(json.dumps(summary, indent=1))
+        for label, e in got.items():
+            cells = " ".join(f"{p} c{c} {e.get(p, {}).get(str(c), {}).get('output_tokens_per_s', '-')}"
+                             for p in ("direct", "gateway") for c in conc)
+            print(f"RESULT {label}: start {e.get('startup_s')}s {cells} wall {e['wall_s']}s"
+                  + (f" ERROR {e['error'][-300:]}" if "error" in e else ""), flush=True)
+    summary["env"] = {"nvidia_smi": _smi(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    summary_file.write_text(json.dumps(summary, indent=1))
 
 
-def _print_row(name: str, e: dict) -> None:
-    m = e.get("metrics", {})
-    tps = [m.get(f"perf.grid.c{c}.output_tokens_per_s") for c in CONCURRENCY]
-    cells = " ".join(f"{t:8.1f}" if t else "       -" for t in tps)
-    print(
-        f"RESULT {name:13s} start {e.get('startup_s', '-')}s  tok/s c1,8,64,256: {cells}  "
-        f"wall {e['wall_s']}s {('ERROR ' + e['error'][-300:]) if 'error' in e else ''}",
-        flush=True,
-    )
-    for label, g in e.get("gateway", {}).items():
-        print(
-            f"RESULT gateway {label}: {g.get('output_tokens_per_s')} tok/s vs_direct {g.get('vs_direct')} "
-            f"{g.get('error', '')[-300:]}",
-            flush=True,
-        )
+def _tiny_models(out: Path) -> Path:
+    """A config-only 2-layer Llama with the embedded model's tokenizer (CPU attention needs head 64)."""
+    from make_llama8b import LLAMA_8B, TOKENIZER_FILES
+
+    from training.base_model import materialize
+
+    folder = out / "tiny-models" / "bf16"
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny = {**LLAMA_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 64, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(tiny))
+    base = Path(materialize().path)
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            (folder / name).write_bytes((base / name).read_bytes())
+    return folder.parent
 
 
-def _env() -> dict:
-    out = {"ALIGNLOOP_SERVE_PYTHON": os.environ.get("ALIGNLOOP_SERVE_PYTHON")}
+def _smi() -> str:
     try:
-        out["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except Exception as exc:  # noqa: BLE001
-        out["nvidia_smi"] = str(exc)
-    return out
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except OSError as exc:
+        return str(exc)
 
 
 if __name__ == "__main__":

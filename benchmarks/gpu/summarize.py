@@ -1,10 +1,13 @@
-"""Turn the device calls' JSON into the BENCHMARKS-GPU markdown, on the CPU machine.
+"""Turn the GPU benchmarks' JSON into the markdown tables of BENCHMARKS.md.
 
-    python benchmarks/gpu/summarize.py RESULTS_DIR [RESULTS_DIR ...] > benchmarks/gpu/RESULTS.md
+    .venv/bin/python benchmarks/gpu/summarize.py RESULTS_DIR [RESULTS_DIR ...]
 
-Reads perf_8b.json, bw.json, vllm.json, nvidia-smi.txt and train_quality.json (the last file of
-each name wins), adds the decode roofline (bytes per output token over the measured copy
-bandwidth) and the serving choice of :func:`evals.serving_choice.choose` for each concurrency.
+Reads perf_8b.json (merged across directories), bw.json, train_scaling.json and loop_gpu.json.
+For the 8B grid it applies the serving choice the loop makes (:func:`evals.serving_choice.choose`
+over the measurements through the gateway, as the loop measures its candidates) at each measured
+concurrency and sets the chosen (scheme, kernel) against bf16 through the same gateway, with each
+variant's fraction of its memory roofline (bytes read per output token over the measured copy
+bandwidth).
 """
 
 from __future__ import annotations
@@ -17,28 +20,29 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from loop_report import markdown as loop_markdown  # noqa: E402
 from make_llama8b import LLAMA_8B, parameter_bytes  # noqa: E402
 
-from evals.serving_choice import Slo, Workload, choose, measurements_from_perf_metrics  # noqa: E402
+from evals.serving_choice import Slo, Workload, choose, measurement_from_dict  # noqa: E402
 
-CONC = [1, 8, 64, 256]
 ORDER = ["bf16", "w4a16", "w4a16-marlin", "fp8-dynamic"]
-USD_PER_HOUR = 3.00  # evals.config CostConfig default for one H100
+USD_PER_HOUR = 3.50  # configs/evals-gpu.yaml, h200
 SLO = Slo(p95_ttft_ms=1000, p95_tpot_ms=50)
+GOALS = {1: 2.0, 256: 1.3}  # chosen vs bf16 through the gateway (issue goals)
 
 
 def load(dirs: list[Path]) -> dict:
-    got: dict = {}
+    got: dict = {"perf": {}, "train": {}}
     for d in dirs:
-        for name in ("perf_8b.json", "bw.json", "vllm.json", "train_quality.json", "env.json"):
-            if (d / name).is_file():
-                doc = json.loads((d / name).read_text())
-                if name == "perf_8b.json" and "perf_8b.json" in got:
-                    got[name]["variants"].update(doc.get("variants", {}))
-                else:
-                    got[name] = doc
-        if (d / "nvidia-smi.txt").is_file():
-            got["nvidia-smi"] = (d / "nvidia-smi.txt").read_text().strip().splitlines()[-1]
+        if (f := d / "perf_8b.json").is_file():
+            got["perf"].update(json.loads(f.read_text()).get("variants", {}))
+        if (f := d / "train_scaling.json").is_file():
+            got["train"].update(json.loads(f.read_text()))
+        for name in ("bw.json", "loop_gpu.json"):
+            if (f := d / name).is_file():
+                got[name] = json.loads(f.read_text())
+        if (f := d / "nvidia-smi.txt").is_file():
+            got["smi"] = f.read_text().strip().splitlines()[-1]
     return got
 
 
@@ -48,218 +52,124 @@ def kv_bytes_per_token(cfg: dict = LLAMA_8B) -> int:
 
 def roofline_tok_s(scheme: str, batch: int, bw: float, ctx: int = 128 + 128) -> float:
     """Memory roofline of decode: weights read once per step for the batch, plus each sequence's
-    KV cache (bf16) at the mean context (prompt + half the answer)."""
-    w = parameter_bytes(scheme)["bytes_per_token"]
-    return bw / (w / batch + ctx * kv_bytes_per_token())
+    bf16 KV cache at the mean context (prompt + half the answer)."""
+    return bw / (parameter_bytes(scheme)["bytes_per_token"] / batch + ctx * kv_bytes_per_token())
 
 
-def measurements(perf: dict) -> list:
-    """Grid points of every measured variant, read from the perf suite's flat metrics."""
-    return [
-        p
-        for name, v in perf.get("variants", {}).items()
-        if v.get("metrics")
-        for p in measurements_from_perf_metrics(name, v["scheme"], v["kernel"], v["metrics"])
-    ]
+def _tok(v: dict, path: str, c: int) -> float | None:
+    return v.get(path, {}).get(str(c), {}).get("output_tokens_per_s")
+
+
+def _levels(perf: dict) -> list[int]:
+    return sorted({int(c) for v in perf.values() for c in v.get("gateway", {})})
 
 
 def perf_md(got: dict) -> list[str]:
-    perf = got.get("perf_8b.json", {"variants": {}})
-    bw = got.get("bw.json", {}).get("copy_bw_bytes_s")
-    var = perf["variants"]
-    names = [n for n in ORDER if n in var] + [n for n in var if n not in ORDER]
-    out = [
-        "| variant | start-up s | " + " | ".join(f"c={c} tok/s (x bf16)" for c in CONC) + " |",
-        "|---|---|" + "---|" * len(CONC),
-    ]
-    base = var.get("bf16", {}).get("metrics", {})
-    for n in names:
-        m = var[n].get("metrics", {})
+    perf = {k: v for k, v in got["perf"].items() if k in ORDER}
+    conc = _levels(perf)
+    if not perf:
+        return ["(no 8B perf results)"]
+    base = perf.get("bf16", {})
+    head = [f"{p} c={c}" for p in ("direct", "gateway") for c in conc]
+    out = ["| variant (scheme, kernel) | start-up s | " + " | ".join(f"{h} tok/s (x bf16)" for h in head)
+           + " | gateway p95 TTFT ms |", "|---|---|" + "---|" * (len(head) + 1)]
+    for name in [n for n in ORDER if n in perf]:
+        v = perf[name]
         cells = []
-        for c in CONC:
-            t = m.get(f"perf.grid.c{c}.output_tokens_per_s")
-            b = base.get(f"perf.grid.c{c}.output_tokens_per_s")
-            cells.append(
-                "-"
-                if t is None
-                else f"{t:,.0f}" + (f" ({t / b:.2f}x)" if b and n != "bf16" else "")
-            )
-        err = f" ERROR: {var[n]['error'][-200:]}" if "error" in var[n] else ""
-        out.append(f"| {n} | {var[n].get('startup_s', '-')} | " + " | ".join(cells) + f" |{err}")
-    out += [
-        "",
-        "p95 TTFT / p95 TPOT (ms):",
-        "",
-        "| variant | " + " | ".join(f"c={c}" for c in CONC) + " |",
-        "|---|" + "---|" * len(CONC),
-    ]
-    for n in names:
-        m = var[n].get("metrics", {})
-        out.append(
-            f"| {n} | "
-            + " | ".join(
-                f"{m.get(f'perf.grid.c{c}.ttft_p95_ms', float('nan')):.0f} / {m.get(f'perf.grid.c{c}.tpot_p95_ms', float('nan')):.1f}"
-                for c in CONC
-            )
-            + " |"
-        )
+        for p in ("direct", "gateway"):
+            for c in conc:
+                t, b = _tok(v, p, c), _tok(base, p, c)
+                cells.append("-" if t is None else f"{t:,.0f}" + (f" ({t / b:.2f}x)" if b and name != "bf16" else ""))
+        ttft = " / ".join(f"{v.get('gateway', {}).get(str(c), {}).get('ttft_p95_ms', float('nan')):.0f}" for c in conc)
+        err = f" ERROR {v['error'][-200:]}" if "error" in v else ""
+        out.append(f"| {name} ({v['scheme']}, {v['kernel']}) | {v.get('startup_s', '-')} | " + " | ".join(cells)
+                   + f" | {ttft} |{err}")
+    bw = got.get("bw.json", {}).get("copy_bw_bytes_s")
     if bw:
-        out += [
-            "",
-            f"Roofline (memory): measured device-to-device copy {bw / 1e12:.2f} TB/s (read+write). "
-            "Decode reads the weights once per step for the whole batch plus each sequence's bf16 KV "
-            f"cache ({kv_bytes_per_token() // 1024} KiB/token, mean context 256):",
-            "",
-            "| variant | bytes/token at c=1 | roofline c=1 | measured c=1 | roofline c=256 | measured c=256 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for n in names:
-            scheme = var[n]["scheme"]
-            m = var[n].get("metrics", {})
-            r1, r256 = roofline_tok_s(scheme, 1, bw), roofline_tok_s(scheme, 256, bw)
-            t1, t256 = (
-                m.get("perf.grid.c1.output_tokens_per_s"),
-                m.get("perf.grid.c256.output_tokens_per_s"),
-            )
-            out.append(
-                f"| {n} | {parameter_bytes(scheme)['bytes_per_token'] / 1e9:.2f} GB | {r1:,.0f} | "
-                + (f"{t1:,.0f} ({t1 / r1:.0%})" if t1 else "-")
-                + f" | {r256:,.0f} | "
-                + (f"{t256:,.0f} ({t256 / r256:.0%})" if t256 else "-")
-                + " |"
-            )
-    gw = next((v["gateway"] for v in var.values() if "gateway" in v), None)
-    if gw:
-        out += [
-            "",
-            f"Gateway at c={max(CONC)} (same vLLM, one `vllm bench serve` process, back to back):",
-            "",
-            "| path | output tok/s | vs direct | p95 TTFT ms | p95 TPOT ms |",
-            "|---|---|---|---|---|",
-        ]
-        for label, r in gw.items():
-            if "error" in r:
-                out.append(f"| {label} | ERROR {r['error'][-200:]} | | | |")
-                continue
-            out.append(
-                f"| {label} | {r['output_tokens_per_s']:,.0f} | {r.get('vs_direct', 1.0):.3f} | "
-                f"{r.get('ttft_p95_ms', float('nan')):.0f} | {r.get('tpot_p95_ms', float('nan')):.1f} |"
-            )
+        out += ["", f"Memory roofline (copy bandwidth {bw / 1e12:.2f} TB/s measured): measured direct tok/s as a "
+                "fraction of it", "", "| variant | " + " | ".join(f"c={c}" for c in conc) + " |",
+                "|---|" + "---|" * len(conc)]
+        for name in [n for n in ORDER if n in perf]:
+            v = perf[name]
+            out.append(f"| {name} | " + " | ".join(
+                f"{t:,.0f} / {roofline_tok_s(v['scheme'], c, bw):,.0f} ({t / roofline_tok_s(v['scheme'], c, bw):.0%})"
+                if (t := _tok(v, "direct", c)) else "-" for c in conc) + " |")
     return out
 
 
-def select_md(got: dict) -> tuple[list[str], dict]:
-    rows = measurements(got.get("perf_8b.json", {"variants": {}}))
-    if not rows:
-        return ["(no perf results)"], {}
-    out = [
-        f"Chosen by `evals.serving_choice.choose` (${USD_PER_HOUR:.2f}/h, SLO p95 TTFT <= "
-        f"{SLO.p95_ttft_ms:g} ms, p95 TPOT <= {SLO.p95_tpot_ms:g} ms):",
-        "",
-        "| workload concurrency | chosen | $/1M output tokens | x bf16 | reason |",
-        "|---|---|---|---|---|",
+def choice_md(got: dict) -> list[str]:
+    perf = {k: v for k, v in got["perf"].items() if k in ORDER and "gateway" in v}
+    if not perf:
+        return ["(no gateway measurements)"]
+    points = [
+        measurement_from_dict({"variant": n, "scheme": v["scheme"], "kernel": v["kernel"], "concurrency": int(c),
+                               "output_tok_s": s["output_tokens_per_s"], "p95_ttft_ms": s.get("ttft_p95_ms"),
+                               "p95_tpot_ms": s.get("tpot_p95_ms"), "failed": int(s.get("failed", 0))})
+        for n, v in perf.items() for c, s in v["gateway"].items()
     ]
-    decisions = {}
-    for c in CONC:
-        d = choose(rows, Workload(concurrency=c, usd_per_hour=USD_PER_HOUR, slo=SLO))
-        decisions[c] = d
+    out = [f"Serving choice (`evals.serving_choice.choose`, ${USD_PER_HOUR:.2f}/h, SLO p95 TTFT <= "
+           f"{SLO.p95_ttft_ms:g} ms, p95 TPOT <= {SLO.p95_tpot_ms:g} ms) over the gateway measurements:", "",
+           "| workload c | chosen (scheme, kernel) | x bf16 through the gateway | goal | reason |", "|---|---|---|---|---|"]
+    for c in _levels(perf):
+        d = choose(points, Workload(concurrency=c, usd_per_hour=USD_PER_HOUR, slo=SLO))
         ch = d["chosen"]
         if ch is None:
-            out.append(f"| {c} | none | - | - | {d['reason']} |")
+            out.append(f"| {c} | none | - | {GOALS.get(c, '-')} | {d['reason']} |")
             continue
-        out.append(
-            f"| {c} | {ch['variant']} | {ch['usd_per_1m_output_tokens']:.3f} | "
-            f"{ch['speedup_vs_baseline'] or 1:.2f} | {d['reason']} |"
-        )
-    return out, decisions
+        t, b = _tok(perf[ch["variant"]], "gateway", c), _tok(perf.get("bf16", {}), "gateway", c)
+        ratio = f"{t / b:.2f}x" if t and b else "-"
+        goal = GOALS.get(c)
+        verdict = "-" if goal is None or not (t and b) else f">= {goal}x: {'met' if t / b >= goal else 'NOT met'}"
+        out.append(f"| {c} | {ch['variant']} ({ch['scheme']}, {ch['kernel']}) | {ratio} | {verdict} | {d['reason']} |")
+    return out
+
+
+def parallel_md(got: dict) -> list[str]:
+    perf = got["perf"]
+    rows = [k for k in ("bf16", "bf16-tp2", "bf16-dp2") if k in perf]
+    if len(rows) < 2:
+        return ["(no TP/DP results)"]
+    conc = sorted({int(c) for k in rows for c in perf[k].get("direct", {})})
+    out = ["| release (bf16) | GPUs (share) | start-up s | " + " | ".join(f"direct c={c} tok/s (x 1 GPU)" for c in conc)
+           + " | p95 TPOT ms |", "|---|---|---|" + "---|" * (len(conc) + 1)]
+    for k in rows:
+        v = perf[k]
+        p = v.get("placement") or {}
+        cells = [f"{t:,.0f}" + (f" ({t / b:.2f}x)" if (b := _tok(perf['bf16'], 'direct', c)) and k != "bf16" else "")
+                 if (t := _tok(v, "direct", c)) else "-" for c in conc]
+        tpot = " / ".join(f"{v.get('direct', {}).get(str(c), {}).get('tpot_p95_ms', float('nan')):.1f}" for c in conc)
+        out.append(f"| {k} | {p.get('devices')} ({p.get('share')}) | {v.get('startup_s', '-')} | "
+                   + " | ".join(cells) + f" | {tpot} |" + (f" ERROR {v['error'][-200:]}" if "error" in v else ""))
+    return out
 
 
 def train_md(got: dict) -> list[str]:
-    tq = got.get("train_quality.json")
-    if not tq:
+    t = got["train"]
+    runs = {k: v for k, v in t.items() if isinstance(v, dict)}
+    if not runs:
         return ["(no training results)"]
-    out = ["| stage | wall s | notes |", "|---|---|---|"]
-    for name, s in tq.get("stages", {}).items():
-        r = s.get("result", {})
-        note = (
-            "ERROR " + s["error"][-200:].replace("\n", " ")
-            if "error" in s
-            else ", ".join(
-                f"{k}={r[k]}"
-                for k in (
-                    "steps",
-                    "final_loss",
-                    "tokens_per_s",
-                    "scheme",
-                    "group_size",
-                    "size_before_bytes",
-                    "size_after_bytes",
-                    "quantize_s",
-                    "train_s",
-                )
-                if k in r
-            )
-        )
-        out.append(f"| {name} | {s.get('wall_s')} | {note} |")
-    out.append(
-        f"| **sft+dpo+merge+awq** | **{tq.get('sft_dpo_merge_awq_s')}** | materialize (GGUF -> HF) "
-        f"{tq.get('materialize_s')} s not included |"
-    )
-    q = tq.get("quality", {})
-    if q:
-        keys = sorted(
-            {
-                k
-                for v in q.values()
-                for k in v.get("metrics", {})
-                if (k.startswith("quality.capability.") and k.endswith("answer_match"))
-                or k
-                in (
-                    "quality.policy.compliance",
-                    "quality.preference.accuracy",
-                    "quality.answer_tokens_mean",
-                    "safety.attack_block_rate",
-                    "safety.overblock_rate",
-                )
-            }
-        )
-        names = list(q)
-        out += ["", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for k in keys:
-            out.append(
-                f"| {k} | "
-                + " | ".join(
-                    f"{q[n]['metrics'][k]:.3f}" if k in q[n].get("metrics", {}) else "-"
-                    for n in names
-                )
-                + " |"
-            )
-        out.append(
-            "| serve start-up s / suite wall s | "
-            + " | ".join(f"{q[n].get('startup_s', '-')} / {q[n].get('wall_s', '-')}" for n in names)
-            + " |"
-        )
-        for n in names:
-            if "error" in q[n]:
-                out.append(f"\n{n}: ERROR {q[n]['error'][-300:]}")
+    out = ["| run | GPUs | rows x tokens per GPU step | tokens/s | MFU (989 TFLOP/s per GPU) | peak memory GiB | wall s |",
+           "|---|---|---|---|---|---|---|"]
+    for k, v in runs.items():
+        if "error" in v:
+            out.append(f"| {k} | | | ERROR {v['error']} | | | {v.get('wall_s')} |")
+            continue
+        out.append(f"| {k} | {v['processes']} | {v['batch_per_process']} x {v['seq']} | {v['tokens_per_s']:,.0f} | "
+                   f"{v['mfu']:.1%} | {v.get('max_memory_gib')} | {v.get('wall_s')} |")
+    for k, v in t.items():
+        if k.endswith("scaling-2v1"):
+            out.append(f"\nScaling 2 vs 1 GPU ({k.split('-')[0]}): **{v:.2f}x** (goal >= 1.8x: {'met' if v >= 1.8 else 'NOT met'})")
     return out
 
 
 def main(dirs: list[Path]) -> None:
     got = load(dirs)
-    card = got.get("nvidia-smi") or got.get("perf_8b.json", {}).get("env", {}).get(
-        "nvidia_smi", "?"
-    )
-    vllm = got.get("vllm.json", {}).get("vllm", "?")
-    print(
-        f"Card: {card}; vLLM {vllm}; torch {got.get('env.json', {}).get('versions', {}).get('torch', '?')}\n"
-    )
-    print("\n".join(perf_md(got)))
-    print()
-    lines, _ = select_md(got)
-    print("\n".join(lines))
-    print()
-    print("\n".join(train_md(got)))
+    print(f"Card: {got.get('smi', '?')}\n")
+    for title, lines in (("8B-class Llama per (scheme, kernel)", perf_md(got)), ("Serving choice", choice_md(got)),
+                         ("vLLM parallelism", parallel_md(got)), ("LoRA training scaling and MFU", train_md(got))):
+        print(f"### {title}\n\n" + "\n".join(lines) + "\n")
+    if "loop_gpu.json" in got:
+        print("### alignloop run\n\n" + loop_markdown(got["loop_gpu.json"]))
 
 
 if __name__ == "__main__":
