@@ -9,14 +9,17 @@ client got wrong (bad JSON, bad fields, oversize bodies, unknown routes) and nev
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,32 +27,103 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.auth import KeyRing, require_tenant
 from serving.gateway_config import GatewayConfig
 from serving.logstore import LogStore
 from serving.protocol import FeedbackRequest, GatewayError
-from serving.service import GatewayService, UpstreamProvider
+from serving.service import Admission, GatewayService, UpstreamProvider
 
 log = logging.getLogger(__name__)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes, or 408 when
+    it has not all arrived within ``timeout_s`` (a slow-loris client holds nothing longer)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise GatewayError(
             413, f"request body is larger than {limit} bytes", code="request_too_large"
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(
-                413, f"request body is larger than {limit} bytes", code="request_too_large"
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayError(
+                        413, f"request body is larger than {limit} bytes", code="request_too_large"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(
+            408, f"request body not received within {timeout_s:g} s", code="request_timeout"
+        ) from None
     return b"".join(chunks)
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for a request's headers.
+
+    uvicorn times out idle keep-alive connections but not a client that opens a connection and
+    sends its headers a byte at a time (slow loris): here the connection is closed when a
+    request's headers are not complete within ``HEADER_TIMEOUT_S``. It also hands the transport to
+    the app (``scope["extensions"]["alignloop.transport"]``) so a stream whose client stopped
+    reading can be aborted instead of waiting forever for a graceful close.
+    """
+
+    HEADER_TIMEOUT_S = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.abort()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope.setdefault("extensions", {})["alignloop.transport"] = self.transport
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+
+def protocol_for(config: GatewayConfig) -> type[GatewayHttpProtocol]:
+    """The HTTP protocol class with this config's header timeout."""
+    return type(
+        "GatewayHttpProtocol",
+        (GatewayHttpProtocol,),
+        {"HEADER_TIMEOUT_S": config.limits.header_timeout_s},
+    )
+
+
+def uvicorn_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for a gateway app: our protocol (header deadline), no access log."""
+    kwargs.setdefault("log_level", "warning")
+    return uvicorn.Config(
+        app, http=protocol_for(app.state.config), access_log=False, loop="auto", **kwargs
+    )
 
 
 def _response(e: GatewayError) -> JSONResponse:
@@ -85,10 +159,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _routes(service: GatewayService) -> APIRouter:
     router = APIRouter()
     limit = service.config.limits.max_body_bytes
+    body_s = service.config.limits.body_timeout_s
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request, tenant: str = Depends(require_tenant)) -> Response:
-        return await service.chat(await read_body(request, limit), tenant)
+        t0 = time.perf_counter()
+        return await service.chat(await read_body(request, limit, body_s), tenant, t0)
 
     @router.get("/v1/models")
     async def models(tenant: str = Depends(require_tenant)) -> dict:
@@ -96,7 +172,7 @@ def _routes(service: GatewayService) -> APIRouter:
 
     @router.post("/v1/feedback")
     async def feedback(request: Request, tenant: str = Depends(require_tenant)) -> dict:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, body_s)
         try:
             req = FeedbackRequest.model_validate(orjson.loads(body))
         except orjson.JSONDecodeError as e:
@@ -107,7 +183,7 @@ def _routes(service: GatewayService) -> APIRouter:
             raise GatewayError(
                 400, f"{loc or 'body'}: {err['msg']}", param=loc or None, code="invalid_value"
             ) from None
-        # The store is synchronous (and flushes queued rows first): keep it off the event loop.
+        # The store is synchronous (one lookup and one insert): keep it off the event loop.
         return (await run_in_threadpool(service.feedback, req, tenant)).model_dump()
 
     @router.get("/healthz")
@@ -122,14 +198,46 @@ def _routes(service: GatewayService) -> APIRouter:
     return router
 
 
+class _LogStoreCollector:
+    """The log writer's queue on /metrics: queued now, written, dropped (queue full), failed."""
+
+    def __init__(self, store: LogStore) -> None:
+        self.store = store
+
+    def collect(self):  # noqa: ANN201
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.store
+        yield GaugeMetricFamily(
+            "gateway_log_queue_rows", "Log rows waiting for the writer", value=_call(s, "queued")
+        )
+        for name, attr, doc in (
+            ("gateway_log_rows_written", "written", "Log rows written"),
+            ("gateway_log_rows_dropped", "dropped", "Log rows dropped: writer queue full"),
+            ("gateway_log_rows_failed", "write_errors", "Log rows the database refused 5 times"),
+        ):
+            yield CounterMetricFamily(name, doc, value=getattr(s, attr, 0))
+
+
+def _call(obj: Any, name: str) -> float:
+    fn = getattr(obj, name, None)
+    return fn() if callable(fn) else 0
+
+
 def create_app(
     config: GatewayConfig,
     upstream: UpstreamProvider,
     store: LogStore,
     extra_routers: Sequence[APIRouter] = (),
+    admission: Admission | None = None,
 ) -> FastAPI:
-    """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it."""
-    service = GatewayService(config, upstream, store)
+    """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it.
+
+    ``admission``: shared counters when several worker processes serve one gateway
+    (serving.dataplane); default, this process's own.
+    """
+    service = GatewayService(config, upstream, store, admission)
+    service.metrics.registry.register(_LogStoreCollector(store))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
@@ -162,14 +270,17 @@ def serve_in_thread(
     app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 30
 ) -> Iterator[str]:
     """Run ``app`` with uvicorn in a thread; yields ``http://host:port`` (tests, benchmarks)."""
-    import uvicorn
-
     from serving.vllm_server import free_port
 
     port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    )
+    if getattr(getattr(app, "state", None), "config", None) is not None:
+        server = uvicorn.Server(
+            uvicorn_config(app, host=host, port=port, timeout_graceful_shutdown=5)
+        )
+    else:  # not a gateway app (a test's fake upstream)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        )
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
