@@ -57,7 +57,8 @@ class SyntheticUpstream:
 
     - ``"MALFORMED"``: a chunk that is not JSON after the third token;
     - ``"HANG"``: headers, then nothing until the client leaves;
-    - ``"SLOWFIRST"``: the first token after ``slow_first_s``.
+    - ``"SLOWFIRST"``: the first token after ``slow_first_s``;
+    - ``"SLOWHEADERS"``: even the response headers only after ``slow_first_s``.
     """
 
     def __init__(
@@ -142,6 +143,8 @@ class SyntheticUpstream:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         try:
+            if "SLOWHEADERS" in last:
+                await asyncio.sleep(self.slow_first_s)
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
             if "HANG" in last:
