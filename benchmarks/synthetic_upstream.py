@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import orjson
 
-WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which "
-    "but have an they you were her she there been one all we their has would when if so no will "
-    "more can out up about what into them some could time only other new these two may then do "
-    "first any my now such like our over man me even most made after also did many before must"
-).split()
+WORDS = " ".join([
+    "the of and to in is that for it as was with be by on not he this are or his from at which",
+    "but have an they you were her she there been one all we their has would when if so no will",
+    "more can out up about what into them some could time only other new these two may then do",
+    "first any my now such like our over man me even most made after also did many before must",
+]).split()
 
 
 @dataclass

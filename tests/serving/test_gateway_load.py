@@ -144,12 +144,11 @@ def test_client_gone_before_the_body_starts_leaves_nothing(tmp_path: Path, fault
     ):
         tasks_before = httpx.get(base + "/test/tasks").json()["tasks"]
         for _ in range(5):
-            with pytest.raises(httpx.ReadTimeout):
-                with httpx.stream(
-                    "POST", base + "/v1/chat/completions", headers=H, json=_body(fault),
-                    timeout=httpx.Timeout(5.0, read=0.3),
-                ) as r:
-                    r.read()
+            with pytest.raises(httpx.ReadTimeout), httpx.stream(
+                "POST", base + "/v1/chat/completions", headers=H, json=_body(fault),
+                timeout=httpx.Timeout(5.0, read=0.3),
+            ) as r:
+                r.read()
         time.sleep(1.5)  # SLOWHEADERS: the upstream's headers arrive after the clients left
         health = _settle(base, app)
         assert health["in_flight"] == 0 and not app.stats.active, (health, app.stats.as_dict())
@@ -226,10 +225,8 @@ def test_slow_loris_headers_and_bodies_are_cut(tmp_path: Path) -> None:
         s1.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         s1.settimeout(5)
         t0 = time.monotonic()
-        try:
+        with contextlib.suppress(ConnectionResetError):  # aborted: a reset, or closed: b""
             assert s1.recv(1024) == b""
-        except ConnectionResetError:
-            pass
         assert time.monotonic() - t0 < 3
         # a body that never finishes: 408 in OpenAI's shape
         s2 = socket.create_connection((host, int(port)))
