@@ -156,7 +156,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _response(GatewayError(500, f"internal gateway error ({type(e).__name__})", "server_error"))
 
 
-def _routes(service: GatewayService) -> APIRouter:
+def _routes(service: GatewayService, with_feedback: bool = True) -> APIRouter:
     router = APIRouter()
     limit = service.config.limits.max_body_bytes
     body_s = service.config.limits.body_timeout_s
@@ -170,7 +170,6 @@ def _routes(service: GatewayService) -> APIRouter:
     async def models(tenant: str = Depends(require_tenant)) -> dict:
         return service.models().model_dump()
 
-    @router.post("/v1/feedback")
     async def feedback(request: Request, tenant: str = Depends(require_tenant)) -> dict:
         body = await read_body(request, limit, body_s)
         try:
@@ -186,14 +185,72 @@ def _routes(service: GatewayService) -> APIRouter:
         # The store is synchronous (one lookup and one insert): keep it off the event loop.
         return (await run_in_threadpool(service.feedback, req, tenant)).model_dump()
 
+    if with_feedback:  # else forwarded to the control plane, which owns the store
+        router.post("/v1/feedback")(feedback)
+
     @router.get("/healthz")
     async def healthz() -> JSONResponse:
         status, state = await service.health()
         return JSONResponse(state, status_code=status)
 
+    return router
+
+
+def _metrics_route(service: GatewayService, forward_to: str | None) -> APIRouter:
+    router = APIRouter()
+
     @router.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        if forward_to is None:
+            return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # A worker: every worker's series (prometheus multiprocess files) + the control plane's
+        # log-writer series.
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        text = generate_latest(registry).decode()
+        try:
+            async with request.app.state.forward_session.get("http://control/metrics") as r:
+                control = await r.text()
+            text += "".join(
+                line + "\n" for line in control.splitlines()
+                if line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith("gateway_log")
+            )
+        except Exception as e:  # noqa: BLE001 - metrics still answer without the writer's
+            log.warning("control plane metrics unavailable: %r", e)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host",
+                "content-length", "proxy-connection"}
+
+
+def _forward_router(limit: int, body_s: float) -> APIRouter:
+    """A worker's catch-all: everything that is not the data plane (admin API, feedback, pages)
+    is answered by the control plane, over its Unix socket."""
+    router = APIRouter()
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def forward(request: Request, path: str) -> Response:
+        body = await read_body(request, limit, body_s)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        url = "http://control" + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            async with request.app.state.forward_session.request(
+                request.method, url, data=body, headers=headers
+            ) as r:
+                content = await r.read()
+                out = {k: v for k, v in r.headers.items() if k.lower() not in _HOP_HEADERS}
+                return Response(content, status_code=r.status, headers=out)
+        except Exception as e:  # noqa: BLE001
+            raise GatewayError(
+                503, f"the gateway's control plane is unavailable ({type(e).__name__})",
+                "server_error", code="control_plane_unavailable",
+            ) from None
 
     return router
 
@@ -230,21 +287,33 @@ def create_app(
     store: LogStore,
     extra_routers: Sequence[APIRouter] = (),
     admission: Admission | None = None,
+    forward_to: str | None = None,
 ) -> FastAPI:
     """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it.
 
-    ``admission``: shared counters when several worker processes serve one gateway
-    (serving.dataplane); default, this process's own.
+    ``admission`` and ``forward_to`` make it a worker of serving.dataplane: admission counters
+    shared with the other workers, and every route but the data plane's (chat, models, healthz,
+    metrics) forwarded to the control plane listening on the Unix socket ``forward_to``.
     """
     service = GatewayService(config, upstream, store, admission)
-    service.metrics.registry.register(_LogStoreCollector(store))
+    if forward_to is None:
+        service.metrics.registry.register(_LogStoreCollector(store))
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI):  # noqa: ANN202
         await service.start()
+        if forward_to is not None:
+            import aiohttp
+
+            app.state.forward_session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=forward_to),
+                timeout=aiohttp.ClientTimeout(total=None, connect=5),
+            )
         try:
             yield
         finally:
+            if forward_to is not None:
+                await app.state.forward_session.close()
             await service.aclose()
 
     app = FastAPI(title="alignloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -252,7 +321,13 @@ def create_app(
     app.state.keyring = KeyRing(config)
     app.state.config = config
     _install_error_handlers(app)
-    app.include_router(_routes(service))
+    app.include_router(_routes(service, with_feedback=forward_to is None))
+    app.include_router(_metrics_route(service, forward_to))
+    if forward_to is not None:
+        app.include_router(
+            _forward_router(config.limits.max_body_bytes, config.limits.body_timeout_s)
+        )
+        return app
     for r in extra_routers:
         app.include_router(r)
     return app
@@ -267,29 +342,30 @@ def store_from_config(config: GatewayConfig) -> LogStore:
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 30
+    app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 30,
+    uds: str | None = None,
 ) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread; yields ``http://host:port`` (tests, benchmarks)."""
+    """Run ``app`` with uvicorn in a thread; yields ``http://host:port`` (tests, benchmarks), or
+    the socket's path when serving on the Unix socket ``uds``."""
     from serving.vllm_server import free_port
 
     port = port or free_port()
+    where = {"uds": uds} if uds else {"host": host, "port": port}
     if getattr(getattr(app, "state", None), "config", None) is not None:
-        server = uvicorn.Server(
-            uvicorn_config(app, host=host, port=port, timeout_graceful_shutdown=5)
-        )
+        server = uvicorn.Server(uvicorn_config(app, timeout_graceful_shutdown=5, **where))
     else:  # not a gateway app (a test's fake upstream)
         server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+            uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **where)
         )
-    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
+    thread = threading.Thread(target=server.run, name=f"gateway-{uds or port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"gateway did not start on {host}:{port}")
+            raise RuntimeError(f"gateway did not start on {uds or f'{host}:{port}'}")
         time.sleep(0.02)
     try:
-        yield f"http://{host}:{port}"
+        yield uds or f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=timeout_s)

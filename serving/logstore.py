@@ -21,6 +21,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -182,7 +183,12 @@ class LogStore:
         """Queue one exchange; never blocks (a full queue drops the row and counts it)."""
         if self._closed:
             raise RuntimeError("log store is closed")
-        row = record.row()
+        self.log_row(record.row())
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        """Queue one exchange row (``ExchangeRecord.row()``; worker processes send these)."""
+        if self._closed:
+            raise RuntimeError("log store is closed")
         self._pending[row["id"]] = row["tenant"]
         try:
             self._queue.put_nowait(row)
@@ -273,16 +279,23 @@ class LogStore:
         return fid, True
 
     # -- reads ----------------------------------------------------------------------------------
-    def has_exchange(self, request_id: str, tenant: str) -> bool:
-        """Whether ``tenant`` has an exchange with this id, queued or written (never waits for
-        the writer: the feedback API calls this on its request path)."""
-        if self._pending.get(request_id) == tenant:
-            return True
+    def has_exchange(self, request_id: str, tenant: str, wait_s: float = 0.0) -> bool:
+        """Whether ``tenant`` has an exchange with this id, queued or written. Never waits for
+        the writer's backlog (the feedback API calls this on its request path); ``wait_s`` waits
+        up to that long for this one row to arrive (from a worker process)."""
         q = select(requests_table.c.id).where(
             requests_table.c.id == request_id, requests_table.c.tenant == tenant
         )
-        with self.engine.connect() as conn:
-            return conn.execute(q).first() is not None
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._pending.get(request_id) == tenant:
+                return True
+            with self.engine.connect() as conn:
+                if conn.execute(q).first() is not None:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def get_exchange(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """One exchange by id (restricted to ``tenant`` when given). Flushes queued writes first."""

@@ -192,7 +192,9 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.in_flight = Gauge("gateway_in_flight", "Chat requests in flight", registry=r)
+        self.in_flight = Gauge(
+            "gateway_in_flight", "Chat requests in flight", registry=r, multiprocess_mode="livesum"
+        )
 
 
 def new_request_id() -> str:
@@ -335,6 +337,9 @@ class GatewayService:
         self.metrics = Metrics()
         self.admission = admission or LocalAdmission(config)
         self.session: aiohttp.ClientSession | None = None
+        # With worker processes, a row may still be on its way to the writer when its feedback
+        # arrives at the control plane: wait this long for that one row (never for the backlog).
+        self.feedback_wait_s = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -392,12 +397,14 @@ class GatewayService:
         The ids are looked up without waiting for the log writer's backlog
         (``LogStore.has_exchange`` also sees rows still queued).
         """
-        if not self.store.has_exchange(req.request_id, tenant=tenant):
+        if not self.store.has_exchange(req.request_id, tenant=tenant, wait_s=self.feedback_wait_s):
             raise GatewayError(
                 404, f"no request with id {req.request_id!r}", param="request_id", code="not_found"
             )
         other = req.preference.other_request_id if req.preference else None
-        if other is not None and not self.store.has_exchange(other, tenant=tenant):
+        if other is not None and not self.store.has_exchange(
+            other, tenant=tenant, wait_s=self.feedback_wait_s
+        ):
             raise GatewayError(
                 404,
                 f"no request with id {other!r}",
