@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from synthetic_upstream import SyntheticUpstream  # noqa: E402
-from test_gateway_support import KEY_A, KEY_B, make_config  # noqa: E402
+from test_gateway_support import ADMIN, KEY_A, KEY_B, make_config  # noqa: E402
 
 from serving.app import create_app, serve_in_thread  # noqa: E402
 from serving.dataplane import ControlPlane  # noqa: E402
@@ -180,3 +180,62 @@ def test_workers_share_limits_switch_together_and_log_through_one_writer(tmp_pat
         assert sum(plane.state.counts[i] for i in range(2 * 1024)) == 0
     rows = list(LogStore(f"sqlite:///{tmp_path / 'logs.db'}").exchanges())
     assert len(rows) == 300 + 4 + 20 + 1 + 10  # the 429s were never admitted: no rows
+
+
+def test_alignloop_serve_fronts_an_external_upstream_with_workers(tmp_path: Path) -> None:
+    """`alignloop serve` as a user runs it, with releases.upstream_url (no vLLM started) and two
+    workers: requests are served and logged, the release list shows the external release."""
+    import json
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from serving.gateway_config import GatewayConfig
+    from training.config import repo_root
+
+    syn = SyntheticUpstream()
+    with serve_in_thread(syn) as up_base:
+        port = free_port()
+        home = tmp_path / "home"
+        cfg = {
+            "port": port,
+            "log_level": "warning",
+            "workers": 2,
+            "gateway": GatewayConfig.model_validate(
+                make_config(guardrails={}).model_dump(mode="json")
+            ).model_dump(mode="json"),
+            "releases": {"upstream_url": up_base + "/v1", "upstream_model": "synthetic",
+                         "initial_model": None, "grace_s": 0},
+        }
+        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "ALIGNLOOP_HOME": str(home), "HF_HUB_OFFLINE": "1", "ALIGNLOOP_ADMIN_KEY": ADMIN}
+        env.pop("ALIGNLOOP_GATEWAY_URL", None)
+        exe = shutil.which("alignloop", path=str(repo_root() / ".venv/bin")) or "alignloop"
+        base = f"http://127.0.0.1:{port}"
+        with (tmp_path / "serve.log").open("w") as log:
+            proc = subprocess.Popen([exe, "serve", "--config", str(tmp_path / "serve.yaml")],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    h = httpx.get(base + "/healthz", timeout=2)
+                    if h.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.3)
+            ids = [_chat(base, KEY_A, f"q{i}", stream=i % 2 == 0).status_code for i in range(40)]
+            assert ids == [200] * 40
+            listed = subprocess.run([exe, "release", "list", "--json"], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            (rel,) = json.loads(listed.stdout)
+            assert rel["status"] == "live" and rel["upstream_url"] == up_base + "/v1" and rel["serving"], listed.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    rows = list(LogStore(f"sqlite:///{home / 'logs.db'}").exchanges())
+    assert len(rows) == 40 and {r["release"] for r in rows} == {rel["release_id"]}
+    assert syn.stats.requests == 40 + 2  # + one real generation when staged and when promoted
