@@ -222,6 +222,9 @@ def _server_class():
 
 def run_serve(cfg: ServeConfig) -> None:
     """Run the gateway until SIGINT/SIGTERM; stop every vLLM it started on the way out."""
+    from guardrails.pii import import_presidio_for_serving
+
+    import_presidio_for_serving()  # before any thread starts (see there)
     from serving.admin_api import build_admin_router
     from serving.app import create_app, uvicorn_config
     from serving.logstore import LogStore, default_url
