@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 OVERHEAD_HEADER = "x-alignloop-overhead-ms"  # the gateway's own time, guardrails included
 GUARDRAIL_HEADER = "x-alignloop-guardrail-ms"  # of which guardrail hooks
 KEEPALIVE = b": keep-alive\n\n"
+_MAX_LINE = 1 << 20  # the longest SSE line (one chunk) accepted from upstream
 
 
 @dataclass(frozen=True)
@@ -293,16 +294,37 @@ class RelayResponse(StreamingResponse):
         self.write_timeout_s = write_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        # One watchdog per stream (not a timer per send: sends are per chunk): it cancels the
+        # stream when a send has waited write_timeout_s for the client to take data.
+        loop = asyncio.get_running_loop()
         timeout = self.write_timeout_s
+        pending_since: list[float | None] = [None]
+        task = asyncio.current_task()
+        stalled = False
 
-        async def timed_send(message: dict) -> None:
-            async with asyncio.timeout(timeout):
-                await send(message)
+        async def tracked_send(message: dict) -> None:
+            pending_since[0] = loop.time()
+            await send(message)
+            pending_since[0] = None
 
+        def watch() -> None:
+            nonlocal handle, stalled
+            since = pending_since[0]
+            if since is not None and loop.time() - since >= timeout:
+                stalled = True
+                task.cancel()
+                return
+            handle = loop.call_later(timeout / 2, watch)
+
+        handle = loop.call_later(timeout / 2, watch)
         abort = None
         try:
-            await super().__call__(scope, receive, timed_send)
-        except TimeoutError:
+            await super().__call__(scope, receive, tracked_send)
+        except asyncio.CancelledError:
+            if not stalled:
+                abort = "disconnect"
+                raise
+            task.uncancel()
             abort = "stalled"
             transport = (scope.get("extensions") or {}).get("alignloop.transport")
             if transport is not None:
@@ -311,6 +333,7 @@ class RelayResponse(StreamingResponse):
             abort = "disconnect"
             raise
         finally:
+            handle.cancel()
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()
             await self.cleanup(abort)
@@ -726,10 +749,12 @@ class GatewayService:
     async def _relay(self, ex: Exchange, r: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """Relay the upstream's SSE stream through the output guard; rewrite ids; log at the end.
 
-        Chunks whose text no hook changed are forwarded as the upstream's own bytes with only the
-        ``id`` and ``model`` values swapped (a bytes replace of ``"id":<value>``; the key/value
-        pair cannot occur inside a JSON string, where quotes are escaped); the rest are
-        re-encoded.
+        Reads whatever bytes upstream has (``readany``), handles every complete event in them and
+        sends the results as one write: under load several chunks of a stream often arrive
+        together. Chunks whose text no hook changed are forwarded as the upstream's own bytes
+        with only the ``id`` and ``model`` values swapped (a bytes replace of ``"id":<value>``;
+        that key/value pair cannot occur inside a JSON string, where quotes are escaped); the
+        rest are re-encoded.
         """
         guard = (
             StreamGuard(
@@ -744,106 +769,112 @@ class GatewayService:
         stopped = False  # a hook blocked: drain upstream for usage, forward nothing else
         parts: list[str] = []
         swap = _IdSwap(ex)
-        lines = r.content.__aiter__()
+        reader = r.content
         waiting: asyncio.Future | None = None
         keepalive_s = self.config.upstream.keepalive_s
-        done = False
+        buf = b""
+        ended = False  # [DONE], an error event, or a malformed chunk: stop reading
         try:
-            while True:
+            while not ended:
                 if ex.ttft_s is None:
                     # Until the first token, say "still here" every keepalive_s (SSE comment).
-                    waiting = waiting or asyncio.ensure_future(lines.__anext__())
+                    waiting = waiting or asyncio.ensure_future(reader.readany())
                     finished, _ = await asyncio.wait((waiting,), timeout=keepalive_s)
                     if not finished:
                         yield KEEPALIVE
                         continue
                     fut, waiting = waiting, None
-                    try:
-                        line = fut.result()
-                    except StopAsyncIteration:
-                        break
+                    data = fut.result()
                 else:
-                    try:
-                        line = await lines.__anext__()
-                    except StopAsyncIteration:
-                        break
+                    data = await reader.readany()
+                if not data:
+                    break  # upstream closed
                 t = time.perf_counter()
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, upstream comments
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    ex.stream_done = done = True
-                    break
-                try:
-                    obj = orjson.loads(data)
-                    if not isinstance(obj, dict):
-                        raise TypeError(type(obj).__name__)
-                except (orjson.JSONDecodeError, TypeError):
-                    ex.status, ex.http_status, ex.stream_done = "upstream_error", 502, True
-                    self.metrics.upstream_errors.labels("malformed_chunk").inc()
-                    yield _error_event("the model server sent a malformed chunk", "malformed_chunk")
-                    break
-                if "error" in obj and not obj.get("choices"):
-                    ex.status, ex.http_status, ex.stream_done = "upstream_error", 503, True
-                    self.metrics.upstream_errors.labels("stream_error").inc()
-                    obj["id"], obj["model"] = ex.id, ex.public_model
-                    yield _sse(obj)
-                    break
-                choices = obj.get("choices") or []
-                if not choices:  # the usage chunk
-                    ex.usage = obj.get("usage") or ex.usage
-                    if client_usage:
-                        yield swap.forward(data, obj)
-                    continue
-                if stopped:
-                    continue
-                choice = choices[0]
-                delta = choice.get("delta") or {}
-                finish = choice.get("finish_reason")
-                content = delta.get("content")
-                if guard is None:
-                    out = content or ""
-                else:
-                    g0 = time.perf_counter()
-                    out = guard.feed(content) if content else ""
-                    if finish is not None:
-                        out += guard.finish()
-                    ex.guardrail_s += time.perf_counter() - g0
-                    if guard.blocked:
-                        stopped = True
-                        ex.status, ex.finish_reason = "blocked", "content_filter"
-                        yield _sse(chunk_body(ex.id, ex.public_model, {}, "content_filter"))
+                lines = (buf + data).split(b"\n")
+                buf = lines.pop()  # an incomplete line waits for the next read
+                if len(buf) > _MAX_LINE:
+                    lines, buf = [buf], b""  # not an SSE stream we can parse
+                out: list[bytes] = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, upstream comments
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        ex.stream_done = ended = True
+                        break
+                    try:
+                        obj = orjson.loads(payload)
+                        if not isinstance(obj, dict):
+                            raise TypeError(type(obj).__name__)
+                    except (orjson.JSONDecodeError, TypeError):
+                        ex.status, ex.http_status, ex.stream_done = "upstream_error", 502, True
+                        self.metrics.upstream_errors.labels("malformed_chunk").inc()
+                        out.append(
+                            _error_event("the model server sent a malformed chunk", "malformed_chunk")
+                        )
+                        ended = True
+                        break
+                    if "error" in obj and not obj.get("choices"):
+                        ex.status, ex.http_status, ex.stream_done = "upstream_error", 503, True
+                        self.metrics.upstream_errors.labels("stream_error").inc()
+                        obj["id"], obj["model"] = ex.id, ex.public_model
+                        out.append(_sse(obj))
+                        ended = True
+                        break
+                    choices = obj.get("choices") or []
+                    if not choices:  # the usage chunk
+                        ex.usage = obj.get("usage") or ex.usage
+                        if client_usage:
+                            out.append(swap.forward(payload, obj))
                         continue
-                if out:
-                    parts.append(out)
-                    if ex.ttft_s is None:
-                        ex.ttft_s = time.perf_counter() - ex.t0
-                elif content and finish is None and set(delta) <= {"content"}:
-                    ex.own_s += time.perf_counter() - t
-                    continue  # everything held back: nothing to send yet
-                if finish is not None:
-                    ex.finish_reason = finish
-                if out == (content or ""):
-                    chunk = swap.forward(data, obj)
-                else:
-                    delta["content"] = out
-                    choice["delta"] = delta
-                    obj["id"], obj["model"] = ex.id, ex.public_model
-                    chunk = _sse(obj)
+                    if stopped:
+                        continue
+                    choice = choices[0]
+                    delta = choice.get("delta") or {}
+                    finish = choice.get("finish_reason")
+                    content = delta.get("content")
+                    if guard is None:
+                        text = content or ""
+                    else:
+                        g0 = time.perf_counter()
+                        text = guard.feed(content) if content else ""
+                        if finish is not None:
+                            text += guard.finish()
+                        ex.guardrail_s += time.perf_counter() - g0
+                        if guard.blocked:
+                            stopped = True
+                            ex.status, ex.finish_reason = "blocked", "content_filter"
+                            out.append(_sse(chunk_body(ex.id, ex.public_model, {}, "content_filter")))
+                            continue
+                    if text:
+                        parts.append(text)
+                        if ex.ttft_s is None:
+                            ex.ttft_s = time.perf_counter() - ex.t0
+                    elif content and finish is None and set(delta) <= {"content"}:
+                        continue  # everything held back: nothing to send yet
+                    if finish is not None:
+                        ex.finish_reason = finish
+                    if text == (content or ""):
+                        out.append(swap.forward(payload, obj))
+                    else:
+                        delta["content"] = text
+                        choice["delta"] = delta
+                        obj["id"], obj["model"] = ex.id, ex.public_model
+                        out.append(_sse(obj))
+                if ex.stream_done and ex.status in ("ok", "blocked"):
+                    # Log before the client sees the end, so feedback sent right after finds it.
+                    self._close_relay(ex, guard, parts)
+                    out.append(
+                        f": alignloop {OVERHEAD_HEADER}={ex.own_s * 1000:.3f} "
+                        f"{GUARDRAIL_HEADER}={ex.guardrail_s * 1000:.3f}\n\n".encode()
+                    )
+                    out.append(b"data: [DONE]\n\n")
                 ex.own_s += time.perf_counter() - t
-                yield chunk
-            if done:
-                # Log before the client sees the end, so feedback sent right after finds the row.
-                self._close_relay(ex, guard, parts)
-                yield (
-                    f": alignloop {OVERHEAD_HEADER}={ex.own_s * 1000:.3f} "
-                    f"{GUARDRAIL_HEADER}={ex.guardrail_s * 1000:.3f}\n\n"
-                ).encode()
-                yield b"data: [DONE]\n\n"
-            elif ex.status == "ok":  # upstream closed without [DONE]
+                if out:
+                    yield b"".join(out)
+            if not ended and ex.status in ("ok", "blocked"):  # upstream closed without [DONE]
                 raise aiohttp.ClientPayloadError("upstream stream ended early")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            # ValueError: aiohttp's "line too long" (a chunk over read_bufsize)
+        except (aiohttp.ClientError, TimeoutError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "stream_broken"
             self.metrics.upstream_errors.labels(kind).inc()
             ex.status, ex.http_status, ex.stream_done = "upstream_error", 503, True
