@@ -57,7 +57,8 @@ def bench_args(base_url: str, model: str, tokenizer: str, c: int, n: int, a: arg
         "--ignore-eos", "--num-prompts", str(n), "--max-concurrency", str(c),
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99",
         "--save-result", "--result-dir", str(out_dir), "--result-filename", f"{tag}-c{c}.json",
-        "--seed", "0", "--ready-check-timeout-sec", "120", "--disable-tqdm",
+        "--seed", "0", "--request-rate", "inf", "--random-range-ratio", "0", "--temperature", "0",
+        "--disable-tqdm",  # the flags evals/perf.py uses: known to work with vLLM 0.26 (GPU) and 0.32
     ]
 
 

@@ -259,17 +259,21 @@ def test_tenant_at_its_limit_gets_429_and_cannot_starve_another(tmp_path: Path) 
     )
     seen: Counter[tuple[str, int]] = Counter()
     retry_after: set[str] = set()
+    latency: dict[str, list[float]] = {"a": [], "b": []}
     with synthetic(ttft_s=0.02, itl_s=0.004) as (up, app, _), running_gateway(tmp_path, up, cfg) as (base, _, store):
 
         async def loop(client: httpx.AsyncClient, tenant: str, key: str, until: float) -> None:
             i = 0
             while time.monotonic() < until:
+                t0 = time.monotonic()
                 r = await client.post(
                     base + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                     json=_body(f"{tenant}{i}", stream=i % 2 == 0, max_tokens=16),
                 )
                 await r.aread()
                 seen[(tenant, r.status_code)] += 1
+                if r.status_code == 200:
+                    latency[tenant].append(time.monotonic() - t0)
                 if r.status_code == 429:
                     retry_after.add(r.headers.get("retry-after", ""))
                     assert r.json()["error"]["type"] == "rate_limit_error"
@@ -298,6 +302,9 @@ def test_tenant_at_its_limit_gets_429_and_cannot_starve_another(tmp_path: Path) 
         store.flush()
         logged = Counter(x["tenant"] for x in store.exchanges())
         assert logged == {t: seen[(t, 200)] for t in ("a", "b")}, (logged, seen)
+        p50 = {t: sorted(v)[len(v) // 2] * 1000 for t, v in latency.items()}
+        print(f"fairness: responses {dict(seen)}, logged {dict(logged)}, "
+              f"p50 latency of 200s a {p50['a']:.0f} ms, b {p50['b']:.0f} ms")  # BENCHMARKS.md
 
 
 def test_thousands_of_requests_one_row_each_nothing_left(tmp_path: Path) -> None:
