@@ -379,10 +379,15 @@ class GatewayService:
             read_bufsize=1 << 20,  # the longest SSE line (one chunk) we accept from upstream
         )
 
-    async def aclose(self) -> None:
+    async def close_upstream(self) -> None:
+        """Close the upstream connections and the guardrail pool, not the store (a second
+        service over the same store, e.g. the review page's one-off relay)."""
         if self.session is not None:
             await self.session.close()
         self.guards.close()
+
+    async def aclose(self) -> None:
+        await self.close_upstream()
         self.store.close()  # flushes queued log rows
 
     # -- small endpoints ------------------------------------------------------------------------
