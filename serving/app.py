@@ -232,7 +232,9 @@ def _metrics_route(service: GatewayService, forward_to: str | None) -> APIRouter
     return router
 
 
-_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host",
+# Not forwarded (hop-by-hop, or recomputed); Host is, so the control plane sees the client's
+# origin (the review page checks it).
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                 "content-length", "proxy-connection"}
 
 
@@ -248,11 +250,20 @@ def _forward_router(limit: int, body_s: float) -> APIRouter:
         url = "http://control" + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
             async with request.app.state.forward_session.request(
-                request.method, url, data=body, headers=headers
+                request.method, url, data=body, headers=headers, allow_redirects=False
             ) as r:
                 content = await r.read()
-                out = {k: v for k, v in r.headers.items() if k.lower() not in _HOP_HEADERS}
-                return Response(content, status_code=r.status, headers=out)
+                out = Response(content, status_code=r.status)
+                # raw pairs: repeated headers (several Set-Cookie) must all pass
+                out.raw_headers = [
+                    *[(k, v) for k, v in out.raw_headers if k == b"content-length"],
+                    *[
+                        (k.lower(), v)
+                        for k, v in r.raw_headers
+                        if k.decode("latin-1").lower() not in _HOP_HEADERS
+                    ],
+                ]
+                return out
         except Exception as e:  # noqa: BLE001
             raise GatewayError(
                 503, f"the gateway's control plane is unavailable ({type(e).__name__})",
@@ -315,6 +326,7 @@ def create_app(
             app.state.forward_session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=forward_to),
                 timeout=aiohttp.ClientTimeout(total=None, connect=5),
+                auto_decompress=False,  # bytes pass through as the control plane sent them
             )
         try:
             yield

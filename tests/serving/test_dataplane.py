@@ -233,6 +233,11 @@ def test_alignloop_serve_fronts_an_external_upstream_with_workers(tmp_path: Path
                                     capture_output=True, text=True, timeout=60)
             (rel,) = json.loads(listed.stdout)
             assert rel["status"] == "live" and rel["upstream_url"] == up_base + "/v1" and rel["serving"], listed.stderr
+            # pages are the control plane's too: a form, and a refused sign-in from this origin
+            page = httpx.get(base + "/review/login")
+            assert page.status_code == 200 and "<form" in page.text
+            refused = httpx.post(base + "/review/login", data={"key": "nope"}, headers={"origin": base})
+            assert refused.status_code == 401 and "unknown reviewer key" in refused.text
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
