@@ -121,6 +121,10 @@ def protocol_for(config: GatewayConfig) -> type[GatewayHttpProtocol]:
 def uvicorn_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
     """uvicorn's config for a gateway app: our protocol (header deadline), no access log."""
     kwargs.setdefault("log_level", "warning")
+    # uvicorn closes idle keep-alive connections after 5 s by default; a client reusing one just
+    # then gets a reset (a known keep-alive race). Clients (the OpenAI SDK) keep connections
+    # longer: 30 s makes the race rarer; idle connections cost a file descriptor each.
+    kwargs.setdefault("timeout_keep_alive", 30)
     return uvicorn.Config(
         app, http=protocol_for(app.state.config), access_log=False, loop="auto", **kwargs
     )
