@@ -572,6 +572,7 @@ class GatewayService:
                 # Look-only hooks run while the upstream call is on its way; nothing reaches the
                 # client until they pass, and a block cancels the call (vLLM sees the disconnect).
                 call = asyncio.ensure_future(send)
+                await asyncio.sleep(0)  # let the call write its request before the hooks run
                 t1 = time.perf_counter()
                 _, res = await self.guards.call(
                     _texts_size(ex.request), self.during_chain.run, ex.request
