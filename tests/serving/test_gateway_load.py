@@ -245,6 +245,7 @@ def test_slow_loris_headers_and_bodies_are_cut(tmp_path: Path) -> None:
         assert list(store.exchanges()) == []  # never admitted: nothing to log
 
 
+@pytest.mark.integration  # seconds of load: not in test-fast
 def test_tenant_at_its_limit_gets_429_and_cannot_starve_another(tmp_path: Path) -> None:
     """Tenant a pushes 4x the gateway's saturating concurrency (its global limit, 24) while b
     sends at a modest rate: a gets 429 + Retry-After, b is never refused, and every response the
@@ -307,6 +308,7 @@ def test_tenant_at_its_limit_gets_429_and_cannot_starve_another(tmp_path: Path) 
               f"p50 latency of 200s a {p50['a']:.0f} ms, b {p50['b']:.0f} ms")  # BENCHMARKS.md
 
 
+@pytest.mark.integration  # seconds of load: not in test-fast
 def test_thousands_of_requests_one_row_each_nothing_left(tmp_path: Path) -> None:
     n, conc = 2000, 32
     with (
