@@ -237,9 +237,11 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child process
     """A data-plane worker: the chat app on the shared socket until SIGTERM/SIGINT."""
-    from serving.vllm_server import _die_with_parent
+    import ctypes
+    import signal
 
-    _die_with_parent()  # the control plane killed outright: the workers go too
+    with contextlib.suppress(Exception):  # the control plane killed outright: the workers go too
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = spec.metrics_dir
     from prometheus_client import values
 
