@@ -3,8 +3,13 @@ with a :class:`Verdict` (allow / redact / block, a reason, the hook's name).
 
 - Input hooks see the whole :class:`~serving.protocol.ChatCompletionRequest`.
 - Output hooks see answer text. For streams, :class:`StreamGuard` feeds them the answer in
-  segments and holds back a tail window (``holdback_chars``) so a value a hook matches (a PII
+  windows (the first text at once, then once per ``window_chars`` new characters or
+  ``window_s``) and holds back a tail (``holdback_chars``) so a value a hook matches (a PII
   value, a blocked phrase) is always seen whole before any of it reaches the client.
+- Input hooks that rewrite the request (``rewrites = True``, e.g. PII redaction) must finish
+  before the upstream call; the hooks configured after the last rewriting one only look, so
+  the gateway may run them while the upstream call is already on its way
+  (:meth:`InputChain.split`).
 
 Hooks come from config by name (``registry.HOOKS``) or by ``module:Factory`` path, so a new hook
 (e.g. a guard model served by vLLM) needs no gateway change.
@@ -39,9 +44,15 @@ class Verdict:
 
 
 class InputHook:
-    """Base for input hooks: override :meth:`check`."""
+    """Base for input hooks: override :meth:`check`.
+
+    ``rewrites``: whether :meth:`check` may return a changed request. A hook that only looks
+    (allow/block) sets it False, so it can run concurrently with the upstream call; the safe
+    default for unknown hooks is True.
+    """
 
     name: str = "input-hook"
+    rewrites: bool = True
 
     def check(self, request: ChatCompletionRequest) -> tuple[ChatCompletionRequest, Verdict]:
         raise NotImplementedError
@@ -119,6 +130,13 @@ class InputChain:
     def __init__(self, hooks: Iterable[InputHook]) -> None:
         self.hooks = list(hooks)
 
+    def split(self) -> tuple[InputChain, InputChain]:
+        """(front, during): every hook up to the last rewriting one, in order, must run before
+        the upstream call (it needs the final prompt); the look-only hooks after it may run
+        while the call is on its way (the gateway holds the answer until they pass)."""
+        last = max((i for i, h in enumerate(self.hooks) if h.rewrites), default=-1)
+        return InputChain(self.hooks[: last + 1]), InputChain(self.hooks[last + 1 :])
+
     def run(self, request: ChatCompletionRequest) -> tuple[ChatCompletionRequest, ChainResult]:
         res = ChainResult()
         t0 = time.perf_counter()
@@ -183,14 +201,22 @@ class StreamGuard:
 
     ``feed(delta)`` returns the text that is safe to send now; ``finish()`` the rest. Once a hook
     blocks, ``blocked`` is set and nothing more is released.
+
+    The hooks run on windows, not on every delta: the first text is checked at once (time to
+    first token), later text once ``window_chars`` new characters have arrived or the oldest
+    held text is ``window_s`` old (checked when a delta arrives). A run costs about the same for
+    1 or 100 new characters, since most of it is per call (measured: a 256-token answer of
+    random vocabulary cost 1.7 ms of hooks with 24-char windows, 0.33 ms with 128). What a run
+    releases is cut by the hooks' ``releasable``/``spans``, so a window boundary never splits a
+    value: the held-back tail is the context carried into the next window.
     """
 
-    def __init__(self, chain: OutputChain, min_release_chars: int = 24) -> None:
+    def __init__(self, chain: OutputChain, window_chars: int = 128, window_s: float = 0.25) -> None:
         self.chain = chain
-        # After the first release (as early as possible: time to first token), run the hooks
-        # once per ~min_release_chars, not per token: a run costs about the same for 1 or 24 new
-        # characters since it rescans the held-back window.
-        self.min_release_chars = min_release_chars
+        self.window_chars = window_chars
+        self.window_s = window_s
+        self.held_since = 0.0  # when the oldest unchecked text arrived
+        self.unchecked = 0  # characters fed since the hooks last ran
         self.released_any = False
         self.pending = ""
         self.blocked = False
@@ -211,9 +237,17 @@ class StreamGuard:
         if not self.chain.hooks:
             return delta
         t0 = time.perf_counter()
+        if not self.unchecked:
+            self.held_since = t0
         self.pending += delta
+        self.unchecked += len(delta)
         out = ""
-        if len(self.pending) >= (self.min_release_chars if self.released_any else 1):
+        if (
+            not self.released_any
+            or self.unchecked >= self.window_chars
+            or t0 - self.held_since >= self.window_s
+        ):
+            self.unchecked = 0  # what stays held is checked again with the next window
             cut = min(h.releasable(self.pending) for h in self.chain.hooks)
             if 0 < cut < len(self.pending) and not self.pending[cut - 1].isspace():
                 # never split a word: detectors (libphonenumber) read whole tokens in context

@@ -121,6 +121,7 @@ class InjectionHeuristics(InputHook):
     """Blocks prompt-injection / jailbreak attempts matched by regex patterns (configurable)."""
 
     name = "injection"
+    rewrites = False  # only looks: may run while the upstream call is on its way
 
     def __init__(
         self,
@@ -151,6 +152,7 @@ class BlockedTopics(InputHook):
     """Blocks requests about configured topics (``{topic: [regex, ...]}``)."""
 
     name = "blocked_topics"
+    rewrites = False  # only looks: may run while the upstream call is on its way
 
     def __init__(
         self, topics: dict[str, list[str]] | None = None, roles: list[str] | None = None
@@ -199,6 +201,7 @@ class SizeLimits(InputHook):
     """Blocks requests over the configured size: total characters, messages, max_tokens."""
 
     name = "size_limits"
+    rewrites = False  # only looks: may run while the upstream call is on its way
 
     def __init__(
         self, max_chars: int = 32_000, max_messages: int = 64, max_tokens: int = 4096

@@ -9,14 +9,17 @@ client got wrong (bad JSON, bad fields, oversize bodies, unknown routes) and nev
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,32 +27,109 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.auth import KeyRing, require_tenant
 from serving.gateway_config import GatewayConfig
 from serving.logstore import LogStore
 from serving.protocol import FeedbackRequest, GatewayError
-from serving.service import GatewayService, UpstreamProvider
+from serving.service import Admission, GatewayService, UpstreamProvider
 
 log = logging.getLogger(__name__)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes, or 408 when
+    it has not all arrived within ``timeout_s`` (a slow-loris client holds nothing longer)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise GatewayError(
             413, f"request body is larger than {limit} bytes", code="request_too_large"
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(
-                413, f"request body is larger than {limit} bytes", code="request_too_large"
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayError(
+                        413, f"request body is larger than {limit} bytes", code="request_too_large"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(
+            408, f"request body not received within {timeout_s:g} s", code="request_timeout"
+        ) from None
     return b"".join(chunks)
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for a request's headers.
+
+    uvicorn times out idle keep-alive connections but not a client that opens a connection and
+    sends its headers a byte at a time (slow loris): here the connection is closed when a
+    request's headers are not complete within ``HEADER_TIMEOUT_S``. It also hands the transport to
+    the app (``scope["extensions"]["alignloop.transport"]``) so a stream whose client stopped
+    reading can be aborted instead of waiting forever for a graceful close.
+    """
+
+    HEADER_TIMEOUT_S = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.abort()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        ext = self.scope.setdefault("extensions", {})
+        ext["alignloop.transport"] = self.transport
+        ext["alignloop.t0"] = time.perf_counter()  # the overhead header counts from here
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+
+def protocol_for(config: GatewayConfig) -> type[GatewayHttpProtocol]:
+    """The HTTP protocol class with this config's header timeout."""
+    return type(
+        "GatewayHttpProtocol",
+        (GatewayHttpProtocol,),
+        {"HEADER_TIMEOUT_S": config.limits.header_timeout_s},
+    )
+
+
+def uvicorn_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for a gateway app: our protocol (header deadline), no access log."""
+    kwargs.setdefault("log_level", "warning")
+    # uvicorn closes idle keep-alive connections after 5 s by default; a client reusing one just
+    # then gets a reset (a known keep-alive race). Clients (the OpenAI SDK) keep connections
+    # longer: 30 s makes the race rarer; idle connections cost a file descriptor each.
+    kwargs.setdefault("timeout_keep_alive", 30)
+    return uvicorn.Config(
+        app, http=protocol_for(app.state.config), access_log=False, loop="auto", **kwargs
+    )
 
 
 def _response(e: GatewayError) -> JSONResponse:
@@ -82,21 +162,31 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _response(GatewayError(500, f"internal gateway error ({type(e).__name__})", "server_error"))
 
 
-def _routes(service: GatewayService) -> APIRouter:
+async def tenant_of(request: Request) -> str:
+    """``require_tenant`` as an async dependency: FastAPI runs a plain ``def`` dependency on its
+    thread pool, a thread hop per request (13% of the gateway's time per short request, profiled)
+    for a dictionary lookup."""
+    return require_tenant(request)
+
+
+def _routes(service: GatewayService, with_feedback: bool = True) -> APIRouter:
     router = APIRouter()
     limit = service.config.limits.max_body_bytes
+    body_s = service.config.limits.body_timeout_s
 
     @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request, tenant: str = Depends(require_tenant)) -> Response:
-        return await service.chat(await read_body(request, limit), tenant)
+    async def chat_completions(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+        # From the request's first byte (our protocol stamps it), so parsing, routing and
+        # authentication count as the gateway's own time too.
+        t0 = (request.scope.get("extensions") or {}).get("alignloop.t0") or time.perf_counter()
+        return await service.chat(await read_body(request, limit, body_s), tenant, t0)
 
     @router.get("/v1/models")
-    async def models(tenant: str = Depends(require_tenant)) -> dict:
+    async def models(tenant: str = Depends(tenant_of)) -> dict:
         return service.models().model_dump()
 
-    @router.post("/v1/feedback")
-    async def feedback(request: Request, tenant: str = Depends(require_tenant)) -> dict:
-        body = await read_body(request, limit)
+    async def feedback(request: Request, tenant: str = Depends(tenant_of)) -> dict:
+        body = await read_body(request, limit, body_s)
         try:
             req = FeedbackRequest.model_validate(orjson.loads(body))
         except orjson.JSONDecodeError as e:
@@ -107,19 +197,114 @@ def _routes(service: GatewayService) -> APIRouter:
             raise GatewayError(
                 400, f"{loc or 'body'}: {err['msg']}", param=loc or None, code="invalid_value"
             ) from None
-        # The store is synchronous (and flushes queued rows first): keep it off the event loop.
+        # The store is synchronous (one lookup and one insert): keep it off the event loop.
         return (await run_in_threadpool(service.feedback, req, tenant)).model_dump()
+
+    if with_feedback:  # else forwarded to the control plane, which owns the store
+        router.post("/v1/feedback")(feedback)
 
     @router.get("/healthz")
     async def healthz() -> JSONResponse:
         status, state = await service.health()
         return JSONResponse(state, status_code=status)
 
+    return router
+
+
+def _metrics_route(service: GatewayService, forward_to: str | None) -> APIRouter:
+    router = APIRouter()
+
     @router.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        if forward_to is None:
+            return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # A worker: every worker's series (prometheus multiprocess files) + the control plane's
+        # log-writer series.
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        text = generate_latest(registry).decode()
+        try:
+            async with request.app.state.forward_session.get("http://control/metrics") as r:
+                control = await r.text()
+            text += "".join(
+                line + "\n" for line in control.splitlines()
+                if line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith("gateway_log")
+            )
+        except Exception as e:  # noqa: BLE001 - metrics still answer without the writer's
+            log.warning("control plane metrics unavailable: %r", e)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+# Not forwarded (hop-by-hop, or recomputed); Host is, so the control plane sees the client's
+# origin (the review page checks it).
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+                "content-length", "proxy-connection"}
+
+
+def _forward_router(limit: int, body_s: float) -> APIRouter:
+    """A worker's catch-all: everything that is not the data plane (admin API, feedback, pages)
+    is answered by the control plane, over its Unix socket."""
+    router = APIRouter()
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def forward(request: Request, path: str) -> Response:
+        body = await read_body(request, limit, body_s)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        url = "http://control" + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            async with request.app.state.forward_session.request(
+                request.method, url, data=body, headers=headers, allow_redirects=False
+            ) as r:
+                content = await r.read()
+                out = Response(content, status_code=r.status)
+                # raw pairs: repeated headers (several Set-Cookie) must all pass
+                out.raw_headers = [
+                    *[(k, v) for k, v in out.raw_headers if k == b"content-length"],
+                    *[
+                        (k.lower(), v)
+                        for k, v in r.raw_headers
+                        if k.decode("latin-1").lower() not in _HOP_HEADERS
+                    ],
+                ]
+                return out
+        except Exception as e:  # noqa: BLE001
+            raise GatewayError(
+                503, f"the gateway's control plane is unavailable ({type(e).__name__})",
+                "server_error", code="control_plane_unavailable",
+            ) from None
+
+    return router
+
+
+class _LogStoreCollector:
+    """The log writer's queue on /metrics: queued now, written, dropped (queue full), failed."""
+
+    def __init__(self, store: LogStore) -> None:
+        self.store = store
+
+    def collect(self):  # noqa: ANN201
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.store
+        yield GaugeMetricFamily(
+            "gateway_log_queue_rows", "Log rows waiting for the writer", value=_call(s, "queued")
+        )
+        for name, attr, doc in (
+            ("gateway_log_rows_written", "written", "Log rows written"),
+            ("gateway_log_rows_dropped", "dropped", "Log rows dropped: writer queue full"),
+            ("gateway_log_rows_failed", "write_errors", "Log rows the database refused 5 times"),
+        ):
+            yield CounterMetricFamily(name, doc, value=getattr(s, attr, 0))
+
+
+def _call(obj: Any, name: str) -> float:
+    fn = getattr(obj, name, None)
+    return fn() if callable(fn) else 0
 
 
 def create_app(
@@ -127,16 +312,35 @@ def create_app(
     upstream: UpstreamProvider,
     store: LogStore,
     extra_routers: Sequence[APIRouter] = (),
+    admission: Admission | None = None,
+    forward_to: str | None = None,
 ) -> FastAPI:
-    """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it."""
-    service = GatewayService(config, upstream, store)
+    """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it.
+
+    ``admission`` and ``forward_to`` make it a worker of serving.dataplane: admission counters
+    shared with the other workers, and every route but the data plane's (chat, models, healthz,
+    metrics) forwarded to the control plane listening on the Unix socket ``forward_to``.
+    """
+    service = GatewayService(config, upstream, store, admission)
+    if forward_to is None:
+        service.metrics.registry.register(_LogStoreCollector(store))
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI):  # noqa: ANN202
         await service.start()
+        if forward_to is not None:
+            import aiohttp
+
+            app.state.forward_session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=forward_to),
+                timeout=aiohttp.ClientTimeout(total=None, connect=5),
+                auto_decompress=False,  # bytes pass through as the control plane sent them
+            )
         try:
             yield
         finally:
+            if forward_to is not None:
+                await app.state.forward_session.close()
             await service.aclose()
 
     app = FastAPI(title="alignloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -144,7 +348,13 @@ def create_app(
     app.state.keyring = KeyRing(config)
     app.state.config = config
     _install_error_handlers(app)
-    app.include_router(_routes(service))
+    app.include_router(_routes(service, with_feedback=forward_to is None))
+    app.include_router(_metrics_route(service, forward_to))
+    if forward_to is not None:
+        app.include_router(
+            _forward_router(config.limits.max_body_bytes, config.limits.body_timeout_s)
+        )
+        return app
     for r in extra_routers:
         app.include_router(r)
     return app
@@ -159,26 +369,30 @@ def store_from_config(config: GatewayConfig) -> LogStore:
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 30
+    app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 30,
+    uds: str | None = None,
 ) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread; yields ``http://host:port`` (tests, benchmarks)."""
-    import uvicorn
-
+    """Run ``app`` with uvicorn in a thread; yields ``http://host:port`` (tests, benchmarks), or
+    the socket's path when serving on the Unix socket ``uds``."""
     from serving.vllm_server import free_port
 
     port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    )
-    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
+    where = {"uds": uds} if uds else {"host": host, "port": port}
+    if getattr(getattr(app, "state", None), "config", None) is not None:
+        server = uvicorn.Server(uvicorn_config(app, timeout_graceful_shutdown=5, **where))
+    else:  # not a gateway app (a test's fake upstream)
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **where)
+        )
+    thread = threading.Thread(target=server.run, name=f"gateway-{uds or port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"gateway did not start on {host}:{port}")
+            raise RuntimeError(f"gateway did not start on {uds or f'{host}:{port}'}")
         time.sleep(0.02)
     try:
-        yield f"http://{host}:{port}"
+        yield uds or f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=timeout_s)

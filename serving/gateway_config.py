@@ -66,6 +66,22 @@ class GuardrailsConfig(StrictModel):
         "Sorry, I can't help with that request.",
         description="Answer text sent when a hook blocks (finish_reason 'content_filter').",
     )
+    # How the chains run (serving.service): see docs/GATEWAY.md for the measurements behind these.
+    stream_window_chars: int = Field(
+        128, ge=1, description="Streams: output hooks run once per this many new characters "
+        "(the first text is checked at once), not per chunk."
+    )
+    stream_window_ms: float = Field(
+        250.0, ge=0, description="Streams: ...or once text has been held this long."
+    )
+    pool_threads: int = Field(
+        2, ge=0, description="Threads that run guardrail work on texts over inline_max_chars "
+        "(off the event loop); 0 = always inline."
+    )
+    inline_max_chars: int = Field(
+        4000, ge=0, description="Texts up to this size are checked on the event loop (tens of "
+        "microseconds: cheaper than a thread hop); larger ones go to the pool."
+    )
 
 
 class LimitsConfig(StrictModel):
@@ -77,6 +93,16 @@ class LimitsConfig(StrictModel):
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503.")
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body; larger gets 413."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A client must send a request's headers within this; else closed."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A client must send a request's body within this; else 408."
+    )
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="A stream whose client reads nothing for this long is cut "
+        "(upstream request closed, slot freed)."
     )
 
 
@@ -90,6 +116,10 @@ class UpstreamConfig(StrictModel):
         120.0, gt=0, description="Longest wait for the next bytes from upstream before 503."
     )
     max_connections: int = Field(512, ge=1, description="Connection pool size towards upstream.")
+    keepalive_s: float = Field(
+        10.0, gt=0, description="While a stream waits for its first token, an SSE comment is "
+        "sent this often so clients and proxies keep the connection."
+    )
 
 
 class ReviewerConfig(StrictModel):

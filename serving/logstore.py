@@ -2,9 +2,12 @@
 
 Two tables:
 - ``requests``: one row per exchange through the gateway (messages *after* redaction, response,
-  usage, latencies, guardrail verdicts, status). Written off the hot path by a background writer
-  that batches inserts; :meth:`LogStore.close` flushes what is queued, so nothing is lost on
-  shutdown.
+  usage, latencies, guardrail verdicts, status). Written off the hot path by one background
+  writer that batches inserts from a bounded queue: a request never waits for the database; when
+  the queue is full the row is dropped and counted (``dropped``, exported on /metrics), never
+  blocking. :meth:`LogStore.close` flushes what is queued, so nothing is lost on shutdown.
+  :meth:`LogStore.has_exchange` also sees rows still queued, so no request path waits for the
+  backlog.
 - ``feedback``: ratings, preferences and edits that users attach to a request id. Written
   synchronously (the API answers only after the row is stored) and idempotent by content.
 
@@ -18,6 +21,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +66,7 @@ requests_table = Table(
     Column("ttft_ms", Float, nullable=True),
     Column("latency_ms", Float, nullable=True),
     Column("guardrail_ms", Float, nullable=True),
+    Column("overhead_ms", Float, nullable=True),  # the gateway's own time, guardrails included
     Column("verdicts", JSON, nullable=False),  # [{"hook", "stage", "action", "reason"}]
     Column("status", String(32), nullable=False),  # ok | blocked | upstream_error | client_error | cancelled
     Column("http_status", Integer, nullable=False),
@@ -105,6 +110,7 @@ class ExchangeRecord:
     ttft_ms: float | None = None
     latency_ms: float | None = None
     guardrail_ms: float | None = None
+    overhead_ms: float | None = None
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     status: str = "ok"
     http_status: int = 200
@@ -148,28 +154,48 @@ class LogStore:
     Args:
         url: SQLAlchemy URL, e.g. ``sqlite:///.alignloop/logs.db`` or ``postgresql+psycopg://...``.
         batch_size: exchanges per insert transaction at most.
+        max_queue: rows waiting for the writer at most; more are dropped (and counted).
     """
 
     _STOP = object()
 
-    def __init__(self, url: str, batch_size: int = 256) -> None:
+    def __init__(self, url: str, batch_size: int = 256, max_queue: int = 100_000) -> None:
         self.url = url
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
         self.batch_size = batch_size
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._pending: dict[str, str] = {}  # id -> tenant of rows queued, not yet committed
         self._writer = threading.Thread(target=self._write_loop, name="logstore-writer", daemon=True)
         self._writer.start()
         self._closed = False
         self.write_errors = 0
+        self.dropped = 0  # rows refused because the queue was full
+        self.written = 0
+
+    def queued(self) -> int:
+        """Rows waiting for the writer now."""
+        return self._queue.qsize()
 
     # -- writes ---------------------------------------------------------------------------------
     def log_exchange(self, record: ExchangeRecord) -> None:
-        """Queue one exchange; never blocks on the database."""
+        """Queue one exchange; never blocks (a full queue drops the row and counts it)."""
         if self._closed:
             raise RuntimeError("log store is closed")
-        self._queue.put(record.row())
+        self.log_row(record.row())
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        """Queue one exchange row (``ExchangeRecord.row()``; worker processes send these)."""
+        if self._closed:
+            raise RuntimeError("log store is closed")
+        self._pending[row["id"]] = row["tenant"]
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self._pending.pop(row["id"], None)
+            self.dropped += 1
+            log.error("log store queue full (%d rows): exchange %s dropped", self._queue.maxsize, row["id"])
 
     def _write_loop(self) -> None:
         while True:
@@ -189,7 +215,8 @@ class LogStore:
                     break
                 batch.append(nxt)
             self._write_batch(batch)
-            for _ in batch:
+            for row in batch:
+                self._pending.pop(row["id"], None)
                 self._queue.task_done()
 
     def _write_batch(self, batch: list[dict[str, Any]]) -> None:
@@ -197,6 +224,7 @@ class LogStore:
             try:
                 with self.engine.begin() as conn:
                     conn.execute(insert(requests_table), batch)
+                self.written += len(batch)
                 return
             except Exception:  # noqa: BLE001 - retried, then logged; the writer must not die
                 if attempt == 4:
@@ -251,6 +279,24 @@ class LogStore:
         return fid, True
 
     # -- reads ----------------------------------------------------------------------------------
+    def has_exchange(self, request_id: str, tenant: str, wait_s: float = 0.0) -> bool:
+        """Whether ``tenant`` has an exchange with this id, queued or written. Never waits for
+        the writer's backlog (the feedback API calls this on its request path); ``wait_s`` waits
+        up to that long for this one row to arrive (from a worker process)."""
+        q = select(requests_table.c.id).where(
+            requests_table.c.id == request_id, requests_table.c.tenant == tenant
+        )
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._pending.get(request_id) == tenant:
+                return True
+            with self.engine.connect() as conn:
+                if conn.execute(q).first() is not None:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
     def get_exchange(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """One exchange by id (restricted to ``tenant`` when given). Flushes queued writes first."""
         self.flush()

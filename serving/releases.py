@@ -14,6 +14,11 @@ vLLM log and ``eval_report.json``). Statuses:
 Each start places the release on devices (:mod:`serving.placement`: whole GPUs, or a memory share
 when GPUs are fewer than releases; nothing on a CPU) and records that as ``placement``.
 
+A release may also be an **external** OpenAI-compatible server (``upstream_url``: a vLLM a team
+already runs, or a benchmark's synthetic upstream): no process is started or stopped for it; it
+is health-checked the same way (``/v1/models`` answers and one real generation works) and
+switched to atomically like any other (:class:`ExternalServer`).
+
 :class:`ReleaseStore` is the persisted state (plain JSON files, written atomically under a file
 lock, so the CLI can edit it while no gateway runs). :class:`ReleaseManager` owns the vLLM
 processes of one gateway process and implements the gateway's ``UpstreamProvider``: the upstream
@@ -98,6 +103,10 @@ class Release:
     eval_report: str | None = None  # path of eval_report.json once evals attached one
     approvals: list[Approval] = field(default_factory=list)
     placement: dict[str, Any] | None = None  # devices + memory share of its last start
+    # An external OpenAI-compatible server instead of a model folder we serve ourselves:
+    upstream_url: str | None = None  # its base URL, e.g. http://10.0.0.5:8000/v1
+    upstream_model: str | None = None  # the model name it answers to
+    api_key_env: str | None = None  # environment variable holding its API key (never the key)
 
     @property
     def status(self) -> Status | None:
@@ -105,8 +114,9 @@ class Release:
 
     @property
     def served_name(self) -> str:
-        """The model name vLLM serves it under (the release id, so logs name the release)."""
-        return self.release_id
+        """The model name the upstream answers to: the release id for our vLLMs (so logs name
+        the release), the configured name for an external server."""
+        return self.upstream_model or self.release_id
 
     def args(self) -> VLLMArgs:
         return VLLMArgs.model_validate(self.vllm_args)
@@ -295,6 +305,76 @@ class ReleaseStore:
             return self.set_status(prev.release_id, "live", reason or "rollback (offline)")
 
 
+class ExternalServer:
+    """An external OpenAI-compatible server, with the part of :class:`VLLMServer`'s interface
+    the manager uses: readiness is ``/v1/models`` answering plus one real generation; there is
+    no process to start or stop."""
+
+    proc = None
+
+    def __init__(self, rel: Release) -> None:
+        self.base_url = rel.upstream_url.rstrip("/")
+        self.served_name = rel.served_name
+        self.api_key = os.environ.get(rel.api_key_env) if rel.api_key_env else None
+        self.timeout_s = rel.args().startup_timeout_s
+        self.startup_s: float | None = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def start(self, wait: bool = True) -> ExternalServer:
+        return self
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+    def wait_ready(self) -> float:
+        import httpx
+
+        t0 = time.monotonic()
+        last = ""
+        while time.monotonic() - t0 < self.timeout_s:
+            try:
+                r = httpx.get(self.base_url + "/models", headers=self._headers(), timeout=5)
+                if r.status_code == 200:
+                    break
+                last = f"/v1/models answered {r.status_code}"
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(0.5)
+        else:
+            raise VLLMStartError(f"external upstream {self.base_url} not ready: {last}")
+        try:
+            self.check_generation()
+        except Exception as e:  # noqa: BLE001 - any failure: not promotable
+            raise VLLMStartError(
+                f"external upstream {self.base_url} failed a real generation with model "
+                f"{self.served_name!r}: {e}"
+            ) from None
+        self.startup_s = time.monotonic() - t0
+        return self.startup_s
+
+    def check_generation(self, client: Any = None, timeout_s: float = 60) -> str:
+        import httpx
+
+        r = httpx.post(
+            self.base_url + "/chat/completions",
+            headers=self._headers(),
+            json={
+                "model": self.served_name,
+                "messages": [{"role": "user", "content": "Say OK."}],
+                "max_tokens": 2,
+                "temperature": 0,
+            },
+            timeout=timeout_s,
+        )
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"] or ""
+
+
 def default_gate_file() -> Path:
     """The gate policy a release manager verifies promotions with unless told otherwise."""
     from training.config import repo_root
@@ -445,6 +525,8 @@ class ReleaseManager:
         self._held: dict[str, Placement] = {}  # release id -> devices of a warm or starting vLLM
         self._timers: dict[str, threading.Timer] = {}
         self._upstream: Upstream | None = None
+        # Called with the new upstream after every switch (worker processes learn it this way).
+        self._listeners: list = []
         # Promote/rollback are serialised; readers (current()) never take this lock.
         self._ops = threading.RLock()
         self._placing = threading.Lock()
@@ -512,6 +594,11 @@ class ReleaseManager:
         """Place, start and health-check the release's vLLM; raise VLLMStartError on failure."""
         if self._closed:
             raise ReleaseError("release manager is shut down")
+        if rel.upstream_url:
+            server = ExternalServer(rel)
+            server.wait_ready()
+            self._servers[rel.release_id] = server
+            return server
         placement = self._place(rel)
         server = VLLMServer(
             rel.model_dir,
@@ -581,7 +668,11 @@ class ReleaseManager:
         if timer:  # it was counting down as 'previous'; it is live now
             timer.cancel()
         # One reference assignment: a request reads current() once, so it never sees half a switch.
-        self._upstream = Upstream(server.base_url, rel.release_id, rel.served_name)
+        self._upstream = Upstream(
+            server.base_url, rel.release_id, rel.served_name, getattr(server, "api_key", None)
+        )
+        for listener in list(self._listeners):
+            listener(self._upstream)
 
     # -- verbs ----------------------------------------------------------------------------------
     def start(self) -> Release | None:
@@ -605,6 +696,39 @@ class ReleaseManager:
                 log.info("serving release %s at %s", rel.release_id, server.base_url)
                 return rel
             return None
+
+    def on_switch(self, listener) -> None:  # noqa: ANN001 - Callable[[Upstream | None], None]
+        """Call ``listener(upstream)`` after every switch (and at shutdown, with None)."""
+        self._listeners.append(listener)
+
+    def stage_external(
+        self,
+        url: str,
+        model: str,
+        api_key_env: str | None = None,
+        source: dict[str, Any] | None = None,
+        release_id: str | None = None,
+    ) -> Release:
+        """Stage an external OpenAI-compatible server (``url`` ends in /v1) answering to
+        ``model``; health-checked like a vLLM release, never started or stopped by us."""
+        if not re.match(r"^https?://[^\s/]+(/\S*)?$", url):
+            raise ReleaseError(f"upstream_url {url!r}: expected http(s)://host[:port]/v1")
+        rel = self.store.create(
+            url, self.default_args, {"kind": "external", **(source or {})},
+            release_id or new_release_id("external"),
+        )
+        with self.store.locked():
+            rel = self.store.get(rel.release_id)
+            rel.upstream_url, rel.upstream_model, rel.api_key_env = url, model, api_key_env
+            self.store.save(rel)
+        try:
+            server = self._launch(rel)
+        except VLLMStartError as exc:
+            log.error("staging %s failed: %s", rel.release_id, exc)
+            return self.store.set_status(rel.release_id, "failed", _short(exc))
+        return self.store.set_status(
+            rel.release_id, "staged", f"external upstream healthy at {server.base_url}"
+        )
 
     def stage(
         self,
@@ -696,6 +820,8 @@ class ReleaseManager:
             server.stop()
         with self._ops:
             self._upstream = None
+            for listener in list(self._listeners):
+                listener(None)
             for rid in list(self._timers):
                 self._timers.pop(rid).cancel()
             for rid in list(self._servers):

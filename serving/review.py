@@ -203,7 +203,7 @@ async def candidate_answer(
     try:
         resp = await relay.chat(orjson.dumps(body), exchange["tenant"])
     finally:
-        await relay.client.aclose()  # not aclose(): the store is the gateway's
+        await relay.close_upstream()  # not aclose(): the store is the gateway's
     data = orjson.loads(resp.body)
     row = await run_in_threadpool(service.store.get_exchange, data["id"], exchange["tenant"])
     if row is None:

@@ -18,8 +18,9 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from serving.gateway_config import GatewayConfig, load_gateway_config
 from serving.placement import PlacementConfig
@@ -56,6 +57,24 @@ class ReleasesConfig(StrictModel):
         default_factory=PlacementConfig,
         description="How releases share the GPUs: whole GPUs or memory shares (GPU machines only).",
     )
+    upstream_url: str | None = Field(
+        None,
+        description="Front an OpenAI-compatible server you already run (e.g. your vLLM, "
+        "http://host:8000/v1) instead of starting one: it becomes the live release "
+        "(initial_model is then not used).",
+    )
+    upstream_model: str | None = Field(
+        None, description="The model name that server answers to (required with upstream_url)."
+    )
+    upstream_api_key_env: str | None = Field(
+        None, description="Environment variable holding that server's API key, if it needs one."
+    )
+
+    @model_validator(mode="after")
+    def _external_needs_model(self) -> ReleasesConfig:
+        if self.upstream_url and not self.upstream_model:
+            raise ValueError("upstream_model: required with upstream_url (the model name it serves)")
+        return self
 
     @model_validator(mode="after")
     def _gate_file_loads(self) -> ReleasesConfig:
@@ -92,6 +111,24 @@ class ServeConfig(StrictModel):
         default_factory=ReleasesConfig, description="Release handling."
     )
     log_level: str = Field("info", description="uvicorn log level.")
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="Gateway worker processes (the data plane) in front of this process (the "
+        "control plane: releases, vLLM, the log writer). 1 = one process does it all; 'auto' = "
+        "a quarter of the CPU cores, 1 to 8 (1 on a 2-core machine).",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("workers: 1..64 or 'auto'")
+        return v
+
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, min(8, (os.cpu_count() or 1) // 4))
+        return self.workers
 
     def gateway_config(self) -> GatewayConfig:
         if self.gateway_file is None:
@@ -117,11 +154,33 @@ def running_server() -> dict | None:
     return info
 
 
-def _boot(manager, initial_model: str | None) -> None:
+def _boot_external(manager, cfg: ReleasesConfig) -> None:
+    """Serve the configured external upstream: reuse the live release if it is that server,
+    else stage it and promote it (forced: the serve config chose it, not the gate)."""
+    live = manager.live()
+    same = live is not None and (live.upstream_url, live.upstream_model) == (
+        cfg.upstream_url, cfg.upstream_model,
+    )
+    if same and manager.start() is not None:
+        return
+    rel = manager.stage_external(
+        cfg.upstream_url, cfg.upstream_model, cfg.upstream_api_key_env,
+        source={"name": "serve config releases.upstream_url"},
+    )
+    if rel.status != "staged":
+        log.error("external upstream %s failed its check: %s", cfg.upstream_url, rel.history[-1].reason)
+        return
+    manager.promote(rel.release_id, force=True, reason="external upstream named by the serve config")
+
+
+def _boot(manager, initial_model: str | None, releases: ReleasesConfig | None = None) -> None:
     """Start the persisted live release; with none, stage + promote ``initial_model``."""
     from serving.releases import ReleaseError
 
     try:
+        if releases is not None and releases.upstream_url:
+            _boot_external(manager, releases)
+            return
         # The initial model is only for a data dir where no release was ever live: when the
         # persisted live and previous releases both fail to start, we say so rather than
         # silently serving something else.
@@ -163,15 +222,17 @@ def _server_class():
 
 def run_serve(cfg: ServeConfig) -> None:
     """Run the gateway until SIGINT/SIGTERM; stop every vLLM it started on the way out."""
-    import uvicorn
+    from guardrails.pii import import_presidio_for_serving
 
+    import_presidio_for_serving()  # before any thread starts (see there)
     from serving.admin_api import build_admin_router
-    from serving.app import create_app
+    from serving.app import create_app, uvicorn_config
     from serving.logstore import LogStore, default_url
     from serving.releases import ReleaseManager, ReleaseStore
     from serving.review import build_review_router, candidates_of
 
     _Server = _server_class()
+    workers = cfg.worker_count()
     logging.getLogger("httpx").setLevel(
         logging.WARNING
     )  # one INFO line per proxied request otherwise
@@ -182,13 +243,29 @@ def run_serve(cfg: ServeConfig) -> None:
         cfg.releases.placement,
     )
     info = server_file()
+    plane = None
     try:
         review = build_review_router(manager.store, candidates_of(manager))  # /review
         app = create_app(gw, manager, store, extra_routers=[build_admin_router(manager), review])
-        server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
+        if workers == 1:
+            server = _Server(uvicorn_config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
+        else:
+            # The control plane answers the workers' forwarded requests (admin API, feedback,
+            # the review page) on a Unix socket; the workers share the public listening socket
+            # (serving.dataplane).
+            import tempfile
+
+            from serving.dataplane import ControlPlane
+
+            uds = str(Path(tempfile.gettempdir()) / f"alignloop-gateway-{os.getpid()}.sock")
+            app.state.service.feedback_wait_s = 2.0  # rows in transit from a worker
+            plane = ControlPlane(gw, manager, store, cfg.host, cfg.port, workers, uds, cfg.log_level)
+            server = _Server(uvicorn_config(app, uds=uds, log_level=cfg.log_level))
+            plane.start()
+            log.info("gateway: %d worker processes on %s:%d", workers, cfg.host, cfg.port)
         boot = threading.Thread(
             target=_boot,
-            args=(manager, cfg.releases.initial_model),
+            args=(manager, cfg.releases.initial_model, cfg.releases),
             name="release-boot",
             daemon=True,
         )
@@ -198,6 +275,8 @@ def run_serve(cfg: ServeConfig) -> None:
         info.write_text(json.dumps({"url": f"http://{host}:{cfg.port}", "pid": os.getpid()}))
         server.run()  # handles SIGINT/SIGTERM itself, then returns
     finally:
+        if plane is not None:
+            plane.stop()  # workers finish their streams; their log rows reach the store
         log.info("shutting down: stopping every vLLM this gateway started")
         manager.shutdown()
         store.close()  # the app's lifespan closes it too; closing twice is a no-op

@@ -1,30 +1,43 @@
-"""Gateway logic: admission (backpressure), guardrail chains, the upstream call, logging, metrics.
+"""Gateway logic: admission (backpressure, fair share), guardrail chains, the upstream call, the
+streaming relay, logging, metrics.
 
-The upstream is injected (:class:`UpstreamProvider`), and so is the log store, so the releases
-helper can switch blue/green upstreams atomically and tests can use a fake upstream. Each request
-reads ``provider.current()`` once at its start and keeps that upstream to its end: in-flight
-requests and streams finish on the old release after a switch.
+The upstream is injected (:class:`UpstreamProvider`), and so are the log store and the admission
+counters, so the releases helper can switch blue/green upstreams atomically, worker processes can
+share one set of limits (serving.dataplane) and tests can use a fake upstream. Each request reads
+``provider.current()`` once at its start and keeps that upstream to its end: in-flight requests
+and streams finish on the old release after a switch.
 
 Every admitted request (past parsing and the 429 check) becomes exactly one log row, whatever
-happens next (blocked, upstream error, client gone), written in a ``finally``.
+happens next (blocked, upstream error, client gone, client stalled), written exactly once by
+:meth:`GatewayService._finish`; the stream's response object calls it on every way out, even when
+the client left before the body started.
+
+Where the time goes (measured with py-spy; docs/GATEWAY.md): the per-chunk relay, not the hooks.
+So the relay reads upstream with aiohttp (C parser), parses each chunk once (the log needs its
+text) and forwards the upstream's own bytes, with only ``id`` and ``model`` swapped, unless an
+output hook changed the text; output hooks run on windows of text (guardrails.base.StreamGuard);
+hooks over large texts run in a small thread pool so they never stall the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 import orjson
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from guardrails.base import InputChain, OutputChain, StreamGuard, Verdict, build_hook
+from guardrails.base import ChainResult, InputChain, OutputChain, StreamGuard, Verdict, build_hook
 from serving.gateway_config import GatewayConfig
 from serving.logstore import ActorRole, ExchangeRecord, LogStore
 from serving.protocol import (
@@ -40,14 +53,20 @@ from serving.protocol import (
 
 log = logging.getLogger(__name__)
 
+OVERHEAD_HEADER = "x-alignloop-overhead-ms"  # the gateway's own time, guardrails included
+GUARDRAIL_HEADER = "x-alignloop-guardrail-ms"  # of which guardrail hooks
+KEEPALIVE = b": keep-alive\n\n"
+_MAX_LINE = 1 << 20  # the longest SSE line (one chunk) accepted from upstream
+
 
 @dataclass(frozen=True)
 class Upstream:
-    """One live vLLM release the gateway forwards to."""
+    """One live release the gateway forwards to (a vLLM it runs, or an external server)."""
 
     base_url: str  # e.g. http://127.0.0.1:PORT/v1
     release_id: str
-    served_model: str  # the model name vLLM answers to
+    served_model: str  # the model name the upstream answers to
+    api_key: str | None = None  # sent as a bearer key (external upstreams that need one)
 
 
 class UpstreamProvider(Protocol):
@@ -65,6 +84,62 @@ class StaticUpstream:
 
     def set(self, upstream: Upstream | None) -> None:
         self._upstream = upstream
+
+
+class Admission(Protocol):
+    """Concurrent-request accounting, global and per tenant (in one process or shared)."""
+
+    def admit(self, tenant: str) -> str | None:
+        """Take a slot; None when admitted, else why not (the 429's message)."""
+
+    def release(self, tenant: str) -> None: ...
+
+    def in_flight(self) -> int: ...
+
+
+def fair_share_refusal(
+    tenant: str, counts: dict[str, int], total: int, caps: dict[str, int], global_cap: int
+) -> str | None:
+    """Why ``tenant`` may not take one more slot now, or None.
+
+    Every tenant is guaranteed ``min(its cap, global cap / number of tenants)`` slots: capacity
+    another tenant is not using up to its guarantee stays free for it, so a tenant at its limit
+    cannot starve the others (a trade: that reserve is idle while its owner is). Plus the tenant's
+    own cap and the global cap.
+    """
+    if counts.get(tenant, 0) >= caps.get(tenant, global_cap):
+        return f"tenant {tenant!r} has too many requests in flight; retry later"
+    share = global_cap // max(1, len(caps))
+    reserved = sum(
+        max(0, min(cap, share) - counts.get(t, 0)) for t, cap in caps.items() if t != tenant
+    )
+    if total >= global_cap - reserved:
+        return "gateway is at capacity; retry later"
+    return None
+
+
+class LocalAdmission:
+    """Admission counters of one process (the event loop is single-threaded: no lock needed)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.caps = {t.name: t.max_in_flight for t in config.tenants}
+        self.global_cap = config.limits.max_in_flight
+        self.counts: dict[str, int] = {}
+        self.total = 0
+
+    def admit(self, tenant: str) -> str | None:
+        why = fair_share_refusal(tenant, self.counts, self.total, self.caps, self.global_cap)
+        if why is None:
+            self.total += 1
+            self.counts[tenant] = self.counts.get(tenant, 0) + 1
+        return why
+
+    def release(self, tenant: str) -> None:
+        self.total -= 1
+        self.counts[tenant] -= 1
+
+    def in_flight(self) -> int:
+        return self.total
 
 
 class Metrics:
@@ -91,11 +166,17 @@ class Metrics:
             registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "The gateway's own time per request (not waiting on upstream or client), guardrails included",
+            registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+        )
         self.guardrail = Histogram(
             "gateway_guardrail_seconds",
             "Guardrail chain time per request",
             registry=r,
-            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
         )
         self.verdicts = Counter(
             "gateway_guardrail_verdicts",
@@ -106,7 +187,15 @@ class Metrics:
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Upstream failures by kind", ["kind"], registry=r
         )
-        self.in_flight = Gauge("gateway_in_flight", "Chat requests in flight", registry=r)
+        self.client_aborts = Counter(
+            "gateway_client_aborts",
+            "Requests the client ended early: disconnect, or stalled (read nothing for write_timeout_s)",
+            ["kind"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_in_flight", "Chat requests in flight", registry=r, multiprocess_mode="livesum"
+        )
 
 
 def new_request_id() -> str:
@@ -125,49 +214,180 @@ class Exchange:
     upstream: Upstream | None = None
     verdicts: list[Verdict] = field(default_factory=list)
     guardrail_s: float = 0.0
+    own_s: float = 0.0  # the gateway's own time: all but waiting on upstream and client
     response: str = ""
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     ttft_s: float | None = None
     status: str = "ok"
     http_status: int = 200
+    stream_done: bool = False  # the relay saw the upstream's [DONE] or ended the stream itself
+    relay_closed: bool = False
     logged: bool = False
+
+    def add_chain(self, res: ChainResult) -> bool:
+        """Record an input chain's verdicts; True when it blocked."""
+        self.verdicts += res.verdicts
+        self.guardrail_s += res.seconds
+        return res.blocked
+
+    def overhead_headers(self) -> dict[str, str]:
+        return {
+            OVERHEAD_HEADER: f"{self.own_s * 1000:.3f}",
+            GUARDRAIL_HEADER: f"{self.guardrail_s * 1000:.3f}",
+        }
 
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def _texts_size(req: ChatCompletionRequest) -> int:
+    return sum(len(t) for m in req.messages for t in m.texts())
+
+
+class GuardrailPool:
+    """Runs guardrail work inline when it is small, else on a bounded thread pool.
+
+    A thread hop costs more than checking a chat-sized text (tens of microseconds, measured), so
+    small texts stay on the event loop; large ones (up to ``max_body_bytes``) go to threads so the
+    loop keeps relaying other streams meanwhile. Threads share the GIL: they keep the loop
+    responsive, they do not add CPU; more CPU comes from more worker processes
+    (``alignloop serve`` ``workers``).
+    """
+
+    def __init__(self, threads: int, inline_max_chars: int) -> None:
+        self.inline_max_chars = inline_max_chars
+        self.pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="guardrails") if threads else None
+        )
+
+    async def call(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.pool is None or size <= self.inline_max_chars:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RelayResponse(StreamingResponse):
+    """A streamed answer that always cleans up, and cuts clients that stop reading.
+
+    ``cleanup`` (close the upstream response, write the log row, free the slot) runs however the
+    response ends: finished, client gone, client stalled, or the client gone before the body
+    started (then the body generator never runs, so its own ``finally`` cannot do it). A send
+    that the client does not take within ``write_timeout_s`` ends the stream; the connection is
+    then aborted (not closed gracefully: a graceful close would wait for the client to read).
+    """
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        cleanup: Callable[[str | None], Awaitable[None]],
+        write_timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.cleanup = cleanup
+        self.write_timeout_s = write_timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        # One watchdog per stream (not a timer per send: sends are per chunk): it cancels the
+        # stream when a send has waited write_timeout_s for the client to take data.
+        loop = asyncio.get_running_loop()
+        timeout = self.write_timeout_s
+        pending_since: list[float | None] = [None]
+        task = asyncio.current_task()
+        stalled = False
+
+        async def tracked_send(message: dict) -> None:
+            pending_since[0] = loop.time()
+            await send(message)
+            pending_since[0] = None
+
+        def watch() -> None:
+            nonlocal handle, stalled
+            since = pending_since[0]
+            if since is not None and loop.time() - since >= timeout:
+                stalled = True
+                task.cancel()
+                return
+            handle = loop.call_later(timeout / 2, watch)
+
+        handle = loop.call_later(timeout / 2, watch)
+        abort = None
+        try:
+            await super().__call__(scope, receive, tracked_send)
+        except asyncio.CancelledError:
+            if not stalled:
+                abort = "disconnect"
+                raise
+            task.uncancel()
+            abort = "stalled"
+            transport = (scope.get("extensions") or {}).get("alignloop.transport")
+            if transport is not None:
+                transport.abort()
+        except BaseException:
+            abort = "disconnect"
+            raise
+        finally:
+            handle.cancel()
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+            await self.cleanup(abort)
+
+
 class GatewayService:
     """The gateway's request handling, independent of FastAPI routing."""
 
-    def __init__(self, config: GatewayConfig, upstream: UpstreamProvider, store: LogStore) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        upstream: UpstreamProvider,
+        store: LogStore,
+        admission: Admission | None = None,
+    ) -> None:
         self.config = config
         self.provider = upstream
         self.store = store
         g = config.guardrails
         self.input_chain = InputChain(build_hook(h.name, h.params) for h in g.input)
+        self.front_chain, self.during_chain = self.input_chain.split()
         self.output_chain = OutputChain(build_hook(h.name, h.params) for h in g.output)
+        self.guards = GuardrailPool(g.pool_threads, g.inline_max_chars)
         self.metrics = Metrics()
-        self.max_in_flight = {t.name: t.max_in_flight for t in config.tenants}
-        self.in_flight = 0
-        self.tenant_in_flight: dict[str, int] = {}
-        self.client: httpx.AsyncClient | None = None
+        self.admission = admission or LocalAdmission(config)
+        self.session: aiohttp.ClientSession | None = None
+        # With worker processes, a row may still be on its way to the writer when its feedback
+        # arrives at the control plane: wait this long for that one row (never for the backlog).
+        self.feedback_wait_s = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight()
 
     async def start(self) -> None:
         u = self.config.upstream
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                u.read_timeout_s, connect=u.connect_timeout_s, pool=u.connect_timeout_s
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=u.max_connections, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=u.connect_timeout_s, sock_read=u.read_timeout_s
             ),
-            limits=httpx.Limits(
-                max_connections=u.max_connections, max_keepalive_connections=u.max_connections
-            ),
+            auto_decompress=False,
+            read_bufsize=1 << 20,  # the longest SSE line (one chunk) we accept from upstream
         )
 
+    async def close_upstream(self) -> None:
+        """Close the upstream connections and the guardrail pool, not the store (a second
+        service over the same store, e.g. the review page's one-off relay)."""
+        if self.session is not None:
+            await self.session.close()
+        self.guards.close()
+
     async def aclose(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        await self.close_upstream()
         self.store.close()  # flushes queued log rows
 
     # -- small endpoints ------------------------------------------------------------------------
@@ -186,9 +406,11 @@ class GatewayService:
         }
         root = up.base_url.rstrip("/").removesuffix("/v1")
         try:
-            r = await self.client.get(root + "/health", timeout=2.0)
-            state["upstream"]["ok"] = r.status_code == 200
-        except httpx.HTTPError as e:
+            async with self.session.get(
+                root + "/health", timeout=aiohttp.ClientTimeout(total=2.0)
+            ) as r:
+                state["upstream"]["ok"] = r.status == 200
+        except (aiohttp.ClientError, TimeoutError) as e:
             state["upstream"]["error"] = type(e).__name__
         return (200 if state["upstream"]["ok"] else 503), state
 
@@ -200,13 +422,17 @@ class GatewayService:
 
         ``actor``/``actor_role`` say who gave it as the server knows it (the API's caller, or a
         reviewer signed in to the review page); they are never read from the request body.
+        The ids are looked up without waiting for the log writer's backlog
+        (``LogStore.has_exchange`` also sees rows still queued).
         """
-        if self.store.get_exchange(req.request_id, tenant=tenant) is None:
+        if not self.store.has_exchange(req.request_id, tenant=tenant, wait_s=self.feedback_wait_s):
             raise GatewayError(
                 404, f"no request with id {req.request_id!r}", param="request_id", code="not_found"
             )
         other = req.preference.other_request_id if req.preference else None
-        if other is not None and self.store.get_exchange(other, tenant=tenant) is None:
+        if other is not None and not self.store.has_exchange(
+            other, tenant=tenant, wait_s=self.feedback_wait_s
+        ):
             raise GatewayError(
                 404,
                 f"no request with id {other!r}",
@@ -245,30 +471,15 @@ class GatewayService:
         return req
 
     def _admit(self, tenant: str) -> None:
-        retry = {"Retry-After": str(self.config.limits.retry_after_s)}
-        if self.in_flight >= self.config.limits.max_in_flight:
+        why = self.admission.admit(tenant)
+        if why is not None:
             raise GatewayError(
                 429,
-                "gateway is at capacity; retry later",
+                why,
                 "rate_limit_error",
                 code="too_many_requests",
-                headers=retry,
+                headers={"Retry-After": str(self.config.limits.retry_after_s)},
             )
-        if self.tenant_in_flight.get(tenant, 0) >= self.max_in_flight.get(tenant, 1 << 30):
-            raise GatewayError(
-                429,
-                f"tenant {tenant!r} has too many requests in flight; retry later",
-                "rate_limit_error",
-                code="too_many_requests",
-                headers=retry,
-            )
-        self.in_flight += 1
-        self.tenant_in_flight[tenant] = self.tenant_in_flight.get(tenant, 0) + 1
-        self.metrics.in_flight.set(self.in_flight)
-
-    def _release(self, tenant: str) -> None:
-        self.in_flight -= 1
-        self.tenant_in_flight[tenant] -= 1
         self.metrics.in_flight.set(self.in_flight)
 
     def _finish(self, ex: Exchange) -> None:
@@ -276,12 +487,14 @@ class GatewayService:
         if ex.logged:
             return
         ex.logged = True
-        self._release(ex.tenant)
+        self.admission.release(ex.tenant)
         now = time.perf_counter()
         m = self.metrics
+        m.in_flight.set(self.in_flight)
         m.requests.labels(ex.tenant, str(ex.http_status)).inc()
         m.e2e.observe(now - ex.t0)
         m.guardrail.observe(ex.guardrail_s)
+        m.overhead.observe(ex.own_s)
         if ex.ttft_s is not None:
             m.ttft.observe(ex.ttft_s)
         for v in ex.verdicts:
@@ -297,6 +510,7 @@ class GatewayService:
             ttft_ms=None if ex.ttft_s is None else ex.ttft_s * 1000,
             latency_ms=(now - ex.t0) * 1000,
             guardrail_ms=ex.guardrail_s * 1000,
+            overhead_ms=ex.own_s * 1000,
             verdicts=[v.as_dict() for v in ex.verdicts],
             status=ex.status,
             http_status=ex.http_status,
@@ -320,17 +534,23 @@ class GatewayService:
             headers={"Retry-After": str(self.config.limits.retry_after_s)},
         )
 
-    async def chat(self, body: bytes, tenant: str) -> Response:
-        """Handle one chat completion request (body still raw bytes)."""
+    async def chat(self, body: bytes, tenant: str, t0: float | None = None) -> Response:
+        """Handle one chat completion request (body still raw bytes; ``t0``: when it arrived)."""
+        t0 = time.perf_counter() if t0 is None else t0
         req = self.parse_chat(body)
         self._admit(tenant)
-        ex = Exchange(new_request_id(), tenant, req, req.model, time.perf_counter())
+        ex = Exchange(new_request_id(), tenant, req, req.model, t0)
         streaming = False
+        upstream_resp: aiohttp.ClientResponse | None = None
+        call: asyncio.Task | None = None
         try:
-            ex.request, res = self.input_chain.run(req)
-            ex.verdicts, ex.guardrail_s = list(res.verdicts), res.seconds
-            if res.blocked:
-                return self._refusal(ex)
+            # Hooks that rewrite the prompt (PII redaction) and those before them: in front.
+            if self.front_chain.hooks:
+                ex.request, res = await self.guards.call(
+                    _texts_size(req), self.front_chain.run, req
+                )
+                if ex.add_chain(res):
+                    return self._refusal(ex)
             ex.upstream = self.provider.current()
             if ex.upstream is None:
                 raise self._upstream_failure(
@@ -344,15 +564,42 @@ class GatewayService:
                     **(payload.get("stream_options") or {}),
                     "include_usage": True,
                 }
-                resp = await self._open_stream(ex, payload)
-                # the relay logs a stream when it ends; an upstream 4xx is logged below
-                streaming = isinstance(resp, StreamingResponse)
-                return resp
-            return await self._complete(ex, payload)
+            ex.own_s = time.perf_counter() - t0
+            send = self._open_stream(ex, payload) if req.stream else self._complete(ex, payload)
+            if not self.during_chain.hooks:
+                result = await send
+            else:
+                # Look-only hooks run while the upstream call is on its way; nothing reaches the
+                # client until they pass, and a block cancels the call (vLLM sees the disconnect).
+                call = asyncio.ensure_future(send)
+                await asyncio.sleep(0)  # let the call write its request before the hooks run
+                t1 = time.perf_counter()
+                _, res = await self.guards.call(
+                    _texts_size(ex.request), self.during_chain.run, ex.request
+                )
+                ex.own_s += time.perf_counter() - t1
+                if ex.add_chain(res):
+                    call.cancel()
+                    with contextlib.suppress(BaseException):
+                        await call
+                    ex.status, ex.http_status = "ok", 200  # whatever the cancelled call set
+                    return self._refusal(ex)
+                result = await call
+            if isinstance(result, aiohttp.ClientResponse):
+                upstream_resp = result
+                streaming = True
+                return RelayResponse(
+                    self._relay(ex, upstream_resp),
+                    lambda abort: self._end_stream(ex, upstream_resp, abort),
+                    self.config.limits.write_timeout_s,
+                    headers=ex.overhead_headers(),
+                )
+            return result
         except GatewayError as e:
             if ex.status == "ok":
                 ex.status, ex.http_status = "client_error", e.status
             e.counted = True  # by _finish below
+            e.headers.update(ex.overhead_headers())
             raise
         except Exception:
             ex.status, ex.http_status = "error", 500
@@ -362,6 +609,7 @@ class GatewayService:
             raise
         finally:
             if not streaming:
+                _discard(call)
                 self._finish(ex)
 
     def _refusal(self, ex: Exchange) -> Response:
@@ -371,9 +619,11 @@ class GatewayService:
             self.config.guardrails.refusal,
         )
         ex.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        ex.own_s = time.perf_counter() - ex.t0
         if not ex.request.stream:
             return JSONResponse(
-                completion_body(ex.id, ex.public_model, ex.response, "content_filter", ex.usage)
+                completion_body(ex.id, ex.public_model, ex.response, "content_filter", ex.usage),
+                headers=ex.overhead_headers(),
             )
         with_usage = bool(ex.request.stream_options and ex.request.stream_options.include_usage)
 
@@ -394,51 +644,77 @@ class GatewayService:
                 )
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    async def _send(self, ex: Exchange, payload: dict[str, Any], stream: bool) -> httpx.Response:
-        """POST the request upstream; a timeout or a connection error becomes a 503."""
-        url = ex.upstream.base_url.rstrip("/") + "/chat/completions"
-        req = self.client.build_request(
-            "POST", url, content=orjson.dumps(payload), headers={"content-type": "application/json"}
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers=ex.overhead_headers()
         )
+
+    async def _send(self, ex: Exchange, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST the request upstream; a timeout or a connection error becomes a 503."""
+        up = ex.upstream
+        url = up.base_url.rstrip("/") + "/chat/completions"
+        headers = {"content-type": "application/json"}
+        if up.api_key:
+            headers["authorization"] = f"Bearer {up.api_key}"
+        t = time.perf_counter()
+        data = orjson.dumps(payload)
+        ex.own_s += time.perf_counter() - t
         try:
-            return await self.client.send(req, stream=stream)
-        except httpx.TimeoutException:
+            return await self.session.post(url, data=data, headers=headers)
+        except TimeoutError:
             raise self._upstream_failure(ex, "timeout", "the model server timed out") from None
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             raise self._upstream_failure(
                 ex, "unavailable", f"the model server is unavailable ({type(e).__name__})"
             ) from None
         except Exception as e:  # noqa: BLE001
-            # A peer dying during connect can surface from below httpx's exception types:
-            # anyio raised AttributeError ('NoneType' has no 'getpeername') when vLLM was killed
-            # under load (tests/serving/test_gateway_vllm.py). It is still "upstream down": 503.
-            log.warning("upstream send failed outside httpx's errors: %r", e)
+            # A peer dying during connect can surface from below the client's exception types
+            # (seen with another client library when vLLM was killed under load,
+            # tests/serving/test_gateway_vllm.py). It is still "upstream down": 503.
+            log.warning("upstream send failed outside the client's errors: %r", e)
             raise self._upstream_failure(
                 ex, "unavailable", f"the model server is unavailable ({type(e).__name__})"
             ) from None
 
     async def _complete(self, ex: Exchange, payload: dict[str, Any]) -> Response:
-        r = await self._send(ex, payload, stream=False)
-        if r.status_code != 200:
-            return self._upstream_status(ex, r.status_code, r.content)
-        data = orjson.loads(r.content)
+        r = await self._send(ex, payload)
+        try:
+            try:
+                content = await r.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                kind = "timeout" if isinstance(e, TimeoutError) else "unavailable"
+                raise self._upstream_failure(
+                    ex, kind, f"the model server failed ({type(e).__name__})"
+                ) from None
+        finally:
+            r.release()
+        if r.status != 200:
+            return self._upstream_status(ex, r.status, content)
+        t = time.perf_counter()
+        try:
+            data = orjson.loads(content)
+            choice = data["choices"][0]
+            text = choice.get("message", {}).get("content") or ""
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+            raise self._upstream_failure(
+                ex, "malformed", "the model server sent a malformed answer"
+            ) from None
         data["id"], data["model"] = ex.id, ex.public_model
         ex.usage = data.get("usage")
-        choice = data["choices"][0]
-        text = choice.get("message", {}).get("content") or ""
-        t0 = time.perf_counter()
-        new_text, verdicts = self.output_chain.run(text)
-        ex.guardrail_s += time.perf_counter() - t0
-        ex.verdicts += verdicts
-        if any(v.action == "block" for v in verdicts):
-            ex.status, new_text = "blocked", self.config.guardrails.refusal
-            choice["finish_reason"] = "content_filter"
-        if new_text != text:
-            choice["message"]["content"] = new_text
-        ex.response, ex.finish_reason = new_text, choice.get("finish_reason")
-        return Response(orjson.dumps(data), media_type="application/json")
+        if self.output_chain.hooks:
+            g0 = time.perf_counter()
+            new_text, verdicts = await self.guards.call(len(text), self.output_chain.run, text)
+            ex.guardrail_s += time.perf_counter() - g0
+            ex.verdicts += verdicts
+            if any(v.action == "block" for v in verdicts):
+                ex.status, new_text = "blocked", self.config.guardrails.refusal
+                choice["finish_reason"] = "content_filter"
+            if new_text != text:
+                choice["message"]["content"] = new_text
+            text = new_text
+        ex.response, ex.finish_reason = text, choice.get("finish_reason")
+        out = orjson.dumps(data)
+        ex.own_s += time.perf_counter() - t
+        return Response(out, media_type="application/json", headers=ex.overhead_headers())
 
     def _upstream_status(self, ex: Exchange, status: int, content: bytes) -> Response:
         """Pass upstream 4xx through (vLLM's errors are OpenAI-shaped); 5xx becomes 503."""
@@ -449,104 +725,222 @@ class GatewayService:
             ex, f"http_{status}", f"the model server failed (HTTP {status})"
         )
 
-    async def _open_stream(self, ex: Exchange, payload: dict[str, Any]) -> Response:
+    async def _open_stream(
+        self, ex: Exchange, payload: dict[str, Any]
+    ) -> aiohttp.ClientResponse | Response:
         """Connect before answering, so a down upstream is a 503, not a broken 200 stream."""
-        r = await self._send(ex, payload, stream=True)
-        if r.status_code != 200:
+        r = await self._send(ex, payload)
+        if r.status != 200:
             try:
-                content = await r.aread()
-            except httpx.HTTPError:
+                content = await r.read()
+            except (aiohttp.ClientError, TimeoutError):
                 content = b""
             finally:
-                await r.aclose()
-            return self._upstream_status(ex, r.status_code, content)
-        return StreamingResponse(self._relay(ex, r), media_type="text/event-stream")
+                r.release()
+            return self._upstream_status(ex, r.status, content)
+        return r
 
-    async def _relay(self, ex: Exchange, r: httpx.Response) -> AsyncIterator[bytes]:
-        """Relay vLLM's SSE stream through the output guard; rewrite ids; log at the end."""
-        guard = StreamGuard(self.output_chain)
+    async def _end_stream(
+        self, ex: Exchange, r: aiohttp.ClientResponse, abort: str | None
+    ) -> None:
+        """Every way a stream ends: close upstream (an unfinished read closes the connection,
+        so vLLM aborts the request) and log it, once."""
+        if not ex.logged and not ex.stream_done and ex.status in ("ok", "blocked"):
+            # not finished by the relay: the client left (or stopped reading)
+            ex.status, ex.http_status = "cancelled", 499
+            self.metrics.client_aborts.labels(abort or "disconnect").inc()
+        r.close()
+        self._finish(ex)
+
+    async def _relay(self, ex: Exchange, r: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """Relay the upstream's SSE stream through the output guard; rewrite ids; log at the end.
+
+        Reads whatever bytes upstream has (``readany``), handles every complete event in them and
+        sends the results as one write: under load several chunks of a stream often arrive
+        together. Chunks whose text no hook changed are forwarded as the upstream's own bytes
+        with only the ``id`` and ``model`` values swapped (a bytes replace of ``"id":<value>``;
+        that key/value pair cannot occur inside a JSON string, where quotes are escaped); the
+        rest are re-encoded.
+        """
+        guard = (
+            StreamGuard(
+                self.output_chain,
+                self.config.guardrails.stream_window_chars,
+                self.config.guardrails.stream_window_ms / 1000,
+            )
+            if self.output_chain.hooks
+            else None
+        )
         client_usage = bool(ex.request.stream_options and ex.request.stream_options.include_usage)
         stopped = False  # a hook blocked: drain upstream for usage, forward nothing else
         parts: list[str] = []
-        done = False
+        swap = _IdSwap(ex)
+        reader = r.content
+        waiting: asyncio.Future | None = None
+        keepalive_s = self.config.upstream.keepalive_s
+        buf = b""
+        ended = False  # [DONE], an error event, or a malformed chunk: stop reading
         try:
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data_s = line[5:].strip()
-                if data_s == "[DONE]":
-                    done = True
-                    break
-                obj = orjson.loads(data_s)
-                obj["id"], obj["model"] = ex.id, ex.public_model
-                if "error" in obj and not obj.get("choices"):
-                    ex.status, ex.http_status = "upstream_error", 503
-                    self.metrics.upstream_errors.labels("stream_error").inc()
-                    yield _sse(obj)
-                    break
-                choices = obj.get("choices") or []
-                if not choices:  # the usage chunk
-                    ex.usage = obj.get("usage") or ex.usage
-                    if client_usage:
-                        yield _sse(obj)
-                    continue
-                if stopped:
-                    continue
-                choice = choices[0]
-                delta = choice.get("delta") or {}
-                finish = choice.get("finish_reason")
-                content = delta.get("content")
-                out = guard.feed(content) if content else ""
-                if finish is not None:
-                    out += guard.finish()
-                if guard.blocked:
-                    stopped = True
-                    ex.status, ex.finish_reason = "blocked", "content_filter"
-                    yield _sse(chunk_body(ex.id, ex.public_model, {}, "content_filter"))
-                    continue
-                if content is not None or out:
-                    delta["content"] = out
-                    choice["delta"] = delta
+            while not ended:
+                if ex.ttft_s is None:
+                    # Until the first token, say "still here" every keepalive_s (SSE comment).
+                    waiting = waiting or asyncio.ensure_future(reader.readany())
+                    finished, _ = await asyncio.wait((waiting,), timeout=keepalive_s)
+                    if not finished:
+                        yield KEEPALIVE
+                        continue
+                    fut, waiting = waiting, None
+                    data = fut.result()
+                else:
+                    data = await reader.readany()
+                if not data:
+                    break  # upstream closed
+                t = time.perf_counter()
+                lines = (buf + data).split(b"\n")
+                buf = lines.pop()  # an incomplete line waits for the next read
+                if len(buf) > _MAX_LINE:
+                    lines, buf = [buf], b""  # not an SSE stream we can parse
+                out: list[bytes] = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, upstream comments
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        ex.stream_done = ended = True
+                        break
+                    try:
+                        obj = orjson.loads(payload)
+                        if not isinstance(obj, dict):
+                            raise TypeError(type(obj).__name__)
+                    except (orjson.JSONDecodeError, TypeError):
+                        ex.status, ex.http_status, ex.stream_done = "upstream_error", 502, True
+                        self.metrics.upstream_errors.labels("malformed_chunk").inc()
+                        out.append(
+                            _error_event("the model server sent a malformed chunk", "malformed_chunk")
+                        )
+                        ended = True
+                        break
+                    if "error" in obj and not obj.get("choices"):
+                        ex.status, ex.http_status, ex.stream_done = "upstream_error", 503, True
+                        self.metrics.upstream_errors.labels("stream_error").inc()
+                        obj["id"], obj["model"] = ex.id, ex.public_model
+                        out.append(_sse(obj))
+                        ended = True
+                        break
+                    choices = obj.get("choices") or []
+                    if not choices:  # the usage chunk
+                        ex.usage = obj.get("usage") or ex.usage
+                        if client_usage:
+                            out.append(swap.forward(payload, obj))
+                        continue
+                    if stopped:
+                        continue
+                    choice = choices[0]
+                    delta = choice.get("delta") or {}
+                    finish = choice.get("finish_reason")
+                    content = delta.get("content")
+                    if guard is None:
+                        text = content or ""
+                    else:
+                        g0 = time.perf_counter()
+                        text = guard.feed(content) if content else ""
+                        if finish is not None:
+                            text += guard.finish()
+                        ex.guardrail_s += time.perf_counter() - g0
+                        if guard.blocked:
+                            stopped = True
+                            ex.status, ex.finish_reason = "blocked", "content_filter"
+                            out.append(_sse(chunk_body(ex.id, ex.public_model, {}, "content_filter")))
+                            continue
+                    if text:
+                        parts.append(text)
+                        if ex.ttft_s is None:
+                            ex.ttft_s = time.perf_counter() - ex.t0
+                    elif content and finish is None and set(delta) <= {"content"}:
+                        continue  # everything held back: nothing to send yet
+                    if finish is not None:
+                        ex.finish_reason = finish
+                    if text == (content or ""):
+                        out.append(swap.forward(payload, obj))
+                    else:
+                        delta["content"] = text
+                        choice["delta"] = delta
+                        obj["id"], obj["model"] = ex.id, ex.public_model
+                        out.append(_sse(obj))
+                if ex.stream_done and ex.status in ("ok", "blocked"):
+                    # Log before the client sees the end, so feedback sent right after finds it.
+                    self._close_relay(ex, guard, parts)
+                    out.append(
+                        f": alignloop {OVERHEAD_HEADER}={ex.own_s * 1000:.3f} "
+                        f"{GUARDRAIL_HEADER}={ex.guardrail_s * 1000:.3f}\n\n".encode()
+                    )
+                    out.append(b"data: [DONE]\n\n")
+                ex.own_s += time.perf_counter() - t
                 if out:
-                    parts.append(out)
-                    if ex.ttft_s is None:
-                        ex.ttft_s = time.perf_counter() - ex.t0
-                elif content and finish is None and set(delta) <= {"content"}:
-                    continue  # everything held back: nothing to send yet
-                if finish is not None:
-                    ex.finish_reason = finish
-                yield _sse(obj)
-            if done:
-                # Log before the client sees the end, so feedback sent right after finds the row.
-                self._finish_stream(ex, guard, parts)
-                yield b"data: [DONE]\n\n"
-            elif ex.status == "ok":  # upstream closed without [DONE]
-                raise httpx.RemoteProtocolError("upstream stream ended early")
-        except httpx.HTTPError as e:
-            kind = "timeout" if isinstance(e, httpx.TimeoutException) else "stream_broken"
+                    yield b"".join(out)
+            if not ended and ex.status in ("ok", "blocked"):  # upstream closed without [DONE]
+                raise aiohttp.ClientPayloadError("upstream stream ended early")
+        except (aiohttp.ClientError, TimeoutError) as e:
+            kind = "timeout" if isinstance(e, TimeoutError) else "stream_broken"
             self.metrics.upstream_errors.labels(kind).inc()
-            ex.status, ex.http_status = "upstream_error", 503
-            yield _sse(
-                {
-                    "error": {
-                        "message": f"the model server failed mid-stream ({type(e).__name__})",
-                        "type": "upstream_error",
-                        "param": None,
-                        "code": kind,
-                    }
-                }
-            )
-        except BaseException:
-            ex.status, ex.http_status = "cancelled", 499  # client went away
-            raise
+            ex.status, ex.http_status, ex.stream_done = "upstream_error", 503, True
+            yield _error_event(f"the model server failed mid-stream ({type(e).__name__})", kind)
         finally:
-            await r.aclose()
-            self._finish_stream(ex, guard, parts)
+            if waiting is not None:
+                waiting.cancel()
+            self._close_relay(ex, guard, parts)
 
-    def _finish_stream(self, ex: Exchange, guard: StreamGuard, parts: list[str]) -> None:
-        if ex.logged:
+    def _close_relay(self, ex: Exchange, guard: StreamGuard | None, parts: list[str]) -> None:
+        if ex.logged or ex.relay_closed:
             return
+        ex.relay_closed = True
         ex.response = "".join(parts)
-        ex.guardrail_s += guard.seconds
-        ex.verdicts += guard.merged_verdicts() if self.output_chain.hooks else []
-        self._finish(ex)
+        if guard is not None:
+            ex.verdicts += guard.merged_verdicts()
+        if ex.stream_done:
+            self._finish(ex)
+        # else the client left: RelayResponse's cleanup logs it as the client's abort
+
+
+def _discard(call: asyncio.Task | None) -> None:
+    """Cancel an upstream call we no longer want; close its response if it already came."""
+    if call is None:
+        return
+    if not call.done():
+        call.cancel()
+    elif not call.cancelled() and call.exception() is None:
+        result = call.result()
+        if isinstance(result, aiohttp.ClientResponse):
+            result.close()
+
+
+def _error_event(message: str, code: str) -> bytes:
+    return _sse({"error": {"message": message, "type": "upstream_error", "param": None, "code": code}})
+
+
+class _IdSwap:
+    """Forwards an upstream chunk with our ``id`` and public model name in place of upstream's."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.up_id: Any = None
+        self.pairs: list[tuple[bytes, bytes]] = []
+
+    def forward(self, data: bytes, obj: dict[str, Any]) -> bytes:
+        ex = self.ex
+        if obj.get("id") != self.up_id or not self.pairs:
+            self.up_id = obj.get("id")
+            self.pairs = [
+                (b'"id":' + orjson.dumps(self.up_id), b'"id":' + orjson.dumps(ex.id)),
+                (
+                    b'"model":' + orjson.dumps(obj.get("model")),
+                    b'"model":' + orjson.dumps(ex.public_model),
+                ),
+            ]
+        out = data
+        for old, new in self.pairs:
+            if out.count(old) != 1:  # not the compact form we expect: re-encode instead
+                obj["id"], obj["model"] = ex.id, ex.public_model
+                return _sse(obj)
+            out = out.replace(old, new, 1)
+        return b"data: " + out + b"\n\n"

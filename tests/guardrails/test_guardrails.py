@@ -120,9 +120,11 @@ def test_build_hook_by_name_and_import_path() -> None:
         build_hook("size_limits", {"max_char": 5})
 
 
-def _stream(chain: OutputChain, text: str, seed: int) -> tuple[list[str], StreamGuard]:
+def _stream(
+    chain: OutputChain, text: str, seed: int, window_chars: int = 128, window_s: float = 0.25
+) -> tuple[list[str], StreamGuard]:
     rng, i, out = random.Random(seed), 0, []
-    guard = StreamGuard(chain)
+    guard = StreamGuard(chain, window_chars=window_chars, window_s=window_s)
     while i < len(text):
         n = rng.randint(1, 4)
         out.append(guard.feed(text[i : i + n]))
@@ -173,8 +175,11 @@ def test_stream_guard_releases_plain_words_early_but_holds_pii_candidates() -> N
     assert "415-555-0132" not in out and "<PHONE_NUMBER>" in out
 
 
+@pytest.mark.parametrize("window", [1, 7, 24, 128, 10_000])
 @pytest.mark.parametrize("seed", range(20))
-def test_stream_guard_random_chunking_fuzz(seed: int) -> None:
+def test_stream_guard_random_chunking_fuzz(seed: int, window: int) -> None:
+    """Whatever the window size (1: hooks on every delta; 10,000: only the first text and the
+    end), values that straddle a window boundary never get out unredacted."""
     rng = random.Random(seed)
     words = ["alpha", "beta", "(note)", "+", "x:y", "gamma", "delta", "v1.2"]
     values = PII_VALUES + ["GB82 WEST 1234 5698 7654 32", "bob@mail.example.org", "10.0.0.1"]
@@ -183,7 +188,7 @@ def test_stream_guard_random_chunking_fuzz(seed: int) -> None:
         parts.append(rng.choice(values) if rng.random() < 0.25 else rng.choice(words))
     text = " ".join(parts)
     chain = OutputChain([PIIOutput(mode="redact")])
-    pieces, _ = _stream(chain, text, seed)
+    pieces, _ = _stream(chain, text, seed, window_chars=window)
     emitted = "".join(pieces)
     whole, _ = chain.run(text)
     for v in values:
@@ -194,3 +199,37 @@ def test_stream_guard_random_chunking_fuzz(seed: int) -> None:
         return re.sub(r"<[A-Z_]+>(\s*<[A-Z_]+>)*", "<PII>", t)
 
     assert norm(emitted) == norm(whole)
+
+
+def test_stream_guard_checks_windows_not_every_delta() -> None:
+    class Counting(PIIOutput):
+        runs = 0
+
+        def check(self, text: str):  # noqa: ANN201
+            Counting.runs += 1
+            return super().check(text)
+
+    text = "word " * 200  # 1,000 chars fed 5 at a time
+    for window, most in ((1, 201), (128, 10)):
+        Counting.runs = 0
+        guard = StreamGuard(OutputChain([Counting()]), window_chars=window, window_s=60)
+        out = "".join(guard.feed(text[i : i + 5]) for i in range(0, len(text), 5)) + guard.finish()
+        assert out == text and Counting.runs <= most, (window, Counting.runs)
+    assert Counting.runs >= 8  # once for the first text, then per ~128 chars
+    # held text older than window_s is checked at the next delta, however small the window
+    guard = StreamGuard(OutputChain([PIIOutput()]), window_chars=10_000, window_s=0.0)
+    assert guard.feed("Hello ") == "Hello " and guard.feed("there ") == "there "
+
+
+def test_input_chain_split_keeps_rewriting_hooks_in_front() -> None:
+    chain = InputChain([SizeLimits(), PIIRedactInput(), InjectionHeuristics()])
+    front, during = chain.split()
+    assert [h.name for h in front.hooks] == ["size_limits", "pii"]
+    assert [h.name for h in during.hooks] == ["injection"]
+    # a look-only hook configured before a rewriting one stays in front, in order
+    front, during = InputChain([InjectionHeuristics(), PIIRedactInput()]).split()
+    assert [h.name for h in front.hooks] == ["injection", "pii"] and during.hooks == []
+    # hooks of unknown kind are assumed to rewrite
+    custom = build_hook("guardrails.base:InputHook", {})
+    front, during = InputChain([custom, InjectionHeuristics()]).split()
+    assert front.hooks == [custom] and [h.name for h in during.hooks] == ["injection"]

@@ -439,16 +439,17 @@ def test_backpressure_429_with_retry_after(tmp_path: Path) -> None:
 def test_peer_dying_during_connect_is_a_503_not_a_500(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Killing vLLM under load once surfaced from anyio as AttributeError during connect (seen in
-    CI). The upstream send is replaced by one raising that error: outside our control, mocked."""
-    import httpx as httpx_mod
+    """Killing vLLM under load once surfaced from below the HTTP client's own error types
+    (AttributeError: 'NoneType' has no 'getpeername', seen in CI). The upstream call is replaced
+    by one raising that error: outside our control, mocked."""
+    import aiohttp
 
-    async def dying_peer(self, request, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    async def dying_peer(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         raise AttributeError("'NoneType' object has no attribute 'getpeername'")
 
     up = Upstream(base_url="http://127.0.0.1:9/v1", release_id="dying", served_model="m")
     with running_gateway(tmp_path, up) as (base, _, store):
-        monkeypatch.setattr(httpx_mod.AsyncClient, "send", dying_peer)
+        monkeypatch.setattr(aiohttp.ClientSession, "_request", dying_peer)
         for stream in (False, True):
             r = httpx.post(
                 base + "/v1/chat/completions",
@@ -456,6 +457,7 @@ def test_peer_dying_during_connect_is_a_503_not_a_500(
                 json={"model": "alignloop", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
             )
             assert r.status_code == 503 and r.json()["error"]["type"] == "upstream_error"
+            assert "AttributeError" in r.json()["error"]["message"]
         monkeypatch.undo()
         store.flush()
         assert [x["status"] for x in store.exchanges()] == ["upstream_error"] * 2
@@ -546,10 +548,13 @@ def test_shipped_gateway_config_loads() -> None:
     svc = GatewayService(cfg, StaticUpstream(), NoStore())  # builds every configured hook
     assert [h.name for h in svc.input_chain.hooks] == [
         "size_limits",
+        "pii",
         "injection",
         "blocked_topics",
-        "pii",
     ]
+    # redaction (and the size check before it) in front; the look-only hooks during the call
+    assert [h.name for h in svc.front_chain.hooks] == ["size_limits", "pii"]
+    assert [h.name for h in svc.during_chain.hooks] == ["injection", "blocked_topics"]
     with pytest.raises(ConfigError, match="key_sha256"):
         load_config(GatewayConfig, None, ["admin_key_sha256=notahash"])
 

@@ -278,6 +278,7 @@ def test_cli_round_trip_and_restart(
     cfg = {
         "port": port,
         "log_level": "warning",
+        "workers": 2,  # the data plane in worker processes, as on a bigger machine
         "gateway": GATEWAY.model_dump(mode="json"),
         "releases": {
             "grace_s": 600,
