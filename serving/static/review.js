@@ -2,9 +2,14 @@
 (function () {
   "use strict";
   function cards() { return Array.from(document.querySelectorAll("article.card")); }
-  function selected() { return document.querySelector("article.card.selected"); }
+  // The selection is kept by id, not read back from the class: when htmx swaps a card it
+  // restores the new card's own class attribute 20 ms later (its settle step), which drops
+  // "selected"; afterSettle below puts the highlight back.
+  var currentId = null;
+  function selected() { return currentId ? document.getElementById(currentId) : null; }
   function select(card) {
     cards().forEach(function (c) { c.classList.remove("selected"); });
+    currentId = card ? card.id : null;
     if (card) { card.classList.add("selected"); card.scrollIntoView({block: "nearest"}); }
   }
   function move(step) {
@@ -34,6 +39,9 @@
       var area = details.querySelector("textarea");
       if (area) { area.focus(); area.setSelectionRange(area.value.length, area.value.length); }
     } else {
+      // htmx binds swapped-in buttons only after its settle delay (20 ms); a key pressed
+      // sooner would click a button with no request behind it. process() is idempotent.
+      htmx.process(target);
       target.click();
     }
   });
@@ -48,6 +56,10 @@
     var card = ev.detail.elt.closest ? ev.detail.elt.closest("article.card") : null;
     if (card) { select(document.getElementById(card.id) || card); }
     document.getElementById("flash").innerHTML = "";
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    var card = selected();
+    if (card) { card.classList.add("selected"); }
   });
   document.addEventListener("htmx:responseError", function (ev) {
     var flash = document.getElementById("flash");
