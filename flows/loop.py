@@ -101,6 +101,7 @@ def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, k
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
     from flows.gpu import kernel_args
     from flows.steps import admin_client
+    from serving.admin_api import startup_progress
 
     with admin_client(cfg) as admin:
         for rel in admin.describe():
@@ -109,8 +110,9 @@ def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, k
                     and src.get("kernel", "default") == kernel)
             if same and rel["status"] in ("staged", "live", "previous") and rel.get("warm"):
                 return rel
-        rel = admin.stage(model_dir, kernel_args(cfg.candidate_args, kernel),
-                          source={**source, "model_dir": model_dir, "kernel": kernel})
+        with startup_progress(admin, get_run_logger().info):  # vLLM's phase every 10 s
+            rel = admin.stage(model_dir, kernel_args(cfg.candidate_args, kernel),
+                              source={**source, "model_dir": model_dir, "kernel": kernel})
         if rel.status != "staged":
             raise RuntimeError(f"{variant} release {rel.release_id} failed to start: {rel.history[-1].reason}")
         return next(r for r in admin.describe() if r["release_id"] == rel.release_id)

@@ -37,6 +37,9 @@ __all__ = ["VLLMArgs", "VLLMServer", "VLLMStartError", "build_command", "free_po
 
 log = logging.getLogger(__name__)
 
+# A start-up takes up to minutes on a slow CPU: say what it is doing this often (seconds).
+PROGRESS_EVERY_S = 10.0
+
 
 class VLLMArgs(StrictModel):
     """How to serve one model with vLLM (per release, so evals can compare serving settings)."""
@@ -232,6 +235,7 @@ class VLLMServer:
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
         self._log_offset = 0
+        self.startup_phase: str | None = None  # while starting: vLLM's current phase, then "ready"
 
     @property
     def base_url(self) -> str:
@@ -284,6 +288,12 @@ class VLLMServer:
             self.wait_ready()
         return self
 
+    def startup_progress(self) -> dict[str, object]:
+        """What a start-up in progress is doing: ``{"phase": ..., "elapsed_s": ...}``."""
+        t0 = getattr(self, "_t0", None)
+        elapsed = round(time.monotonic() - t0, 1) if t0 is not None else 0.0
+        return {"phase": self.startup_phase or "launching", "elapsed_s": elapsed}
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -298,9 +308,17 @@ class VLLMServer:
         timeout = timeout_s or self.args.startup_timeout_s
         deadline = self._t0 + timeout
         watch = StartupLog(self.log_path, self._log_offset)
+        next_report = self._t0 + PROGRESS_EVERY_S
         with httpx.Client(timeout=10) as client:
             while True:
                 watch.poll()
+                self.startup_phase = watch.phase
+                if time.monotonic() >= next_report:
+                    next_report += PROGRESS_EVERY_S
+                    log.info(
+                        "vLLM %s on port %d starting: %s, %.0fs",
+                        self.served_name, self.port, watch.phase, time.monotonic() - self._t0,
+                    )
                 if not self.alive():
                     code = self.proc.returncode if self.proc else None
                     self._fail(f"vLLM exited with code {code} during start-up")
@@ -322,6 +340,7 @@ class VLLMServer:
                         "larger startup_quiet_s)"
                     )
                 time.sleep(0.5)
+            self.startup_phase = "checking one real generation"
             try:
                 self.check_generation(client)
             except Exception as exc:
@@ -329,6 +348,7 @@ class VLLMServer:
                 why = f"; the engine reported: {watch.reason()}" if watch.fatal else ""
                 self._fail(f"vLLM reported healthy but failed a real generation ({exc}){why}")
         self.startup_s = time.monotonic() - self._t0
+        self.startup_phase = "ready"
         log.info("vLLM ready on port %d after %.1fs", self.port, self.startup_s)
         return self.startup_s
 
@@ -342,6 +362,7 @@ class VLLMServer:
 
     def _fail(self, what: str) -> NoReturn:
         """Stop the server and raise with the log tail as it was when start-up failed."""
+        self.startup_phase = "failed"
         tail = self.log_tail()
         self.stop()
         raise VLLMStartError(f"{what} (model {self.model_dir}); log {self.log_path}:\n{tail}")

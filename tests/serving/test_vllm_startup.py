@@ -161,3 +161,43 @@ def test_startup_log_reads_phases_and_the_root_cause(tmp_path: Path) -> None:
         f.write("(EngineCore pid=8) ERROR 11-30 12:00:01 [c.py:1] EngineDeadError: consequence\n")
     watch.poll()
     assert watch.fatal == "WorkerProc hit an exception." and watch.reason() == "RuntimeError: root cause"
+
+
+def test_start_up_progress_in_the_log_and_through_the_admin_api(
+    standin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A staging client sees vLLM's phase while it waits; the gateway's log says it too."""
+    import logging
+
+    from serving import vllm_server
+    from serving.admin_api import AdminClient, build_admin_router, startup_progress
+    from serving.app import create_app, serve_in_thread
+    from serving.gateway_config import GatewayConfig, TenantConfig, hash_key
+    from serving.logstore import LogStore
+
+    monkeypatch.setattr(vllm_server, "PROGRESS_EVERY_S", 1.0)
+    monkeypatch.setenv("STANDIN_SLOW_LINES", "10")  # 5 s of "loading weights"
+    gateway = GatewayConfig(
+        tenants=[TenantConfig(name="t", key_sha256=hash_key("sk-t"))],
+        admin_key_sha256=hash_key("sk-admin"),
+    )
+    manager = ReleaseManager(ReleaseStore(tmp_path / "releases"), default_args=VLLMArgs())
+    logs = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
+    app = create_app(gateway, manager, logs, extra_routers=[build_admin_router(manager)])
+    seen: list[str] = []
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="serving.vllm_server"),
+            serve_in_thread(app) as url,
+            AdminClient(url, "sk-admin") as admin,
+        ):
+            with startup_progress(admin, seen.append, every_s=1.0):
+                rel = admin.stage(str(standin("slow")), release_id="slow")
+            assert rel.status == "staged"
+            assert next(r for r in admin.describe() if r["release_id"] == "slow")["starting"] is None
+    finally:
+        manager.shutdown()
+        logs.close()
+    assert any(m.startswith("release slow: vLLM loading weights (") for m in seen), seen
+    progress = [r.getMessage() for r in caplog.records if "starting:" in r.getMessage()]
+    assert any("loading weights (" in m for m in progress), progress
