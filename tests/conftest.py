@@ -2,7 +2,7 @@
 
 The tiny model keeps tests fast (2 layers, hidden 128) while staying servable by vLLM's CPU
 attention, which rejects small heads (head_dim 16 starts, reports healthy, then dies at the first
-request; PLATFORM.md): two heads of 64.
+request; docs/PLATFORM.md): two heads of 64.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def make(flags: set[str], gpus: tuple[str, ...] = ()) -> Platform:
 
 def test_avx2_only_cpu() -> None:
     p = make({"avx", "avx2"})
-    assert serving_dtype(p) == "float32"  # bf16 gives garbage there (PLATFORM.md)
+    assert serving_dtype(p) == "float32"  # bf16 gives garbage there (docs/PLATFORM.md)
     assert default_quant_scheme(p) == "w8a8-int8"  # no int4 kernel in the AVX2 build
     assert servable_schemes(p) == ("w8a8-int8",)
 
