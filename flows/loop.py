@@ -57,12 +57,22 @@ def merge_adapters(cfg: LoopConfig, run_dir: str, adapter: str) -> dict:
     return asdict(run(cfg.stage_config("merge", run_dir=run_dir, adapter=adapter)))
 
 
+@task(name="plan quantization")
+def plan_quantization(cfg: LoopConfig) -> dict:
+    """The scheme the quantized candidate gets, or none when this target cannot serve one faster."""
+    from training.quantize import plan_scheme
+
+    q = cfg.stage_config("quantize", model_dir="<merge stage>", dataset_path="<data stage>")
+    scheme, why = plan_scheme(q.scheme, q.target)
+    return {"scheme": scheme, "why": why}
+
+
 @task(name="quantize")
-def quantize_model(cfg: LoopConfig, run_dir: str, model_dir: str, dataset_path: str) -> dict:
+def quantize_model(cfg: LoopConfig, run_dir: str, model_dir: str, dataset_path: str, scheme: str) -> dict:
     from training.quantize import run
 
     return asdict(run(cfg.stage_config(
-        "quantize", run_dir=run_dir, model_dir=model_dir, dataset_path=dataset_path
+        "quantize", run_dir=run_dir, model_dir=model_dir, dataset_path=dataset_path, scheme=scheme
     )))
 
 
@@ -225,10 +235,16 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     merged = merge_adapters(cfg, str(run_dir), dpo["adapter_dir"])
     models = {"aligned": merged["model_dir"]}
     schemes = {"aligned": "bf16"}  # unquantized (bf16 or fp32 per platform)
-    if "quantized" in cfg.candidates:
-        quant = quantize_model(cfg, str(run_dir), merged["model_dir"], data["dataset_path"])
-        models["quantized"] = quant["model_dir"]
-        schemes["quantized"] = quant["scheme"]
+    candidates = list(cfg.candidates)
+    if "quantized" in candidates:
+        plan = plan_quantization(cfg)  # a scheme this target serves slower cannot win: skip it
+        if plan["scheme"] is None:
+            logger.info("no quantized candidate: %s", plan["why"])
+            candidates.remove("quantized")
+        else:
+            quant = quantize_model(cfg, str(run_dir), merged["model_dir"], data["dataset_path"], plan["scheme"])
+            models["quantized"] = quant["model_dir"]
+            schemes["quantized"] = quant["scheme"]
 
     from flows.gpu import KERNEL_VARIANT_SUFFIX, kernels_for
 
@@ -245,7 +261,7 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     metrics = {"baseline": evaluate_release(
         cfg, "baseline", baseline, str(run_dir), data["dataset_path"], workload["concurrency"])}
     retire_release(cfg, baseline["release_id"], "baseline copy evaluated")
-    for variant in cfg.candidates:
+    for variant in candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
                   "variant": variant, "scheme": schemes[variant], "window": [str(win.since), str(win.until)]}
         for kernel in kernels_for(cfg, schemes[variant], live):  # W4A16 on a GPU: Machete, Marlin

@@ -133,8 +133,21 @@ def detect() -> Platform:
 
 
 def serving_dtype(p: Platform) -> Dtype:
-    """bfloat16 on GPUs and on CPUs with native bf16; float32 elsewhere (bf16 gives garbage)."""
+    """The dtype vLLM serves in: on a CPU, what the platform probe measured fastest and correct
+    (serving/probe.py) once it has run on this machine; before that, and on GPUs, by the flags:
+    bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere (bf16 gives garbage there)."""
+    measured = _measured(p)
+    if measured is not None:
+        return measured.dtype  # type: ignore[return-value]
     return "bfloat16" if p.has_gpu or p.avx512_bf16 else "float32"
+
+
+def _measured(p: Platform):  # -> serving.probe.ProbeResult | None
+    if p.has_gpu or p.isa == "baseline":
+        return None
+    from serving.probe import cached
+
+    return cached(p)
 
 
 def training_dtype(p: Platform) -> Dtype:
@@ -151,6 +164,21 @@ def default_quant_scheme(p: Platform) -> Scheme:
     stays selectable (``scheme: w4a16``) where memory matters more than speed.
     """
     return "w4a16" if p.has_gpu else "w8a8-int8"
+
+
+def measured_quant_scheme(p: Platform) -> tuple[Scheme | None, str]:
+    """The scheme to quantize to for this machine, or None when none can win here, and why.
+
+    On a CPU this runs the platform probe (serving/probe.py; minutes the first time on a machine,
+    then read from its cache): a scheme the CPU serves slower than the unquantized model, or
+    incorrectly, is not worth quantizing to. GPUs keep :func:`default_quant_scheme`.
+    """
+    if p.has_gpu:
+        return default_quant_scheme(p), "GPU: W4A16 (Marlin/Machete kernels)"
+    from serving.probe import run_probe
+
+    result = run_probe(p)
+    return result.scheme, f"platform probe ({result.taken_at}): {result.why}"  # type: ignore[return-value]
 
 
 def servable_schemes(p: Platform) -> tuple[Scheme, ...]:

@@ -29,6 +29,7 @@ TINY = [
     "dpo.train.max_steps=2", "dpo.train.batch_size=2", "dpo.train.max_length=128", "dpo.min_rows=2",
     "quantize.num_samples=4", "quantize.max_seq_length=64", "quantize.n_grid=3",
     "candidate_args.max_model_len=1024",
+    "quantize.scheme=w8a8-int8",  # explicit: 'auto' would run the platform probe (minutes)
 ]
 
 
