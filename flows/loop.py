@@ -18,11 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows import window as windows
 from flows.loop_config import LoopConfig, load_loop_config, resolve_path
+from flows.timing import start_timings, task  # prefect's task, each call's seconds recorded
 from training.config import data_dir
 
 
@@ -224,6 +225,7 @@ def alignment_loop(
 
 def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> dict[str, Any]:
     logger = get_run_logger()
+    timings = start_timings()
     win = windows.resolve(since, until)
     run_dir = data_dir() / "runs" / win.run_id
     windows.mark_pending(win)  # a failed run is resumed on the same window (flows/window.py)
@@ -281,10 +283,12 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
         "decision": decision["summary"], "winner": winner, "promotion": promotion,
         "served": {v: {"scheme": schemes[v], "kernel": kernels[v]} for v in releases},
         "report": decision["report_md"], "releases": {k: v["release_id"] for k, v in releases.items()},
+        "seconds": timings,  # per task, in call order: where this run's time went
     }
     (run_dir / "loop-result.json").write_text(json.dumps(outcome, indent=2, default=str))
     logger.info("comparison:\n%s", decision["table_md"])
     logger.info("decision: %s", decision["summary"])
+    logger.info("seconds per task: %s", ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return outcome
 
 

@@ -124,6 +124,7 @@ def test_fail_resume_promote_keep(
     assert outcome["run_dir"] == str(run_dir)
     assert (run_dir / "sft" / "result.json").stat().st_mtime_ns == sft_mtime  # not retrained
     assert outcome["winner"] in ("aligned", "quantized")
+    assert {"sft", "quantize", "evaluate (aligned)"} <= set(outcome["seconds"])  # where time went
     winner_id = outcome["releases"][outcome["winner"]]
     assert _live(admin) == winner_id
     gate = json.loads((run_dir / "report" / "gate.json").read_text())
