@@ -222,7 +222,7 @@ def run_probe(
                 quantize_round_to_nearest(model_dir, scheme, copy)
             variants.append({"name": scheme, "model": str(copy), "dtype": "probe"})
     spec = {"variants": variants, "prompts": list(PROMPTS), "check_tokens": 12, "tokens": 32, "batch": 8,
-            "repeats": 3}
+            "repeats": 2}
     python = str(serve_python())
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
