@@ -603,24 +603,30 @@ class ReleaseManager:
             self._servers[rel.release_id] = server
             return server
         placement = self._place(rel)
-        server = VLLMServer(
-            rel.model_dir,
-            args=apply_placement(rel.args(), placement),
-            served_name=rel.served_name,
-            log_path=self.store.folder(rel.release_id) / "vllm.log",
-        )
-        self._starting[rel.release_id] = server
-        try:
-            with self._gpu_start if not placement.on_cpu else contextlib.nullcontext():
-                server.start(wait=False)
-                server.wait_ready()  # stops the process itself if it does not become ready
-        except BaseException as exc:
-            self._held.pop(rel.release_id, None)
-            if isinstance(exc, VLLMStartError) and self._closed:  # shutdown() killed it mid-start
-                raise ReleaseError("release manager shut down during start-up") from None
-            raise
-        finally:
-            self._starting.pop(rel.release_id, None)
+        for attempt in (1, 2):  # a hung start-up gets one more try; any other failure none
+            server = VLLMServer(
+                rel.model_dir,
+                args=apply_placement(rel.args(), placement),
+                served_name=rel.served_name,
+                log_path=self.store.folder(rel.release_id) / "vllm.log",
+            )
+            self._starting[rel.release_id] = server
+            try:
+                with self._gpu_start if not placement.on_cpu else contextlib.nullcontext():
+                    server.start(wait=False)
+                    server.wait_ready()  # stops the process itself if it does not become ready
+                break
+            except BaseException as exc:
+                failed = isinstance(exc, VLLMStartError)
+                if failed and exc.hung and attempt == 1 and not self._closed:
+                    log.warning("release %s: vLLM start-up hung; starting it once more", rel.release_id)
+                    continue
+                self._held.pop(rel.release_id, None)
+                if failed and self._closed:  # shutdown() killed it mid-start
+                    raise ReleaseError("release manager shut down during start-up") from None
+                raise
+            finally:
+                self._starting.pop(rel.release_id, None)
         if self._closed:
             server.stop()
             raise ReleaseError("release manager shut down during start-up")

@@ -76,7 +76,15 @@ class VLLMArgs(StrictModel):
 
 
 class VLLMStartError(RuntimeError):
-    """vLLM did not become ready; the message carries the tail of its log."""
+    """vLLM did not become ready; the message carries the tail of its log.
+
+    ``hung`` marks a start-up that stopped logging without failing: seen on AVX2-only CPUs and on
+    an overloaded machine (a worker that never came up), so one more start may succeed.
+    """
+
+    def __init__(self, message: str, hung: bool = False) -> None:
+        super().__init__(message)
+        self.hung = hung
 
 
 # Lines vLLM 0.32 writes when start-up can no longer succeed: a worker or the engine core died
@@ -337,7 +345,7 @@ class VLLMServer:
                     self._fail(
                         f"vLLM start-up hung: no log output for {watch.quiet_s():.0f}s and /health "
                         f"not answering (last phase: {watch.phase}; a slow machine may need a "
-                        "larger startup_quiet_s)"
+                        "larger startup_quiet_s)", hung=True,
                     )
                 time.sleep(0.5)
             self.startup_phase = "checking one real generation"
@@ -360,12 +368,12 @@ class VLLMServer:
             watch.poll()
         return watch.reason()
 
-    def _fail(self, what: str) -> NoReturn:
+    def _fail(self, what: str, hung: bool = False) -> NoReturn:
         """Stop the server and raise with the log tail as it was when start-up failed."""
         self.startup_phase = "failed"
         tail = self.log_tail()
         self.stop()
-        raise VLLMStartError(f"{what} (model {self.model_dir}); log {self.log_path}:\n{tail}")
+        raise VLLMStartError(f"{what} (model {self.model_dir}); log {self.log_path}:\n{tail}", hung)
 
     def check_generation(self, client: httpx.Client | None = None, timeout_s: float = 120) -> str:
         """Send one short chat completion; raise if it fails. Returns the text."""

@@ -107,6 +107,9 @@ def test_manager_gives_up_on_a_hung_start_after_the_quiet_period(standin, tmp_pa
     reason = rel.history[-1].reason
     assert rel.status == "failed" and "hung" in reason and "no log output" in reason, reason
     assert took < 30, f"waited {took:.0f}s: the quiet period is 2s, the start-up timeout 600s"
+    # A hung start-up is tried once more (it was flaky on an overloaded machine), then given up.
+    log_text = (tmp_path / "releases" / "hung" / "vllm.log").read_text()
+    assert log_text.count("Resolved architecture") == 2
     # The error names the phase and carries the log tail, the stand-in's last words included.
     assert "last phase: loading weights" in reason and "Starting to load model /m" in reason
     assert not manager.warm()
@@ -126,7 +129,7 @@ def test_worker_failure_in_the_log_fails_at_once(standin, tmp_path: Path) -> Non
     assert "engine reported a failure" in first_line
     assert "RuntimeError: Unsupported CPU attention configuration: head_dim=16" in first_line
     assert "WorkerProc hit an exception" in str(err.value)  # the log tail
-    assert not server.alive()
+    assert not server.alive() and not err.value.hung  # a reported failure is not retried
 
 
 def test_slow_start_that_keeps_logging_is_not_hung(standin, tmp_path: Path) -> None:
