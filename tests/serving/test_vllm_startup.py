@@ -42,9 +42,9 @@ if mode == "worker_fails":  # vLLM 0.32's words when a worker dies during start-
     print("(Worker pid=7) ERROR 11-30 12:00:01 [multiproc_executor.py:1063] RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2", flush=True)
     time.sleep(3600)  # the engine waits for a worker that is gone
 if mode == "slow":  # longer than the quiet period in all, but never quiet for that long
-    for i in range(int(os.environ.get("STANDIN_SLOW_LINES", "8"))):
+    for i in range(int(os.environ.get("STANDIN_SLOW_LINES", "10"))):
         say(f"Loading safetensors checkpoint shards: {{10 * i}}% Completed")
-        time.sleep(0.5)
+        time.sleep(0.3)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -96,7 +96,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_manager_gives_up_on_a_hung_start_after_the_quiet_period(standin, tmp_path: Path) -> None:
-    args = VLLMArgs(startup_quiet_s=2, startup_timeout_s=600)
+    args = VLLMArgs(startup_quiet_s=1, startup_timeout_s=600)
     manager = ReleaseManager(ReleaseStore(tmp_path / "releases"), default_args=args)
     t0 = time.monotonic()
     try:
@@ -106,7 +106,7 @@ def test_manager_gives_up_on_a_hung_start_after_the_quiet_period(standin, tmp_pa
     took = time.monotonic() - t0
     reason = rel.history[-1].reason
     assert rel.status == "failed" and "hung" in reason and "no log output" in reason, reason
-    assert took < 30, f"waited {took:.0f}s: the quiet period is 2s, the start-up timeout 600s"
+    assert took < 30, f"waited {took:.0f}s: the quiet period is 1s, the start-up timeout 600s"
     # A hung start-up is tried once more (it was flaky on an overloaded machine), then given up.
     log_text = (tmp_path / "releases" / "hung" / "vllm.log").read_text()
     assert log_text.count("Resolved architecture") == 2
@@ -133,8 +133,8 @@ def test_worker_failure_in_the_log_fails_at_once(standin, tmp_path: Path) -> Non
 
 
 def test_slow_start_that_keeps_logging_is_not_hung(standin, tmp_path: Path) -> None:
-    """4 s of start-up with a 2 s quiet period: it logs all along, so it is waited for. The same
-    log file held a failed start before: only what this start wrote counts."""
+    """3 s of start-up with a 2 s quiet period: it logs all along (every 0.3 s), so it is waited
+    for. The same log file held a failed start before: only what this start wrote counts."""
     log_path = tmp_path / "v.log"
     with pytest.raises(VLLMStartError):
         VLLMServer(standin("worker_fails"), log_path=log_path).start()
@@ -178,8 +178,8 @@ def test_start_up_progress_in_the_log_and_through_the_admin_api(
     from serving.gateway_config import GatewayConfig, TenantConfig, hash_key
     from serving.logstore import LogStore
 
-    monkeypatch.setattr(vllm_server, "PROGRESS_EVERY_S", 1.0)
-    monkeypatch.setenv("STANDIN_SLOW_LINES", "10")  # 5 s of "loading weights"
+    monkeypatch.setattr(vllm_server, "PROGRESS_EVERY_S", 0.5)
+    monkeypatch.setenv("STANDIN_SLOW_LINES", "8")  # 2.4 s of "loading weights"
     gateway = GatewayConfig(
         tenants=[TenantConfig(name="t", key_sha256=hash_key("sk-t"))],
         admin_key_sha256=hash_key("sk-admin"),
@@ -194,7 +194,7 @@ def test_start_up_progress_in_the_log_and_through_the_admin_api(
             serve_in_thread(app) as url,
             AdminClient(url, "sk-admin") as admin,
         ):
-            with startup_progress(admin, seen.append, every_s=1.0):
+            with startup_progress(admin, seen.append, every_s=0.5):
                 rel = admin.stage(str(standin("slow")), release_id="slow")
             assert rel.status == "staged"
             assert next(r for r in admin.describe() if r["release_id"] == "slow")["starting"] is None
