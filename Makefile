@@ -21,7 +21,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # A fresh PREFECT_HOME (CI) migrates its database on first use; on 2 cores that outlasts the default
-# ephemeral start-up timeout (PLATFORM.md).
+# ephemeral start-up timeout (docs/PLATFORM.md).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: setup browser demo test test-fast lint lock clean

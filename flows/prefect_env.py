@@ -23,7 +23,7 @@ import httpx
 from training.config import data_dir
 
 # On a fresh PREFECT_HOME (a new machine, CI) the ephemeral server migrates its SQLite database
-# first; on two cores that outlasts Prefect's default start-up timeout (PLATFORM.md: it failed
+# first; on two cores that outlasts Prefect's default start-up timeout (docs/PLATFORM.md: it failed
 # with "Timed out while attempting to connect to ephemeral Prefect API server" and ran with 180 s).
 EPHEMERAL_STARTUP_TIMEOUT_S = "180"
 

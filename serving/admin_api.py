@@ -21,7 +21,9 @@ Errors use OpenAI's error shape: 404 unknown release, 409 a state that forbids t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import fields
 from typing import Any
 
@@ -248,3 +250,28 @@ class AdminClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def startup_progress(
+    client: AdminClient, log: Callable[[str], Any], every_s: float = 10.0
+) -> Iterator[None]:
+    """While the body runs (a blocking ``client.stage``), report every ``every_s`` seconds what
+    each starting release's vLLM is doing, through ``log`` (e.g. a Prefect run logger's info)."""
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(every_s):
+            with suppress(Exception):  # progress is best effort; the stage call reports failures
+                for rel in client.describe():
+                    if rel.get("starting"):
+                        s = rel["starting"]
+                        log(f"release {rel['release_id']}: vLLM {s['phase']}, {s['elapsed_s']:.0f}s")
+
+    thread = threading.Thread(target=report, name="startup-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(every_s + 15)

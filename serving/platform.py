@@ -1,10 +1,14 @@
 """What this machine is, and the serving/training choices that follow from it.
 
-Facts behind the choices (PLATFORM.md, re-checked where noted):
+Facts behind the choices (docs/PLATFORM.md, re-checked where noted):
 - vLLM CPU in bfloat16 on a CPU without AVX-512 BF16 produces fluent garbage: use float32 there.
 - vLLM's CPU int4 kernel (``cpu_gemm_wna16``) ships only in the AVX-512 build, and even there it
   was slower than bf16 (measured): CPUs get W8A8-int8 (oneDNN) by default, GPUs W4A16.
 - TRL defaults to bf16 training; on a CPU without native bf16 that is 10-20x slower than float32.
+
+``ALIGNLOOP_CPU_ISA=avx2`` makes an AVX-512 machine make the choices of an AVX2-only one (a user
+who wants them, or a benchmark of the AVX2 path: see benchmarks/avx2/). ``avx512`` and ``auto``
+(the default) keep what the CPU reports.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from typing import Literal
 Scheme = Literal["w4a16", "w8a8-int8", "fp8-dynamic"]
 Dtype = Literal["bfloat16", "float32", "float16"]
 
+# CPU flags an AVX2-only x86 CPU lacks (AVX-512 in all its parts, AMX, AVX-VNNI).
+_BEYOND_AVX2 = ("avx512", "amx", "avx_vnni", "avx10")
+
+
+class PlatformError(ValueError):
+    """A platform override that this machine cannot honour."""
+
 
 @dataclass(frozen=True)
 class Platform:
@@ -29,6 +40,7 @@ class Platform:
     cores: int
     ram_gib: float
     gpu_names: tuple[str, ...] = ()
+    isa_override: str | None = None  # from ALIGNLOOP_CPU_ISA, when set
 
     @property
     def has_gpu(self) -> bool:
@@ -53,7 +65,7 @@ class Platform:
             "cpu": self.cpu_model,
             "cores": self.cores,
             "ram_gib": round(self.ram_gib, 1),
-            "isa": self.isa,
+            "isa": self.isa + (" (forced by ALIGNLOOP_CPU_ISA)" if self.isa_override else ""),
             "avx512_bf16": self.avx512_bf16,
             "gpus": list(self.gpu_names),
             "serving_dtype": serving_dtype(self),
@@ -89,17 +101,53 @@ def _gpu_names() -> tuple[str, ...]:
     return tuple(line.strip() for line in out.splitlines() if line.strip())
 
 
+def apply_isa_override(flags: frozenset[str], isa: str | None) -> frozenset[str]:
+    """The CPU flags as an ``isa`` CPU would report them (``auto``/None: unchanged)."""
+    isa = (isa or "auto").strip().lower()
+    if isa == "auto":
+        return flags
+    if isa == "avx2":
+        if "avx2" not in flags:
+            raise PlatformError("ALIGNLOOP_CPU_ISA=avx2, but this CPU has no AVX2")
+        return frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2))
+    if isa == "avx512":
+        if "avx512f" not in flags:
+            raise PlatformError("ALIGNLOOP_CPU_ISA=avx512, but this CPU has no AVX-512")
+        return flags
+    raise PlatformError(f"ALIGNLOOP_CPU_ISA={isa!r}: expected one of auto, avx2, avx512")
+
+
 @lru_cache(maxsize=1)
 def detect() -> Platform:
-    """Read CPU flags, core count, RAM and NVIDIA GPUs (``ALIGNLOOP_FORCE_CPU=1`` hides GPUs)."""
+    """Read CPU flags, core count, RAM and NVIDIA GPUs.
+
+    ``ALIGNLOOP_FORCE_CPU=1`` hides GPUs; ``ALIGNLOOP_CPU_ISA=avx2`` hides what an AVX2-only CPU
+    lacks, so every choice below is the AVX2 one.
+    """
     model, flags = _read_cpuinfo()
+    isa = os.environ.get("ALIGNLOOP_CPU_ISA", "auto").strip().lower() or "auto"
+    flags = apply_isa_override(flags, isa)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return Platform(model, flags, os.cpu_count() or 1, ram, _gpu_names())
+    override = None if isa == "auto" else isa
+    return Platform(model, flags, os.cpu_count() or 1, ram, _gpu_names(), override)
 
 
 def serving_dtype(p: Platform) -> Dtype:
-    """bfloat16 on GPUs and on CPUs with native bf16; float32 elsewhere (bf16 gives garbage)."""
+    """The dtype vLLM serves in: on a CPU, what the platform probe measured fastest and correct
+    (serving/probe.py) once it has run on this machine; before that, and on GPUs, by the flags:
+    bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere (bf16 gives garbage there)."""
+    measured = _measured(p)
+    if measured is not None:
+        return measured.dtype  # type: ignore[return-value]
     return "bfloat16" if p.has_gpu or p.avx512_bf16 else "float32"
+
+
+def _measured(p: Platform):  # -> serving.probe.ProbeResult | None
+    if p.has_gpu or p.isa == "baseline":
+        return None
+    from serving.probe import cached
+
+    return cached(p)
 
 
 def training_dtype(p: Platform) -> Dtype:
@@ -116,6 +164,21 @@ def default_quant_scheme(p: Platform) -> Scheme:
     stays selectable (``scheme: w4a16``) where memory matters more than speed.
     """
     return "w4a16" if p.has_gpu else "w8a8-int8"
+
+
+def measured_quant_scheme(p: Platform) -> tuple[Scheme | None, str]:
+    """The scheme to quantize to for this machine, or None when none can win here, and why.
+
+    On a CPU this runs the platform probe (serving/probe.py; minutes the first time on a machine,
+    then read from its cache): a scheme the CPU serves slower than the unquantized model, or
+    incorrectly, is not worth quantizing to. GPUs keep :func:`default_quant_scheme`.
+    """
+    if p.has_gpu:
+        return default_quant_scheme(p), "GPU: W4A16 (Marlin/Machete kernels)"
+    from serving.probe import run_probe
+
+    result = run_probe(p)
+    return result.scheme, f"platform probe ({result.taken_at}): {result.why}"  # type: ignore[return-value]
 
 
 def servable_schemes(p: Platform) -> tuple[Scheme, ...]:

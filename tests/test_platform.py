@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from serving.platform import (
     Platform,
     default_quant_scheme,
@@ -18,7 +20,7 @@ def make(flags: set[str], gpus: tuple[str, ...] = ()) -> Platform:
 
 def test_avx2_only_cpu() -> None:
     p = make({"avx", "avx2"})
-    assert serving_dtype(p) == "float32"  # bf16 gives garbage there (PLATFORM.md)
+    assert serving_dtype(p) == "float32"  # bf16 gives garbage there (docs/PLATFORM.md)
     assert default_quant_scheme(p) == "w8a8-int8"  # no int4 kernel in the AVX2 build
     assert servable_schemes(p) == ("w8a8-int8",)
 
@@ -47,3 +49,51 @@ def test_vllm_command_per_platform() -> None:
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5"
     assert "--enforce-eager" not in cmd and "VLLM_CPU_KVCACHE_SPACE" not in env
     assert env["VLLM_DISABLED_KERNELS"] == "MacheteLinearKernel"
+
+
+def test_isa_override_makes_the_avx2_choices(monkeypatch) -> None:
+    """ALIGNLOOP_CPU_ISA=avx2 on an AVX-512 machine: the choices an AVX2-only CPU gets."""
+    from serving.platform import PlatformError, _read_cpuinfo, apply_isa_override, detect
+
+    flags = frozenset({"avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "avx_vnni"})
+    avx2 = Platform("cpu", apply_isa_override(flags, "avx2"), 2, 24.0)
+    assert not avx2.avx512 and not avx2.avx512_bf16 and "avx2" in avx2.cpu_flags
+    assert serving_dtype(avx2) == "float32" and servable_schemes(avx2) == ("w8a8-int8",)
+    assert apply_isa_override(flags, "auto") == flags == apply_isa_override(flags, "AVX512")
+    with pytest.raises(PlatformError, match="no AVX-512"):
+        apply_isa_override(frozenset({"avx2"}), "avx512")
+    with pytest.raises(PlatformError, match="expected one of auto, avx2, avx512"):
+        apply_isa_override(flags, "sse")
+
+    if "avx2" not in _read_cpuinfo()[1]:
+        pytest.skip("this CPU has no AVX2 to force")
+    monkeypatch.setenv("ALIGNLOOP_CPU_ISA", "avx2")
+    monkeypatch.setenv("ALIGNLOOP_FORCE_CPU", "1")
+    detect.cache_clear()
+    try:
+        p = detect()
+        assert p.isa == "avx2" and p.isa_override == "avx2" and serving_dtype(p) == "float32"
+        assert "forced" in str(p.summary()["isa"])
+    finally:
+        detect.cache_clear()
+
+
+@pytest.mark.integration
+def test_avx2_emulation_loads_vllms_avx2_kernels() -> None:
+    """benchmarks/avx2/python: vLLM (serving env) takes its AVX2 build, torch reports no AVX-512."""
+    import subprocess
+
+    from training.config import repo_root
+
+    code = (
+        "import torch\n"
+        "from vllm.platforms import current_platform\n"
+        "current_platform.import_kernels()\n"
+        "libs = {l.split()[-1].rsplit('/', 1)[-1] for l in open('/proc/self/maps') if 'vllm/_C' in l}\n"
+        "print(torch.cpu._is_avx512_supported(), torch.backends.cpu.get_cpu_capability(), sorted(libs))\n"
+    )
+    out = subprocess.run(
+        [str(repo_root() / "benchmarks/avx2/python"), "-c", code],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout.strip().splitlines()[-1]
+    assert out == "False AVX2 ['_C_AVX2.abi3.so']", out

@@ -54,19 +54,42 @@ def test_partial_attempt_is_not_taken_as_done(tmp_path: Path) -> None:
     assert StageDir(tmp_path / "r", "dpo", Cfg(), inputs={"data": data}).cached_result() is None
 
 
-def test_folder_fingerprint_tracks_content_and_names(tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("1")
-    first = fingerprint_path(tmp_path)
-    assert fingerprint_path(tmp_path) == first  # cached path agrees
-    (tmp_path / "a.txt").write_text("2")
-    second = fingerprint_path(tmp_path)
-    (tmp_path / "a.txt").rename(tmp_path / "b.txt")
-    assert len({first, second, fingerprint_path(tmp_path)}) == 3
+def test_folder_fingerprint_tracks_content_and_names(tmp_path: Path, data_home: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "a.txt").write_text("1")
+    first = fingerprint_path(folder)
+    assert fingerprint_path(folder) == first  # cached path agrees
+    (folder / "a.txt").write_text("2")
+    second = fingerprint_path(folder)
+    (folder / "a.txt").rename(folder / "b.txt")
+    assert len({first, second, fingerprint_path(folder)}) == 3
 
 
-def test_datasets_cache_files_do_not_change_the_fingerprint(tmp_path: Path) -> None:
+def test_fingerprint_cache_lives_in_the_data_dir_not_the_folder(tmp_path: Path, data_home: Path) -> None:
+    """A user's model folder is read, never written; the cache is keyed by path, size, mtime."""
+    folder = tmp_path / "user-model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w" * 1000)
+    before = sorted(p.name for p in folder.iterdir())
+    first = fingerprint_path(folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    caches = list((data_home / "cache" / "fingerprints").glob("*.json"))
+    assert len(caches) == 1 and json.loads(caches[0].read_text())["path"] == str(folder.resolve())
+    # A cache entry is used only while size and mtime match: a rewrite with the same size is seen.
+    (folder / "weights.bin").write_bytes(b"v" * 1000)
+    assert fingerprint_path(folder) != first
+    # An old in-folder cache file (earlier versions wrote one) is not content.
+    (folder / ".fingerprint-cache.json").write_text("{}")
+    assert fingerprint_path(folder) == fingerprint_path(folder)
+    assert fingerprint_path(folder) != first
+
+
+def test_datasets_cache_files_do_not_change_the_fingerprint(tmp_path: Path, data_home: Path) -> None:
     """`datasets` writes cache-*.arrow into a saved dataset when it is mapped; same content."""
-    (tmp_path / "data-00000-of-00001.arrow").write_bytes(b"rows")
-    before = fingerprint_path(tmp_path)
-    (tmp_path / "cache-3f2a.arrow").write_bytes(b"mapped")
-    assert fingerprint_path(tmp_path) == before
+    ds = tmp_path / "dataset"
+    ds.mkdir()
+    (ds / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    before = fingerprint_path(ds)
+    (ds / "cache-3f2a.arrow").write_bytes(b"mapped")
+    assert fingerprint_path(ds) == before

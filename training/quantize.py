@@ -85,11 +85,19 @@ def target_platform(target: Target) -> Any:
 
 
 def choose_scheme(requested: str, target: Target) -> str:
-    """The scheme to use; refuse one the target's vLLM cannot serve."""
+    """The scheme to use; refuse one the target's vLLM cannot serve.
+
+    ``auto`` on this machine's CPU follows the platform probe once it has measured here (see
+    :func:`plan_scheme`); otherwise, and for other targets, the target's default.
+    """
     from serving.platform import default_quant_scheme, servable_schemes
+    from serving.probe import cached
 
     p = target_platform(target)
     scheme = default_quant_scheme(p) if requested == "auto" else requested
+    measured = cached(p) if requested == "auto" and target == "this-machine" else None
+    if measured is not None and measured.scheme:
+        scheme = measured.scheme
     allowed = servable_schemes(p)
     if scheme not in allowed:
         raise ValueError(
@@ -97,6 +105,23 @@ def choose_scheme(requested: str, target: Target) -> str:
             f"{list(allowed)} (vLLM's CPU int4 kernel needs AVX-512; fp8 needs a GPU)"
         )
     return scheme
+
+
+def plan_scheme(requested: str, target: Target) -> tuple[str | None, str]:
+    """The scheme the loop's quantized candidate gets, or None (skip it), and why.
+
+    ``auto`` for this machine's CPU asks the platform probe, which measures what the CPU serves
+    faster (cached per machine): quantizing to a scheme the target runs slower costs minutes and
+    cannot win. An explicit scheme in the config is used as given.
+    """
+    if requested != "auto":
+        return choose_scheme(requested, target), "set in the quantize config"
+    if target != "this-machine":
+        return choose_scheme(requested, target), f"the default for target {target}"
+    from serving.platform import measured_quant_scheme
+
+    scheme, why = measured_quant_scheme(target_platform(target))
+    return (choose_scheme(scheme, target) if scheme else None), why
 
 
 def derive_group_size(in_features: list[int]) -> int:
@@ -135,6 +160,43 @@ def build_recipe(scheme: str, group_size: int | None, ignore: list[str], n_grid:
         acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
         groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)}
     return [AWQModifier(n_grid=n_grid), QuantizationModifier(config_groups=groups, ignore=ignore)]
+
+
+def quantize_round_to_nearest(model_dir: str | Path, scheme: str, out: str | Path) -> Path:
+    """A data-free (round-to-nearest) ``scheme`` copy of ``model_dir``, for timing kernels.
+
+    The platform probe needs a model in each scheme to see how fast this machine serves it; AWQ's
+    calibration would only change the weights' values, not the kernels' speed.
+    """
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tok = load_tokenizer(str(model_dir))
+    ignore = ["lm_head"]
+    if scheme == "w4a16":
+        group = derive_group_size(quantized_linear_widths(model, ignore))
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    elif scheme == "w8a8-int8":
+        weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)}
+    else:
+        raise ValueError(f"scheme: {scheme!r}: the probe times w4a16 and w8a8-int8 on CPUs")
+    with _cpu_pin_memory_workaround():
+        oneshot(model=model, recipe=[QuantizationModifier(config_groups=groups, ignore=ignore)])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, save_compressed=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def calibration_dataset(cfg: QuantizeConfig, tok: Any) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,17 +27,25 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from training.config import dump_config
+from training.config import data_dir, dump_config
 
 log = logging.getLogger(__name__)
 
-_HASH_CACHE = ".fingerprint-cache.json"
+# Where earlier versions cached per-file hashes: inside the hashed folder (a user's model folder).
+# Such files may still be there; they are not content.
+_LEGACY_HASH_CACHE = ".fingerprint-cache.json"
 
 
 def _is_derived(name: str) -> bool:
-    """Files that tools add beside the content without changing it: our hash cache, and the
-    ``cache-*.arrow`` files that ``datasets`` writes into a saved dataset when it is mapped."""
-    return name == _HASH_CACHE or (name.startswith("cache-") and name.endswith(".arrow"))
+    """Files that tools add beside the content without changing it: an old in-folder hash cache,
+    and the ``cache-*.arrow`` files that ``datasets`` writes into a saved dataset when mapped."""
+    return name == _LEGACY_HASH_CACHE or (name.startswith("cache-") and name.endswith(".arrow"))
+
+
+def _hash_cache_file(folder: Path) -> Path:
+    """The per-file hash cache of ``folder``: under the data dir, keyed by the folder's path."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+    return data_dir() / "cache" / "fingerprints" / f"{key}.json"
 
 
 def fingerprint_bytes(data: bytes) -> str:
@@ -61,18 +70,20 @@ def _file_sha256(path: Path) -> str:
 def fingerprint_path(path: str | Path) -> str:
     """Content hash of a file or a folder (relative paths + file contents, sorted).
 
-    Per-file hashes of a folder are cached beside it keyed by (size, mtime), so re-hashing an
-    unchanged multi-GB model folder costs a stat per file.
+    Per-file hashes of a folder are cached under the data dir (``cache/fingerprints/``), keyed by
+    the folder's path and each file's (size, mtime), so re-hashing an unchanged multi-GB model
+    folder costs a stat per file. Nothing is written into the folder itself: it may be a user's.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"cannot fingerprint {path}: it does not exist")
     if path.is_file():
         return _file_sha256(path)
-    cache_file = path / _HASH_CACHE
+    cache_file = _hash_cache_file(path)
     try:
-        cache: dict[str, list] = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
+        stored = json.loads(cache_file.read_text())
+        cache: dict[str, list] = stored["files"] if stored.get("path") == str(path.resolve()) else {}
+    except (OSError, ValueError, KeyError, AttributeError):
         cache = {}
     fresh: dict[str, list] = {}
     outer = hashlib.sha256()
@@ -84,11 +95,14 @@ def fingerprint_path(path: str | Path) -> str:
         digest = hit[2] if hit and hit[:2] == key else _file_sha256(f)
         fresh[rel] = [*key, digest]
         outer.update(rel.encode() + b"\0" + digest.encode() + b"\n")
-    try:
-        if fresh != cache:
-            cache_file.write_text(json.dumps(fresh))
-    except OSError:  # read-only folder: hashing still works, just not cached
-        pass
+    if fresh != cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": str(path.resolve()), "files": fresh}))
+            tmp.replace(cache_file)  # atomic: concurrent runs never read half a cache
+        except OSError:  # read-only data dir: hashing still works, just not cached
+            pass
     return outer.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""evals.serving_choice on plain dicts: the H100 table from PLATFORM.md is the fixture data."""
+"""evals.serving_choice on plain dicts: the H100 table from docs/PLATFORM.md is the fixture data."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from evals.serving_choice import (
 )
 from training.config import ConfigError
 
-# Output tok/s, 8B-class Llama, dummy weights, vLLM 0.26.0 on one H100 (PLATFORM.md).
+# Output tok/s, 8B-class Llama, dummy weights, vLLM 0.26.0 on one H100 (docs/PLATFORM.md).
 H100_TABLE = {
     1: {"bf16": 155.8, "w4a16": 243.6, "w4a16-marlin": 301.2},
     8: {"bf16": 1178, "w4a16": 1807, "w4a16-marlin": 2258},

@@ -29,6 +29,7 @@ TINY = [
     "dpo.train.max_steps=2", "dpo.train.batch_size=2", "dpo.train.max_length=128", "dpo.min_rows=2",
     "quantize.num_samples=4", "quantize.max_seq_length=64", "quantize.n_grid=3",
     "candidate_args.max_model_len=1024",
+    "quantize.scheme=w8a8-int8",  # explicit: 'auto' would run the platform probe (minutes)
 ]
 
 
@@ -123,6 +124,7 @@ def test_fail_resume_promote_keep(
     assert outcome["run_dir"] == str(run_dir)
     assert (run_dir / "sft" / "result.json").stat().st_mtime_ns == sft_mtime  # not retrained
     assert outcome["winner"] in ("aligned", "quantized")
+    assert {"sft", "quantize", "evaluate (aligned)"} <= set(outcome["seconds"])  # where time went
     winner_id = outcome["releases"][outcome["winner"]]
     assert _live(admin) == winner_id
     gate = json.loads((run_dir / "report" / "gate.json").read_text())

@@ -137,8 +137,10 @@ def _switch_during_stream(url: str, switch) -> _Stream:
 
 
 def _head_dim_16_model(tiny: Path, dest: Path) -> Path:
-    """The tiny model's weights read as 8 heads of 16: vLLM's CPU attention starts, reports
-    healthy, then fails every request (PLATFORM.md). Same tensor shapes, so only config changes."""
+    """The tiny model's weights read as 8 heads of 16, which vLLM's CPU attention rejects. How it
+    fails depends on the CPU: with AVX-512 it starts, reports healthy, then fails every request;
+    on an AVX2-only CPU a worker fails or hangs during start-up (docs/PLATFORM.md). Same tensor
+    shapes, so only config changes."""
     dest.mkdir()
     for f in tiny.iterdir():
         if f.name != "config.json":
@@ -208,13 +210,20 @@ def test_blue_green_in_process(
             asker = threading.Thread(target=keep_asking, daemon=True)
             asker.start()
             missing = admin.stage(str(tmp_path / "no-such-model"), release_id="missing")
+            # A hung start-up must end after the quiet period, not the 600 s start-up timeout.
+            hd16_args = ARGS.model_copy(update={"startup_quiet_s": 60})
             broken = admin.stage(
-                str(_head_dim_16_model(tiny_model_dir, tmp_path / "hd16")), ARGS, release_id="hd16"
+                str(_head_dim_16_model(tiny_model_dir, tmp_path / "hd16")), hd16_args,
+                release_id="hd16",
             )
             done.set()
             asker.join(130)
             assert missing.status == "failed" and "not found" in missing.history[-1].reason
-            assert broken.status == "failed" and "real generation" in broken.history[-1].reason
+            # Either failure mode is right, whichever this CPU shows (see _head_dim_16_model).
+            assert broken.status == "failed" and any(
+                why in broken.history[-1].reason
+                for why in ("real generation", "engine reported a failure", "start-up hung")
+            ), broken.history[-1].reason
             for rid in ("missing", "hd16"):
                 with pytest.raises(AdminError) as err:
                     admin.promote(rid, force=True, reason="override the gate")

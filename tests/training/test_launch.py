@@ -39,6 +39,7 @@ def test_accelerate_command_per_machine() -> None:
     assert fsdp[fsdp.index("--fsdp_offload_params") + 1] == "true"
 
 
+@pytest.mark.slow  # the tiny model needs the embedded model's tokenizer
 def test_more_processes_than_gpus_is_refused(make_sft_config, tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = make_sft_config(tiny_model_dir, tmp_path / "ds", tmp_path / "run", launch={"num_processes": 2})
     with pytest.raises(ValueError, match="launch.num_processes: 2 processes need as many GPUs"):

@@ -76,6 +76,7 @@ def _untrained_adapter(base: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # the tiny model needs the embedded model's tokenizer
 def test_merge_refuses_quantized_base(tiny_model_dir: Path, tmp_path: Path) -> None:
     adapter = _untrained_adapter(tiny_model_dir, tmp_path / "adapter")
     fake = tmp_path / "quantized-base"

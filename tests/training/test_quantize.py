@@ -43,6 +43,7 @@ def test_scheme_for_target() -> None:
         choose_scheme("fp8-dynamic", "cpu-avx512")
 
 
+@pytest.mark.slow  # the tiny model needs the embedded model's tokenizer
 def test_refuses_adapter_folders_and_quantized_models(tiny_model_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     with_adapter = tmp_path / "with-adapter"
     shutil.copytree(tiny_model_dir, with_adapter)

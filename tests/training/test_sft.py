@@ -60,12 +60,14 @@ def test_sft_skips_unchanged_inputs_and_reruns_on_change(
     assert not changed.skipped and changed.train_rows == 9
 
 
+@pytest.mark.slow  # the tiny model needs the embedded model's tokenizer
 def test_sft_refuses_too_small_dataset(tiny_model_dir: Path, tmp_path: Path, make_dataset, make_sft_config) -> None:
     ds = make_dataset(tmp_path / "ds", n=2)
     with pytest.raises(ValueError, match=r"dataset_path: split 'sft' has 2 rows; at least 4"):
         run(make_sft_config(tiny_model_dir, ds, tmp_path / "run"))
 
 
+@pytest.mark.slow  # the tiny model needs the embedded model's tokenizer
 def test_sft_clear_errors_for_missing_inputs(tiny_model_dir: Path, tmp_path: Path, make_dataset, make_sft_config) -> None:
     ds = make_dataset(tmp_path / "ds")
     with pytest.raises(FileNotFoundError, match="dataset_path"):
