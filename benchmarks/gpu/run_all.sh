@@ -12,6 +12,12 @@
 #                                          stopped): training on 2 GPUs (DDP scaling), vLLM TP=2
 #   bash benchmarks/gpu/run_all.sh 3 OUT   both GPUs: what is still missing of the above, vLLM DP=2
 #
+# On a box with ONE GPU the same steps run one after the other on GPU 0: step 1 the loop; step 2
+# (once the loop is done and its gateway stopped) the gateway's cost at GPU speed, the 8B perf
+# variants, LoRA training on 1 GPU; step 3 what is still missing. The 2-GPU runs are skipped and
+# the summary says so. Step 2 also runs the gateway benchmark (benchmarks/gateway_bench.py: direct
+# vs gateway with and without guardrails, the product gateway with worker processes).
+#
 # From the repo root with the environments set up (docs/GPU.md). STEP_S caps a step (default 570
 # s). Each step writes OUT/summary.md, OUT/results-STEP.tgz (JSON, markdown, logs) and
 # OUT/loop-runs-STEP.tgz (the loop's result files, release records and report).
@@ -37,16 +43,25 @@ PY
 trained() { "$py" -c "import json,sys; sys.exit(0 if json.load(open('$out/train/train_scaling.json')).get('$1', {}).get('tokens_per_s') else 1)" 2>/dev/null; }
 perf() { timeout "$(left)" "$py" benchmarks/gpu/perf_8b.py --models "$models" --out "$out/perf" --concurrency 1,256 "$@"; }
 
-gpu1() {  # the jobs of GPU 1 in this step, one after the other
-  export CUDA_VISIBLE_DEVICES=1
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+gateway_gpu() {  # the gateway's cost in front of the 8B model (issue: gateway at GPU speed)
+  [ -s "$out/gateway-gpu.json" ] || timeout "$(left)" "$py" benchmarks/gateway_bench.py \
+    --model "$models/bf16" --gpu --vllm-arg=--load-format --vllm-arg=dummy --concurrency 1 256 \
+    --input-len 128 --output-len 256 --prompts-per-level 2 --min-prompts 16 --workers 4 \
+    --out "$out/gateway-gpu.json" > "$out/gateway-gpu.log" 2>&1
+}
+
+gpu1() {  # the jobs of GPU 1 in this step (GPU 0 on a one-GPU box), one after the other
+  export CUDA_VISIBLE_DEVICES=$(( ngpu > 1 ? 1 : 0 ))
   if [ "$step" = 1 ]; then
     "$py" benchmarks/gpu/bandwidth.py > "$out/bw.json"
     perf --variants bf16,w4a16-marlin,fp8-dynamic
   else
+    gateway_gpu
+    trained 8b-1gpu || timeout "$(left)" "$py" benchmarks/gpu/train_scaling.py --out "$out/train" --model 8b \
+      --gpus 1 --devices "$CUDA_VISIBLE_DEVICES"
     todo=$(missing bf16 w4a16-marlin fp8-dynamic w4a16)
     [ -n "$todo" ] && perf --variants "$todo"
-    trained 8b-1gpu || timeout "$(left)" "$py" benchmarks/gpu/train_scaling.py --out "$out/train" --model 8b \
-      --gpus 1 --devices 1
   fi
 }
 
@@ -62,7 +77,26 @@ if [ "$step" = 1 ]; then
   base=$("$py" -c "from training.base_model import materialize; print(materialize().path)") || exit 1
   [ -d "$models/bf16" ] || "$py" benchmarks/gpu/make_llama8b.py "$models" "$base" > /dev/null
 fi
-if [ "$step" != 3 ]; then
+loop_finished() { [ -f "$out/loop/loop_gpu.json" ] && "$py" -c "import json,sys; sys.exit(0 if json.load(open('$out/loop/loop_gpu.json')).get('result') else 1)"; }
+stop_loop_gateway() {  # the loop's `alignloop serve` holds GPU 0's live release
+  pid=$("$py" -c "import json; print(json.load(open('$ALIGNLOOP_HOME/server.json'))['pid'])" 2>/dev/null) \
+    && kill -TERM "$pid" && while kill -0 "$pid" 2>/dev/null; do sleep 1; done
+  return 0
+}
+if [ "$ngpu" = 1 ]; then
+  log "one GPU: the steps run one after the other on GPU 0; the 2-GPU runs are skipped"
+  if ! loop_finished; then
+    (CUDA_VISIBLE_DEVICES=0 LOOP_DEADLINE=$deadline bash benchmarks/gpu/loop_gpu.sh "$out/loop" >> "$out/loop.log" 2>&1)
+    log "loop exit $?"
+  fi
+  if [ "$step" != 1 ] && loop_finished; then
+    stop_loop_gateway
+    [ "$step" = 3 ] && step=2  # step 3 on one GPU: whatever step 2 left
+    gpu1 >> "$out/gpu1.log" 2>&1
+    log "GPU 0 done (gateway cost, 8B perf, 1-GPU training)"
+  fi
+  echo "2-GPU runs (DDP scaling, TP=2, DP=2): not run, this box has one GPU" > "$out/two-gpu-skipped.txt"
+elif [ "$step" != 3 ]; then
   log "GPU 0: the loop; GPU 1: 8B perf$( [ "$step" = 2 ] && echo ' + 1-GPU training' )"
   (CUDA_VISIBLE_DEVICES=0 LOOP_DEADLINE=$deadline bash benchmarks/gpu/loop_gpu.sh "$out/loop" >> "$out/loop.log" 2>&1) &
   loop_pid=$!
@@ -71,10 +105,10 @@ if [ "$step" != 3 ]; then
   wait "$gpu1_pid"; log "GPU 1 done"
   wait "$loop_pid"; log "loop exit $?"
 fi
-loop_done=$([ -f "$out/loop/loop_gpu.json" ] && "$py" -c "import json,sys; sys.exit(0 if json.load(open('$out/loop/loop_gpu.json')).get('result') else 1)" && echo 1)
-if [ "$step" != 1 ] && [ -n "$loop_done" ]; then
-  pid=$("$py" -c "import json; print(json.load(open('$ALIGNLOOP_HOME/server.json'))['pid'])" 2>/dev/null) \
-    && kill -TERM "$pid" && while kill -0 "$pid" 2>/dev/null; do sleep 1; done  # frees GPU 0
+if [ "$ngpu" = 1 ]; then
+  :
+elif [ "$step" != 1 ] && loop_finished; then
+  stop_loop_gateway  # frees GPU 0
   log "both GPUs: 2-GPU training, TP=2$( [ "$step" = 3 ] && echo ', DP=2' )"
   both_gpus
 elif [ "$step" != 1 ]; then
