@@ -71,7 +71,8 @@ CONF
 cat > "$prefix/.venv/bin/alignloop" <<SCRIPT
 #!$prefix/.venv/bin/python
 from flows.cli import app
-app()
+if __name__ == "__main__":  # the gateway's worker processes are spawned: they import this file
+    app()
 SCRIPT
 chmod +x "$prefix/.venv/bin/alignloop"
 "$prefix/.venv/bin/python" -c "import flows.cli, trl, prefect, torch; print('pipeline env: torch', torch.__version__, 'cuda', torch.cuda.is_available())"
