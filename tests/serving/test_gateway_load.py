@@ -28,7 +28,7 @@ from fastapi import APIRouter
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the support module
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from synthetic_upstream import SyntheticUpstream  # noqa: E402
-from test_gateway_support import KEY_A, KEY_B, make_config, running_gateway  # noqa: E402
+from test_gateway_support import ADMIN, KEY_A, KEY_B, make_config, running_gateway  # noqa: E402
 
 from serving.app import serve_in_thread  # noqa: E402
 from serving.gateway_config import hash_key  # noqa: E402
@@ -68,7 +68,8 @@ def _settle(base: str, up: SyntheticUpstream, timeout_s: float = 10) -> dict:
     """Wait until nothing is in flight in the gateway or open upstream; return /healthz."""
     deadline = time.monotonic() + timeout_s
     while True:
-        health = httpx.get(base + "/healthz").json()
+        # the in-flight count is an admin-only detail of /healthz
+        health = httpx.get(base + "/healthz", headers={"Authorization": f"Bearer {ADMIN}"}).json()
         if (health["in_flight"] == 0 and not up.stats.active) or time.monotonic() > deadline:
             return health
         time.sleep(0.05)
