@@ -50,15 +50,16 @@ def test_sdk_through_gateway_to_real_vllm(tiny_vllm, tmp_path: Path) -> None:  #
         assert {ch.id for ch in chunks} == {chunks[0].id}
         assert chunks[-1].usage.completion_tokens == 8
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
-        # upstream 4xx (what only vLLM can check: the context length) passes through as
-        # OpenAI-shaped 400
+        # upstream 4xx (what only vLLM checks: min_tokens > max_tokens) passes through as an
+        # OpenAI-shaped 400, and is logged
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError):
                 c.chat.completions.create(
                     model="alignloop",
                     messages=[{"role": "user", "content": "x"}],
-                    max_tokens=2000,  # > max_model_len 1024, < the gateway's own limit
+                    max_tokens=4,
                     stream=stream,
+                    extra_body={"min_tokens": 20},
                 )
         store.flush()
         rows = {x["id"]: x for x in store.exchanges()}
