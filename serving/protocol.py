@@ -19,6 +19,7 @@ fields survive.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -713,20 +714,28 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(items)
+    if len(d) != len(items):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in items if k in seen or seen.add(k)))
+    return d
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+
+
 def _duplicate_key(body: bytes) -> str | None:
-    import json
-
-    found: list[str] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        d = dict(items)
-        if len(d) != len(items) and not found:
-            seen: set[str] = set()
-            found.append(next(k for k, _ in items if k in seen or seen.add(k)))
-        return d
-
-    json.loads(body, object_pairs_hook=pairs)  # valid JSON: orjson accepted it
-    return found[0] if found else None
+    """The first key given twice in one object of ``body`` (valid JSON: orjson accepted it)."""
+    try:
+        _PAIRS_DECODER.decode(body.decode())
+    except _DuplicateKey as e:
+        return str(e)
+    return None
 
 
 def completion_body(
