@@ -365,6 +365,7 @@ def create_app(
     extra_routers: Sequence[APIRouter] = (),
     admission: Admission | None = None,
     forward_to: str | None = None,
+    keyring: KeyRing | None = None,
 ) -> FastAPI:
     """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it.
 
@@ -398,7 +399,7 @@ def create_app(
         title="alignloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.service = service
-    app.state.keyring = KeyRing(config)
+    app.state.keyring = keyring or KeyRing(config)
     app.state.config = config
     app.add_middleware(AdminBodyLimit, limit=config.limits.max_admin_body_bytes)
     _install_error_handlers(app)

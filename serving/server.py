@@ -244,11 +244,14 @@ def run_serve(cfg: ServeConfig) -> None:
     import signal
 
     from guardrails.pii import import_presidio_for_serving
+    from serving.auth import KeyRing, check_demo_keys
 
+    gw = cfg.gateway_config()
+    keys = KeyRing(gw)
+    check_demo_keys(keys, cfg.host, cfg.insecure_demo_keys)  # before anything loads or starts
     import_presidio_for_serving()  # before any thread starts (see there)
     from serving.admin_api import build_admin_router
     from serving.app import create_app, uvicorn_config
-    from serving.auth import check_demo_keys
     from serving.logstore import LogStore, default_url
     from serving.releases import ReleaseManager, ReleaseStore
     from serving.review import build_review_router, candidates_of
@@ -258,7 +261,6 @@ def run_serve(cfg: ServeConfig) -> None:
     logging.getLogger("httpx").setLevel(
         logging.WARNING
     )  # one INFO line per proxied request otherwise
-    gw = cfg.gateway_config()
     store = LogStore(gw.log_store_url or default_url())
     manager = ReleaseManager(
         ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args, cfg.releases.gate_path(),
@@ -269,9 +271,7 @@ def run_serve(cfg: ServeConfig) -> None:
     try:
         admin = build_admin_router(manager, staging=cfg.releases.staging)
         review = build_review_router(manager.store, candidates_of(manager))  # /review
-        app = create_app(gw, manager, store, extra_routers=[admin, review])
-        keys = app.state.keyring
-        check_demo_keys(keys, cfg.host, cfg.insecure_demo_keys)  # before anything starts
+        app = create_app(gw, manager, store, extra_routers=[admin, review], keyring=keys)
         if workers == 1:
             server = _Server(uvicorn_config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
         else:

@@ -133,6 +133,7 @@ def _serve(tmp_path: Path, *args: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.integration  # starts `alignloop serve`
 def test_serve_refuses_demo_keys_on_a_public_address(tmp_path: Path) -> None:
     proc = _serve(tmp_path, "host=0.0.0.0", f"port={free_port()}")
     try:
@@ -143,6 +144,7 @@ def test_serve_refuses_demo_keys_on_a_public_address(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "published demo keys" in out and "alignloop keys new" in out
 
 
+@pytest.mark.integration  # starts `alignloop serve`
 def test_serve_on_loopback_reloads_keys_on_sighup(tmp_path: Path) -> None:
     """`alignloop serve` (no release: nothing to start) takes a key added to its keys file on
     SIGHUP; the demo keys work on loopback."""
