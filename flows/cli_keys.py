@@ -35,6 +35,7 @@ def keys_new(
     tenant: str | None = typer.Option(None, help="Make a key for this tenant (of the gateway config)."),
     admin: bool = typer.Option(False, "--admin", help="Make an admin key."),
     metrics: bool = typer.Option(False, "--metrics", help="Make a key that may read /metrics only."),
+    reviewer: str | None = typer.Option(None, help="Make a review-page key for this reviewer (of the gateway config)."),
     note: str | None = typer.Option(None, help="Who holds it, what for (kept in the keys file)."),
     config: Path | None = _CONFIG,
 ) -> None:
@@ -42,21 +43,29 @@ def keys_new(
     from serving.auth import keys_file_path, new_key_entry, read_keys_file, write_keys_file
     from serving.gateway_config import load_key_secret
 
-    if sum([tenant is not None, admin, metrics]) != 1:
-        raise typer.BadParameter("give exactly one of --tenant NAME, --admin, --metrics")
+    if sum([tenant is not None, admin, metrics, reviewer is not None]) != 1:
+        raise typer.BadParameter("give exactly one of --tenant NAME, --admin, --metrics, --reviewer NAME")
     gw = _gateway(config)
     if tenant is not None and gw.tenant(tenant) is None:
         raise typer.BadParameter(
             f"no tenant {tenant!r} in the gateway config (tenants: {[t.name for t in gw.tenants]})",
             param_hint="--tenant",
         )
-    role = "tenant" if tenant is not None else ("admin" if admin else "metrics")
+    if reviewer is not None and reviewer not in {r.name for r in gw.reviewers}:
+        raise typer.BadParameter(
+            f"no reviewer {reviewer!r} in the gateway config (reviewers: {[r.name for r in gw.reviewers]})",
+            param_hint="--reviewer",
+        )
+    role = ("tenant" if tenant is not None else "reviewer" if reviewer is not None
+            else "admin" if admin else "metrics")
     path = keys_file_path(gw)
     keys = read_keys_file(path)
-    key, entry = new_key_entry(role, tenant, load_key_secret(gw.key_secret_file, create=True), note)
+    key, entry = new_key_entry(role, tenant, load_key_secret(gw.key_secret_file, create=True), note,
+                               reviewer)
     keys.keys.append(entry)
     write_keys_file(path, keys)
-    typer.echo(f"{entry.id} ({role}{' ' + tenant if tenant else ''}) added to {path}", err=True)
+    who = tenant or reviewer
+    typer.echo(f"{entry.id} ({role}{' ' + who if who else ''}) added to {path}", err=True)
     typer.echo("the key (shown once; a running gateway accepts it within a second):", err=True)
     typer.echo(key)
 
@@ -70,7 +79,8 @@ def keys_list(config: Path | None = _CONFIG) -> None:
     path = keys_file_path(gw)
     typer.echo(f"# {path}" + ("" if path.exists() else " (none yet)"))
     for k in read_keys_file(path).keys:
-        typer.echo(f"{k.id:<28} {k.role:<8} {k.tenant or '-':<16} {k.created or '-':<26} {k.note or ''}")
+        who = k.tenant or k.reviewer or "-"
+        typer.echo(f"{k.id:<28} {k.role:<8} {who:<16} {k.created or '-':<26} {k.note or ''}")
     if gw.demo_keys:
         typer.echo("demo keys ON (demo_keys: true): the published sk-alignloop-* keys, loopback only")
 

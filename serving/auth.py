@@ -38,6 +38,8 @@ from pydantic import Field, field_validator, model_validator
 
 from serving.gateway_config import (
     DEMO_ADMIN_KEY,
+    DEMO_REVIEWER,
+    DEMO_REVIEWER_KEY,
     DEMO_TENANT,
     DEMO_TENANT_KEY,
     GatewayConfig,
@@ -50,15 +52,18 @@ from training.config import ConfigError, StrictModel, build_config, data_dir
 
 log = logging.getLogger(__name__)
 
-KeyRole = Literal["tenant", "admin", "metrics"]
+KeyRole = Literal["tenant", "admin", "metrics", "reviewer"]
 
 
 class KeyEntry(StrictModel):
     """One key in the keys file."""
 
     id: str = Field(..., pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Name of the key (logs, revoke).")
-    role: KeyRole = Field(..., description="tenant | admin | metrics (may read /metrics only).")
+    role: KeyRole = Field(
+        ..., description="tenant | admin | metrics (/metrics only) | reviewer (/review only)."
+    )
     tenant: str | None = Field(None, description="The tenant of a tenant key.")
+    reviewer: str | None = Field(None, description="The reviewer (gateway config) of a reviewer key.")
     hash: str = Field(..., description="`alignloop keys hash` of the key.")
     created: str | None = Field(None, description="When it was made (ISO 8601).")
     note: str | None = Field(None, max_length=500, description="Who holds it, what for.")
@@ -71,7 +76,9 @@ class KeyEntry(StrictModel):
     @model_validator(mode="after")
     def _tenant(self) -> KeyEntry:
         if (self.role == "tenant") != (self.tenant is not None):
-            raise ValueError("a tenant key names its tenant; admin and metrics keys do not")
+            raise ValueError("a tenant key names its tenant; other keys do not")
+        if (self.role == "reviewer") != (self.reviewer is not None):
+            raise ValueError("a reviewer key names its reviewer; other keys do not")
         return self
 
 
@@ -96,6 +103,7 @@ class Principal:
     tenant: str | None
     key_id: str
     demo: bool = False  # one of the published demo keys
+    reviewer: str | None = None  # the reviewer (gateway config ``reviewers``) of a reviewer key
 
 
 def keys_file_path(config: GatewayConfig) -> Path:
@@ -155,18 +163,28 @@ class KeyRing:
                 add(self._stored(t.key_hash, f"tenants.{t.name}"), Principal("tenant", t.name, t.name), t.name)
         if cfg.admin_key_hash:
             add(self._stored(cfg.admin_key_hash, "admin_key_hash"), Principal("admin", None, "admin"), "admin")
+        for r in cfg.reviewers:
+            if r.key_hash:
+                where = f"reviewers.{r.name}"
+                add(self._stored(r.key_hash, where), Principal("reviewer", None, r.name, reviewer=r.name), where)
         names = {t.name for t in cfg.tenants}
+        reviewers = {r.name for r in cfg.reviewers}
         for k in keys_file.keys:
             where = f"{self.path}: key {k.id}"
             if k.role == "tenant" and k.tenant not in names:
                 raise ConfigError(f"{where} names tenant {k.tenant!r}, which the gateway config does not have")
-            add(self._stored(k.hash, where), Principal(k.role, k.tenant, k.id), where)
+            if k.role == "reviewer" and k.reviewer not in reviewers:
+                raise ConfigError(f"{where} names reviewer {k.reviewer!r}, which the gateway config does not have")
+            add(self._stored(k.hash, where), Principal(k.role, k.tenant, k.id, reviewer=k.reviewer), where)
         demo = {self.digest(DEMO_TENANT_KEY): Principal("tenant", DEMO_TENANT, "demo", demo=True),
                 self.digest(DEMO_ADMIN_KEY): Principal("admin", None, "demo-admin", demo=True)}
+        if DEMO_REVIEWER in reviewers:
+            demo[self.digest(DEMO_REVIEWER_KEY)] = Principal(
+                "reviewer", None, DEMO_REVIEWER, demo=True, reviewer=DEMO_REVIEWER)
         for digest, p in demo.items():
             if digest in entries:  # someone hashed a published key into their config
                 q = entries[digest]
-                entries[digest] = Principal(q.role, q.tenant, q.key_id, demo=True)
+                entries[digest] = Principal(q.role, q.tenant, q.key_id, demo=True, reviewer=q.reviewer)
             elif cfg.demo_keys:
                 entries[digest] = p
         return {d: (d, p) for d, p in entries.items()}
@@ -263,16 +281,21 @@ def check_demo_keys(keys: KeyRing, host: str, insecure_demo_keys: bool = False) 
     )
 
 
-def new_key_entry(role: KeyRole, tenant: str | None, secret: bytes, note: str | None = None) -> tuple[str, KeyEntry]:
+def new_key_entry(
+    role: KeyRole, tenant: str | None, secret: bytes, note: str | None = None,
+    reviewer: str | None = None,
+) -> tuple[str, KeyEntry]:
     """A fresh random key and its keys-file entry (the key itself is shown once, never stored)."""
     import secrets
 
     key = "sk-al-" + secrets.token_urlsafe(32)
     digest = hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+    who = tenant or reviewer
     entry = KeyEntry(
-        id=f"{role}-{tenant + '-' if tenant else ''}{secrets.token_hex(3)}",
+        id=f"{role}-{who + '-' if who else ''}{secrets.token_hex(3)}",
         role=role,
         tenant=tenant,
+        reviewer=reviewer,
         hash=f"hmac-sha256:{secret_id(secret)}:{digest}",
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         note=note,
@@ -336,8 +359,8 @@ def require_tenant(request: Request) -> str:
     """FastAPI dependency: the tenant name of the request's API key, else 401/403."""
     p = _principal(request, "key")
     if p.role != "tenant":
-        if p.role == "metrics":
-            raise _forbidden("a metrics key may read /metrics only")
+        if p.role in ("metrics", "reviewer"):
+            raise _forbidden(f"a {p.role} key may use {'/metrics' if p.role == 'metrics' else '/review'} only")
         raise _unauthorized("invalid API key")  # the admin key is not a tenant key
     request.state.tenant = p.tenant  # for the error handler's metrics
     return p.tenant

@@ -29,6 +29,8 @@ KEY_SECRET_ENV = "ALIGNLOOP_KEY_SECRET"
 DEMO_TENANT = "demo"
 DEMO_TENANT_KEY = "sk-alignloop-demo"
 DEMO_ADMIN_KEY = "sk-alignloop-admin"
+DEMO_REVIEWER = "demo-reviewer"
+DEMO_REVIEWER_KEY = "sk-alignloop-reviewer"
 _DIGEST = re.compile(r"^hmac-sha256:[0-9a-f]{8}:[0-9a-f]{64}$")
 _PLAIN_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -278,7 +280,8 @@ class GatewayConfig(StrictModel):
     demo_keys: bool = Field(
         False,
         description="Accept the published demo keys (sk-alignloop-demo for tenant 'demo', "
-        "sk-alignloop-admin): only on loopback, or with --insecure-demo-keys.",
+        "sk-alignloop-admin, sk-alignloop-reviewer for reviewer 'demo-reviewer' if listed): only "
+        "on loopback, or with --insecure-demo-keys.",
     )
     keys_file: str | None = Field(
         None,

@@ -124,6 +124,25 @@ def test_demo_keys_only_on_loopback(tmp_path: Path) -> None:
     check_demo_keys(KeyRing(make_config()), "0.0.0.0")  # own keys: any address
 
 
+def test_reviewer_keys_follow_the_same_scheme(tmp_path: Path) -> None:
+    """The review page signs in through the same key ring: keyed hashes, the keys file, and the
+    published demo reviewer key only where the demo keys are allowed."""
+    from serving.review import reviewer_for_key
+
+    shipped = load_gateway_config(REPO / "configs" / "gateway.yaml")
+    assert reviewer_for_key(shipped, "sk-alignloop-reviewer").name == "demo-reviewer"
+    assert reviewer_for_key(shipped, DEMO_TENANT_KEY) is None  # a tenant key is not a reviewer's
+    assert "demo-reviewer" in {p.key_id for p in KeyRing(shipped).demo_principals()}
+    keys_file = tmp_path / "keys.yaml"
+    cfg = shipped.model_copy(update={"demo_keys": False, "keys_file": str(keys_file)})
+    key, entry = new_key_entry("reviewer", None, load_key_secret(), reviewer="demo-reviewer")
+    write_keys_file(keys_file, read_keys_file(keys_file).model_copy(update={"keys": [entry]}))
+    assert reviewer_for_key(cfg, "sk-alignloop-reviewer") is None  # demo keys off
+    assert reviewer_for_key(cfg, key).name == "demo-reviewer"
+    with running_gateway(tmp_path, None, cfg) as (base, _, _):
+        assert _status(base, key) == 403  # a reviewer key is for /review only
+
+
 def _serve(tmp_path: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "ALIGNLOOP_HOME": str(tmp_path / "home")}
     return subprocess.Popen(
