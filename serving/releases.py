@@ -434,8 +434,10 @@ class StagingPolicy(StrictModel):
         description="`vllm serve` flags a request may add in extra_args (e.g. --enable-prefix-caching).",
     )
     allowed_env: list[str] = Field(
-        default_factory=list,
-        description="Environment variables a request may set (e.g. VLLM_DISABLED_KERNELS).",
+        # Which of vLLM's own kernels not to use: how the loop stages a W4A16 candidate per
+        # kernel (Marlin vs the default) on GPUs. It chooses among vLLM's built-in kernels only.
+        default_factory=lambda: ["VLLM_DISABLED_KERNELS"],
+        description="Environment variables a request may set.",
     )
 
     @field_validator("allowed_args")

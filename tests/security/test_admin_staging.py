@@ -63,6 +63,7 @@ def test_policy(roots: Path, tmp_path: Path) -> None:
                 policy.check(model_dir, args, DEFAULTS)
             assert err.value.field == field, (model_dir, args)
     # What the server's config allows, it allows; code-loading flags and variables never.
+    policy.check(str(roots), VLLMArgs(env={"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"}), DEFAULTS)
     wider = StagingPolicy(allowed_flags=["--enable-prefix-caching"], allowed_env=["VLLM_DISABLED_KERNELS"])
     wider.check(str(roots), VLLMArgs(extra_args=["--enable-prefix-caching"],
                                      env={"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"}), DEFAULTS)
