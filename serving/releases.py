@@ -388,6 +388,7 @@ DEFAULT_ALLOWED_ARGS = (
     "enforce_eager",
     "max_num_seqs",
     "tensor_parallel_size",
+    "data_parallel_size",
     "startup_timeout_s",
     "startup_quiet_s",
     "tool_call_parser",
