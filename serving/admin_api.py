@@ -136,7 +136,8 @@ def build_admin_router(
     @router.post("")
     def stage(body: StageRequest) -> Any:
         def checked() -> Release:
-            model_dir = policy.check(body.model_dir, body.args, manager.default_args)
+            known = [r.model_dir for r in manager.list()]  # e.g. live's folder: a baseline copy
+            model_dir = policy.check(body.model_dir, body.args, manager.default_args, known)
             return manager.stage(model_dir, body.args, body.source, body.release_id)
 
         return guarded(checked)

@@ -37,7 +37,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -473,15 +473,22 @@ class StagingPolicy(StrictModel):
     def roots(self) -> list[Path]:
         return [(Path(r) if Path(r).is_absolute() else data_dir() / r).resolve() for r in self.model_roots]
 
-    def check(self, model_dir: str, args: VLLMArgs | None, defaults: VLLMArgs) -> str:
-        """The model folder to stage (resolved); raise :class:`StagingError` naming what is not allowed."""
+    def check(
+        self, model_dir: str, args: VLLMArgs | None, defaults: VLLMArgs, known: Iterable[str] = ()
+    ) -> str:
+        """The model folder to stage (resolved); raise :class:`StagingError` naming what is not allowed.
+
+        ``known`` are model folders of releases this server already has (its initial model, what
+        was staged before): staging one of them again (a baseline copy of live) adds nothing new.
+        """
         path = Path(model_dir).expanduser()
         if not path.is_absolute() and not path.exists() and model_dir.count("/") == 1:
             if not self.allow_hub_ids:
                 raise StagingError("model_dir", "hub ids are not allowed (releases.staging.allow_hub_ids)")
         else:
             real = path.resolve()
-            if not any(real.is_relative_to(r) for r in self.roots()):
+            already = {Path(k).resolve() for k in known}
+            if real not in already and not any(real.is_relative_to(r) for r in self.roots()):
                 raise StagingError(
                     "model_dir",
                     f"{real} is not inside the folders this server stages from "

@@ -72,6 +72,8 @@ def test_policy(roots: Path, tmp_path: Path) -> None:
                 {"allowed_args": ["no_such_field"]}):
         with pytest.raises(ConfigError):
             build_config(StagingPolicy, bad)
+    # A folder a release of this server already has (live's, for a baseline copy) may be staged again.
+    assert policy.check(str(outside), None, DEFAULTS, known=[str(outside)]) == str(outside.resolve())
     # The server's own default_args may carry anything: equal to them is never refused.
     own = VLLMArgs(env={"VLLM_CPU_OMP_THREADS_BIND": "all"}, extra_args=["--seed", "1"])
     policy.check(str(roots), own, own)
