@@ -340,8 +340,17 @@ def _unauthorized(msg: str) -> GatewayError:
     )
 
 
+def _keyring(request: Request) -> KeyRing:
+    # A gateway worker (serving.dataplane) first looks whether the control plane re-read the keys
+    # (one shared-memory integer): a SIGHUP or /admin/keys/reload reaches it at once.
+    sync = getattr(request.app.state, "keys_sync", None)
+    if sync is not None:
+        sync()
+    return request.app.state.keyring
+
+
 def _principal(request: Request, what: str) -> Principal:
-    keys: KeyRing = request.app.state.keyring
+    keys = _keyring(request)
     key = bearer_key(request)
     if key is None:
         raise _unauthorized(f"missing API key: send 'Authorization: Bearer <{what}>'")
@@ -385,7 +394,7 @@ def require_metrics(request: Request) -> None:
 
 def is_admin_request(request: Request) -> bool:
     """Whether the request carries the admin key (no error either way)."""
-    p = request.app.state.keyring.authenticate(bearer_key(request))
+    p = _keyring(request).authenticate(bearer_key(request))
     return p is not None and p.role == "admin"
 
 

@@ -278,6 +278,7 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
         forward_to=spec.control_uds,
     )
     holder["app"] = app
+    app.state.keys_sync = provider.current  # before each authentication: see serving.auth
     provider.current()
     server = uvicorn.Server(uvicorn_config(app, log_level=spec.log_level, timeout_graceful_shutdown=10))
     try:

@@ -164,12 +164,14 @@ def test_serve_refuses_demo_keys_on_a_public_address(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration  # starts `alignloop serve`
-def test_serve_on_loopback_reloads_keys_on_sighup(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_loopback_reloads_keys_on_sighup(tmp_path: Path, workers: int) -> None:
     """`alignloop serve` (no release: nothing to start) takes a key added to its keys file on
-    SIGHUP; the demo keys work on loopback."""
+    SIGHUP and drops a revoked one on POST /admin/keys/reload, in every gateway worker; the demo
+    keys work on loopback."""
     port = free_port()
     keys_file = tmp_path / "keys.yaml"
-    proc = _serve_with_keys_file(tmp_path, port, keys_file)
+    proc = _serve_with_keys_file(tmp_path, port, keys_file, f"workers={workers}")
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -187,14 +189,52 @@ def test_serve_on_loopback_reloads_keys_on_sighup(tmp_path: Path) -> None:
         write_keys_file(keys_file, read_keys_file(keys_file).model_copy(update={"keys": [entry]}))
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.3)  # well inside the once-a-second file check: this is SIGHUP's doing
-        assert _status(base, key) == 200
+        # each call a new connection: with two workers, the kernel spreads them over both
+        assert [_status(base, key) for _ in range(20)] == [200] * 20
+        write_keys_file(keys_file, read_keys_file(keys_file).model_copy(update={"keys": []}))
+        r = httpx.post(base + "/admin/keys/reload", headers={"Authorization": f"Bearer {DEMO_ADMIN_KEY}"})
+        assert r.status_code == 200 and r.json()["keys"].get("tenant") == 1  # the demo key only
+        assert [_status(base, key) for _ in range(20)] == [401] * 20
     finally:
         proc.terminate()
         proc.wait(60)
 
 
-def _serve_with_keys_file(tmp_path: Path, port: int, keys_file: Path) -> subprocess.Popen:
+def test_a_reload_in_the_control_plane_reaches_the_workers(tmp_path: Path) -> None:
+    """The control plane's key reload (SIGHUP, /admin/keys/reload) bumps a counter in the state
+    the workers share; a worker's next authentication sees it and rebuilds its key ring. Here a
+    worker's view of that state in this process; the test above runs real worker processes."""
+    import shutil
+
+    from serving.dataplane import ControlPlane, SharedUpstream
+    from serving.service import StaticUpstream, Upstream
+
+    class Manager(StaticUpstream):
+        def on_switch(self, fn) -> None:  # noqa: ANN001
+            pass
+
+    cfg = make_config()
+    plane = ControlPlane(cfg, Manager(Upstream("http://127.0.0.1:9/v1", "r1", "m")), None,
+                         "127.0.0.1", free_port(), 2, str(tmp_path / "cp.sock"))
+    rebuilt: list[GatewayConfig] = []
+    worker = SharedUpstream(plane.state, rebuilt.append)  # a worker's reader of the shared state
+    try:
+        worker.current()
+        worker.current()
+        assert len(rebuilt) == 1  # the first read only
+        keys = KeyRing(cfg)
+        keys.on_reload(plane.keys_changed)  # as `alignloop serve` wires it
+        keys.reload()
+        assert worker.current().release_id == "r1" and len(rebuilt) == 2
+    finally:
+        plane.sock.close()
+        plane.state.close()
+        plane.log_queue.close()
+        shutil.rmtree(plane.metrics_dir, ignore_errors=True)
+
+
+def _serve_with_keys_file(tmp_path: Path, port: int, keys_file: Path, *args: str) -> subprocess.Popen:
     cfg = yaml.safe_load((REPO / "configs" / "gateway.yaml").read_text())
     cfg["keys_file"] = str(keys_file)
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(cfg))
-    return _serve(tmp_path, f"port={port}", f"gateway_file={tmp_path / 'gateway.yaml'}")
+    return _serve(tmp_path, f"port={port}", f"gateway_file={tmp_path / 'gateway.yaml'}", *args)

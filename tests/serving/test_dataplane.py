@@ -164,7 +164,7 @@ def test_workers_share_limits_switch_together_and_log_through_one_writer(tmp_pat
                           json={"request_id": rid, "rating": {"score": 2}}).status_code == 404
 
         # /metrics sums every worker, and carries the writer's series.
-        metrics = httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
         assert 'gateway_requests_total{status="429",tenant="a"} 8.0' in metrics
         assert 'gateway_requests_total{status="200",tenant="b"} 321.0' in metrics
         assert "gateway_log_rows_dropped_total 0.0" in metrics
