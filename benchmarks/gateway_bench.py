@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BENCH_KEY = "sk-bench-tenant"
+BENCH_SECRET = "alignloop-benchmark-key-secret-loopback-only"  # the gateway's key secret (>= 32 chars)
 MODES = ("direct", "guardrails", "noguard")
 
 
@@ -88,7 +89,9 @@ def gateway_serve_config(mode: str, upstream: str, served: str, port: int, worke
     from serving.gateway_config import hash_key
 
     gw = yaml.safe_load((REPO / "configs" / "gateway.yaml").read_text())
-    gw["tenants"] = [{"name": "bench", "key_sha256": hash_key(BENCH_KEY), "max_in_flight": 4096}]
+    gw["tenants"] = [{"name": "bench", "key_sha256": hash_key(BENCH_KEY, BENCH_SECRET.encode()),
+                      "max_in_flight": 4096}]
+    gw["demo_keys"] = False  # its own tenant and key, not the published demo ones
     gw["limits"]["max_in_flight"] = 4096
     gw["upstream"]["max_connections"] = 4096
     gw["log_store_url"] = f"sqlite:///{db}"
@@ -117,7 +120,7 @@ def running_gateway(mode: str, upstream: str, served: str, workers: str, work: P
     cfg_file.write_text(yaml.safe_dump(gateway_serve_config(mode, upstream, served, port, workers, db)))
     home = work / f"home-{mode}"
     home.mkdir(exist_ok=True)
-    env = {**os.environ, "ALIGNLOOP_HOME": str(home), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "ALIGNLOOP_HOME": str(home), "ALIGNLOOP_KEY_SECRET": BENCH_SECRET, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     logf = (work / f"gateway-{mode}.log").open("w")
     proc = subprocess.Popen([sys.executable, __file__, "--serve-config", str(cfg_file)],
                             env=env, stdout=logf, stderr=subprocess.STDOUT)

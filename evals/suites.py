@@ -143,7 +143,10 @@ def candidate_gateway(
 
     cfg = load_gateway_config(gateway_config or repo_root() / "configs" / "gateway.yaml")
     key = "sk-evals-" + secrets.token_hex(12)
-    cfg.tenants = [TenantConfig(name="evals", key_sha256=hash_key(key), max_in_flight=256)]
+    cfg = cfg.model_copy(update={  # one private tenant; the demo keys have no business here
+        "tenants": [TenantConfig(name="evals", key_hash=hash_key(key), max_in_flight=256)],
+        "demo_keys": False,
+    })
     upstream = StaticUpstream(Upstream(base_url=vllm_base_url, release_id=release_id, served_model=served_model))
     with serve_in_thread(create_app(cfg, upstream, LogStore(store_url))) as base:
         yield Endpoint(base + "/v1", key, cfg.public_models[0])

@@ -249,6 +249,9 @@ def serve(
         None, help="Serve config YAML (default: <repo>/configs/serve.yaml)."
     ),  # noqa: B008
     overrides: list[str] = typer.Argument(None, help="Config overrides as key=value (port=8001)."),  # noqa: B008
+    insecure_demo_keys: bool = typer.Option(
+        False, help="Serve the published demo keys on a non-loopback address anyway."
+    ),  # noqa: B008
 ) -> None:
     """Run the gateway with the live release (vLLM), admin API included, until Ctrl-C."""
     from serving.server import ServeConfig, run_serve, running_server
@@ -267,7 +270,13 @@ def serve(
             err=True,
         )
         raise typer.Exit(1)
-    run_serve(cfg)
+    if insecure_demo_keys:
+        cfg.insecure_demo_keys = True
+    try:
+        run_serve(cfg)
+    except ConfigError as exc:  # e.g. demo keys on a public address, a bad keys file
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:

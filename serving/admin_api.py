@@ -16,7 +16,10 @@ blocks for the candidate's whole start-up (tens of seconds on CPU) without stall
 | POST | /admin/releases/{id}/approve | ApproveRequest | release (approval recorded, by "admin") |
 
 Errors use OpenAI's error shape: 404 unknown release, 409 a state that forbids the operation
-(e.g. promoting a failed release, nothing to roll back to), 422 bad body.
+(e.g. promoting a failed release, nothing to roll back to), 403 a stage request outside the
+server's staging policy (a model folder outside its roots, a vLLM argument it does not let the
+admin API set: :class:`~serving.releases.StagingPolicy`), 413 a body over
+``limits.max_admin_body_bytes``, 400/422 a bad body.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from serving.releases import Release, ReleaseError, ReleaseManager, ReleaseNotFound
+from serving.releases import (
+    Release,
+    ReleaseError,
+    ReleaseManager,
+    ReleaseNotFound,
+    StagingError,
+    StagingPolicy,
+)
 from serving.vllm_server import VLLMArgs
 from training.config import StrictModel
 
@@ -71,17 +81,12 @@ class EvalRequest(StrictModel):
     report: dict[str, Any] = Field(..., description="The eval report (metrics JSON) to attach.")
 
 
-def _error(status: int, message: str, code: str) -> JSONResponse:
+def _error(
+    status: int, message: str, code: str, type_: str = "invalid_request_error", param: str | None = None
+) -> JSONResponse:
     return JSONResponse(
         status_code=status,
-        content={
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": code,
-            }
-        },
+        content={"error": {"message": message, "type": type_, "param": param, "code": code}},
     )
 
 
@@ -90,9 +95,16 @@ def _one(manager: ReleaseManager, release_id: str) -> dict[str, Any]:
 
 
 def build_admin_router(
-    manager: ReleaseManager, dependencies: Sequence[Callable[..., Any]] | None = None
+    manager: ReleaseManager,
+    dependencies: Sequence[Callable[..., Any]] | None = None,
+    staging: StagingPolicy | None = None,
 ) -> APIRouter:
-    """The admin routes over ``manager``; ``dependencies`` default to ``serving.auth.require_admin``."""
+    """The admin routes over ``manager``; ``dependencies`` default to ``serving.auth.require_admin``.
+
+    ``staging`` is what stage requests may ask for (default: models under the data dir's runs,
+    models and releases folders, vLLM arguments as :class:`StagingPolicy` allows by default).
+    """
+    policy = staging or StagingPolicy()
     if dependencies is None:
         from serving.auth import require_admin
 
@@ -104,6 +116,8 @@ def build_admin_router(
     def guarded(fn: Callable[[], Release]) -> Any:
         try:
             rel = fn()
+        except StagingError as exc:
+            return _error(403, str(exc), "staging_not_allowed", "permission_error", exc.field)
         except ReleaseNotFound as exc:
             return _error(404, str(exc), "release_not_found")
         except ReleaseError as exc:
@@ -121,9 +135,12 @@ def build_admin_router(
 
     @router.post("")
     def stage(body: StageRequest) -> Any:
-        return guarded(
-            lambda: manager.stage(body.model_dir, body.args, body.source, body.release_id)
-        )
+        def checked() -> Release:
+            known = [r.model_dir for r in manager.list()]  # e.g. live's folder: a baseline copy
+            model_dir = policy.check(body.model_dir, body.args, manager.default_args, known)
+            return manager.stage(model_dir, body.args, body.source, body.release_id)
+
+        return guarded(checked)
 
     # Declared before "/{release_id}" routes so "rollback" is never read as an id.
     @router.post("/rollback")

@@ -5,6 +5,11 @@
 
 Every error is answered in OpenAI's shape (``{"error": {...}}``) with a 4xx for anything the
 client got wrong (bad JSON, bad fields, oversize bodies, unknown routes) and never a bare 500.
+
+What is public: ``GET /healthz`` answers ``{"status": "ok"}`` (200) or ``"unavailable"`` (503) to
+anyone and its details (live release, in-flight count) to the admin key only. ``/metrics`` needs
+the admin key or a metrics key (``public_metrics: true`` opens it). Everything under ``/v1`` needs
+a tenant key and everything under ``/admin`` the admin key; there is no OpenAPI page.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,37 +33,77 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serving.auth import KeyRing, require_tenant
+from serving.auth import KeyRing, is_admin_request, keys_router, require_metrics, require_tenant
 from serving.gateway_config import GatewayConfig
 from serving.logstore import LogStore
-from serving.protocol import FeedbackRequest, GatewayError
+from serving.protocol import (
+    FeedbackRequest,
+    GatewayError,
+    param_path,
+    parse_json_object,
+    validation_error,
+)
 from serving.service import Admission, GatewayService, UpstreamProvider
 
 log = logging.getLogger(__name__)
 
 
-async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
-    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes, or 408 when
-    it has not all arrived within ``timeout_s`` (a slow-loris client holds nothing longer)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+DRAIN_FACTOR = 8
+"""An oversize body up to this many times the limit is read (and dropped) before the 413, so the
+client, still sending, gets to read the answer instead of a reset connection; beyond it, the
+connection is closed."""
+
+
+def too_large(size: int | None, limit: int, setting: str) -> GatewayError:
+    got = f"is {size} bytes" if size is not None else "is larger than that"
+    return GatewayError(
+        413,
+        f"request body {got}; this gateway accepts at most {limit} bytes ({setting} in the "
+        "gateway config): send less text, or fewer messages",
+        code="request_too_large",
+    )
+
+
+def check_content_type(request: Request) -> None:
+    """A body that says it is not JSON is a 415 (a missing Content-Type is read as JSON)."""
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return
+    media = ctype.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
         raise GatewayError(
-            413, f"request body is larger than {limit} bytes", code="request_too_large"
+            415,
+            f"Content-Type {media or ctype!r} is not supported: send the body as JSON with "
+            "'Content-Type: application/json'",
+            code="unsupported_media_type",
         )
-    chunks, size = [], 0
+
+
+async def read_body(
+    request: Request, limit: int, timeout_s: float = 30.0, setting: str = "limits.max_body_bytes"
+) -> bytes:
+    """The request body, or a readable 413 once it is known to exceed ``limit`` bytes, or 408
+    when it has not all arrived within ``timeout_s`` (a slow-loris client holds nothing longer)."""
+    declared = request.headers.get("content-length")
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit * DRAIN_FACTOR:
+        raise too_large(size, limit, setting)
+    chunks, got = [], 0
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise GatewayError(
-                        413, f"request body is larger than {limit} bytes", code="request_too_large"
-                    )
+                got += len(chunk)
+                if got > limit:
+                    if (size or got) > limit * DRAIN_FACTOR:
+                        break
+                    continue  # drain: the 413 goes out once the client has finished sending
                 chunks.append(chunk)
     except TimeoutError:
         raise GatewayError(
             408, f"request body not received within {timeout_s:g} s", code="request_timeout"
         ) from None
+    if got > limit or (size is not None and size > limit):
+        raise too_large(size or got, limit, setting)
     return b"".join(chunks)
 
 
@@ -148,8 +192,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"] if p != "body")
-        return _response(GatewayError(400, f"{loc}: {err['msg']}", param=loc or None, code="invalid_value"))
+        loc = param_path([p for p in err["loc"] if p != "body"])
+        return _response(GatewayError(400, f"Invalid '{loc}': {err['msg']}" if loc else err["msg"],
+                                      param=loc or None, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -169,6 +214,11 @@ async def tenant_of(request: Request) -> str:
     return require_tenant(request)
 
 
+async def metrics_reader(request: Request) -> None:
+    """``require_metrics`` as an async dependency (no thread hop)."""
+    require_metrics(request)
+
+
 def _routes(service: GatewayService, with_feedback: bool = True) -> APIRouter:
     router = APIRouter()
     limit = service.config.limits.max_body_bytes
@@ -179,6 +229,7 @@ def _routes(service: GatewayService, with_feedback: bool = True) -> APIRouter:
         # From the request's first byte (our protocol stamps it), so parsing, routing and
         # authentication count as the gateway's own time too.
         t0 = (request.scope.get("extensions") or {}).get("alignloop.t0") or time.perf_counter()
+        check_content_type(request)
         return await service.chat(await read_body(request, limit, body_s), tenant, t0)
 
     @router.get("/v1/models")
@@ -186,17 +237,12 @@ def _routes(service: GatewayService, with_feedback: bool = True) -> APIRouter:
         return service.models().model_dump()
 
     async def feedback(request: Request, tenant: str = Depends(tenant_of)) -> dict:
+        check_content_type(request)
         body = await read_body(request, limit, body_s)
         try:
-            req = FeedbackRequest.model_validate(orjson.loads(body))
-        except orjson.JSONDecodeError as e:
-            raise GatewayError(400, f"request body is not valid JSON: {e}") from None
+            req = FeedbackRequest.model_validate(parse_json_object(body))
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise GatewayError(
-                400, f"{loc or 'body'}: {err['msg']}", param=loc or None, code="invalid_value"
-            ) from None
+            raise validation_error(e) from None
         # The store is synchronous (one lookup and one insert): keep it off the event loop.
         return (await run_in_threadpool(service.feedback, req, tenant)).model_dump()
 
@@ -204,8 +250,10 @@ def _routes(service: GatewayService, with_feedback: bool = True) -> APIRouter:
         router.post("/v1/feedback")(feedback)
 
     @router.get("/healthz")
-    async def healthz() -> JSONResponse:
+    async def healthz(request: Request) -> JSONResponse:
         status, state = await service.health()
+        if not is_admin_request(request):  # the live release's name is not for everyone
+            state = {"status": state["status"]}
         return JSONResponse(state, status_code=status)
 
     return router
@@ -214,7 +262,7 @@ def _routes(service: GatewayService, with_feedback: bool = True) -> APIRouter:
 def _metrics_route(service: GatewayService, forward_to: str | None) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/metrics")
+    @router.get("/metrics", dependencies=[Depends(metrics_reader)])
     async def metrics(request: Request) -> Response:
         if forward_to is None:
             return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -227,7 +275,10 @@ def _metrics_route(service: GatewayService, forward_to: str | None) -> APIRouter
         MultiProcessCollector(registry)
         text = generate_latest(registry).decode()
         try:
-            async with request.app.state.forward_session.get("http://control/metrics") as r:
+            auth = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "api-key")}
+            async with request.app.state.forward_session.get(
+                "http://control/metrics", headers=auth
+            ) as r:
                 control = await r.text()
             text += "".join(
                 line + "\n" for line in control.splitlines()
@@ -314,6 +365,7 @@ def create_app(
     extra_routers: Sequence[APIRouter] = (),
     admission: Admission | None = None,
     forward_to: str | None = None,
+    keyring: KeyRing | None = None,
 ) -> FastAPI:
     """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it.
 
@@ -343,21 +395,66 @@ def create_app(
                 await app.state.forward_session.close()
             await service.aclose()
 
-    app = FastAPI(title="alignloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="alignloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.service = service
-    app.state.keyring = KeyRing(config)
+    app.state.keyring = keyring or KeyRing(config)
     app.state.config = config
+    app.add_middleware(AdminBodyLimit, limit=config.limits.max_admin_body_bytes)
     _install_error_handlers(app)
     app.include_router(_routes(service, with_feedback=forward_to is None))
     app.include_router(_metrics_route(service, forward_to))
     if forward_to is not None:
         app.include_router(
-            _forward_router(config.limits.max_body_bytes, config.limits.body_timeout_s)
+            _forward_router(
+                max(config.limits.max_body_bytes, config.limits.max_admin_body_bytes),
+                config.limits.body_timeout_s,
+            )
         )
         return app
+    app.include_router(keys_router())
     for r in extra_routers:
         app.include_router(r)
     return app
+
+
+class AdminBodyLimit:
+    """ASGI middleware: an ``/admin`` request body over ``limit`` bytes is a 413 before any route
+    parses it (the admin routes let FastAPI read their bodies)."""
+
+    def __init__(self, app, limit: int) -> None:  # noqa: ANN001 - an ASGI app
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http" or not scope["path"].startswith("/admin"):
+            await self.app(scope, receive, send)
+            return
+        chunks, got, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            got += len(msg.get("body", b""))
+            more = msg.get("more_body", False)
+            if got > self.limit * DRAIN_FACTOR:
+                break
+            if got <= self.limit:
+                chunks.append(msg.get("body", b""))
+        if got > self.limit:
+            e = too_large(got if not more else None, self.limit, "limits.max_admin_body_bytes")
+            await _response(e)(scope, receive, send)
+            return
+        body, sent = b"".join(chunks), False
+
+        async def replay():  # noqa: ANN202
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def store_from_config(config: GatewayConfig) -> LogStore:

@@ -113,10 +113,13 @@ class SharedState:
                 self.shm.unlink()
 
 
-def state_blob(config: GatewayConfig, upstream: Upstream | None) -> dict[str, Any]:
+def state_blob(config: GatewayConfig, upstream: Upstream | None, keys_epoch: int = 0) -> dict[str, Any]:
     return {
         "upstream": None if upstream is None else upstream.__dict__,
         "config": config.model_dump(mode="json"),
+        # bumped when the control plane re-read the keys file (SIGHUP, /admin/keys/reload): the
+        # workers then rebuild their key rings too
+        "keys_epoch": keys_epoch,
     }
 
 
@@ -130,14 +133,16 @@ class SharedUpstream:
         self._version = -1
         self._upstream: Upstream | None = None
         self._config: dict | None = None
+        self._keys_epoch: int | None = None
 
     def current(self) -> Upstream | None:
         if self.state.version() != self._version:
             version, blob = self.state.read()
             up = blob.get("upstream")
             self._upstream = None if up is None else Upstream(**up)
-            if blob.get("config") != self._config and self.on_config is not None:
-                self._config = blob.get("config")
+            changed = (blob.get("config"), blob.get("keys_epoch")) != (self._config, self._keys_epoch)
+            if changed and self.on_config is not None:
+                self._config, self._keys_epoch = blob.get("config"), blob.get("keys_epoch")
                 self.on_config(GatewayConfig.model_validate(self._config))
             self._version = version
         return self._upstream
@@ -273,6 +278,7 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
         forward_to=spec.control_uds,
     )
     holder["app"] = app
+    app.state.keys_sync = provider.current  # before each authentication: see serving.auth
     provider.current()
     server = uvicorn.Server(uvicorn_config(app, log_level=spec.log_level, timeout_graceful_shutdown=10))
     try:
@@ -302,6 +308,7 @@ class ControlPlane:
         self.sock.listen(2048)
         self.sock.set_inheritable(True)
         self.procs: dict[int, Any] = {}
+        self.keys_epoch = 0
         self._stopping = threading.Event()
         self.publish(manager.current())
         manager.on_switch(self.publish)
@@ -310,7 +317,12 @@ class ControlPlane:
 
     def publish(self, upstream: Upstream | None) -> None:
         if not self._stopping.is_set():
-            self.state.publish(state_blob(self.config, upstream))
+            self.state.publish(state_blob(self.config, upstream, self.keys_epoch))
+
+    def keys_changed(self) -> None:
+        """The control plane re-read the keys file: every worker re-reads it at its next request."""
+        self.keys_epoch += 1
+        self.publish(self.manager.current())
 
     def _spawn(self, index: int) -> None:
         spec = WorkerSpec(

@@ -61,6 +61,9 @@ requests_table = Table(
     Column("messages", JSON, nullable=False),  # after input guardrails (redacted)
     Column("params", JSON, nullable=False),  # sampling parameters sent upstream
     Column("response", Text, nullable=True),  # after output guardrails
+    # Every choice ({index, content, finish_reason, tool_calls?}) when n > 1 or tools were called;
+    # `response` is the first choice's text either way.
+    Column("choices", JSON, nullable=True),
     Column("finish_reason", String(32), nullable=True),
     Column("usage", JSON, nullable=True),  # {"prompt_tokens", "completion_tokens", "total_tokens"}
     Column("ttft_ms", Float, nullable=True),
@@ -105,6 +108,7 @@ class ExchangeRecord:
     messages: list[dict[str, Any]]
     params: dict[str, Any] = field(default_factory=dict)
     response: str | None = None
+    choices: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     ttft_ms: float | None = None
@@ -166,7 +170,7 @@ class LogStore:
         _add_missing_columns(self.engine)
         self.batch_size = batch_size
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._pending: dict[str, str] = {}  # id -> tenant of rows queued, not yet committed
+        self._pending: dict[str, dict[str, Any]] = {}  # id -> row queued, not yet committed
         self._writer = threading.Thread(target=self._write_loop, name="logstore-writer", daemon=True)
         self._writer.start()
         self._closed = False
@@ -189,7 +193,7 @@ class LogStore:
         """Queue one exchange row (``ExchangeRecord.row()``; worker processes send these)."""
         if self._closed:
             raise RuntimeError("log store is closed")
-        self._pending[row["id"]] = row["tenant"]
+        self._pending[row["id"]] = row
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -283,18 +287,27 @@ class LogStore:
         """Whether ``tenant`` has an exchange with this id, queued or written. Never waits for
         the writer's backlog (the feedback API calls this on its request path); ``wait_s`` waits
         up to that long for this one row to arrive (from a worker process)."""
-        q = select(requests_table.c.id).where(
+        return self.exchange_params(request_id, tenant, wait_s) is not None
+
+    def exchange_params(
+        self, request_id: str, tenant: str, wait_s: float = 0.0
+    ) -> dict[str, Any] | None:
+        """The request parameters (``user`` among them) of ``tenant``'s exchange with this id,
+        queued or written, or None if there is none; waits as :meth:`has_exchange` does."""
+        q = select(requests_table.c.params).where(
             requests_table.c.id == request_id, requests_table.c.tenant == tenant
         )
         deadline = time.monotonic() + wait_s
         while True:
-            if self._pending.get(request_id) == tenant:
-                return True
+            row = self._pending.get(request_id)
+            if row is not None and row["tenant"] == tenant:
+                return row.get("params") or {}
             with self.engine.connect() as conn:
-                if conn.execute(q).first() is not None:
-                    return True
+                found = conn.execute(q).first()
+            if found is not None:
+                return found[0] or {}
             if time.monotonic() >= deadline:
-                return False
+                return None
             time.sleep(0.02)
 
     def get_exchange(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:

@@ -40,7 +40,8 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from serving.gateway_config import GatewayConfig, ReviewerConfig, hash_key
+from serving.auth import KeyRing
+from serving.gateway_config import GatewayConfig, ReviewerConfig
 from serving.protocol import FeedbackRequest, GatewayError
 from serving.review_data import (
     REPORT_PLOTS,
@@ -69,18 +70,18 @@ CandidateSource = Callable[[], list[Upstream]]
 
 
 # -- who is signed in ----------------------------------------------------------------------------
-def reviewer_for_key(config: GatewayConfig, key: str) -> ReviewerConfig | None:
-    """The reviewer whose key this is (constant-time compare of the hashes), else None.
+def reviewer_for_key(
+    config: GatewayConfig, key: str, keys: KeyRing | None = None
+) -> ReviewerConfig | None:
+    """The reviewer whose key this is, else None.
 
-    The one place that checks a reviewer key: when the gateway's key scheme changes (salted or
-    keyed hashes), only this function follows it.
+    The one place that checks a reviewer key: it asks the gateway's key ring (keyed HMACs,
+    constant-time match, the keys file, the demo reviewer key on loopback; serving/auth.py).
     """
-    digest = hash_key(key)
-    found = None
-    for r in config.reviewers:
-        if hmac.compare_digest(digest, r.key_sha256):
-            found = r
-    return found
+    p = (keys or KeyRing(config)).authenticate(key)
+    if p is None or p.role != "reviewer":
+        return None
+    return next((r for r in config.reviewers if r.name == p.reviewer), None)
 
 
 def session_secret(config: GatewayConfig) -> bytes:
@@ -330,7 +331,9 @@ def build_review_router(
             return page(
                 request, "login.html", None, status=e.status, next="/review", error=e.message
             )
-        reviewer = reviewer_for_key(request.app.state.config, form.get("key", "").strip())
+        reviewer = reviewer_for_key(
+            request.app.state.config, form.get("key", "").strip(), request.app.state.keyring
+        )
         next_url = _safe_next(form.get("next", "/review"))
         if reviewer is None:
             return page(

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from serving.gateway_config import GatewayConfig, load_gateway_config
 from serving.placement import PlacementConfig
+from serving.releases import StagingPolicy
 from serving.vllm_server import VLLMArgs
 from training.config import StrictModel, data_dir, repo_root
 
@@ -75,6 +76,11 @@ class ReleasesConfig(StrictModel):
         if self.upstream_url and not self.upstream_model:
             raise ValueError("upstream_model: required with upstream_url (the model name it serves)")
         return self
+    staging: StagingPolicy = Field(
+        default_factory=StagingPolicy,
+        description="What the admin API may stage (model folders, vLLM arguments): an admin key "
+        "deploys models, it does not run code.",
+    )
 
     @model_validator(mode="after")
     def _gate_file_loads(self) -> ReleasesConfig:
@@ -129,6 +135,11 @@ class ServeConfig(StrictModel):
         if self.workers == "auto":
             return max(1, min(8, (os.cpu_count() or 1) // 4))
         return self.workers
+    insecure_demo_keys: bool = Field(
+        False,
+        description="Serve the published demo keys on a non-loopback address anyway "
+        "(`alignloop serve --insecure-demo-keys`).",
+    )
 
     def gateway_config(self) -> GatewayConfig:
         if self.gateway_file is None:
@@ -204,6 +215,14 @@ def _boot(manager, initial_model: str | None, releases: ReleasesConfig | None = 
         log.exception("booting the live release failed")
 
 
+def _reload_keys(keys) -> None:  # noqa: ANN001 - serving.auth.KeyRing
+    """SIGHUP: re-read the keys file (an invalid one is logged and the old keys stay)."""
+    try:
+        keys.reload()
+    except Exception as exc:  # noqa: BLE001 - a signal handler must not raise into the server
+        log.error("SIGHUP: keys file not reloaded, previous keys stay: %s", exc)
+
+
 def _server_class():
     import uvicorn
 
@@ -222,8 +241,14 @@ def _server_class():
 
 def run_serve(cfg: ServeConfig) -> None:
     """Run the gateway until SIGINT/SIGTERM; stop every vLLM it started on the way out."""
-    from guardrails.pii import import_presidio_for_serving
+    import signal
 
+    from guardrails.pii import import_presidio_for_serving
+    from serving.auth import KeyRing, check_demo_keys
+
+    gw = cfg.gateway_config()
+    keys = KeyRing(gw)
+    check_demo_keys(keys, cfg.host, cfg.insecure_demo_keys)  # before anything loads or starts
     import_presidio_for_serving()  # before any thread starts (see there)
     from serving.admin_api import build_admin_router
     from serving.app import create_app, uvicorn_config
@@ -236,7 +261,6 @@ def run_serve(cfg: ServeConfig) -> None:
     logging.getLogger("httpx").setLevel(
         logging.WARNING
     )  # one INFO line per proxied request otherwise
-    gw = cfg.gateway_config()
     store = LogStore(gw.log_store_url or default_url())
     manager = ReleaseManager(
         ReleaseStore(), cfg.releases.grace_s, cfg.releases.default_args, cfg.releases.gate_path(),
@@ -245,8 +269,9 @@ def run_serve(cfg: ServeConfig) -> None:
     info = server_file()
     plane = None
     try:
+        admin = build_admin_router(manager, staging=cfg.releases.staging)
         review = build_review_router(manager.store, candidates_of(manager))  # /review
-        app = create_app(gw, manager, store, extra_routers=[build_admin_router(manager), review])
+        app = create_app(gw, manager, store, extra_routers=[admin, review], keyring=keys)
         if workers == 1:
             server = _Server(uvicorn_config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
         else:
@@ -262,7 +287,9 @@ def run_serve(cfg: ServeConfig) -> None:
             plane = ControlPlane(gw, manager, store, cfg.host, cfg.port, workers, uds, cfg.log_level)
             server = _Server(uvicorn_config(app, uds=uds, log_level=cfg.log_level))
             plane.start()
+            keys.on_reload(plane.keys_changed)  # SIGHUP, /admin/keys/reload: every worker
             log.info("gateway: %d worker processes on %s:%d", workers, cfg.host, cfg.port)
+        signal.signal(signal.SIGHUP, lambda *_: _reload_keys(keys))
         boot = threading.Thread(
             target=_boot,
             args=(manager, cfg.releases.initial_model, cfg.releases),

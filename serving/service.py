@@ -47,8 +47,11 @@ from serving.protocol import (
     GatewayError,
     ModelCard,
     ModelList,
+    check_limits,
     chunk_body,
     completion_body,
+    parse_json_object,
+    validation_error,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,12 @@ class Upstream:
     release_id: str
     served_model: str  # the model name the upstream answers to
     api_key: str | None = None  # sent as a bearer key (external upstreams that need one)
+    # vLLM's tool-call parser; None = tools not enabled (requests with tools get a 400);
+    # EXTERNAL_TOOLS = an external server, which decides for itself
+    tool_parser: str | None = None
+
+
+EXTERNAL_TOOLS = "external"
 
 
 class UpstreamProvider(Protocol):
@@ -215,7 +224,8 @@ class Exchange:
     verdicts: list[Verdict] = field(default_factory=list)
     guardrail_s: float = 0.0
     own_s: float = 0.0  # the gateway's own time: all but waiting on upstream and client
-    response: str = ""
+    response: str = ""  # the first choice's text (the answer feedback refers to)
+    choices: list[dict[str, Any]] | None = None  # every choice, when n > 1 or tools were called
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     ttft_s: float | None = None
@@ -359,6 +369,7 @@ class GatewayService:
         self.guards = GuardrailPool(g.pool_threads, g.inline_max_chars)
         self.metrics = Metrics()
         self.admission = admission or LocalAdmission(config)
+        self.simulated_tenants = {t.name for t in config.tenants if t.simulated}
         self.session: aiohttp.ClientSession | None = None
         # With worker processes, a row may still be on its way to the writer when its feedback
         # arrives at the control plane: wait this long for that one row (never for the backlog).
@@ -395,13 +406,17 @@ class GatewayService:
         return ModelList(data=[ModelCard(id=m) for m in self.config.public_models])
 
     async def health(self) -> tuple[int, dict[str, Any]]:
+        """(status, state); the app shows the state to the admin only (it names the release)."""
         up = self.provider.current()
-        state: dict[str, Any] = {"gateway": "ok", "in_flight": self.in_flight, "upstream": None}
+        state: dict[str, Any] = {
+            "status": "unavailable", "gateway": "ok", "in_flight": self.in_flight, "upstream": None,
+        }
         if up is None:
             return 503, state
         state["upstream"] = {
             "release_id": up.release_id,
             "served_model": up.served_model,
+            "tool_parser": up.tool_parser,
             "ok": False,
         }
         root = up.base_url.rstrip("/").removesuffix("/v1")
@@ -412,6 +427,7 @@ class GatewayService:
                 state["upstream"]["ok"] = r.status == 200
         except (aiohttp.ClientError, TimeoutError) as e:
             state["upstream"]["error"] = type(e).__name__
+        state["status"] = "ok" if state["upstream"]["ok"] else "unavailable"
         return (200 if state["upstream"]["ok"] else 503), state
 
     def feedback(
@@ -420,15 +436,23 @@ class GatewayService:
     ) -> FeedbackResponse:
         """Store one feedback event; 404 unless every referenced request id is this tenant's.
 
-        ``actor``/``actor_role`` say who gave it as the server knows it (the API's caller, or a
-        reviewer signed in to the review page); they are never read from the request body.
+        ``actor``/``actor_role`` say who gave it as the server knows it (a reviewer signed in to
+        the review page); they are never read from the request body. Through the API, the actor
+        is the end user the answer was served to (the chat request's ``user``, None if it had
+        none) and the role is ``simulated`` for a tenant flagged so in the config, else ``user``.
         The ids are looked up without waiting for the log writer's backlog
-        (``LogStore.has_exchange`` also sees rows still queued).
+        (``LogStore.exchange_params`` also sees rows still queued).
         """
-        if not self.store.has_exchange(req.request_id, tenant=tenant, wait_s=self.feedback_wait_s):
+        params = self.store.exchange_params(req.request_id, tenant=tenant, wait_s=self.feedback_wait_s)
+        if params is None:
             raise GatewayError(
                 404, f"no request with id {req.request_id!r}", param="request_id", code="not_found"
             )
+        if actor_role in ("user", "simulated"):
+            if actor is None:
+                actor = params.get("user")
+            if tenant in self.simulated_tenants:
+                actor_role = "simulated"
         other = req.preference.other_request_id if req.preference else None
         if other is not None and not self.store.has_exchange(
             other, tenant=tenant, wait_s=self.feedback_wait_s
@@ -443,24 +467,16 @@ class GatewayService:
         fid, created = self.store.add_feedback(
             req.request_id, tenant, kind, payload, req.comment, actor=actor, actor_role=actor_role
         )
-        return FeedbackResponse(id=fid, created=created)
+        return FeedbackResponse(id=fid, created=created, actor_role=actor_role)
 
     # -- chat -----------------------------------------------------------------------------------
     def parse_chat(self, body: bytes) -> ChatCompletionRequest:
+        """The validated request, or a 4xx naming what is wrong (serving/protocol.py)."""
         try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise GatewayError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise GatewayError(400, "request body must be a JSON object")
-        try:
-            req = ChatCompletionRequest.model_validate(data)
+            req = ChatCompletionRequest.model_validate(parse_json_object(body))
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise GatewayError(
-                400, f"{loc}: {err['msg']}", param=loc, code="invalid_value"
-            ) from None
+            raise validation_error(e) from None
+        check_limits(req, self.config.limits)
         if req.model not in self.config.public_models:
             raise GatewayError(
                 404,
@@ -505,6 +521,7 @@ class GatewayService:
             messages=[msg.model_dump(exclude_none=True) for msg in ex.request.messages],
             params=ex.request.params(),
             response=ex.response,
+            choices=ex.choices,
             finish_reason=ex.finish_reason,
             usage=ex.usage,
             ttft_ms=None if ex.ttft_s is None else ex.ttft_s * 1000,
@@ -556,7 +573,16 @@ class GatewayService:
                 raise self._upstream_failure(
                     ex, "no_release", "no live release: the model is not being served"
                 )
-            payload = ex.request.model_dump(exclude_unset=True, exclude_none=False)
+            if ex.request.wants_tools() and ex.upstream.tool_parser is None:
+                raise GatewayError(
+                    400,
+                    "tools are not enabled for the model being served: its chat template has no "
+                    "tool-call format the gateway recognizes, so its release runs without a "
+                    "tool-call parser (leave out 'tools', or send tool_choice 'none')",
+                    param="tools",
+                    code="tools_not_enabled",
+                )
+            payload = ex.request.upstream_payload()
             payload["model"] = ex.upstream.served_model
             if req.stream:
                 # Always ask for usage so the log has it; the client sees it only if it asked.
@@ -620,20 +646,19 @@ class GatewayService:
         )
         ex.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         ex.own_s = time.perf_counter() - ex.t0
+        n = ex.request.n
         if not ex.request.stream:
             return JSONResponse(
-                completion_body(ex.id, ex.public_model, ex.response, "content_filter", ex.usage),
+                completion_body(ex.id, ex.public_model, ex.response, "content_filter", ex.usage, n),
                 headers=ex.overhead_headers(),
             )
         with_usage = bool(ex.request.stream_options and ex.request.stream_options.include_usage)
 
         async def events() -> AsyncIterator[bytes]:
-            yield _sse(
-                chunk_body(
-                    ex.id, ex.public_model, {"role": "assistant", "content": ex.response}, None
-                )
-            )
-            yield _sse(chunk_body(ex.id, ex.public_model, {}, "content_filter"))
+            for i in range(n):  # every choice is refused
+                delta = {"role": "assistant", "content": ex.response}
+                yield _sse(chunk_body(ex.id, ex.public_model, delta, None, i))
+                yield _sse(chunk_body(ex.id, ex.public_model, {}, "content_filter", i))
             if with_usage:
                 yield _sse(
                     {
@@ -692,35 +717,45 @@ class GatewayService:
         t = time.perf_counter()
         try:
             data = orjson.loads(content)
-            choice = data["choices"][0]
-            text = choice.get("message", {}).get("content") or ""
+            choices = data["choices"]
+            texts = [(c.get("message") or {}).get("content") or "" for c in choices]
+            if not texts:
+                raise IndexError("no choices")
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
             raise self._upstream_failure(
                 ex, "malformed", "the model server sent a malformed answer"
             ) from None
         data["id"], data["model"] = ex.id, ex.public_model
         ex.usage = data.get("usage")
-        if self.output_chain.hooks:
-            g0 = time.perf_counter()
-            new_text, verdicts = await self.guards.call(len(text), self.output_chain.run, text)
-            ex.guardrail_s += time.perf_counter() - g0
-            ex.verdicts += verdicts
-            if any(v.action == "block" for v in verdicts):
-                ex.status, new_text = "blocked", self.config.guardrails.refusal
-                choice["finish_reason"] = "content_filter"
-            if new_text != text:
-                choice["message"]["content"] = new_text
-            text = new_text
-        ex.response, ex.finish_reason = text, choice.get("finish_reason")
+        logged = []
+        for choice, text in zip(choices, texts, strict=True):  # n choices: each is checked
+            message = choice.get("message") or {}
+            if self.output_chain.hooks:
+                g0 = time.perf_counter()
+                new_text, verdicts = await self.guards.call(len(text), self.output_chain.run, text)
+                ex.guardrail_s += time.perf_counter() - g0
+                ex.verdicts += verdicts
+                if any(v.action == "block" for v in verdicts):
+                    ex.status, new_text = "blocked", self.config.guardrails.refusal
+                    choice["finish_reason"] = "content_filter"
+                    message.pop("tool_calls", None)
+                if new_text != text:
+                    message["content"] = new_text
+                text = new_text
+            logged.append(_logged_choice(choice.get("index", len(logged)), text,
+                                         choice.get("finish_reason"), message.get("tool_calls")))
+        ex.response, ex.finish_reason = logged[0]["content"], logged[0]["finish_reason"]
+        if len(logged) > 1 or logged[0].get("tool_calls"):
+            ex.choices = logged
         out = orjson.dumps(data)
         ex.own_s += time.perf_counter() - t
         return Response(out, media_type="application/json", headers=ex.overhead_headers())
 
     def _upstream_status(self, ex: Exchange, status: int, content: bytes) -> Response:
-        """Pass upstream 4xx through (vLLM's errors are OpenAI-shaped); 5xx becomes 503."""
+        """Pass upstream 4xx through in OpenAI's error shape; 5xx becomes 503."""
         if 400 <= status < 500:
             ex.status, ex.http_status = "client_error", status
-            return Response(content, status_code=status, media_type="application/json")
+            return JSONResponse(_openai_error(content, status), status_code=status)
         raise self._upstream_failure(
             ex, f"http_{status}", f"the model server failed (HTTP {status})"
         )
@@ -762,18 +797,8 @@ class GatewayService:
         that key/value pair cannot occur inside a JSON string, where quotes are escaped); the
         rest are re-encoded.
         """
-        guard = (
-            StreamGuard(
-                self.output_chain,
-                self.config.guardrails.stream_window_chars,
-                self.config.guardrails.stream_window_ms / 1000,
-            )
-            if self.output_chain.hooks
-            else None
-        )
+        st = _StreamState(self.output_chain, self.config.guardrails)
         client_usage = bool(ex.request.stream_options and ex.request.stream_options.include_usage)
-        stopped = False  # a hook blocked: drain upstream for usage, forward nothing else
-        parts: list[str] = []
         swap = _IdSwap(ex)
         reader = r.content
         waiting: asyncio.Future | None = None
@@ -833,43 +858,25 @@ class GatewayService:
                         if client_usage:
                             out.append(swap.forward(payload, obj))
                         continue
-                    if stopped:
-                        continue
-                    choice = choices[0]
-                    delta = choice.get("delta") or {}
-                    finish = choice.get("finish_reason")
-                    content = delta.get("content")
-                    if guard is None:
-                        text = content or ""
-                    else:
-                        g0 = time.perf_counter()
-                        text = guard.feed(content) if content else ""
-                        if finish is not None:
-                            text += guard.finish()
-                        ex.guardrail_s += time.perf_counter() - g0
-                        if guard.blocked:
-                            stopped = True
-                            ex.status, ex.finish_reason = "blocked", "content_filter"
-                            out.append(_sse(chunk_body(ex.id, ex.public_model, {}, "content_filter")))
-                            continue
-                    if text:
-                        parts.append(text)
-                        if ex.ttft_s is None:
-                            ex.ttft_s = time.perf_counter() - ex.t0
-                    elif content and finish is None and set(delta) <= {"content"}:
-                        continue  # everything held back: nothing to send yet
-                    if finish is not None:
-                        ex.finish_reason = finish
-                    if text == (content or ""):
+                    # With n > 1 the choices arrive interleaved by index; each has its own guard.
+                    kept, changed = [], False
+                    for choice in choices:
+                        c = st.feed(ex, choice)
+                        if c is not choice:
+                            changed = True
+                        if c is not None:
+                            kept.append(c)
+                    if not kept:
+                        continue  # everything held back (or stopped): nothing to send yet
+                    if not changed:
                         out.append(swap.forward(payload, obj))
                     else:
-                        delta["content"] = text
-                        choice["delta"] = delta
+                        obj["choices"] = kept
                         obj["id"], obj["model"] = ex.id, ex.public_model
                         out.append(_sse(obj))
                 if ex.stream_done and ex.status in ("ok", "blocked"):
                     # Log before the client sees the end, so feedback sent right after finds it.
-                    self._close_relay(ex, guard, parts)
+                    self._close_relay(ex, st)
                     out.append(
                         f": alignloop {OVERHEAD_HEADER}={ex.own_s * 1000:.3f} "
                         f"{GUARDRAIL_HEADER}={ex.guardrail_s * 1000:.3f}\n\n".encode()
@@ -888,18 +895,124 @@ class GatewayService:
         finally:
             if waiting is not None:
                 waiting.cancel()
-            self._close_relay(ex, guard, parts)
+            self._close_relay(ex, st)
 
-    def _close_relay(self, ex: Exchange, guard: StreamGuard | None, parts: list[str]) -> None:
+    def _close_relay(self, ex: Exchange, st: _StreamState) -> None:
         if ex.logged or ex.relay_closed:
             return
         ex.relay_closed = True
-        ex.response = "".join(parts)
-        if guard is not None:
-            ex.verdicts += guard.merged_verdicts()
+        logged = st.logged()
+        if logged:
+            ex.response, ex.finish_reason = logged[0]["content"], logged[0]["finish_reason"]
+            if len(logged) > 1 or logged[0].get("tool_calls"):
+                ex.choices = logged
+        for g in st.guards.values():
+            ex.verdicts += g.merged_verdicts()
         if ex.stream_done:
             self._finish(ex)
         # else the client left: RelayResponse's cleanup logs it as the client's abort
+
+
+class _StreamState:
+    """Per-choice state of a relayed stream: its guard, the text sent, tool-call deltas."""
+
+    def __init__(self, chain: OutputChain, g: Any) -> None:  # g: GuardrailsConfig
+        self.chain, self.window_chars, self.window_s = chain, g.stream_window_chars, g.stream_window_ms / 1000
+        self.guards: dict[int, StreamGuard] = {}
+        self.parts: dict[int, list[str]] = {}
+        self.finish: dict[int, str] = {}
+        self.tool_deltas: dict[int, list[dict[str, Any]]] = {}
+        self.stopped: set[int] = set()  # a hook blocked: forward nothing more of this choice
+        self.seen: list[int] = []
+
+    def feed(self, ex: Exchange, choice: dict[str, Any]) -> dict[str, Any] | None:
+        """The choice to send on: ``choice`` itself when unchanged, a rewritten one, or None to
+        hold it back."""
+        i = choice.get("index", 0)
+        if i in self.stopped:
+            return None
+        if i not in self.parts:
+            self.parts[i] = []
+            self.seen.append(i)
+        delta = choice.get("delta") or {}
+        finish = choice.get("finish_reason")
+        content = delta.get("content")
+        if delta.get("tool_calls"):
+            self.tool_deltas.setdefault(i, []).extend(delta["tool_calls"])
+        if not self.chain.hooks:
+            text = content or ""
+        else:
+            guard = self.guards.get(i)
+            if guard is None:
+                guard = self.guards[i] = StreamGuard(self.chain, self.window_chars, self.window_s)
+            g0 = time.perf_counter()
+            text = guard.feed(content) if content else ""
+            if finish is not None:
+                text += guard.finish()
+            ex.guardrail_s += time.perf_counter() - g0
+            if guard.blocked:
+                self.stopped.add(i)
+                ex.status = "blocked"
+                self.finish[i] = "content_filter"
+                return {"index": i, "delta": {}, "finish_reason": "content_filter", "logprobs": None}
+        if text:
+            self.parts[i].append(text)
+            if ex.ttft_s is None:
+                ex.ttft_s = time.perf_counter() - ex.t0
+        elif content and finish is None and set(delta) <= {"content"}:
+            return None  # everything held back: nothing to send yet
+        if finish is not None:
+            self.finish[i] = finish
+        if text == (content or ""):
+            return choice
+        delta["content"] = text
+        return {**choice, "delta": delta}
+
+    def logged(self) -> list[dict[str, Any]]:
+        return [
+            _logged_choice(
+                i, "".join(self.parts[i]), self.finish.get(i),
+                _merge_tool_deltas(self.tool_deltas.get(i, [])),
+            )
+            for i in sorted(self.seen)
+        ]
+
+
+def _logged_choice(
+    index: int, content: str, finish_reason: str | None, tool_calls: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": index, "content": content, "finish_reason": finish_reason}
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    return out
+
+
+def _merge_tool_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Streamed tool-call deltas (by ``index``) as whole tool calls: id, name, arguments."""
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        call = calls.setdefault(d.get("index", 0), {"id": None, "type": "function",
+                                                    "function": {"name": "", "arguments": ""}})
+        call["id"] = d.get("id") or call["id"]
+        fn = d.get("function") or {}
+        call["function"]["name"] += fn.get("name") or ""
+        call["function"]["arguments"] += fn.get("arguments") or ""
+    return [calls[k] for k in sorted(calls)] or None
+
+
+def _openai_error(content: bytes, status: int) -> dict[str, Any]:
+    """An upstream error body in OpenAI's shape (vLLM's usually is; wrap anything that is not)."""
+    try:
+        err = orjson.loads(content).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        err = None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return {"error": {"message": err["message"], "type": str(err.get("type") or "invalid_request_error"),
+                          "param": err.get("param") if isinstance(err.get("param"), str) else None,
+                          "code": str(err["code"]) if err.get("code") is not None else None}}
+    text = content.decode(errors="replace").strip()[:500] or f"HTTP {status}"
+    return {"error": {"message": f"the model server refused the request: {text}",
+                      "type": "invalid_request_error", "param": None, "code": None}}
 
 
 def _discard(call: asyncio.Task | None) -> None:

@@ -73,6 +73,12 @@ class VLLMArgs(StrictModel):
         description="Give up when vLLM's log has not grown for this long and /health does not "
         "answer: a hung start-up, told apart from a slow one that keeps logging.",
     )
+    tool_call_parser: str | None = Field(
+        "auto",
+        pattern=r"^[a-z0-9_-]+$",
+        description="vLLM tool-call parser: 'auto' = chosen from the model's chat template (none "
+        "found: tools off); a parser name (hermes, llama3_json, mistral, ...); 'none' = tools off.",
+    )
 
 
 class VLLMStartError(RuntimeError):
@@ -212,6 +218,8 @@ def build_command(
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
     if args.max_num_seqs:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.tool_call_parser not in (None, "none", "auto"):  # 'auto' is resolved by VLLMServer
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", args.tool_call_parser]
     cmd += args.extra_args
     env.update(args.env)
     return cmd, env
@@ -244,6 +252,11 @@ class VLLMServer:
         self.startup_s: float | None = None
         self._log_offset = 0
         self.startup_phase: str | None = None  # while starting: vLLM's current phase, then "ready"
+        from serving.tool_parsers import resolve_tool_parser
+
+        # The tool-call parser this server runs with (None: tools off); the gateway refuses
+        # requests with tools for a release without one.
+        self.tool_parser = resolve_tool_parser(self.model_dir, self.args.tool_call_parser)
 
     @property
     def base_url(self) -> str:
@@ -274,9 +287,8 @@ class VLLMServer:
             raise VLLMStartError(f"serving env not found at {python}: run `make setup`")
         if not Path(self.model_dir).exists() and not _looks_like_hub_id(self.model_dir):
             raise VLLMStartError(f"model folder not found: {self.model_dir}")
-        cmd, extra_env = build_command(
-            self.model_dir, self.port, self.args, self.served_name, self.platform
-        )
+        args = self.args.model_copy(update={"tool_call_parser": self.tool_parser})
+        cmd, extra_env = build_command(self.model_dir, self.port, args, self.served_name, self.platform)
         env = {**os.environ, **extra_env}
         # The pipeline env's variables must not leak into the serving env's interpreter.
         for var in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):

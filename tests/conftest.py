@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One key secret for the whole session and the processes it starts, so key hashes made by a test
+# (serving.gateway_config.hash_key) match in every gateway it starts, whatever its data dir.
+os.environ.setdefault("ALIGNLOOP_KEY_SECRET", "test-key-secret-" + "0" * 32)
 # Test artifacts that are expensive to rebuild (the embedded model) persist across runs here.
 TEST_HOME = Path(os.environ.get("ALIGNLOOP_TEST_HOME", REPO / ".alignloop-test"))
 

@@ -37,12 +37,11 @@ from training.governance import (
 )
 from training.preferences import DPO_SOURCES, SFT_SOURCES, build_rows, prompt_key
 from training.runs import StageDir, fingerprint_obj, new_run_id
+from training.trust import TrustConfig, apply_trust
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("sft", "dpo", "heldout_sft", "heldout_dpo")
-SIMULATED_PREFIX = "simulated"
-"""Feedback whose comment starts with this came from simulated users (training/simulate.py)."""
 
 
 class LogSourceConfig(StrictModel):
@@ -122,6 +121,10 @@ class DataConfig(StrictModel):
     )
     governance: GovernanceConfig = Field(
         default_factory=GovernanceConfig, description="Governance."
+    )
+    trust: TrustConfig = Field(
+        default_factory=TrustConfig,
+        description="Which tenants and whose feedback may train the model (training/trust.py).",
     )
 
 
@@ -258,11 +261,13 @@ def run(cfg: DataConfig) -> DataResult:
         return DataResult(**done)
     stage.start()
 
+    batch, trust = apply_trust(batch, cfg.trust)
     sft, dpo, built = build_rows(batch, cfg.governance.max_rating_pairs)
     if not sft and not dpo:
         raise DataError(
             f"no training rows from {len(batch.feedback)} feedback events and "
             f"{len(batch.exchanges)} exchanges: {built['feedback_unusable'] or 'no usable feedback'}"
+            f"; trust rules: {json.dumps({k: v for k, v in trust.items() if k != 'rules'})}"
         )
     splits, report = govern(sft, dpo, cfg.governance)
     if not splits["sft"] and not splits["dpo"]:
@@ -280,7 +285,7 @@ def run(cfg: DataConfig) -> DataResult:
     # One shard per split: datasets 5.2 writes an empty split as 0 shards and then cannot load it.
     dsd.save_to_disk(str(dataset_path), num_shards={s: 1 for s in SPLITS})
 
-    simulated = sum(1 for f in batch.feedback if (f.comment or "").startswith(SIMULATED_PREFIX))
+    simulated = sum(1 for f in batch.feedback if f.actor_role == "simulated")  # set by the server
     counts = {s: len(rows) for s, rows in splits.items()}
     manifest = {
         "stage": "data",
@@ -305,6 +310,7 @@ def run(cfg: DataConfig) -> DataResult:
         "rows_built": {"sft": built["built_sft"], "dpo": built["built_dpo"]},
         "feedback_unusable": built["feedback_unusable"],
         "conflicts": built["conflicts"],
+        "trust": trust,
         "governance": report,
         "final": counts,
         "hashes": {"sources": sources_hash, **{s: rows_hash(r) for s, r in splits.items()}},

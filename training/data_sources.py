@@ -58,6 +58,8 @@ class Feedback:
     tenant: str = ""
     comment: str | None = None
     created_at: datetime | None = None
+    actor: str | None = None  # who gave it, as the server recorded it (training/trust.py)
+    actor_role: str = "user"  # user | reviewer | simulated, set by the server
 
 
 @dataclass
@@ -196,6 +198,8 @@ def load_logstore(
                     ev["tenant"],
                     ev.get("comment"),
                     ev["created_at"],
+                    ev.get("actor"),
+                    ev.get("actor_role") or "user",
                 )
             )
         batch.stats["logstore"] = {

@@ -7,8 +7,11 @@ good answer (:func:`user_judgement`: looser limits, different phrases, noise), *
 gate's policy scorer (evals/policy.py), so the policy metric does not grade the very function that
 labelled the training data; they send ratings, preferences and edits to ``POST /v1/feedback`` with
 httpx, exactly as real clients would. An edit is the pool item's policy-compliant reference answer,
-so SFT learns the policy. Every feedback comment starts with "simulated user", and the data stage
-counts those in its manifest and dataset card.
+so SFT learns the policy. That the feedback is simulated is recorded by the server, not by this
+client: the gateway config flags the tenant (``simulated: true``), the gateway stores each event
+with actor_role "simulated", and this generator stops if the gateway says otherwise (a key of a
+tenant that is not flagged would pass simulated users off as real ones). Each request carries a
+simulated user id (OpenAI's ``user``), which the trust rules of the data stage count.
 
 Deterministic with a seed: the plan (order, which prompts get two samples, the sampling seed of
 each request) and each user's decisions come from seeded generators keyed by the prompt, so
@@ -280,13 +283,14 @@ class _Client:
             headers={"Authorization": f"Bearer {key}"},
         )
 
-    def answer(self, prompt: str, seed: int) -> tuple[str, str]:
+    def answer(self, prompt: str, seed: int, user: str) -> tuple[str, str]:
         r = self.chat.chat.completions.create(
             model=self.cfg.model,
             messages=[{"role": "user", "content": prompt}],
             max_tokens=self.cfg.max_tokens,
             temperature=self.cfg.temperature,
             seed=seed,
+            user=user,
         )
         return r.id, r.choices[0].message.content or ""
 
@@ -294,16 +298,27 @@ class _Client:
         resp = self.http.post("/feedback", json=body)
         if resp.status_code >= 400:
             raise RuntimeError(f"feedback {resp.status_code}: {resp.text[:300]}")
+        role = resp.json().get("actor_role")
+        if role != "simulated":
+            raise SimulationLabelError(
+                f"the gateway recorded this feedback as actor_role {role!r}, not 'simulated': "
+                "flag the tenant of this API key `simulated: true` in the gateway config"
+            )
 
     def close(self) -> None:
         self.http.close()
         self.chat.close()
 
 
+class SimulationLabelError(RuntimeError):
+    """The gateway does not record this tenant's feedback as simulated."""
+
+
 def _run_one(client: _Client, req: PlannedRequest, cfg: SimulateConfig) -> dict[str, Any]:
     ids, answers = [], []
+    user = f"simulated-user-{req.index % 16}"  # one of 16 simulated people
     for seed in req.sample_seeds:
-        rid, text = client.answer(req.item["prompt"], seed)
+        rid, text = client.answer(req.item["prompt"], seed, user)
         ids.append(rid)
         answers.append(text)
     actions, scores = decide_feedback(req.item, answers, cfg, req.round)
@@ -344,6 +359,8 @@ def run(cfg: SimulateConfig) -> SimulateResult:
             for fut, req in futures.items():
                 try:
                     records[req.index] = fut.result()
+                except SimulationLabelError:
+                    raise
                 except Exception as err:  # noqa: BLE001 - one failed prompt must not stop the demo
                     errors.append(f"{req.item['id']}: {type(err).__name__}: {err}"[:300])
                     log.warning("simulate: %s failed: %s", req.item["id"], err)

@@ -164,10 +164,18 @@ def test_workers_share_limits_switch_together_and_log_through_one_writer(tmp_pat
                           json={"request_id": rid, "rating": {"score": 2}}).status_code == 404
 
         # /metrics sums every worker, and carries the writer's series.
-        metrics = httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
         assert 'gateway_requests_total{status="429",tenant="a"} 8.0' in metrics
         assert 'gateway_requests_total{status="200",tenant="b"} 321.0' in metrics
         assert "gateway_log_rows_dropped_total 0.0" in metrics
+        # ...for the admin or a metrics key only, in a worker as in the control plane; a worker's
+        # /healthz tells a caller without a key only that it is up; admin bodies forwarded by a
+        # worker are size-limited as the control plane limits them.
+        assert httpx.get(base + "/metrics").status_code == 401
+        assert httpx.get(base + "/healthz").json() == {"status": "ok"}
+        big = httpx.post(base + "/admin/releases", headers={"Authorization": f"Bearer {ADMIN}"},
+                         content=b"x" * (cfg.limits.max_admin_body_bytes + 1))
+        assert big.status_code == 413 and "max_admin_body_bytes" in big.json()["error"]["message"]
 
         # A worker that dies is replaced and its slots freed; the gateway keeps answering.
         victim = plane.procs[0].pid

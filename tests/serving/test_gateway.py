@@ -327,7 +327,7 @@ BIG = "x" * 1_100_000
             "bad role",
             {"model": "alignloop", "messages": [{"role": "wizard", "content": "h"}]},
             400,
-            "messages.0.role",
+            "messages[0].role",
         ),
         (
             "wrong type",
@@ -356,8 +356,8 @@ BIG = "x" * 1_100_000
             "max_tokens",
         ),
         (
-            "n > 1",
-            {"model": "alignloop", "messages": [{"role": "user", "content": "h"}], "n": 2},
+            "n over limits.max_n",
+            {"model": "alignloop", "messages": [{"role": "user", "content": "h"}], "n": 9},
             400,
             "n",
         ),
@@ -402,8 +402,8 @@ def test_bad_requests_get_openai_shaped_4xx(
 def test_backpressure_429_with_retry_after(tmp_path: Path) -> None:
     cfg = make_config(
         tenants=[
-            {"name": "a", "key_sha256": make_config().tenants[0].key_sha256, "max_in_flight": 1},
-            {"name": "b", "key_sha256": make_config().tenants[1].key_sha256},
+            {"name": "a", "key_hash": make_config().tenants[0].key_hash, "max_in_flight": 1},
+            {"name": "b", "key_hash": make_config().tenants[1].key_hash},
         ],
         limits={"max_in_flight": 2, "retry_after_s": 3},
     )
@@ -432,7 +432,7 @@ def test_backpressure_429_with_retry_after(tmp_path: Path) -> None:
         for x in [t, *tb]:
             x.join()
         assert sorted(results) == [200, 200, 429]  # global limit 2: one of b's got 429
-        metrics = httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
         assert 'gateway_requests_total{status="429",tenant="a"} 1.0' in metrics
 
 
@@ -500,7 +500,8 @@ def test_upstream_missing_or_down_gives_fast_503(tmp_path: Path) -> None:
         assert [x["status"] for x in rows] == ["upstream_error"] * 3 and rows[-1][
             "release"
         ] == "dead"
-        assert "gateway_upstream_errors_total" in httpx.get(base + "/metrics").text
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert "gateway_upstream_errors_total" in httpx.get(base + "/metrics", headers=admin).text
 
 
 def test_switch_upstream_keeps_in_flight_stream_on_old_release(tmp_path: Path) -> None:
@@ -547,16 +548,16 @@ def test_shipped_gateway_config_loads() -> None:
 
     svc = GatewayService(cfg, StaticUpstream(), NoStore())  # builds every configured hook
     assert [h.name for h in svc.input_chain.hooks] == [
-        "size_limits",
         "pii",
         "injection",
         "blocked_topics",
     ]
-    # redaction (and the size check before it) in front; the look-only hooks during the call
-    assert [h.name for h in svc.front_chain.hooks] == ["size_limits", "pii"]
+    # redaction in front; the look-only hooks during the call
+    assert [h.name for h in svc.front_chain.hooks] == ["pii"]
     assert [h.name for h in svc.during_chain.hooks] == ["injection", "blocked_topics"]
-    with pytest.raises(ConfigError, match="key_sha256"):
+    with pytest.raises(ConfigError, match="admin_key_sha256"):
         load_config(GatewayConfig, None, ["admin_key_sha256=notahash"])
+    assert cfg.demo_keys and cfg.tenant("demo").simulated  # the demo's users are simulated
 
 
 def test_lm_eval_local_chat_completions_works_unchanged(

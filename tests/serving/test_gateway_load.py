@@ -28,13 +28,14 @@ from fastapi import APIRouter
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the support module
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from synthetic_upstream import SyntheticUpstream  # noqa: E402
-from test_gateway_support import KEY_A, KEY_B, make_config, running_gateway  # noqa: E402
+from test_gateway_support import ADMIN, KEY_A, KEY_B, make_config, running_gateway  # noqa: E402
 
 from serving.app import serve_in_thread  # noqa: E402
 from serving.gateway_config import hash_key  # noqa: E402
 from serving.service import Upstream  # noqa: E402
 
 H = {"Authorization": f"Bearer {KEY_A}"}
+ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}  # /metrics and /healthz details are not public
 
 
 @contextlib.contextmanager
@@ -68,7 +69,8 @@ def _settle(base: str, up: SyntheticUpstream, timeout_s: float = 10) -> dict:
     """Wait until nothing is in flight in the gateway or open upstream; return /healthz."""
     deadline = time.monotonic() + timeout_s
     while True:
-        health = httpx.get(base + "/healthz").json()
+        # the in-flight count is an admin-only detail of /healthz
+        health = httpx.get(base + "/healthz", headers=ADMIN_H).json()
         if (health["in_flight"] == 0 and not up.stats.active) or time.monotonic() > deadline:
             return health
         time.sleep(0.05)
@@ -131,7 +133,7 @@ def test_malformed_upstream_chunk_ends_the_stream_with_an_error_event(tmp_path: 
         store.flush()
         (row,) = store.exchanges()
         assert row["status"] == "upstream_error" and row["http_status"] == 502
-        assert 'gateway_upstream_errors_total{kind="malformed_chunk"} 1.0' in httpx.get(base + "/metrics").text
+        assert 'gateway_upstream_errors_total{kind="malformed_chunk"} 1.0' in httpx.get(base + "/metrics", headers=ADMIN_H).text
 
 
 @pytest.mark.parametrize("fault", ["SLOWHEADERS", "HANG"])
@@ -157,7 +159,7 @@ def test_client_gone_before_the_body_starts_leaves_nothing(tmp_path: Path, fault
         store.flush()
         rows = list(store.exchanges())
         assert len(rows) == 5 and {x["status"] for x in rows} == {"cancelled"}
-        assert 'gateway_client_aborts_total{kind="disconnect"} 5.0' in httpx.get(base + "/metrics").text
+        assert 'gateway_client_aborts_total{kind="disconnect"} 5.0' in httpx.get(base + "/metrics", headers=ADMIN_H).text
 
 
 def test_mid_stream_disconnects_leave_no_slot_task_or_upstream_request(tmp_path: Path) -> None:
@@ -190,7 +192,7 @@ def test_mid_stream_disconnects_leave_no_slot_task_or_upstream_request(tmp_path:
 
 
 def test_a_client_that_never_reads_is_cut_and_frees_everything(tmp_path: Path) -> None:
-    cfg = make_config(limits={"write_timeout_s": 1.0}, guardrails={})
+    cfg = make_config(limits={"write_timeout_s": 1.0, "max_tokens": 50_000}, guardrails={})
     words = ["x" * 2000]  # big chunks fill the socket buffers quickly
     with synthetic(vocab=words) as (up, app, _), running_gateway(tmp_path, up, cfg) as (base, _, store):
         host, port = base.removeprefix("http://").split(":")
@@ -214,7 +216,7 @@ def test_a_client_that_never_reads_is_cut_and_frees_everything(tmp_path: Path) -
         store.flush()
         (row,) = store.exchanges()
         assert row["status"] == "cancelled"
-        assert 'gateway_client_aborts_total{kind="stalled"} 1.0' in httpx.get(base + "/metrics").text
+        assert 'gateway_client_aborts_total{kind="stalled"} 1.0' in httpx.get(base + "/metrics", headers=ADMIN_H).text
 
 
 def test_slow_loris_headers_and_bodies_are_cut(tmp_path: Path) -> None:
@@ -297,7 +299,7 @@ def test_tenant_at_its_limit_gets_429_and_cannot_starve_another(tmp_path: Path) 
         assert seen[("b", 429)] == 0 and seen[("b", 200)] >= 6, seen
         assert seen[("b", 200)] / 6 >= seen[("a", 200)] / (4 * global_cap), seen
         assert _settle(base, app)["in_flight"] == 0 and not app.stats.active
-        metrics = httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics", headers=ADMIN_H).text
         for (tenant, status), count in seen.items():
             line = f'gateway_requests_total{{status="{status}",tenant="{tenant}"}} {float(count)}'
             assert line in metrics, (line, seen)
@@ -340,7 +342,7 @@ def test_thousands_of_requests_one_row_each_nothing_left(tmp_path: Path) -> None
         assert _settle(base, app)["in_flight"] == 0 and not app.stats.active
         assert app.stats.finished == n // 2  # the streamed half, each finished upstream
         assert httpx.get(base + "/test/tasks").json()["tasks"] <= tasks_before
-        metrics = httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics", headers=ADMIN_H).text
         assert "gateway_log_rows_dropped_total 0.0" in metrics
         assert "gateway_overhead_seconds_count 2000.0" in metrics
         store.flush()

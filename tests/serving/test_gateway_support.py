@@ -25,12 +25,18 @@ KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-admin"
 
 
 class FakeUpstream:
-    """A scripted OpenAI-compatible server: answers ``reply`` in ``chunk_chars``-sized stream pieces."""
+    """A scripted OpenAI-compatible server: answers ``reply`` in ``chunk_chars``-sized stream pieces.
+
+    With ``n`` it answers n choices (choice i says ``replies[i]`` if given, else ``reply``), their
+    stream chunks interleaved by index as vLLM sends them.
+    """
 
     def __init__(
-        self, reply: str = "Hello there, friend.", chunk_chars: int = 3, delay_s: float = 0.0
+        self, reply: str = "Hello there, friend.", chunk_chars: int = 3, delay_s: float = 0.0,
+        replies: list[str] | None = None,
     ) -> None:
         self.reply, self.chunk_chars, self.delay_s = reply, chunk_chars, delay_s
+        self.replies = replies
         self.received: list[dict] = []
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self._chat)
@@ -46,6 +52,8 @@ class FakeUpstream:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         base = {"id": "chatcmpl-upstream", "created": int(time.time()), "model": body["model"]}
+        n = body.get("n", 1)
+        replies = [(self.replies or [])[i] if i < len(self.replies or []) else self.reply for i in range(n)]
         if not body.get("stream"):
             return JSONResponse(
                 {
@@ -54,27 +62,33 @@ class FakeUpstream:
                     "usage": self._usage(),
                     "choices": [
                         {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": self.reply},
+                            "index": i,
+                            "message": {"role": "assistant", "content": text},
                             "finish_reason": "stop",
                         }
+                        for i, text in enumerate(replies)
                     ],
                 }
             )
 
         async def events():  # noqa: ANN202
-            def chunk(delta: dict, finish: str | None = None) -> bytes:
+            def chunk(delta: dict, finish: str | None = None, index: int = 0) -> bytes:
                 obj = {
                     **base,
                     "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
                 }
                 return f"data: {json.dumps(obj)}\n\n".encode()
 
-            yield chunk({"role": "assistant", "content": ""})
-            for i in range(0, len(self.reply), self.chunk_chars):
-                yield chunk({"content": self.reply[i : i + self.chunk_chars]})
-            yield chunk({}, "stop")
+            for i in range(n):
+                yield chunk({"role": "assistant", "content": ""}, index=i)
+            longest = max(len(t) for t in replies)
+            for pos in range(0, longest, self.chunk_chars):  # interleaved by index, as vLLM does
+                for i, text in enumerate(replies):
+                    if pos < len(text):
+                        yield chunk({"content": text[pos : pos + self.chunk_chars]}, index=i)
+            for i in range(n):
+                yield chunk({}, "stop", index=i)
             if (body.get("stream_options") or {}).get("include_usage"):
                 obj = {
                     **base,
@@ -91,17 +105,15 @@ class FakeUpstream:
 def make_config(**overrides) -> GatewayConfig:  # noqa: ANN003
     data = {
         "tenants": [
-            {"name": "a", "key_sha256": hash_key(KEY_A)},
-            {"name": "b", "key_sha256": hash_key(KEY_B)},
+            {"name": "a", "key_hash": hash_key(KEY_A)},
+            {"name": "b", "key_hash": hash_key(KEY_B)},
         ],
-        "admin_key_sha256": hash_key(ADMIN),
+        "admin_key_hash": hash_key(ADMIN),
         "upstream": {"connect_timeout_s": 1.0, "read_timeout_s": 10.0},
+        # request limits are the gateway's own (a 400 naming the parameter), not a guardrail
+        "limits": {"max_prompt_chars": 2000, "max_messages": 8, "max_tokens": 512},
         "guardrails": {
             "input": [
-                {
-                    "name": "size_limits",
-                    "params": {"max_chars": 2000, "max_messages": 8, "max_tokens": 512},
-                },
                 {"name": "injection"},
                 {
                     "name": "blocked_topics",

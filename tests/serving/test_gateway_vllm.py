@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(
     0, str(Path(__file__).parent)
 )  # --import-mode=importlib: make the support module importable
-from test_gateway_support import KEY_A, make_config, running_gateway  # noqa: E402
+from test_gateway_support import ADMIN, KEY_A, make_config, running_gateway  # noqa: E402
 
 from serving.service import Upstream  # noqa: E402
 
@@ -50,7 +50,8 @@ def test_sdk_through_gateway_to_real_vllm(tiny_vllm, tmp_path: Path) -> None:  #
         assert {ch.id for ch in chunks} == {chunks[0].id}
         assert chunks[-1].usage.completion_tokens == 8
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
-        # upstream 4xx (vLLM validates its own params) passes through as OpenAI-shaped 400
+        # upstream 4xx (what only vLLM checks: min_tokens > max_tokens) passes through as an
+        # OpenAI-shaped 400, and is logged
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError):
                 c.chat.completions.create(
@@ -58,7 +59,7 @@ def test_sdk_through_gateway_to_real_vllm(tiny_vllm, tmp_path: Path) -> None:  #
                     messages=[{"role": "user", "content": "x"}],
                     max_tokens=4,
                     stream=stream,
-                    extra_body={"min_p": 5.0},
+                    extra_body={"min_tokens": 20},
                 )
         store.flush()
         rows = {x["id"]: x for x in store.exchanges()}
@@ -67,7 +68,7 @@ def test_sdk_through_gateway_to_real_vllm(tiny_vllm, tmp_path: Path) -> None:  #
             rows[chunks[0].id]["usage"]["completion_tokens"] == 8
             and rows[chunks[0].id]["ttft_ms"] > 0
         )
-        health = httpx.get(base + "/healthz").json()
+        health = httpx.get(base + "/healthz", headers={"Authorization": f"Bearer {ADMIN}"}).json()
         assert health["upstream"]["ok"] is True and health["in_flight"] == 0  # no leaked slots
         assert [x["status"] for x in rows.values()].count("client_error") == 2
 

@@ -27,7 +27,7 @@ from serving.admin_api import AdminClient, AdminError, build_admin_router
 from serving.app import create_app, serve_in_thread
 from serving.gateway_config import GatewayConfig, TenantConfig, hash_key
 from serving.logstore import LogStore
-from serving.releases import ReleaseManager, ReleaseStore
+from serving.releases import ReleaseManager, ReleaseStore, StagingPolicy
 from serving.vllm_server import VLLMArgs, free_port
 from training.config import repo_root
 
@@ -156,7 +156,8 @@ def test_blue_green_in_process(
 ) -> None:
     logs = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
     manager = ReleaseManager(ReleaseStore(), grace_s=600, default_args=ARGS, gate_file=simple_gate)
-    app = create_app(GATEWAY, manager, logs, extra_routers=[build_admin_router(manager)])
+    staging = StagingPolicy(model_roots=[str(tiny_model_dir.parent), str(tmp_path)])
+    app = create_app(GATEWAY, manager, logs, extra_routers=[build_admin_router(manager, staging=staging)])
     pgids: set[int] = set()
     try:
         with serve_in_thread(app) as url, AdminClient(url, ADMIN_KEY) as admin:
@@ -259,7 +260,8 @@ def _wait_serving(url: str, release_id: str | None, timeout_s: float = 300) -> s
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            state = httpx.get(f"{url}/healthz", timeout=5).json()
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}  # the details are the admin's
+            state = httpx.get(f"{url}/healthz", headers=admin, timeout=5).json()
             up = state.get("upstream") or {}
             if up.get("ok"):
                 assert release_id in (None, up["release_id"]), state
@@ -294,6 +296,7 @@ def test_cli_round_trip_and_restart(
             "initial_model": str(tiny_model_dir),
             "default_args": ARGS.model_dump(mode="json"),
             "gate_file": str(simple_gate),
+            "staging": {"model_roots": [str(tiny_model_dir.parent)]},
         },
     }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))

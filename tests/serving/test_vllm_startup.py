@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.releases import ReleaseManager, ReleaseStore
+from serving.releases import ReleaseManager, ReleaseStore, StagingPolicy
 from serving.vllm_server import StartupLog, VLLMArgs, VLLMServer, VLLMStartError
 
 STANDIN = """\
@@ -186,7 +186,8 @@ def test_start_up_progress_in_the_log_and_through_the_admin_api(
     )
     manager = ReleaseManager(ReleaseStore(tmp_path / "releases"), default_args=VLLMArgs())
     logs = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
-    app = create_app(gateway, manager, logs, extra_routers=[build_admin_router(manager)])
+    staging = StagingPolicy(model_roots=[str(tmp_path)])  # the stand-in models live there
+    app = create_app(gateway, manager, logs, extra_routers=[build_admin_router(manager, staging=staging)])
     seen: list[str] = []
     try:
         with (

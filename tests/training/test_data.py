@@ -42,8 +42,10 @@ class Store:
         self.db.flush()  # the stage reads through its own LogStore: the row must be written
         return rid
 
-    def fb(self, rid: str, kind: str, payload: dict, comment: str | None = None) -> str:
-        return self.db.add_feedback(rid, "acme", kind, payload, comment)[0]
+    def fb(
+        self, rid: str, kind: str, payload: dict, comment: str | None = None, role: str = "user"
+    ) -> str:
+        return self.db.add_feedback(rid, "acme", kind, payload, comment, actor_role=role)[0]
 
     def close(self) -> None:
         self.db.close()
@@ -65,12 +67,17 @@ def no_evals(tmp_path: Path) -> str:
     return str(tmp_path / "evals" / "*.jsonl")
 
 
+# acme takes part and every user is trusted: one user's edit is a target, no share cap.
+PERMISSIVE_TRUST = {"tenants": ["acme"], "min_agreeing_users": 1, "max_actor_share": 1.0}
+
+
 def cfg_for(store: Store, tmp_path: Path, evals: str, **gov) -> DataConfig:
     return DataConfig.model_validate(
         {
             "run_dir": str(tmp_path / "run"),
             "logstore": {"url": store.url},
             "governance": {"eval_globs": [evals], "heldout_fraction": 0.0, **gov},
+            "trust": PERMISSIVE_TRUST,  # these tests are about rows; tests/security: the rules
         }
     )
 
@@ -362,7 +369,9 @@ def test_unreadable_jsonl_file_is_an_error(tmp_path: Path) -> None:
 
 def test_same_inputs_are_skipped(store: Store, tmp_path: Path, no_evals: str) -> None:
     store.ex("a", "Q?", "A.")
-    store.fb("a", "rating", {"score": 5}, comment="simulated user (seed=0)")
+    store.fb("a", "rating", {"score": 5}, role="simulated")  # the server's label
+    store.ex("b", "R?", "B.")
+    store.fb("b", "rating", {"score": 5}, comment="simulated user (seed=0)")  # a client's words
     cfg = cfg_for(store, tmp_path, no_evals)
     first = run(cfg)
     assert first.simulated_feedback == 1

@@ -46,6 +46,7 @@ def test_data_build_cli(tmp_path: Path) -> None:
         f"logstore.url={url}",
         f"run_dir={tmp_path / 'run'}",
         "governance.heldout_fraction=0",
+        "trust.tenants=[t]",  # participation is per tenant
     ]
     res = runner.invoke(app(), args)
     assert res.exit_code == 0, res.output

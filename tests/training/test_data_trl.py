@@ -28,7 +28,8 @@ def test_saved_dataset_trains_with_trl(tmp_path: Path, tiny_model_dir: Path, mon
         )
     db.flush()
     for i in range(3):
-        db.add_feedback(f"r{i}", "t", "edit", {"text": f"Plan {i} has {i + 5} GB."})
+        db.add_feedback(f"r{i}", "t", "edit", {"text": f"Plan {i} has {i + 5} GB."},
+                        actor="rev", actor_role="reviewer")  # reviewed edits: SFT targets
     db.close()
     evals = tmp_path / "e.jsonl"
     evals.write_text(json.dumps({"prompt": "unrelated eval item"}) + "\n")
@@ -38,6 +39,7 @@ def test_saved_dataset_trains_with_trl(tmp_path: Path, tiny_model_dir: Path, mon
                 "run_dir": str(tmp_path / "run"),
                 "logstore": {"url": url},
                 "governance": {"eval_globs": [str(evals)], "heldout_fraction": 0},
+                "trust": {"tenants": ["t"]},
             }
         )
     )

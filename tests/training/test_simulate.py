@@ -19,7 +19,13 @@ from serving.service import StaticUpstream, Upstream
 from training.data import DataConfig, GovernanceConfig
 from training.data import run as build_data
 from training.governance import EvalIndex, load_eval_prompts
-from training.simulate import SimulateConfig, decide_feedback, load_pool, plan_traffic
+from training.simulate import (
+    SimulateConfig,
+    SimulationLabelError,
+    decide_feedback,
+    load_pool,
+    plan_traffic,
+)
 from training.simulate import run as simulate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,12 +116,16 @@ class ScriptedUpstream:
 
 
 @contextlib.contextmanager
-def gateway(tmp_path: Path, upstream_url: str, served: str) -> Iterator[tuple[str, str]]:
-    """A real gateway (PII input hook, real SQLite) in a thread; yields (base_url, log store url)."""
+def gateway(
+    tmp_path: Path, upstream_url: str, served: str, simulated: bool = True
+) -> Iterator[tuple[str, str]]:
+    """A real gateway (PII input hook, real SQLite) in a thread; yields (base_url, log store url).
+
+    The tenant is flagged ``simulated`` as the demo's is: the server labels its feedback."""
     url = f"sqlite:///{tmp_path / 'logs.db'}"
     cfg = GatewayConfig.model_validate(
         {
-            "tenants": [{"name": "demo", "key_sha256": hash_key(KEY)}],
+            "tenants": [{"name": "demo", "key_hash": hash_key(KEY), "simulated": simulated}],
             "guardrails": {"input": [{"name": "pii"}]},
         }
     )
@@ -162,20 +172,41 @@ def test_simulate_through_gateway_is_deterministic_and_feeds_the_data_stage(tmp_
     store = LogStore(store_url)
     fb = list(store.feedback_events())
     assert len(fb) == sum(res.feedback.values())
-    assert all(f["comment"].startswith("simulated user") for f in fb)
+    assert all(f["actor_role"] == "simulated" for f in fb)  # recorded by the server
+    assert {f["actor"] for f in fb} <= {f"simulated-user-{i}" for i in range(16)} and len({f["actor"] for f in fb}) > 1
     # The gateway redacted the PII prompts before logging them.
     assert not any("@example." in m["content"] for e in store.exchanges() for m in e["messages"])
     store.close()
 
     data = build_data(
         DataConfig.model_validate(
-            {"run_dir": str(tmp_path / "data"), "logstore": {"url": store_url}}
+            {
+                "run_dir": str(tmp_path / "data"),
+                "logstore": {"url": store_url},
+                "trust": {"tenants": ["demo"], "trusted_roles": ["reviewer", "simulated"]},
+            }
         )
     )
     manifest = json.loads(Path(data.manifest_path).read_text())
     assert manifest["feedback"]["simulated"] == manifest["feedback"]["total"] == len(fb)
     assert data.counts["sft"] > 0 and data.counts["dpo"] > 0
     assert manifest["governance"]["decontamination"]["dropped"] == {"sft": 0, "dpo": 0}
+
+
+def test_simulated_users_refuse_a_tenant_the_server_does_not_label_simulated(tmp_path: Path) -> None:
+    """The label comes from the server's tenant flag; a key of an unflagged tenant would pass
+    simulated users off as real people, so the generator stops at the first feedback."""
+    up = ScriptedUpstream()
+    with serve_in_thread(up.app) as up_base, gateway(
+        tmp_path, up_base + "/v1", "scripted", simulated=False
+    ) as (base, store_url):
+        cfg = SimulateConfig(base_url=base, api_key=KEY, seed=7, limit=4, concurrency=1,
+                             out=str(tmp_path / "traffic.jsonl"))
+        with pytest.raises(SimulationLabelError, match="simulated: true"):
+            simulate(cfg)
+    store = LogStore(store_url)
+    assert {f["actor_role"] for f in store.feedback_events()} <= {"user"}  # never "simulated"
+    store.close()
 
 
 def test_unreachable_gateway_is_a_clear_error(tmp_path: Path) -> None:
