@@ -34,7 +34,8 @@ sys.exit(0 if info and httpx.get(info['url'] + '/healthz', timeout=3).status_cod
 if ! healthy; then
   t=$(now)
   setsid nohup "$al" serve --config "$serve_cfg" >> "$ALIGNLOOP_HOME/serve.log" 2>&1 < /dev/null &
-  for _ in $(seq 600); do healthy && break; sleep 1; done
+  wait_s=600; [ -n "${LOOP_DEADLINE:-}" ] && wait_s=$(( LOOP_DEADLINE - $(date +%s) - 30 ))
+  for _ in $(seq "$wait_s"); do healthy && break; sleep 1; done  # a gateway that never comes up ends the step in time
   healthy || { echo "gateway did not come up:"; tail -40 "$ALIGNLOOP_HOME/serve.log"; exit 1; }
   record "gateway + live release" "$(since "$t")"
 fi
