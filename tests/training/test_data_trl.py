@@ -38,6 +38,7 @@ def test_saved_dataset_trains_with_trl(tmp_path: Path, tiny_model_dir: Path, mon
                 "run_dir": str(tmp_path / "run"),
                 "logstore": {"url": url},
                 "governance": {"eval_globs": [str(evals)], "heldout_fraction": 0},
+                "ledger": {"path": str(tmp_path / "ledger"), "min_new_rows": 1},
             }
         )
     )

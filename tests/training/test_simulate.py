@@ -169,13 +169,14 @@ def test_simulate_through_gateway_is_deterministic_and_feeds_the_data_stage(tmp_
 
     data = build_data(
         DataConfig.model_validate(
-            {"run_dir": str(tmp_path / "data"), "logstore": {"url": store_url}}
+            {"run_dir": str(tmp_path / "data"), "logstore": {"url": store_url},
+             "ledger": {"path": str(tmp_path / "ledger")}}
         )
     )
     manifest = json.loads(Path(data.manifest_path).read_text())
     assert manifest["feedback"]["simulated"] == manifest["feedback"]["total"] == len(fb)
     assert data.counts["sft"] > 0 and data.counts["dpo"] > 0
-    assert manifest["governance"]["decontamination"]["dropped"] == {"sft": 0, "dpo": 0}
+    assert manifest["governance"]["decontamination"]["dropped"] == {"sft": 0, "dpo": 0, "kto": 0}
 
 
 def test_unreachable_gateway_is_a_clear_error(tmp_path: Path) -> None:
