@@ -18,6 +18,7 @@ SCHEMAS: dict[str, tuple[str, dict]] = {
     "demo.yaml": ("training.simulate:SimulateConfig", {}),
     "sft.yaml": ("training.sft:SFTStageConfig", {"dataset_path": "d"}),
     "dpo.yaml": ("training.dpo:DPOStageConfig", {"dataset_path": "d", "sft_adapter": "a"}),
+    "kto.yaml": ("training.kto:KTOStageConfig", {"dataset_path": "d", "adapter": "a"}),
     "merge.yaml": ("training.merge:MergeConfig", {"adapter": "a"}),
     "quantize.yaml": ("training.quantize:QuantizeConfig", {"model_dir": "m", "dataset_path": "d"}),
     "evals.yaml": ("evals.config:EvalsConfig", {}),
