@@ -120,14 +120,23 @@ def model_lineage(model_dir: str | Path) -> tuple[list[LineageStep], Path]:
     return steps, current
 
 
-def release_lineage(release: Any) -> Lineage:
-    """The chain behind a :class:`serving.releases.Release` (window -> dataset -> adapters -> release)."""
-    full = full_precision_model(release.model_dir)
+def release_lineage(release_id: str | None, model_dir: str | Path) -> Lineage:
+    """The chain behind a release serving ``model_dir`` (window -> dataset -> adapters -> release)."""
+    full = full_precision_model(model_dir)
     steps, root = model_lineage(full)
     return Lineage(
-        release_id=release.release_id, serving_model=str(release.model_dir), full_model=str(full),
+        release_id=release_id, serving_model=str(model_dir), full_model=str(full),
         steps=steps, root_model=str(root),
     )
+
+
+def describe_chain(lineage: Lineage) -> str:
+    """One line: ``w-B (ds-.., sft+dpo) <- w-A (ds-.., sft+dpo) <- base <folder>``, newest first."""
+    parts = []
+    for step in lineage.steps:
+        kinds = "+".join(Path(a).parent.parent.name for a in step.adapters) or "no adapters"
+        parts.append(f"{step.window} ({step.dataset_version or 'dataset ?'}, {kinds})")
+    return " <- ".join([*parts, f"base {lineage.root_model}"])
 
 
 def live_lineage(releases_root: str | Path | None = None) -> Lineage | None:
@@ -139,7 +148,7 @@ def live_lineage(releases_root: str | Path | None = None) -> Lineage | None:
     if not root.is_dir():  # reading must not create the folder (ReleaseStore would)
         return None
     live = ReleaseStore(root).live()
-    return release_lineage(live) if live is not None else None
+    return release_lineage(live.release_id, live.model_dir) if live is not None else None
 
 
 @dataclass

@@ -56,8 +56,8 @@ def a_run(runs: Path, name: str, base: Path, windows: list[str], quantize: bool)
     return run, quant
 
 
-def test_live_lineage_walks_quantized_releases_back_to_the_base(tmp_path: Path) -> None:
-    store = ReleaseStore(tmp_path / "releases")
+def test_live_lineage_walks_quantized_releases_back_to_the_base(tmp_path: Path, data_home: Path) -> None:
+    store = ReleaseStore(data_home / "releases")
     base = model_folder(tmp_path / "base")
     first = store.create(base, VLLMArgs())
     store.set_status(first.release_id, "live", "initial")
@@ -82,6 +82,14 @@ def test_live_lineage_walks_quantized_releases_back_to_the_base(tmp_path: Path) 
     assert start.model == str(merged2) and start.live_release == live.release_id
     assert "continue from live release" in start.describe() and "2 earlier runs" in start.describe()
     assert resolve_start("base", "embedded", live).model == "embedded"
+    # `alignloop release list` shows the chain (no gateway running: the persisted state).
+    from typer.testing import CliRunner
+
+    from flows.cli_serving import release_app
+
+    out = CliRunner().invoke(release_app, ["list"])
+    assert out.exit_code == 0, out.output
+    assert f"lineage: w-2 (ds-w-2, sft+dpo) <- w-1 (ds-w-1, sft+dpo) <- base {base}" in out.output
 
     # An int8 release's trainable weights are its quantize stage's source model.
     store.rollback_offline("back to the int8 release")
