@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,8 +180,9 @@ def trend_rows(runs: list[dict]) -> list[dict]:
             "dataset": r["dataset_version"] or "–", "new examples": _fmt(r["new_examples"]),
             "start": r["start"] or "–",
         }
-        for rule in r["rules"]:
-            name = rule["rule"] if rule["metric"] is None or "*" not in str(rule["rule"]) else rule["metric"]
+        labels = Counter(rule["rule"] for rule in r["rules"])
+        for rule in r["rules"]:  # a pattern rule gives one outcome per metric: name those apart
+            name = rule["rule"] if labels[rule["rule"]] == 1 else f"{rule['rule']}: {rule['metric']}"
             diff = "" if rule.get("diff") is None else f" ({rule['diff']:+.3f})"
             row[str(name)] = f"{_fmt(rule['value'])} vs {_fmt(rule['reference'])}{diff} {rule['verdict'] or ''}".strip()
         rows.append(row)
