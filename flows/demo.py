@@ -36,10 +36,13 @@ def _say(msg: str) -> None:
     typer.echo(f"[demo {time.strftime('%H:%M:%S')}] {msg}")
 
 
-def _start_gateway(log_path: Path, keep: bool = False, timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
+def _start_gateway(
+    log_path: Path, keep: bool = False, timeout_s: float = 600, serve_overrides: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`alignloop serve` in a child process; wait until the live release answers through it.
 
     It stops with the demo (training/procs.py), unless ``keep``: then it is detached and serves on.
+    ``serve_overrides`` are key=value settings of `alignloop serve`.
     """
     from serving.server import running_server, server_file
     from serving.vllm_server import free_port
@@ -51,7 +54,7 @@ def _start_gateway(log_path: Path, keep: bool = False, timeout_s: float = 600) -
     log_path.parent.mkdir(parents=True, exist_ok=True)
     from training.procs import owned_popen
 
-    cmd = [sys.executable, "-m", "flows.cli", "serve", f"port={port}"]
+    cmd = [sys.executable, "-m", "flows.cli", "serve", f"port={port}", *(serve_overrides or [])]
     with log_path.open("ab") as logf:
         out = {"stdout": logf, "stderr": subprocess.STDOUT, "cwd": repo_root()}
         if keep:
@@ -107,9 +110,11 @@ def windows_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(overrides: list[str], keep_serving: bool = False, windows: int = 1) -> int:
+def run_demo(
+    overrides: list[str], keep_serving: bool = False, windows: int = 1, serve_overrides: list[str] | None = None
+) -> int:
     """Run the demo on ``windows`` consecutive feedback windows; return the exit code (0 also
-    when the gate keeps the live model)."""
+    when the gate keeps the live model). ``serve_overrides`` go to `alignloop serve`."""
     from flows import prefect_env
     from training.base_model import materialize
 
@@ -122,7 +127,8 @@ def run_demo(overrides: list[str], keep_serving: bool = False, windows: int = 1)
     _say(f"base model {model.path} ({model.check_answer!r})")
 
     t = time.monotonic()
-    proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving)
+    proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving,
+                               serve_overrides=serve_overrides)
     timings["start gateway + live release"] = time.monotonic() - t
     _say(f"gateway at {url} (OpenAI base {url}/v1); live release up")
     outcomes = []
