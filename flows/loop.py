@@ -323,12 +323,13 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     adapter = sft["adapter_dir"]
     if cfg.preference_objective in ("dpo", "dpo+kto"):
         adapter = train_dpo(cfg, str(run_dir), data["dataset_path"], adapter)["adapter_dir"]
-    kto_min = cfg.stage_config("kto", adapter="-", dataset_path="-").min_rows
-    if cfg.preference_objective == "dpo+kto" and data["counts"]["kto"] < kto_min:
-        logger.warning("kto: %d thumbs-only rows (< kto.min_rows %d); this run trains SFT + DPO only",
-                       data["counts"]["kto"], kto_min)
-    elif cfg.preference_objective in ("kto", "dpo+kto"):
-        adapter = train_kto(cfg, str(run_dir), data["dataset_path"], adapter)["adapter_dir"]
+    if cfg.preference_objective in ("kto", "dpo+kto"):
+        kto_min = cfg.stage_config("kto", adapter="-", dataset_path="-").min_rows
+        if cfg.preference_objective == "dpo+kto" and data["counts"]["kto"] < kto_min:
+            logger.warning("kto: %d thumbs-only rows (< kto.min_rows %d); this run trains SFT + DPO only",
+                           data["counts"]["kto"], kto_min)
+        else:
+            adapter = train_kto(cfg, str(run_dir), data["dataset_path"], adapter)["adapter_dir"]
     merged = merge_adapters(cfg, str(run_dir), adapter)
     models = {"aligned": merged["model_dir"]}
     schemes = {"aligned": "bf16"}  # unquantized (bf16 or fp32 per platform)
