@@ -97,6 +97,17 @@ def _traffic(url: str, window: int) -> Any:
     return simulate(load_config(SimulateConfig, repo_root() / "configs" / "demo.yaml", overrides))
 
 
+def _live_chain() -> str:
+    """The live release's lineage in one line (what `alignloop release list` prints under it)."""
+    from training.lineage import describe_chain, live_lineage
+
+    try:
+        lineage = live_lineage()
+    except (OSError, ValueError) as exc:
+        return f"unknown ({exc})"
+    return f"{lineage.release_id}: {describe_chain(lineage)}" if lineage else "no live release"
+
+
 def windows_table(runs: list[dict]) -> str:
     """The demo's per-window table in markdown: what each window decided and the gate's numbers."""
     from flows.window import trend_rows
@@ -177,6 +188,7 @@ def run_demo(
         (data_dir() / "demo-windows.json").write_text(json.dumps({"windows": runs, "timings": timings}, indent=2))
         typer.echo(table)
         typer.echo(f"per-window table: {summary}")
+        typer.echo(f"live release's lineage: {_live_chain()}")
     typer.echo(f"decision: {outcomes[-1]['decision']}")
     if outcomes[-1].get("report"):
         typer.echo(f"report: {outcomes[-1]['report']}")

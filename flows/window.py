@@ -178,7 +178,7 @@ def trend_rows(runs: list[dict]) -> list[dict]:
         row = {
             "window": r["run_id"], "decision": (r["decision"] or "")[:120],
             "dataset": r["dataset_version"] or "–", "new examples": _fmt(r["new_examples"]),
-            "start": r["start"] or "–",
+            "start": r["start"] or "–", "now live": r["promoted"] or "(unchanged)",
         }
         labels = Counter(rule["rule"] for rule in r["rules"])
         for rule in r["rules"]:  # a pattern rule gives one outcome per metric: name those apart
