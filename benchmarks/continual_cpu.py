@@ -129,6 +129,12 @@ def _pts(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.1f}"
 
 
+def _label(rule: dict) -> str:
+    """A pattern rule gives one outcome per metric: name the metric (``arithmetic``, ...)."""
+    metric = str(rule.get("metric") or "")
+    return f"{rule['rule']} ({metric.split('.')[-2]})" if metric.startswith("quality.capability.") else rule["rule"]
+
+
 def markdown(results: list[dict], windows: int) -> str:
     lines = [f"CPU: {cpu_kind()}, {os.cpu_count()} cores; {windows} windows per variant; gate "
              f"{results[0].get('gate') or 'configs/gate.yaml'}.", ""]
@@ -142,11 +148,11 @@ def markdown(results: list[dict], windows: int) -> str:
         for w in res["windows"]:
             train_s = sum((t.get("train_s") or 0) for t in w.get("training", {}).values())
             rules = "; ".join(
-                f"{r['rule']}: {_pts(r.get('diff'))} [{_pts(r.get('low'))}, {_pts(r.get('high'))}] "
+                f"{_label(r)}: {_pts(r.get('diff'))} [{_pts(r.get('low'))}, {_pts(r.get('high'))}] "
                 f"n={r.get('n')} {r.get('verdict')}" for r in w.get("rules", []) if r.get("diff") is not None
             ) or "–"
             forgot = "; ".join(
-                f"{r['rule']}: {_pts(r['diff'])} [{_pts(r['low'])}, {_pts(r['high'])}]"
+                f"{_label(r)}: {_pts(r['diff'])} [{_pts(r['low'])}, {_pts(r['high'])}] n={r.get('n')}"
                 for r in res.get("forgetting", {}).get(w["run_id"], [])
             ) or "–"
             lines.append(f"| {w['run_id']} | {(w.get('decision') or '')[:90]} | {w.get('dataset_version')} "

@@ -167,7 +167,7 @@ def history(runs_root: Path | None = None) -> list[dict]:
 
 def _fmt(x: object) -> str:
     if isinstance(x, float):
-        return f"{x:.3g}"
+        return f"{x + 0.0:.3g}"  # + 0.0: a rate of -0.0 (1 - 1.0 on some path) prints as 0
     return "–" if x is None else str(x)
 
 

@@ -30,7 +30,7 @@ def a_run(runs: Path, name: str, until: str, *, skipped: bool = False, promoted:
         RuleOutcome("capability per task", f"quality.capability.{task}.answer_match", "non_inferiority",
                     "pass", "", value=0.5, reference=0.45, diff=0.05, low=-0.02, high=0.12, n=24)
         for task in ("arith", "facts")
-    ] + [RuleOutcome("no failed requests", "perf.failed", "threshold", "pass", "", value=0.0, reference=0.0)])
+    ] + [RuleOutcome("no failed requests", "perf.failed", "threshold", "pass", "", value=-0.0, reference=0.0)])
     (run / "report").mkdir()
     (run / "report" / "gate.json").write_text(json.dumps({"aligned": decision.to_dict(), "winner": "aligned"}))
 
@@ -49,7 +49,7 @@ def test_history_is_in_window_order_and_the_trend_names_pattern_rules_apart(tmp_
     assert rows[0]["now live"] == "rel-a" and rows[1]["now live"] == "(unchanged)"
     assert rows[0]["capability per task: quality.capability.arith.answer_match"].startswith("0.5 vs 0.45 (+0.050) pass")
     assert "capability per task: quality.capability.facts.answer_match" in rows[0]
-    assert rows[0]["no failed requests"] == "0 vs 0 pass"  # a single outcome keeps the rule's name
+    assert rows[0]["no failed requests"] == "0 vs 0 pass"  # one outcome: the rule's name; -0.0 prints as 0
     assert rows[1]["decision"].startswith("skipped: not enough new feedback")
 
     table = windows_table(done).splitlines()
