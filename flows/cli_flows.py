@@ -123,11 +123,15 @@ def promote(
 def demo(
     overrides: list[str] = _OVERRIDES,
     keep_serving: bool = typer.Option(False, help="Leave the gateway running after the demo."),
+    windows: int = typer.Option(1, min=1, help="Feedback windows in a row (each one a scheduled run)."),
+    serve: list[str] = typer.Option(  # noqa: B008
+        [], "--serve", help="key=value for the demo's `alignloop serve` (e.g. releases.gate_file=...)."
+    ),
 ) -> None:
     """The whole loop on the embedded SmolLM2 on this machine, with simulated users (labeled as such)."""
     from flows.demo import run_demo
 
-    raise typer.Exit(run_demo(overrides or [], keep_serving=keep_serving))
+    raise typer.Exit(run_demo(overrides or [], keep_serving=keep_serving, windows=windows, serve_overrides=serve))
 
 
 def register(app: typer.Typer) -> None:

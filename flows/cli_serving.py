@@ -80,9 +80,21 @@ def release_list(
 ) -> None:
     """List releases (status, model, source; warm/serving when a gateway runs)."""
     from serving.releases import ReleaseStore
+    from training.lineage import describe_chain, release_lineage
 
     client = _client(url, admin_key)
     rows = _run(client.describe) if client else [r.to_dict() for r in ReleaseStore().list()]
+    chains: dict[str, str] = {}
+    for r in rows:  # window -> dataset version -> adapters -> release, read from the run folders
+        try:
+            lineage = release_lineage(r["release_id"], r["model_dir"])
+        except (OSError, ValueError, KeyError) as exc:
+            r["lineage"] = {"error": str(exc)}
+            chains[r["release_id"]] = f"unknown ({exc})"
+            continue
+        r["lineage"] = lineage.to_dict()
+        if lineage.steps:
+            chains[r["release_id"]] = describe_chain(lineage)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -91,12 +103,14 @@ def release_list(
     for r in rows:
         flags = " serving" if r.get("serving") else (" warm" if r.get("warm") else "")
         src = r.get("source") or {}
-        lineage = (
+        origin = (
             f" from {src.get('run_dir', src.get('kind', ''))}:{src.get('stage', '')}" if src else ""
         )
         typer.echo(
-            f"{r['release_id']:<48} {str(r['status']):<9}{flags:<8} {r['model_dir']}{lineage}"
+            f"{r['release_id']:<48} {str(r['status']):<9}{flags:<8} {r['model_dir']}{origin}"
         )
+        if r["release_id"] in chains:
+            typer.echo(f"    lineage: {chains[r['release_id']]}")
 
 
 @release_app.command("stage")

@@ -1,4 +1,4 @@
-"""`alignloop sft|dpo|merge|quantize --config FILE key=value ...`: one training stage each.
+"""`alignloop sft|dpo|kto|merge|quantize --config FILE key=value ...`: one training stage each.
 
 Each command loads the stage's typed config (YAML plus dotted ``key=value`` overrides), runs the
 stage's ``run(cfg)`` and prints its result as JSON. A stage whose inputs did not change since it
@@ -18,6 +18,7 @@ _STAGES = {
     # command: (module, config class, default config file, help)
     "sft": ("training.sft", "SFTStageConfig", "sft.yaml", "Train the SFT LoRA adapter (TRL SFTTrainer)."),
     "dpo": ("training.dpo", "DPOStageConfig", "dpo.yaml", "Train the DPO LoRA adapter on the SFT model."),
+    "kto": ("training.kto", "KTOStageConfig", "kto.yaml", "Train a KTO LoRA adapter on unpaired thumbs up/down."),
     "merge": ("training.merge", "MergeConfig", "merge.yaml", "Fold SFT + DPO adapters into a full model folder."),
     "quantize": ("training.quantize", "QuantizeConfig", "quantize.yaml", "AWQ-quantize a merged model (llm-compressor)."),
 }
@@ -65,6 +66,6 @@ def _make_command(module: str, cls_name: str, default_file: str, help_text: str)
 
 
 def register(app: typer.Typer) -> None:
-    """Add the four training stage commands to the `alignloop` app."""
+    """Add the training stage commands to the `alignloop` app."""
     for name, (module, cls_name, default_file, help_text) in _STAGES.items():
         app.command(name, help=help_text)(_make_command(module, cls_name, default_file, help_text))

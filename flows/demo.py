@@ -6,6 +6,11 @@
 3. run the alignment loop flow on that window: datasets -> SFT -> DPO -> merge -> AWQ ->
    staged releases -> evals -> report -> gate -> promote or keep;
 4. print the comparison table, the decision and where to look.
+
+``--windows N`` repeats 2-3 N times against the same gateway, as N scheduled runs would: window
+k's traffic uses seed k, its users judge whatever release is live by then, and each run builds
+on the ledger of every earlier window. The per-window table (decision, dataset version, the gate's
+metrics vs live) is printed and written to ``<data dir>/demo-windows.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import typer
@@ -30,10 +36,13 @@ def _say(msg: str) -> None:
     typer.echo(f"[demo {time.strftime('%H:%M:%S')}] {msg}")
 
 
-def _start_gateway(log_path: Path, keep: bool = False, timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
+def _start_gateway(
+    log_path: Path, keep: bool = False, timeout_s: float = 600, serve_overrides: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`alignloop serve` in a child process; wait until the live release answers through it.
 
     It stops with the demo (training/procs.py), unless ``keep``: then it is detached and serves on.
+    ``serve_overrides`` are key=value settings of `alignloop serve`.
     """
     from serving.server import running_server, server_file
     from serving.vllm_server import free_port
@@ -45,7 +54,7 @@ def _start_gateway(log_path: Path, keep: bool = False, timeout_s: float = 600) -
     log_path.parent.mkdir(parents=True, exist_ok=True)
     from training.procs import owned_popen
 
-    cmd = [sys.executable, "-m", "flows.cli", "serve", f"port={port}"]
+    cmd = [sys.executable, "-m", "flows.cli", "serve", f"port={port}", *(serve_overrides or [])]
     with log_path.open("ab") as logf:
         out = {"stdout": logf, "stderr": subprocess.STDOUT, "cwd": repo_root()}
         if keep:
@@ -76,8 +85,47 @@ def _stop_gateway(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def run_demo(overrides: list[str], keep_serving: bool = False) -> int:
-    """Run the demo; return the process exit code (0 also when the gate keeps the live model)."""
+def _traffic(url: str, window: int) -> Any:
+    """Demo traffic + simulated feedback for one window (seed = window number)."""
+    from training.config import load_config
+    from training.simulate import SimulateConfig
+    from training.simulate import run as simulate
+
+    overrides = [f"base_url={url}/v1"]
+    if window:  # window 0 is exactly `make demo`'s traffic
+        overrides += [f"seed={window}", f"out={data_dir() / 'simulate' / f'traffic-window{window}.jsonl'}"]
+    return simulate(load_config(SimulateConfig, repo_root() / "configs" / "demo.yaml", overrides))
+
+
+def _live_chain() -> str:
+    """The live release's lineage in one line (what `alignloop release list` prints under it)."""
+    from training.lineage import describe_chain, live_lineage
+
+    try:
+        lineage = live_lineage()
+    except (OSError, ValueError) as exc:
+        return f"unknown ({exc})"
+    return f"{lineage.release_id}: {describe_chain(lineage)}" if lineage else "no live release"
+
+
+def windows_table(runs: list[dict]) -> str:
+    """The demo's per-window table in markdown: what each window decided and the gate's numbers."""
+    from flows.window import trend_rows
+
+    rows = trend_rows(runs)
+    if not rows:
+        return "(no finished window)"
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_demo(
+    overrides: list[str], keep_serving: bool = False, windows: int = 1, serve_overrides: list[str] | None = None
+) -> int:
+    """Run the demo on ``windows`` consecutive feedback windows; return the exit code (0 also
+    when the gate keeps the live model). ``serve_overrides`` go to `alignloop serve`."""
     from flows import prefect_env
     from training.base_model import materialize
 
@@ -90,48 +138,63 @@ def run_demo(overrides: list[str], keep_serving: bool = False) -> int:
     _say(f"base model {model.path} ({model.check_answer!r})")
 
     t = time.monotonic()
-    proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving)
+    proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving,
+                               serve_overrides=serve_overrides)
     timings["start gateway + live release"] = time.monotonic() - t
     _say(f"gateway at {url} (OpenAI base {url}/v1); live release up")
+    outcomes = []
     try:
-        from training.config import load_config
-        from training.simulate import SimulateConfig
-        from training.simulate import run as simulate
-
-        window_start = datetime.now(UTC) - timedelta(seconds=1)
-        t = time.monotonic()
-        sim_cfg = load_config(SimulateConfig, repo_root() / "configs" / "demo.yaml", [f"base_url={url}/v1"])
-        sim = simulate(sim_cfg)
-        timings["demo traffic + simulated feedback"] = time.monotonic() - t
-        _say(f"sent {sim.requests} requests ({sim.failed} failed); SIMULATED feedback {sim.feedback}; "
-             f"mean policy compliance of live answers {sim.mean_compliance:.2f}")
-
         from flows.loop import run_loop
 
-        t = time.monotonic()
         # The CPU demo's small eval profile (configs/evals-demo.yaml): its gate may well say
         # "inconclusive" and keep live; the README explains why.
         demo_overrides = [f"evals_file={repo_root() / 'configs' / 'evals-demo.yaml'}", *overrides]
-        outcome = run_loop(
-            str(repo_root() / "configs" / "loop.yaml"), demo_overrides, window_start, datetime.now(UTC)
-        )
-        timings["alignment loop (flow)"] = time.monotonic() - t
+        window_start = datetime.now(UTC) - timedelta(seconds=1)
+        for k in range(windows):
+            tag = f" (window {k + 1} of {windows})" if windows > 1 else ""
+            t = time.monotonic()
+            sim = _traffic(url, k)
+            timings[f"demo traffic + simulated feedback{tag}"] = time.monotonic() - t
+            _say(f"sent {sim.requests} requests ({sim.failed} failed); SIMULATED feedback {sim.feedback}; "
+                 f"mean policy compliance of live answers {sim.mean_compliance:.2f}{tag}")
+            t = time.monotonic()
+            window_end = datetime.now(UTC)
+            outcome = run_loop(str(repo_root() / "configs" / "loop.yaml"), demo_overrides, window_start, window_end)
+            timings[f"alignment loop (flow){tag}"] = time.monotonic() - t
+            outcomes.append(outcome)
+            window_start = window_end
+            _say(f"decision{tag}: {outcome['decision']}")
     finally:
         if keep_serving:
             _say(f"gateway keeps serving at {url} (pid {proc.pid})")
         else:
             _stop_gateway(proc)
     timings["total"] = time.monotonic() - t0
-    run_dir = Path(outcome["run_dir"])
+    run_dir = Path(outcomes[-1]["run_dir"])
     (run_dir / "demo-timings.json").write_text(json.dumps(timings, indent=2))
     typer.echo("")
-    # The report's first sections: what changed, in words, and the side-by-side table.
-    sections = Path(outcome["report"]).read_text().split("\n## ")
-    typer.echo("\n## ".join(sections[:3]))
-    typer.echo(f"decision: {outcome['decision']}")
-    typer.echo(f"report: {outcome['report']}")
+    if windows == 1:
+        # The report's first sections: what changed, in words, and the side-by-side table.
+        sections = Path(outcomes[0]["report"]).read_text().split("\n## ")
+        typer.echo("\n## ".join(sections[:3]))
+    else:
+        from flows.window import window_summary
+
+        runs = [window_summary(Path(o["run_dir"])) for o in outcomes]
+        table = windows_table(runs)
+        summary = data_dir() / "demo-windows.md"
+        summary.write_text(f"# alignloop demo: {windows} windows\n\n{table}\n\n"
+                           f"timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}\n")
+        (data_dir() / "demo-windows.json").write_text(json.dumps({"windows": runs, "timings": timings}, indent=2))
+        typer.echo(table)
+        typer.echo(f"per-window table: {summary}")
+        typer.echo(f"live release's lineage: {_live_chain()}")
+    typer.echo(f"decision: {outcomes[-1]['decision']}")
+    if outcomes[-1].get("report"):
+        typer.echo(f"report: {outcomes[-1]['report']}")
     typer.echo(f"run folder: {run_dir}   releases: {data_dir() / 'releases'}")
     typer.echo("Prefect UI: `alignloop ui`, then open the flow run "
                "'align-...' of flow 'alignment-loop' (artifacts tab: report, gate, plots)")
+    typer.echo("lineage of every release: `alignloop release list`")
     typer.echo("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0

@@ -1,7 +1,12 @@
 """The alignment loop as Prefect flows: thin tasks over each stage's ``run(cfg)``.
 
-    export window -> datasets -> SFT -> DPO -> merge -> quantize -> stage releases
+    live lineage -> export window -> datasets (ledger of every window) -> SFT -> DPO | KTO
+      -> merge -> quantize -> stage releases
       -> evals (live + candidates, each behind a private gateway) -> report -> gate -> promote|keep
+
+A window with too little new feedback ends after the data stage as "skipped: not enough new
+feedback" (an artifact says so; live is untouched). Training starts from the base model or from
+the live release's weights (``start_from``); docs/continual.md.
 
 Rules kept here: retries only on I/O tasks (export, staging, promotion), never on training; every
 stage writes ``runs/<run_id>/<stage>/`` and is skipped when its inputs are unchanged, so a rerun
@@ -28,19 +33,43 @@ from training.config import data_dir
 
 
 # -- tasks: each loads its config, calls the stage, returns a plain dict --------------------------
+@task(name="where training starts", retries=2, retry_delay_seconds=5)
+def find_start(cfg: LoopConfig, live: dict) -> dict:
+    """The live release's lineage (read from run folders) and the model this run trains on."""
+    from training.lineage import describe_chain, release_lineage, resolve_start
+
+    try:
+        lineage = release_lineage(live["release_id"], live["model_dir"])
+    except ValueError as exc:  # e.g. an int8 model no run of ours made: only start_from=live needs it
+        if cfg.start_from == "live":
+            raise
+        start = resolve_start("base", cfg.model.name_or_path, None)
+        return {**asdict(start), "live_release": live["release_id"], "describe": start.describe(),
+                "trained_windows": [], "live_chain": f"unknown ({exc})"}
+    start = resolve_start(cfg.start_from, cfg.model.name_or_path, lineage)
+    return {**asdict(start), "describe": start.describe(), "trained_windows": lineage.trained_windows,
+            "live_chain": describe_chain(lineage)}
+
+
 @task(name="export + governance", retries=2, retry_delay_seconds=5)
-def build_datasets(cfg: LoopConfig, run_dir: str, since: datetime | None, until: datetime) -> dict:
+def build_datasets(cfg: LoopConfig, run_dir: str, since: datetime | None, until: datetime, start: dict) -> dict:
     from training.data import run
 
     logstore = {**cfg.data.get("logstore", {}), "since": since, "until": until}
-    return asdict(run(cfg.stage_config("data", run_dir=run_dir, logstore=logstore)))
+    # New windows are those the live lineage has not learned from; the mix follows start_from
+    # unless the data config names one.
+    ledger = {"windows": "new" if start["start_from"] == "live" else "all",
+              **cfg.section("data").get("ledger", {}),
+              "trained_windows": start["trained_windows"], "current_releases": [start["live_release"]]}
+    return asdict(run(cfg.stage_config("data", run_dir=run_dir, logstore=logstore, ledger=ledger)))
 
 
 @task(name="sft")
-def train_sft(cfg: LoopConfig, run_dir: str, dataset_path: str) -> dict:
+def train_sft(cfg: LoopConfig, run_dir: str, dataset_path: str, model: str) -> dict:
     from flows.gpu import launch_training  # accelerate launch on free GPUs; inline on a CPU
 
-    return launch_training(cfg, "sft", get_run_logger().info, run_dir=run_dir, dataset_path=dataset_path)
+    return launch_training(cfg, "sft", get_run_logger().info, run_dir=run_dir, dataset_path=dataset_path,
+                           model={"name_or_path": model})
 
 
 @task(name="dpo")
@@ -49,6 +78,16 @@ def train_dpo(cfg: LoopConfig, run_dir: str, dataset_path: str, sft_adapter: str
 
     return launch_training(cfg, "dpo", get_run_logger().info, run_dir=run_dir,
                            dataset_path=dataset_path, sft_adapter=sft_adapter)
+
+
+@task(name="kto")
+def train_kto(cfg: LoopConfig, run_dir: str, dataset_path: str, adapter: str) -> dict:
+    from training.kto import run
+
+    wired = {"run_dir": run_dir, "dataset_path": dataset_path, "adapter": adapter}
+    if cfg.preference_objective == "kto" and "pairs_split" not in cfg.kto:
+        wired["pairs_split"] = "dpo"  # KTO replaces DPO: it learns the pairs too, unpaired
+    return asdict(run(cfg.stage_config("kto", **wired)))
 
 
 @task(name="merge")
@@ -187,6 +226,49 @@ def publish_artifacts(run_dir: Path, data: dict, decision: dict, promotion: dict
     create_link_artifact((data_dir() / "releases").as_uri(), link_text="release folders", key=f"releases-{key}")
 
 
+def publish_continual(run_dir: Path, data: dict, start: dict, outcome: dict) -> None:
+    """The continual view: this run's lineage, and the trend of every window so far."""
+    key = windows.artifact_key(run_dir.name)
+    promoted = (outcome.get("promotion") or {}).get("release_id")
+    lines = [
+        f"## Lineage of run {run_dir.name}",
+        "",
+        f"- window: {outcome['window'][0]} -> {outcome['window'][1]}",
+        f"- dataset version: {data.get('dataset_version')} ({data.get('new_examples')} new examples; "
+        f"manifest `{data.get('manifest_path')}`)",
+        f"- training: {start['describe']}",
+        f"- decision: {outcome['decision']}" + (f" (now live: {promoted})" if promoted else ""),
+        f"- live release's lineage before this run: {start['live_chain']}",
+    ]
+    create_markdown_artifact("\n".join(lines), key=f"lineage-{key}",
+                             description="window -> dataset version -> adapters -> release")
+    create_table_artifact(windows.trend_rows(windows.history()), key="continual-trend",
+                          description="Every window so far: decision, dataset, the gate's rules vs live")
+
+
+def _skipped(run_dir: Path, win: windows.Window, data: dict, start: dict, timings: dict) -> dict[str, Any]:
+    """A quiet window: nothing to train; say so, keep live, and move the window on."""
+    logger = get_run_logger()
+    key = windows.artifact_key(run_dir.name)
+    create_markdown_artifact(
+        f"## {data['skip_reason']}\n\nWindow {win.since} -> {win.until}. The live release "
+        f"({start['live_release']}) is untouched. This window's rows stay in the ledger and count as "
+        f"new feedback in the next window.\n\nManifest: `{data['manifest_path']}`",
+        key=f"skipped-{key}", description="Not enough new feedback: nothing trained",
+    )
+    windows.mark_success(win)
+    outcome = {
+        "run_dir": str(run_dir), "window": [str(win.since), str(win.until)],
+        "decision": data["skip_reason"], "winner": None, "promotion": None, "report": None,
+        "releases": {}, "skipped": True, "start": start["describe"], "start_from": start["start_from"],
+        "dataset_version": data["dataset_version"], "seconds": timings,
+    }
+    (run_dir / "loop-result.json").write_text(json.dumps(outcome, indent=2, default=str))
+    publish_continual(run_dir, data, start, outcome)
+    logger.info("decision: %s", data["skip_reason"])
+    return outcome
+
+
 # -- the flow ------------------------------------------------------------------------------------
 def _run_name() -> str:
     from prefect.runtime import flow_run
@@ -231,10 +313,24 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     windows.mark_pending(win)  # a failed run is resumed on the same window (flows/window.py)
     logger.info("window %s -> %s, run folder %s", win.since, win.until, run_dir)
 
-    data = build_datasets(cfg, str(run_dir), win.since, win.until)
-    sft = train_sft(cfg, str(run_dir), data["dataset_path"])
-    dpo = train_dpo(cfg, str(run_dir), data["dataset_path"], sft["adapter_dir"])
-    merged = merge_adapters(cfg, str(run_dir), dpo["adapter_dir"])
+    live = find_live_release(cfg)
+    start = find_start(cfg, live)
+    data = build_datasets(cfg, str(run_dir), win.since, win.until, start)
+    if data["skip_reason"]:
+        return _skipped(run_dir, win, data, start, timings)
+    logger.info("training: %s", start["describe"])
+    sft = train_sft(cfg, str(run_dir), data["dataset_path"], start["model"])
+    adapter = sft["adapter_dir"]
+    if cfg.preference_objective in ("dpo", "dpo+kto"):
+        adapter = train_dpo(cfg, str(run_dir), data["dataset_path"], adapter)["adapter_dir"]
+    if cfg.preference_objective in ("kto", "dpo+kto"):
+        kto_min = cfg.stage_config("kto", adapter="-", dataset_path="-").min_rows
+        if cfg.preference_objective == "dpo+kto" and data["counts"]["kto"] < kto_min:
+            logger.warning("kto: %d thumbs-only rows (< kto.min_rows %d); this run trains SFT + DPO only",
+                           data["counts"]["kto"], kto_min)
+        else:
+            adapter = train_kto(cfg, str(run_dir), data["dataset_path"], adapter)["adapter_dir"]
+    merged = merge_adapters(cfg, str(run_dir), adapter)
     models = {"aligned": merged["model_dir"]}
     schemes = {"aligned": "bf16"}  # unquantized (bf16 or fp32 per platform)
     candidates = list(cfg.candidates)
@@ -250,12 +346,11 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
 
     from flows.gpu import KERNEL_VARIANT_SUFFIX, kernels_for
 
-    # The baseline is an idle copy of live, staged like a candidate and labelled with what live
-    # really serves (scheme and kernel). It is evaluated and stopped before the candidates start,
-    # so no more vLLMs run at once than live + the candidates (its results stay in the run folder,
-    # which is what the gate reads).
+    # The baseline is an idle copy of live (the release this run's training started from), staged
+    # like a candidate and labelled with what live really serves (scheme and kernel). It is
+    # evaluated and stopped before the candidates start, so no more vLLMs run at once than live +
+    # the candidates (its results stay in the run folder, which is what the gate reads).
     workload = find_workload(cfg, (win.since, win.until))
-    live = find_live_release(cfg)
     baseline = stage_baseline(cfg, live)
     releases = {"baseline": baseline}
     schemes = {"baseline": baseline["source"]["scheme"], **schemes}
@@ -284,8 +379,11 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
         "served": {v: {"scheme": schemes[v], "kernel": kernels[v]} for v in releases},
         "report": decision["report_md"], "releases": {k: v["release_id"] for k, v in releases.items()},
         "seconds": timings,  # per task, in call order: where this run's time went
+        "skipped": False, "start": start["describe"], "start_from": start["start_from"],
+        "objective": cfg.preference_objective, "dataset_version": data["dataset_version"],
     }
     (run_dir / "loop-result.json").write_text(json.dumps(outcome, indent=2, default=str))
+    publish_continual(run_dir, data, start, outcome)
     logger.info("comparison:\n%s", decision["table_md"])
     logger.info("decision: %s", decision["summary"])
     logger.info("seconds per task: %s", ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))

@@ -29,7 +29,8 @@ from training.config import (
 _WIRED: dict[str, dict[str, Any]] = {
     "sft": {"dataset_path": "<data stage>"},
     "dpo": {"dataset_path": "<data stage>", "sft_adapter": "<sft stage>"},
-    "merge": {"adapter": "<dpo stage>"},
+    "kto": {"dataset_path": "<data stage>", "adapter": "<sft or dpo stage>"},
+    "merge": {"adapter": "<last adapter>"},
     "quantize": {"model_dir": "<merge stage>", "dataset_path": "<data stage>"},
 }
 
@@ -48,6 +49,10 @@ def stage_class(stage: str) -> type[StrictModel]:
         from training.dpo import DPOStageConfig
 
         return DPOStageConfig
+    if stage == "kto":
+        from training.kto import KTOStageConfig
+
+        return KTOStageConfig
     if stage == "merge":
         from training.merge import MergeConfig
 
@@ -77,15 +82,28 @@ class LoopConfig(StrictModel):
     model: ModelRef = Field(default_factory=ModelRef, description="Base model the adapters train on.")
     gateway: GatewayTarget = Field(default_factory=GatewayTarget, description="Where releases live.")
     stage_files: dict[str, str] = Field(
-        default_factory=lambda: {s: f"configs/{s}.yaml" for s in ("data", "sft", "dpo", "merge", "quantize")},
+        default_factory=lambda: {
+            s: f"configs/{s}.yaml" for s in ("data", "sft", "dpo", "kto", "merge", "quantize")
+        },
         description="Each stage's own YAML; the loop's section for the stage overrides it.",
     )
     data: dict[str, Any] = Field(default_factory=dict, description="training.data.DataConfig keys.")
     sft: dict[str, Any] = Field(default_factory=dict, description="training.sft.SFTStageConfig keys.")
     dpo: dict[str, Any] = Field(default_factory=dict, description="training.dpo.DPOStageConfig keys.")
+    kto: dict[str, Any] = Field(default_factory=dict, description="training.kto.KTOStageConfig keys.")
     merge: dict[str, Any] = Field(default_factory=dict, description="training.merge.MergeConfig keys.")
     quantize: dict[str, Any] = Field(
         default_factory=dict, description="training.quantize.QuantizeConfig keys."
+    )
+    start_from: Literal["base", "live"] = Field(
+        "base",
+        description="Train from the base model (on every window to date) or continue from the live "
+        "release's weights (on the windows it has not learned from); docs/continual.md.",
+    )
+    preference_objective: Literal["dpo", "kto", "dpo+kto"] = Field(
+        "dpo",
+        description="After SFT: DPO on pairs; KTO on thumbs up/down and the pairs unpaired; or DPO "
+        "then KTO on the thumbs.",
     )
     candidates: list[Literal["aligned", "quantized"]] = Field(
         default_factory=lambda: ["aligned", "quantized"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,3 +106,84 @@ def mark_success(win: Window) -> None:
     state.pop("pending", None)
     state["last_success"] = {"run_id": win.run_id, "at": datetime.now(UTC).isoformat()}
     _save(state)
+
+
+# -- the windows so far: what each run decided, for the trend artifact and the demo's table ------
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def window_summary(run_dir: Path) -> dict:
+    """One finished run, from its folder: decision, dataset version, lineage start, gate rules.
+
+    The gate rules are those of the promoted candidate, else of the aligned one (the candidate
+    whose training the window paid for), else of the first candidate gated.
+    """
+    outcome = _read(run_dir / "loop-result.json")
+    data = _read(run_dir / "data" / "result.json")
+    gate = _read(run_dir / "report" / "gate.json")
+    candidates = [v for v, d in gate.items() if isinstance(d, dict) and "rules" in d]
+    shown = outcome.get("winner") or ("aligned" if "aligned" in candidates else next(iter(candidates), None))
+    training = {}
+    for stage in ("sft", "dpo", "kto"):
+        res = _read(run_dir / stage / "result.json")
+        if res:
+            training[stage] = {"rows": res.get("train_rows", res.get("train_pairs")), "train_s": res.get("train_s")}
+    return {
+        "run_id": run_dir.name,
+        "window": outcome.get("window"),
+        "decision": outcome.get("decision"),
+        "skipped": bool(outcome.get("skipped")),
+        "winner": outcome.get("winner"),
+        "promoted": (outcome.get("promotion") or {}).get("release_id"),
+        "start": outcome.get("start"),
+        "dataset_version": data.get("dataset_version"),
+        "new_examples": data.get("new_examples"),
+        "rows": {k: v for k, v in (data.get("counts") or {}).items() if not k.startswith("heldout")},
+        "training": training,
+        "gated_variant": shown,
+        "gate_verdict": (gate.get(shown) or {}).get("verdict") if shown else None,
+        "rules": [
+            {k: r.get(k) for k in ("rule", "metric", "value", "reference", "diff", "low", "high", "n", "verdict")}
+            for r in (gate.get(shown) or {}).get("rules", [])
+        ] if shown else [],
+    }
+
+
+def history(runs_root: Path | None = None) -> list[dict]:
+    """Every run that finished (decided or skipped), oldest window first."""
+    root = runs_root or data_dir() / "runs"
+    done = [p.parent for p in root.glob("*/loop-result.json")]
+
+    def end(run: Path) -> str:
+        until = (_read(run / "loop-result.json").get("window") or [None, ""])[-1] or ""
+        return _utc(datetime.fromisoformat(until)).isoformat() if until not in ("", "None") else ""
+
+    return [window_summary(r) for r in sorted(done, key=lambda r: (end(r), r.name))]
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x + 0.0:.3g}"  # + 0.0: a rate of -0.0 (1 - 1.0 on some path) prints as 0
+    return "–" if x is None else str(x)
+
+
+def trend_rows(runs: list[dict]) -> list[dict]:
+    """A flat table for the Prefect UI: one row per window, a column per gate rule's value vs live."""
+    rows = []
+    for r in runs:
+        row = {
+            "window": r["run_id"], "decision": (r["decision"] or "")[:120],
+            "dataset": r["dataset_version"] or "–", "new examples": _fmt(r["new_examples"]),
+            "start": r["start"] or "–", "now live": r["promoted"] or "(unchanged)",
+        }
+        labels = Counter(rule["rule"] for rule in r["rules"])
+        for rule in r["rules"]:  # a pattern rule gives one outcome per metric: name those apart
+            name = rule["rule"] if labels[rule["rule"]] == 1 else f"{rule['rule']}: {rule['metric']}"
+            diff = "" if rule.get("diff") is None else f" ({rule['diff']:+.3f})"
+            row[str(name)] = f"{_fmt(rule['value'])} vs {_fmt(rule['reference'])}{diff} {rule['verdict'] or ''}".strip()
+        rows.append(row)
+    return rows

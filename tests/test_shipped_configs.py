@@ -18,6 +18,7 @@ SCHEMAS: dict[str, tuple[str, dict]] = {
     "demo.yaml": ("training.simulate:SimulateConfig", {}),
     "sft.yaml": ("training.sft:SFTStageConfig", {"dataset_path": "d"}),
     "dpo.yaml": ("training.dpo:DPOStageConfig", {"dataset_path": "d", "sft_adapter": "a"}),
+    "kto.yaml": ("training.kto:KTOStageConfig", {"dataset_path": "d", "adapter": "a"}),
     "merge.yaml": ("training.merge:MergeConfig", {"adapter": "a"}),
     "quantize.yaml": ("training.quantize:QuantizeConfig", {"model_dir": "m", "dataset_path": "d"}),
     "evals.yaml": ("evals.config:EvalsConfig", {}),
@@ -72,3 +73,16 @@ def test_gpu_configs_stay_in_step_with_the_cpu_ones() -> None:
     loop = yaml.safe_load((REPO / "configs" / "loop-gpu.yaml").read_text())
     assert all(serve[k] == v for k, v in loop["placement"].items()), "loop-gpu.yaml: placement as the gateway's"
     assert loop["evals_file"] == "configs/evals-gpu.yaml"
+
+
+def test_continual_benchmark_gate_differs_from_the_shipped_one_only_in_margins() -> None:
+    """benchmarks/continual_gate.yaml (measurement only) gates the same metrics with the same tests."""
+    from evals.gate import GateConfig
+    from training.config import load_config
+
+    path = REPO / "benchmarks" / "continual_gate.yaml"
+    assert path.read_text().startswith("# Measurement-only gate")
+    bench, shipped = load_config(GateConfig, path), load_config(GateConfig, REPO / "configs" / "gate.yaml")
+    key = [(r.metric, r.test, r.op, r.ref_metric, r.higher_is_better) for r in shipped.rules]
+    assert [(r.metric, r.test, r.op, r.ref_metric, r.higher_is_better) for r in bench.rules] == key
+    assert all((b.margin or 0) >= (s.margin or 0) for b, s in zip(bench.rules, shipped.rules, strict=True))

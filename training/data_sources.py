@@ -33,6 +33,10 @@ class DataError(ValueError):
     """Input that cannot become a dataset (unreadable file, empty window). The message says why."""
 
 
+class EmptyWindow(DataError):
+    """The log store window holds no feedback: a quiet window, which the data stage skips."""
+
+
 @dataclass
 class Exchange:
     """One served answer: the request's messages (ending with the user turn) and the response."""
@@ -144,7 +148,7 @@ def load_logstore(
     Tenant and release filters apply to the exchanges.
 
     Raises:
-        DataError: "no feedback in window ..." when the window holds no feedback at all.
+        EmptyWindow: "no feedback in window ..." when the window holds no feedback at all.
     """
     from serving.logstore import LogStore
 
@@ -157,7 +161,11 @@ def load_logstore(
             f"[{since.isoformat() if since else '-inf'}, {until.isoformat() if until else 'now'})"
         )
         if not events:
-            raise DataError(
+            batch.stats["logstore"] = {
+                "url": _safe_url(url), "window": window, "exchanges_in_window": len(in_window),
+                "feedback_in_window": 0,
+            }
+            raise EmptyWindow(
                 f"no feedback in window {window} (tenants={tenants or 'all'}, "
                 f"releases={releases or 'all'}): {len(in_window)} exchanges, 0 feedback events; "
                 "nothing to train on"

@@ -7,6 +7,8 @@ Rules (documented in the dataset card and counted in the manifest):
 - DPO pairs: edit (chosen) vs the original answer (rejected); an explicit preference between two
   answers to the same prompt; a better text given as a preference vs the answer; a positively vs
   a negatively rated answer to the same normalized prompt (at most ``max_rating_pairs`` per prompt).
+- KTO rows (unpaired): every answer rated positively (label true) or negatively (label false), for
+  TRL's KTOTrainer, so thumbs that never pair up still teach something.
 - Conflicts: an answer rated both >= 4 and <= 2 is used by no rating-based row; of several edits
   of one answer the latest wins; an edited answer is not also an SFT target through its positive
   rating (the edit says the user wanted something else); two preferences between the same answers
@@ -27,6 +29,7 @@ POSITIVE, NEGATIVE = 4, 2
 
 SFT_SOURCES = ("edit", "curated", "rating")
 DPO_SOURCES = ("edit", "preference_text", "preference", "rating_pair")
+KTO_SOURCES = ("rating",)
 
 
 def normalize_text(text: str) -> str:
@@ -72,17 +75,28 @@ def _dpo(
     }
 
 
+def _kto(ex: Exchange, good: bool, feedback_ids: list[str]) -> dict[str, Any]:
+    return {
+        "prompt": ex.prompt,
+        "completion": _assistant(ex.response),
+        "label": good,
+        "request_ids": [ex.id],
+        "feedback_ids": feedback_ids,
+        "source": "rating",
+    }
+
+
 def build_rows(
     batch: SourceBatch, max_rating_pairs: int = 2
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Turn exchanges + feedback into SFT rows and DPO pairs.
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Turn exchanges + feedback into SFT rows, DPO pairs and unpaired (KTO) rows.
 
     Args:
         batch: what the sources read.
         max_rating_pairs: at most this many positive-vs-negative pairs per normalized prompt.
 
     Returns:
-        (sft rows, dpo rows, stats) where stats counts unusable feedback and conflicts.
+        (sft rows, dpo rows, kto rows, stats) where stats counts unusable feedback and conflicts.
     """
     ex = batch.exchanges
     unusable: Counter[str] = Counter()
@@ -138,6 +152,12 @@ def build_rows(
             conflicts["edited_and_rated_positive"] += 1
             continue
         sft.append(_sft(ex[rid], ex[rid].response, fids, "rating"))
+    # Unpaired labels: the edit already says a positively rated answer was not what the user wanted.
+    kto = [
+        _kto(ex[rid], lab == "pos", fids)
+        for rid, (lab, fids) in label.items()
+        if not (lab == "pos" and rid in edits)
+    ]
     for rid in sorted(batch.curated):
         if rid in ex:
             sft.append(_sft(ex[rid], ex[rid].response, [], "curated"))
@@ -173,8 +193,9 @@ def build_rows(
         "conflicts": dict(conflicts),
         "built_sft": dict(Counter(r["source"] for r in sft)),
         "built_dpo": dict(Counter(r["source"] for r in dpo)),
+        "built_kto": dict(Counter("desirable" if r["label"] else "undesirable" for r in kto)),
     }
-    return sft, dpo, stats
+    return sft, dpo, kto, stats
 
 
 def _preference_pairs(

@@ -138,9 +138,11 @@ def test_fail_resume_promote_keep(
     for prefix in ("report-", "comparison-", "gate-", "dataset-", "run-"):
         assert any(k.startswith(prefix) for k in keys), (prefix, keys)
 
-    # 3. a gate that cannot pass: the live release stays.
+    # 3. a gate that cannot pass: the live release stays. (Live has learned from this window now,
+    # so it holds no new feedback: min_new_rows=0 trains on it anyway instead of skipping.)
     outcome = alignment_loop(
-        overrides=[*common, f"gate_file={loop_files['gate_fail']}"], since=since, until=until
+        overrides=[*common, f"gate_file={loop_files['gate_fail']}", "data.ledger.min_new_rows=0"],
+        since=since, until=until,
     )
     assert outcome["winner"] is None and "keep the live release" in outcome["decision"]
     assert _live(admin) == winner_id

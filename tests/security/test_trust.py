@@ -64,7 +64,10 @@ def build(store: Store, tmp_path: Path, name: str, **trust) -> tuple[dict, dict[
         "logstore": {"url": store.url},
         "governance": {"eval_globs": [str(evals)], "heldout_fraction": 0.0},
         "trust": {"tenants": ["acme"], **trust},
+        "ledger": {"path": str(tmp_path / name / "ledger"), "min_new_rows": 1},
     }))
+    if res.skip_reason:
+        raise DataError(res.skip_reason)
     from datasets import load_from_disk
 
     ds = load_from_disk(res.dataset_path)

@@ -78,6 +78,7 @@ def cfg_for(store: Store, tmp_path: Path, evals: str, **gov) -> DataConfig:
             "logstore": {"url": store.url},
             "governance": {"eval_globs": [evals], "heldout_fraction": 0.0, **gov},
             "trust": PERMISSIVE_TRUST,  # these tests are about rows; tests/security: the rules
+            "ledger": {"path": str(tmp_path / "ledger"), "min_new_rows": 1},
         }
     )
 
@@ -111,7 +112,7 @@ def test_each_feedback_kind_gives_exactly_its_rows(store: Store) -> None:
     store.fb(h, "rating", {"score": 3})  # neutral: no row
 
     batch = load_logstore(store.url, None, None)
-    sft, dpo, stats = build_rows(batch)
+    sft, dpo, kto, stats = build_rows(batch)
 
     assert sorted(
         (r["source"], r["request_ids"], r["feedback_ids"], r["completion"][0]["content"])
@@ -165,6 +166,11 @@ def test_each_feedback_kind_gives_exactly_its_rows(store: Store) -> None:
     for r in sft + dpo:
         assert r["prompt"][-1]["role"] == "user"
     assert stats["conflicts"] == {"ratings_positive_and_negative": 1}
+    # Unpaired (KTO) rows: every rated answer, thumbs up or down; the conflicting one is not used.
+    assert sorted((r["request_ids"][0], r["label"], r["feedback_ids"]) for r in kto) == [
+        (a, True, [fa]),
+        (b, False, [fb_]),
+    ]
 
 
 def test_conflicting_preferences_cancel_and_latest_edit_wins(store: Store) -> None:
@@ -174,20 +180,25 @@ def test_conflicting_preferences_cancel_and_latest_edit_wins(store: Store) -> No
     store.fb(y, "preference", {"other_request_id": x, "preferred": "this"})
     store.fb(x, "edit", {"text": "First edit."})
     last = store.fb(x, "edit", {"text": "The free plan includes 5 GB of storage."})
-    sft, dpo, stats = build_rows(load_logstore(store.url, None, None))
+    sft, dpo, _, stats = build_rows(load_logstore(store.url, None, None))
     assert stats["conflicts"] == {"preferences_disagree": 1, "superseded_edits": 1}
     assert [(r["source"], r["feedback_ids"]) for r in sft] == [("edit", [last])]
     assert [r["source"] for r in dpo] == ["edit"]
 
 
-def test_empty_window_is_a_clear_error(store: Store, tmp_path: Path, no_evals: str) -> None:
+def test_empty_window_is_skipped_not_failed(store: Store, tmp_path: Path, no_evals: str) -> None:
     store.ex("a", "Hello?", "Hi.")
     store.fb("a", "rating", {"score": 5})
     store.ex("later", "Hello again?", "Hi.", created_at=datetime.now(UTC) + timedelta(hours=2))
     cfg = cfg_for(store, tmp_path, no_evals)
     cfg.logstore.since = datetime.now(UTC) + timedelta(hours=1)
-    with pytest.raises(DataError, match=r"no feedback in window \[.*1 exchanges, 0 feedback"):
-        run(cfg)
+    res = run(cfg)
+    assert res.skip_reason.startswith("skipped: not enough new feedback (0 new examples")
+    assert res.dataset_path == "" and not (Path(res.stage_path) / "output" / "dataset").exists()
+    manifest = json.loads(Path(res.manifest_path).read_text())
+    assert manifest["skipped"] == res.skip_reason
+    assert manifest["sources"]["logstore"]["exchanges_in_window"] == 1
+    assert "no feedback in window" in manifest["sources"]["logstore"]["note"]
 
 
 def test_window_and_release_filters(store: Store) -> None:
@@ -195,7 +206,7 @@ def test_window_and_release_filters(store: Store) -> None:
     store.ex("b", "Q two?", "A two.", release_id="r2")
     store.fb("a", "rating", {"score": 5})
     store.fb("b", "rating", {"score": 5})
-    sft, _, stats = build_rows(load_logstore(store.url, None, None, releases=["r2"]))
+    sft, _, _, stats = build_rows(load_logstore(store.url, None, None, releases=["r2"]))
     assert [r["request_ids"] for r in sft] == [["b"]]
     assert stats["feedback_unusable"] == {"request not found (or filtered out)": 1}
 
@@ -254,11 +265,14 @@ def test_near_duplicate_and_eval_overlap_removed_and_counted(store: Store, tmp_p
     ds = load(res)
     assert sorted(r["request_ids"][0] for r in ds["sft"]) == ["a", "d"]
     assert m["governance"]["dedup"]["dropped_sft"] == {"near_duplicate_prompt": 1}
-    assert m["governance"]["decontamination"]["dropped"] == {"sft": 1, "dpo": 0}
-    assert list(m["governance"]["decontamination"]["dropped_by_eval_file"].values()) == [1]
+    assert m["governance"]["decontamination"]["dropped"] == {"sft": 1, "dpo": 0, "kto": 1}
+    assert list(m["governance"]["decontamination"]["dropped_by_eval_file"].values()) == [2]
     assert [(s["step"], s["sft"]) for s in m["governance"]["steps"]] == [
-        ("built", 4),
+        ("ledger", 4),
         ("decontamination", 3),
+        ("conflicts across windows", 3),
+        ("answers of older releases", 3),
+        ("selection", 3),
         ("dedup", 2),
         ("split", 2),
     ]
@@ -340,6 +354,7 @@ def test_bad_jsonl_lines_skipped_with_line_numbers(tmp_path: Path, no_evals: str
             "logstore": {"enabled": False},
             "jsonl": [str(f)],
             "governance": {"eval_globs": [no_evals], "heldout_fraction": 0},
+            "ledger": {"path": str(tmp_path / "ledger"), "min_new_rows": 1},
         }
     )
     res = run(cfg)

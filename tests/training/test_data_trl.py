@@ -40,6 +40,7 @@ def test_saved_dataset_trains_with_trl(tmp_path: Path, tiny_model_dir: Path, mon
                 "logstore": {"url": url},
                 "governance": {"eval_globs": [str(evals)], "heldout_fraction": 0},
                 "trust": {"tenants": ["t"]},
+                "ledger": {"path": str(tmp_path / "ledger"), "min_new_rows": 1},
             }
         )
     )

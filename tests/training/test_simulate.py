@@ -184,13 +184,14 @@ def test_simulate_through_gateway_is_deterministic_and_feeds_the_data_stage(tmp_
                 "run_dir": str(tmp_path / "data"),
                 "logstore": {"url": store_url},
                 "trust": {"tenants": ["demo"], "trusted_roles": ["reviewer", "simulated"]},
+                "ledger": {"path": str(tmp_path / "ledger")},
             }
         )
     )
     manifest = json.loads(Path(data.manifest_path).read_text())
     assert manifest["feedback"]["simulated"] == manifest["feedback"]["total"] == len(fb)
     assert data.counts["sft"] > 0 and data.counts["dpo"] > 0
-    assert manifest["governance"]["decontamination"]["dropped"] == {"sft": 0, "dpo": 0}
+    assert manifest["governance"]["decontamination"]["dropped"] == {"sft": 0, "dpo": 0, "kto": 0}
 
 
 def test_simulated_users_refuse_a_tenant_the_server_does_not_label_simulated(tmp_path: Path) -> None:
