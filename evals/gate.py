@@ -294,7 +294,9 @@ def _check_paired(
         more = ("the observed difference sits on the boundary: no realistic n resolves it"
                 if needed is None else f"~{needed} items would resolve the observed difference "
                                        f"({max(0, needed - est.n)} more)")
-        reason = f"{goal}: bounds straddle it; detectable at this n: {100 * mde:.1f} pts; {more}"
+        why = ("the bootstrap bound clears it but the exact sign-flip randomization test does not "
+               f"(p = {exact_p:.3g})" if est.low > boundary else "bounds straddle it")
+        reason = f"{goal}: {why}; detectable at this n: {100 * mde:.1f} pts; {more}"
     return RuleOutcome(
         **base, verdict=verdict, reason=reason,
         value=sign * est.candidate_mean, reference=sign * est.live_mean, diff=est.diff,

@@ -137,3 +137,17 @@ def test_bad_paired_rules_fail_at_load(rule: dict) -> None:
 
     with pytest.raises(ConfigError):
         build_config(GateConfig, {"rules": [rule]})
+
+
+def test_superiority_the_randomization_test_holds_back_says_so() -> None:
+    """Better on 3 of 24 single-item clusters and equal elsewhere: the bootstrap's lower bound
+    clears 0 (a resample without any of the 3 is rarer than 5%), but the exact sign-flip test
+    cannot go below p = 1/8. The verdict is inconclusive, and the reason names the test that held
+    it back instead of claiming the bounds straddle the boundary."""
+    metric = "quality.capability.sim.answer_match"
+    live = {f"i{k:02d}": (float(k % 2), f"c{k}") for k in range(24)}
+    cand = {k: ((1.0 if k in ("i00", "i02", "i04") else v), c) for k, (v, c) in live.items()}
+    (o,) = evaluate(_rule("superiority", 0.0), {}, {}, {metric: cand}, {metric: live}).outcomes
+    assert o.low > 0, o  # the bootstrap alone would have passed it
+    assert o.verdict == "inconclusive"
+    assert "sign-flip randomization test does not" in o.reason and "straddle" not in o.reason
