@@ -34,8 +34,12 @@ OWNER = textwrap.dedent(
 
 
 def _owner(cmd: str) -> tuple[subprocess.Popen, int]:
+    # The SIGINT case needs Python's KeyboardInterrupt in the owner: give it SIGINT's default
+    # disposition whatever the test runner inherited (an ignored SIGINT is inherited, and Python
+    # then installs no handler).
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER.format(repo=str(REPO), cmd=cmd)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", OWNER.format(repo=str(REPO), cmd=cmd)], stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     watchdog = int(owner.stdout.readline())
     return owner, watchdog
