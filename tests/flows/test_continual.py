@@ -69,7 +69,9 @@ def traffic(url: str, home: Path, seed: int) -> None:
         "two_sample_fraction": 0.5, "out": str(home / f"traffic-{seed}.jsonl"),
     }))
     assert result.requests > 0 and sum(result.feedback.values()) > 0
-    time.sleep(0.05)  # the next window starts after the last feedback event
+    # Windows end on whole seconds: wait for this second to close so the next window's end is
+    # after the last feedback event (events in the current second belong to the window after).
+    time.sleep(1.05 - time.time() % 1)
 
 
 def read(path: Path) -> dict:
