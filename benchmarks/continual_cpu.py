@@ -33,42 +33,18 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_cpu import LoadSampler  # noqa: E402  (the load average while a variant runs)
+
 VARIANTS = {
     "retrain-base-all": ["start_from=base", "data.ledger.windows=all"],
     "continue-live-new": ["start_from=live", "data.ledger.windows=new", "data.ledger.replay_share=0.25"],
     "retrain-base-all-kto": ["start_from=base", "data.ledger.windows=all", "preference_objective=dpo+kto"],
 }
-
-
-class LoadSampler:
-    """The 1-minute load average every 10 s while a variant runs."""
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(10):
-            self.samples.append(os.getloadavg()[0])
-
-    def __enter__(self) -> LoadSampler:
-        self.samples.append(os.getloadavg()[0])
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-
-    def summary(self) -> dict[str, float]:
-        s = self.samples or [0.0]
-        return {"load_mean": round(sum(s) / len(s), 2), "load_max": round(max(s), 2)}
 
 
 def cpu_kind() -> str:
@@ -109,7 +85,7 @@ def run_variant(name: str, overrides: list[str], windows: int, out: Path, gate: 
         cmd += [f"gate_file={gate.resolve()}", "--serve", f"releases.gate_file={gate.resolve()}"]
     log = home / "demo.log"
     t0 = time.monotonic()
-    with LoadSampler() as load, log.open("w") as f:
+    with LoadSampler(every_s=10) as load, log.open("w") as f:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.monotonic() - t0
     summary = json.loads((home / "demo-windows.json").read_text()) if (home / "demo-windows.json").is_file() else {}

@@ -30,15 +30,17 @@ VAGUE = [
 
 
 class LoadSampler:
-    """Samples the 1-minute load average while a stage runs (the machine is shared)."""
+    """Samples the 1-minute load average every ``every_s`` while a stage runs (the machine is
+    shared); benchmarks/continual_cpu.py uses it too."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(5):
+        while not self._stop.wait(self.every_s):
             self.samples.append(os.getloadavg()[0])
 
     def __enter__(self) -> LoadSampler:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from training.config import StrictModel
+from training.dpo import DPO_COLUMNS
 from training.lora import (
     LoraSettings,
     TrainSettings,
@@ -52,7 +53,6 @@ from training.sft import load_model, load_tokenizer
 log = logging.getLogger(__name__)
 
 KTO_COLUMNS = ["prompt", "completion", "label"]
-PAIR_COLUMNS = ["prompt", "chosen", "rejected"]
 
 
 def _kto_train_defaults() -> TrainSettings:
@@ -163,7 +163,7 @@ def load_rows(cfg: KTOStageConfig) -> Any:
 
     parts = [load_split(cfg.dataset_path, cfg.split, KTO_COLUMNS, 0)]
     if cfg.pairs_split:
-        pairs = load_split(cfg.dataset_path, cfg.pairs_split, PAIR_COLUMNS, 0)
+        pairs = load_split(cfg.dataset_path, cfg.pairs_split, DPO_COLUMNS, 0)
         if len(pairs):
             parts.append(unpair_preference_dataset(pairs).select_columns(KTO_COLUMNS).cast(parts[0].features))
     rows = concatenate_datasets(parts)
