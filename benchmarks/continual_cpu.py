@@ -76,6 +76,35 @@ def forgetting(home: Path, runs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def final_live_evals(home: Path, runs: list[dict]) -> Path | None:
+    """The eval folder of the release live after the last window: the last promoted winner's, or
+    window 1's baseline (the base model) when nothing was promoted."""
+    for r in reversed(runs):
+        if r.get("promoted") and r.get("winner"):
+            return home / "runs" / r["run_id"] / f"evals-{r['winner']}"
+    return home / "runs" / runs[0]["run_id"] / "evals-baseline" if runs else None
+
+
+def head_to_head(out: Path, results: list[dict], gate: Path | None) -> list[dict]:
+    """Each variant's final live release against the first variant's, paired on the same eval items
+    (the eval sets and their limits are the same in every variant), by the measurement gate's rules."""
+    from evals.gate import GateConfig, evaluate_stage_dirs
+    from training.config import load_config
+
+    cfg = load_config(GateConfig, gate or REPO / "configs" / "gate.yaml")
+    ref = final_live_evals(out / results[0]["variant"], results[0]["windows"])
+    rows = []
+    for res in results[1:]:
+        cand = final_live_evals(out / res["variant"], res["windows"])
+        if ref is None or cand is None:
+            continue
+        decision = evaluate_stage_dirs(cfg, cand, ref)
+        rows.append({"variant": res["variant"], "reference": results[0]["variant"], "outcomes": [
+            {"rule": o.rule, "metric": o.metric, "diff": o.diff, "low": o.low, "high": o.high, "n": o.n,
+             "verdict": o.verdict} for o in decision.outcomes if getattr(o, "test", "") != "threshold"]})
+    return rows
+
+
 def run_variant(name: str, overrides: list[str], windows: int, out: Path, gate: Path | None = None) -> dict:
     home = out / name
     home.mkdir(parents=True, exist_ok=True)
@@ -111,7 +140,7 @@ def _label(rule: dict) -> str:
     return f"{rule['rule']} ({metric.split('.')[-2]})" if metric.startswith("quality.capability.") else rule["rule"]
 
 
-def markdown(results: list[dict], windows: int) -> str:
+def markdown(results: list[dict], windows: int, head_to_head_rows: list[dict] = ()) -> str:
     lines = [f"CPU: {cpu_kind()}, {os.cpu_count()} cores; {windows} windows per variant; gate "
              f"{results[0].get('gate') or 'configs/gate.yaml'}.", ""]
     for res in results:
@@ -134,6 +163,10 @@ def markdown(results: list[dict], windows: int) -> str:
             lines.append(f"| {w['run_id']} | {(w.get('decision') or '')[:90]} | {w.get('dataset_version')} "
                          f"({w.get('new_examples')}) | {train_s:.0f} | {rules} | {forgot} |")
         lines.append("")
+    for h in head_to_head_rows:
+        lines += [f"### final live release: {h['variant']} vs {h['reference']} (paired, same eval items)", "",
+                  "; ".join(f"{_label(r)}: {_pts(r['diff'])} [{_pts(r['low'])}, {_pts(r['high'])}] n={r['n']} "
+                            f"{r['verdict']}" for r in h["outcomes"] if r.get("diff") is not None) or "–", ""]
     return "\n".join(lines)
 
 
@@ -143,14 +176,22 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS))
     ap.add_argument("--extra", action="append", default=[], help="key=value added to every variant")
+    ap.add_argument("--summarize", action="store_true",
+                    help="no runs: rebuild summary.md and the head-to-head from the variants' benchmark.json")
     ap.add_argument("--gate", type=Path, help="gate policy for the loop and the gateway (default configs/gate.yaml)")
     args = ap.parse_args()
     results = []
     for name in args.variant or list(VARIANTS):
+        if args.summarize:
+            results.append(json.loads((args.out / name / "benchmark.json").read_text()))
+            continue
         print(f"[continual] {name} ...", flush=True)
         results.append(run_variant(name, [*VARIANTS[name], *args.extra], args.windows, args.out, args.gate))
         (args.out / "summary.md").write_text(markdown(results, args.windows))
         print(f"[continual] {name}: rc {results[-1]['rc']}, {results[-1]['wall_s'] / 60:.1f} min", flush=True)
+    rows = head_to_head(args.out, results, args.gate) if len(results) > 1 else []
+    (args.out / "head-to-head.json").write_text(json.dumps(rows, indent=2, default=str))
+    (args.out / "summary.md").write_text(markdown(results, args.windows, rows))
     print((args.out / "summary.md").read_text())
 
 
