@@ -67,13 +67,14 @@ def forgetting(home: Path, runs: list[dict]) -> dict[str, list[dict]]:
         cand = home / "runs" / r["run_id"] / "evals-aligned"
         if not cand.is_dir():
             continue
-        decision = evaluate_stage_dirs(gate, cand, base_dir)
-        out[r["run_id"]] = [
-            {"rule": o.rule, "metric": o.metric, "diff": o.diff, "low": o.low, "high": o.high,
-             "n": o.n, "verdict": o.verdict}
-            for o in decision.outcomes if getattr(o, "test", "") != "threshold"
-        ]
+        out[r["run_id"]] = paired_rows(evaluate_stage_dirs(gate, cand, base_dir))
     return out
+
+
+def paired_rows(decision) -> list[dict]:
+    """The paired rules' outcomes of a gate decision as plain rows (threshold rules left out)."""
+    return [{"rule": o.rule, "metric": o.metric, "diff": o.diff, "low": o.low, "high": o.high, "n": o.n,
+             "verdict": o.verdict} for o in decision.outcomes if getattr(o, "test", "") != "threshold"]
 
 
 def final_live_evals(home: Path, runs: list[dict]) -> Path | None:
@@ -87,21 +88,21 @@ def final_live_evals(home: Path, runs: list[dict]) -> Path | None:
 
 def head_to_head(out: Path, results: list[dict], gate: Path | None) -> list[dict]:
     """Each variant's final live release against the first variant's, paired on the same eval items
-    (the eval sets and their limits are the same in every variant), by the measurement gate's rules."""
+    (the eval sets and their limits are the same in every variant), by the rules of ``gate``
+    (``--gate``, else configs/gate.yaml)."""
     from evals.gate import GateConfig, evaluate_stage_dirs
     from training.config import load_config
 
-    cfg = load_config(GateConfig, gate or REPO / "configs" / "gate.yaml")
     ref = final_live_evals(out / results[0]["variant"], results[0]["windows"])
+    if ref is None:
+        return []
+    cfg = load_config(GateConfig, gate or REPO / "configs" / "gate.yaml")
     rows = []
     for res in results[1:]:
         cand = final_live_evals(out / res["variant"], res["windows"])
-        if ref is None or cand is None:
-            continue
-        decision = evaluate_stage_dirs(cfg, cand, ref)
-        rows.append({"variant": res["variant"], "reference": results[0]["variant"], "outcomes": [
-            {"rule": o.rule, "metric": o.metric, "diff": o.diff, "low": o.low, "high": o.high, "n": o.n,
-             "verdict": o.verdict} for o in decision.outcomes if getattr(o, "test", "") != "threshold"]})
+        if cand is not None:
+            rows.append({"variant": res["variant"], "reference": results[0]["variant"],
+                         "outcomes": paired_rows(evaluate_stage_dirs(cfg, cand, ref))})
     return rows
 
 
