@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,10 +91,12 @@ def test_killing_vllm_under_load_gives_503s_and_a_row_per_request(
         up = Upstream(base_url=server.base_url, release_id="doomed", served_model="tiny")
         cfg = make_config(upstream={"connect_timeout_s": 1.0, "read_timeout_s": 30.0})
         with running_gateway(tmp_path, up, cfg) as (base, _, store):
+            generating = threading.Event()
 
             def send(i: int) -> tuple[int, float]:
                 t0 = time.perf_counter()
-                r = httpx.post(
+                with httpx.stream(
+                    "POST",
                     base + "/v1/chat/completions",
                     headers={"Authorization": f"Bearer {KEY_A}"},
                     timeout=60,
@@ -104,14 +107,18 @@ def test_killing_vllm_under_load_gives_503s_and_a_row_per_request(
                         "ignore_eos": True,
                         "messages": [{"role": "user", "content": f"count {i}"}],
                     },
-                )
-                _ = r.content
+                ) as r:
+                    for chunk in r.iter_raw():
+                        if chunk and r.status_code == 200 and i % 2 == 1:
+                            generating.set()  # a stream's first tokens: vLLM is decoding
                 return r.status_code, time.perf_counter() - t0
 
             n = 16
             with ThreadPoolExecutor(n) as pool:
                 futures = [pool.submit(send, i) for i in range(n)]
-                time.sleep(1.5)  # requests are in flight, generating
+                # Kill on the first streamed tokens, not after a fixed sleep: on a fast machine
+                # all 16 answers once finished inside the sleep and nothing was in flight.
+                assert generating.wait(30), "no stream produced a token within 30 s"
                 os.killpg(server.proc.pid, signal.SIGKILL)
                 results = [f.result(timeout=45) for f in futures]
             after = [send(100 + i) for i in range(4)]  # upstream is gone: fast 503s
