@@ -32,6 +32,30 @@ def loop_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+def _small_jsonl(src: Path, dst: Path, n: int) -> str:
+    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def tiny_evals(loop_home: Path) -> Path:
+    """An evals config with a few items per task (the loop tests' eval stages take seconds)."""
+    tasks = REPO / "evals" / "tasks" / "safety"
+    evals = {
+        "quality": {"limit": 2, "num_concurrent": 2, "max_gen_toks": 8, "preference_limit": 3},
+        "safety": {
+            "max_tokens": 8, "num_concurrent": 2,
+            "attacks_file": _small_jsonl(tasks / "attacks.jsonl", loop_home / "attacks.jsonl", 4),
+            "benign_file": _small_jsonl(tasks / "benign.jsonl", loop_home / "benign.jsonl", 4),
+        },
+        "perf": {"concurrency": [], "requests_per_level": 4, "repeats": 2, "input_len": 16, "output_len": 4,
+                 "realistic_prompts": None, "realistic_num_prompts": 2},
+    }
+    path = loop_home / "evals.yaml"
+    path.write_text(yaml.safe_dump(evals))
+    return path
+
+
 @pytest.fixture(scope="module")
 def running_gateway(loop_home: Path, tiny_model_dir: Path):
     """`alignloop serve` as a child process, with the tiny model as the initial live release."""

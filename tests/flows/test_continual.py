@@ -23,7 +23,6 @@ import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "sk-alignloop-admin"
 TENANT_KEY = "sk-alignloop-demo"
 TINY = [
@@ -33,29 +32,6 @@ TINY = [
     "candidates=[aligned]", "candidate_args.max_model_len=1024", "data.ledger.min_new_rows=4",
     "start_from=live",
 ]
-
-
-def _small_jsonl(src: Path, dst: Path, n: int) -> str:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return str(dst)
-
-
-@pytest.fixture(scope="module")
-def tiny_evals(loop_home: Path) -> Path:
-    tasks = REPO / "evals" / "tasks" / "safety"
-    evals = {
-        "quality": {"limit": 2, "num_concurrent": 2, "max_gen_toks": 8, "preference_limit": 3},
-        "safety": {
-            "max_tokens": 8, "num_concurrent": 2,
-            "attacks_file": _small_jsonl(tasks / "attacks.jsonl", loop_home / "attacks.jsonl", 4),
-            "benign_file": _small_jsonl(tasks / "benign.jsonl", loop_home / "benign.jsonl", 4),
-        },
-        "perf": {"concurrency": [], "requests_per_level": 4, "repeats": 2, "input_len": 16, "output_len": 4,
-                 "realistic_prompts": None, "realistic_num_prompts": 2},
-    }
-    path = loop_home / "evals.yaml"
-    path.write_text(yaml.safe_dump(evals))
-    return path
 
 
 def traffic(url: str, home: Path, seed: int) -> None:

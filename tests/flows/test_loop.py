@@ -39,30 +39,13 @@ def _live(admin) -> str:
     return live.release_id
 
 
-def _small_jsonl(src: Path, dst: Path, n: int) -> str:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
-def loop_files(loop_home: Path, running_gateway: str) -> dict[str, Path]:
-    tasks = REPO / "evals" / "tasks" / "safety"
-    evals = {
-        "quality": {"limit": 2, "num_concurrent": 2, "max_gen_toks": 8, "preference_limit": 3},
-        "safety": {
-            "max_tokens": 8, "num_concurrent": 2,
-            "attacks_file": _small_jsonl(tasks / "attacks.jsonl", loop_home / "attacks.jsonl", 4),
-            "benign_file": _small_jsonl(tasks / "benign.jsonl", loop_home / "benign.jsonl", 4),
-        },
-        "perf": {"concurrency": [], "requests_per_level": 4, "repeats": 2, "input_len": 16, "output_len": 4,
-                 "realistic_prompts": None, "realistic_num_prompts": 2},
-    }
+def loop_files(loop_home: Path, running_gateway: str, tiny_evals: Path) -> dict[str, Path]:
     files = {
-        "evals": loop_home / "evals.yaml",
+        "evals": tiny_evals,
         "gate_pass": loop_home / "gate-pass.yaml",
         "gate_fail": loop_home / "gate-fail.yaml",
     }
-    files["evals"].write_text(yaml.safe_dump(evals))
     assert files["gate_pass"].is_file()  # written with the gateway's config (it verifies with it)
     files["gate_fail"].write_text(yaml.safe_dump(
         {"rules": [{"name": "impossible compliance", "metric": "quality.policy.compliance", "op": ">=", "value": 2}]}
