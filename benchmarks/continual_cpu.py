@@ -74,7 +74,7 @@ def forgetting(home: Path, runs: list[dict]) -> dict[str, list[dict]]:
 def paired_rows(decision) -> list[dict]:
     """The paired rules' outcomes of a gate decision as plain rows (threshold rules left out)."""
     return [{"rule": o.rule, "metric": o.metric, "diff": o.diff, "low": o.low, "high": o.high, "n": o.n,
-             "verdict": o.verdict} for o in decision.outcomes if getattr(o, "test", "") != "threshold"]
+             "verdict": o.verdict} for o in decision.outcomes if o.test != "threshold"]
 
 
 def final_live_evals(home: Path, runs: list[dict]) -> Path | None:
