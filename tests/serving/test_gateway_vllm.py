@@ -94,7 +94,7 @@ def test_killing_vllm_under_load_gives_503s_and_a_row_per_request(
             generating = threading.Event()
 
             def send(i: int) -> tuple[int, float]:
-                t0 = time.perf_counter()
+                t0, stream = time.perf_counter(), i % 2 == 1
                 with httpx.stream(
                     "POST",
                     base + "/v1/chat/completions",
@@ -102,14 +102,14 @@ def test_killing_vllm_under_load_gives_503s_and_a_row_per_request(
                     timeout=60,
                     json={
                         "model": "alignloop",
-                        "stream": i % 2 == 1,
+                        "stream": stream,
                         "max_tokens": 400,
                         "ignore_eos": True,
                         "messages": [{"role": "user", "content": f"count {i}"}],
                     },
                 ) as r:
                     for chunk in r.iter_raw():
-                        if chunk and r.status_code == 200 and i % 2 == 1:
+                        if chunk and stream and r.status_code == 200:
                             generating.set()  # a stream's first tokens: vLLM is decoding
                 return r.status_code, time.perf_counter() - t0
 
