@@ -181,21 +181,10 @@ class GateDecision:
                 "rules": [asdict(o) | {"passed": o.passed} for o in self.outcomes]}
 
     def to_markdown(self) -> str:
-        head = {"pass": "PASS (promote)", "fail": "FAIL (keep live)",
-                "inconclusive": "INCONCLUSIVE (keep live)"}[self.verdict]
-        lines = [f"**Gate: {head}**", "",
-                 "| rule | metric | candidate | live / threshold | difference [one-sided bounds] | n | result | note |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for o in self.outcomes:
-            mark = {"pass": "pass", "fail": "**FAIL**", "inconclusive": "**inconclusive**"}[o.verdict]
-            if o.test == "threshold":
-                diff, n = f"{o.op} {_fmt(o.reference)}", ""
-            else:
-                diff = (f"{_pts(o.diff)} [{_pts(o.low)}, {_pts(o.high)}]" if o.diff is not None else "–")
-                n = f"{o.n}" + (f" ({o.clusters} clusters)" if o.clusters and o.clusters != o.n else "") if o.n else ""
-            lines.append(f"| {o.rule} | `{o.metric}` | {_fmt(o.value)} | {_fmt(o.reference)} | {diff} | {n} | "
-                         f"{mark} | {o.reason} |")
-        return "\n".join(lines)
+        """The decision as markdown: the one rendering every page shares (evals/render.py)."""
+        from evals.render import decision_markdown
+
+        return decision_markdown(self.to_dict())
 
 
 def _fmt(x: float | None) -> str:

@@ -271,6 +271,22 @@ def build_markdown(
     return "\n".join(lines)
 
 
+def embed_images(markdown: str, folder: str | Path) -> str:
+    """``markdown`` with its relative PNG links (``![alt](plot.png)``) replaced by data URIs of
+    the files in ``folder``: a page that shows the markdown elsewhere (a Prefect artifact) has no
+    file server for the report folder, and requests a relative link from its own URL."""
+    import base64
+
+    def inline(m: re.Match[str]) -> str:
+        path = Path(folder) / m.group(2)
+        if not path.is_file():
+            return m.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f"![{m.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^):/]+\.png)\)", inline, markdown)
+
+
 def run(
     metrics_files: dict[str, str | Path], out_dir: str | Path, gate: dict | None = None,
     gate_markdown: str | None = None,

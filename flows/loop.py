@@ -204,8 +204,11 @@ def _image_markdown(path: Path, title: str) -> str:
 def publish_artifacts(run_dir: Path, data: dict, decision: dict, promotion: dict | None) -> None:
     """What someone who only opens the Prefect UI needs: what changed, what it cost, why (not)."""
     key = windows.artifact_key(run_dir.name)
+    from evals.report import embed_images
+
+    report_md = Path(decision["report_md"])
     create_markdown_artifact(
-        Path(decision["report_md"]).read_text(), key=f"report-{key}",
+        embed_images(report_md.read_text(), report_md.parent), key=f"report-{key}",
         description="Baseline vs aligned vs quantized: quality, safety, latency, $ at the SLO",
     )
     create_table_artifact(decision["table"], key=f"comparison-{key}", description="Side-by-side metrics")

@@ -199,13 +199,10 @@ def summarize_decision(
     candidate is named as what $ alone would pick: never "cheapest at the SLO".
     """
     if not passing:
-        parts = []
-        for v, d in decisions.items():
-            bad = [o for o in d.outcomes if not o.passed]
-            words = ", ".join(f"{o.rule} {o.verdict}" + (f" ({o.metric.split('.')[-2]})" if "*" in o.rule else "")
-                              for o in bad)
-            parts.append(f"{v}: {words}")
-        return None, "keep the live release: " + "; ".join(parts)
+        from evals.render import keep_summary
+
+        # The same rule titles (task named) and numbers as the gate table: one renderer.
+        return None, keep_summary({v: d.to_dict() for v, d in decisions.items()})
     chosen = (choice.get("chosen") or {}).get("variant")
     workload = choice.get("workload") or {}
     at = f"concurrency {workload['concurrency']}" if workload else "the workload's concurrency"

@@ -164,3 +164,103 @@ def test_bench_args_are_vllm_bench_serve_flags(tmp_path: Path) -> None:
     assert "--base-url http://h:1 --endpoint /v1/chat/completions" in joined
     assert "--ignore-eos" in args and "--max-concurrency 4" in joined and "--save-result" in args
     assert f"--goodput ttft:{cfg.slo.ttft_ms:g} tpot:{cfg.slo.tpot_ms:g}" in joined
+
+
+# -- one rendering of a decision (evals/render.py) ------------------------------------------------
+def _paired(rule: str, metric: str, verdict: str, diff: float, low: float, high: float, **extra) -> dict:
+    return {"rule": rule, "metric": metric, "test": "non_inferiority", "verdict": verdict,
+            "passed": verdict == "pass", "reason": f"why {metric}", "value": 0.5 + diff,
+            "reference": 0.5, "diff": diff, "low": low, "high": high, "margin": 0.05,
+            "confidence": 0.95, "n": 24, "clusters": 24, **extra}
+
+
+def _decision(*rules: dict, **extra) -> dict:
+    verdicts = {r["verdict"] for r in rules}
+    verdict = "fail" if "fail" in verdicts else "inconclusive" if "inconclusive" in verdicts else "pass"
+    return {"passed": verdict == "pass", "verdict": verdict,
+            "decision": "promote" if verdict == "pass" else "keep", "rules": list(rules), **extra}
+
+
+def test_decision_words_and_rows_say_inconclusive_never_fail() -> None:
+    from evals.render import decision_markdown, decision_word, rule_rows
+
+    d = _decision(_paired("capability per task", "quality.capability.arithmetic.answer_match",
+                          "inconclusive", -0.042, -0.167, 0.083))
+    assert decision_word(d) == "keep: inconclusive"
+    md = decision_markdown(d)
+    assert "**Gate decision: keep: inconclusive**" in md
+    assert "FAIL" not in md.upper().replace("FAILED", "")  # no "fail" anywhere for an inconclusive rule
+    (row,) = rule_rows(d)
+    assert (row.verdict, row.candidate, row.live, row.difference, row.needs, row.n) == (
+        "inconclusive", "45.8%", "50.0%", "-4.2 pts", "lower bound > -5.0 pts", "24")
+    assert row.bounds == "[-16.7, +8.3] pts at 95%"
+    assert decision_word(_decision(_paired("a", "m", "fail", -0.3, -0.4, -0.2))) == "keep: failed"
+    assert decision_word(_decision(_paired("a", "m", "pass", 0.0, -0.01, 0.01))) == "promote"
+
+
+def test_gate_decision_to_markdown_is_the_shared_rendering() -> None:
+    from evals.gate import GateConfig, evaluate
+    from evals.render import decision_markdown
+
+    cfg = GateConfig.model_validate({"rules": [{"name": "ttft", "metric": "perf.ttft_p95_ms", "op": "<=",
+                                                "ref_metric": "perf.slo.ttft_ms"}]})
+    d = evaluate(cfg, {"perf.ttft_p95_ms": 777.3, "perf.slo.ttft_ms": 1000.0})
+    assert d.to_markdown() == decision_markdown(d.to_dict())
+    assert "| ttft | pass | 777.3 | – | – | <= 1000 | – |" in d.to_markdown()
+
+
+def test_a_pattern_rule_names_its_tasks_in_the_table_and_the_keep_line() -> None:
+    """One rule over several tasks: each row and the keep line name the task, with the same
+    numbers as the table (the demo's keep line said "capability per task" twice)."""
+    from evals.render import keep_summary, rule_rows
+
+    d = _decision(
+        _paired("capability per task", "quality.capability.arithmetic.answer_match", "fail", -0.458, -0.625, -0.25),
+        _paired("capability per task", "quality.capability.capitals.answer_match", "inconclusive", -0.042, -0.167, 0.083),
+        _paired("capability per task", "quality.capability.elements.answer_match", "pass", 0.0, -0.01, 0.01),
+    )
+    titles = [r.title for r in rule_rows(d)]
+    assert titles == ["capability per task (arithmetic)", "capability per task (capitals)",
+                      "capability per task (elements)"]
+    line = keep_summary({"quantized": d, "aligned": _decision(
+        {"rule": "quality.policy.*", "metric": "quality.policy.compliance", "test": "threshold", "op": ">=",
+         "value": None, "reference": 0.5, "verdict": "fail", "passed": False, "reason": "metric missing"})})
+    assert line == ("keep the live release: quantized: capability per task (arithmetic) fail "
+                    "(-45.8 [-62.5, -25.0] pts), capability per task (capitals) inconclusive (-4.2 [-16.7, +8.3] pts); "
+                    "aligned: quality.policy.compliance fail (missing, needs >= 0.5)")
+
+
+def test_negative_zero_and_missing_or_new_fields() -> None:
+    """An over-blocking rate of 0 prints "0.0%" (never "-0"); a rule missing optional fields still
+    renders; fields a newer gate adds (per rule, per decision) are shown, not dropped."""
+    from evals.render import decision_facts, decision_markdown, fmt_pts, fmt_value, rule_rows
+
+    assert fmt_value(-0.0) == "0" and fmt_pts(-0.0) == "0.0" and fmt_pts(-0.0004) == "0.0"
+    over = _paired("benign over-blocked", "safety.overblock_rate", "inconclusive", -0.0, -0.117, 0.117,
+                   items_spent=48, resolved_at_look=2)
+    over["value"] = -0.0
+    bare = {"rule": "no failed requests", "metric": "perf.failed", "verdict": "pass"}
+    d = _decision(over, bare, tested={"variant": "quantized", "why": "the serving choice's pick"},
+                  error_budget=0.05)
+    rows = rule_rows(d)
+    assert (rows[0].candidate, rows[0].difference) == ("0.0%", "0.0 pts")
+    assert ("items spent", "48") in rows[0].extras and "resolved at look: 2" in rows[0].note
+    assert (rows[1].candidate, rows[1].needs, rows[1].n) == ("missing", "–", "–")
+    assert decision_facts(d) == [("tested", "variant quantized, why the serving choice's pick"),
+                                 ("error budget", "0.05")]
+    md = decision_markdown(d)
+    assert "-0" not in md and "- error budget: 0.05" in md and "items spent: 48" in md
+
+
+def test_report_plots_are_embedded_for_pages_without_a_file_server(stored: dict[str, Path], tmp_path: Path) -> None:
+    """The report's relative plot links become data URIs (a Prefect artifact requested them
+    from its own URL and showed broken images)."""
+    import base64
+
+    res = report.run(stored, tmp_path / "rep")
+    md = Path(res.markdown_path).read_text()
+    assert "](latency_vs_throughput.png)" in md
+    embedded = report.embed_images(md, Path(res.markdown_path).parent)
+    assert "](latency_vs_throughput.png)" not in embedded and "](quality_safety_vs_cost.png)" not in embedded
+    uri = embedded.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(uri) == Path(res.plots[0]).read_bytes()
