@@ -7,17 +7,35 @@ request; docs/PLATFORM.md): two heads of 64.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# -- hermetic: the suite never reads or writes the user's data dir -----------------------------
+# Without ALIGNLOOP_HOME the data dir is ./.alignloop, the checkout's: a user's keys.yaml there
+# (`alignloop keys new`) was loaded by every gateway a test built, and stages wrote their
+# fingerprint cache into it. Set here, at the root conftest's import, before any test module or
+# process the suite starts can read it; tests that want their own still set it (``data_home``).
+USER_HOME = REPO / ".alignloop"
+_USER_HOME_KEY = pytest.StashKey[dict]()  # its listing when the session started
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="alignloop-test-home-"))
+os.environ["ALIGNLOOP_HOME"] = str(SESSION_HOME)
+atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)
 # One key secret for the whole session and the processes it starts, so key hashes made by a test
-# (serving.gateway_config.hash_key) match in every gateway it starts, whatever its data dir.
-os.environ.setdefault("ALIGNLOOP_KEY_SECRET", "test-key-secret-" + "0" * 32)
+# (serving.gateway_config.hash_key) match in every gateway it starts, whatever its data dir. Set,
+# not defaulted: the user's own secret must not decide what the tests' key hashes are.
+os.environ["ALIGNLOOP_KEY_SECRET"] = "test-key-secret-" + "0" * 32
+# The user's keys and gateway in the environment are not the suite's (tests that need one set it).
+for _var in ("ALIGNLOOP_ADMIN_KEY", "ALIGNLOOP_API_KEY", "ALIGNLOOP_GATEWAY_URL"):
+    os.environ.pop(_var, None)
 # Test artifacts that are expensive to rebuild (the embedded model) persist across runs here.
 TEST_HOME = Path(os.environ.get("ALIGNLOOP_TEST_HOME", REPO / ".alignloop-test"))
 
@@ -195,3 +213,60 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "tests that materialize the embedded model, train or start servers need "
             "@pytest.mark.slow or @pytest.mark.integration:\n  " + "\n  ".join(unmarked)
         )
+
+
+# -- the check that the suite left the user's data dir alone -------------------------------------
+class DataDirGuard:
+    """Snapshots of a folder's listing: every path under it -> (mtime_ns, size). A file written,
+    added or removed changes it, so does a file rewritten in place or the folder being created."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        if not self.root.exists():
+            return {}
+        out = {".": (self.root.stat().st_mtime_ns, 0)}
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                with contextlib.suppress(OSError):
+                    st = p.lstat()
+                    out[str(p.relative_to(self.root))] = (st.st_mtime_ns, st.st_size)
+        return out
+
+    def changes(self, before: dict[str, tuple[int, int]]) -> list[str]:
+        """What differs now from ``before`` (sorted, one line each)."""
+        after = self.snapshot()
+        added = [f"added {p}" for p in after.keys() - before.keys()]
+        removed = [f"removed {p}" for p in before.keys() - after.keys()]
+        changed = [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]]
+        return sorted(added + removed + changed)
+
+
+@pytest.fixture
+def data_dir_guard():
+    """``DataDirGuard`` (the class the session-end check of ``<checkout>/.alignloop`` uses)."""
+    return DataDirGuard
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_USER_HOME_KEY] = DataDirGuard(USER_HOME).snapshot()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if anything in it touched ``<checkout>/.alignloop`` (the user's data dir)."""
+    before = session.config.stash.get(_USER_HOME_KEY, None)
+    if before is None:
+        return
+    changes = DataDirGuard(USER_HOME).changes(before)
+    if changes:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        msg = (f"the test suite touched the user's data dir {USER_HOME} (tests must use their own "
+               "ALIGNLOOP_HOME):\n  " + "\n  ".join(changes[:50]))
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(msg, red=True)
+        else:
+            print(msg)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
