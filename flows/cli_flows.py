@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from datetime import datetime
 
 import typer
@@ -82,7 +83,7 @@ def schedule(
     typer.echo(f"deployment alignment-loop/{name} ({deployment_id}) with cron {cron!r} in work pool {pool!r} on {where}")
     cmd = worker_command(pool)
     if register_only:
-        typer.echo(f"start a worker where the loop should run (same checkout path): {' '.join(cmd[1:])}")
+        typer.echo(f"start a worker where the loop should run (same checkout path): {shlex.join(cmd)}")
         return
     typer.echo(f"starting a worker for pool {pool!r} here (Ctrl-C stops it)")
     os.execv(cmd[0], cmd)  # the worker replaces this process: its signals, its exit code
