@@ -46,6 +46,7 @@ from serving.protocol import FeedbackRequest, GatewayError
 from serving.review_data import (
     REPORT_PLOTS,
     QueueQuery,
+    approvable,
     display_exchange,
     feedback_by_request,
     load_queue,
@@ -535,8 +536,16 @@ def build_review_router(
         from serving.releases import approval_required
 
         view = await run_in_threadpool(release_view, rel)
+        can, why_not = view["approvable"]
         return page(
-            request, "release.html", session, v=view, rel=rel, needs_approval=approval_required(rel)
+            request,
+            "release.html",
+            session,
+            v=view,
+            rel=rel,
+            needs_approval=approval_required(rel),
+            approvable=can,
+            why_not=why_not,
         )
 
     @router.get("/releases/{release_id}/plots/{name}")
@@ -561,8 +570,12 @@ def build_review_router(
         session, form = got
         if not session.reviewer.can_approve:
             return fragment_error("your reviewer role may not approve releases", 403)
-        if release_or_404(release_id) is None:
+        target = release_or_404(release_id)
+        if target is None:
             return fragment_error(f"release {release_id!r} not found", 404)
+        can, why_not = await run_in_threadpool(approvable, target)
+        if not can:  # the page offers no button here; a hand-made POST gets the same answer
+            return fragment_error(why_not, 409)
         try:
             rel = await run_in_threadpool(
                 releases.approve,
@@ -579,6 +592,7 @@ def build_review_router(
             session,
             rel=rel,
             needs_approval=True,
+            approvable=True,
             flash="approval recorded",
         )
 

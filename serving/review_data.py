@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import select
 
+from evals.render import GAIN_NOTE, decision_facts, decision_word, rule_rows, verdict_of
 from serving.logstore import LogStore, feedback_table
 from training.config import StrictModel
 
@@ -203,13 +204,27 @@ def display_exchange(ex: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- releases: lineage, eval report, held-out answers ------------------------------------------
-def read_eval_samples(run_dir: str | Path, variant: str) -> dict[str, dict[str, Any]]:
-    """``{item key: row}`` from ``<run>/evals-<variant>/quality_samples.jsonl``.
+SAMPLES_FILE = "quality_samples.jsonl"
 
-    The key is the row's ``item_id`` when the file has one, else task + prompt: the one place
-    that knows the samples' format, so a format change is followed here only.
+
+def eval_samples_path(run_dir: str | Path, variant: str) -> Path:
+    """Where the eval stage of ``variant`` left its held-out answers: the quality suite writes
+    them into the stage's ``output/`` folder (older runs: the stage folder itself)."""
+    stage = Path(run_dir) / f"evals-{variant}"
+    for path in (stage / "output" / SAMPLES_FILE, stage / SAMPLES_FILE):
+        if path.is_file():
+            return path
+    return stage / "output" / SAMPLES_FILE
+
+
+def read_eval_samples(run_dir: str | Path, variant: str) -> dict[str, dict[str, Any]]:
+    """``{item key: row}`` from the eval stage's ``quality_samples.jsonl``.
+
+    The key is the row's item id (``id``, or ``item_id``) when the file has one, else task +
+    prompt: the one place that knows the samples' format, so a format change is followed here
+    only. Task and id together: ids are unique within a task only.
     """
-    path = Path(run_dir) / f"evals-{variant}" / "quality_samples.jsonl"
+    path = eval_samples_path(run_dir, variant)
     out: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return out
@@ -217,7 +232,8 @@ def read_eval_samples(run_dir: str | Path, variant: str) -> dict[str, dict[str, 
         if not line.strip():
             continue
         row = json.loads(line)
-        key = str(row.get("item_id") or f"{row.get('task', '')}\x1f{row.get('prompt', '')}")
+        item = row.get("item_id") or row.get("id")
+        key = f"{row.get('task', '')}\x1f{item if item else row.get('prompt', '')}"
         out[key] = row
     return out
 
@@ -277,10 +293,16 @@ def release_view(release: Any) -> dict[str, Any]:
     attached = _json(release.eval_report)
     run_dir = source.get("run_dir") or attached.get("run_dir")
     variant = source.get("variant") or attached.get("variant")
+    gate = attached.get("gate") or {}
     view: dict[str, Any] = {
         "release": release,
         "source": source,
-        "gate": attached.get("gate") or {},
+        "gate": gate,
+        "decision": decision_word(gate) if gate.get("rules") else None,
+        "rules": rule_rows(gate),
+        "facts": decision_facts(gate),
+        "gain_note": GAIN_NOTE,
+        "approvable": approvable(release),
         "run_dir": run_dir,
         "variant": variant,
         "stages": [],
@@ -317,6 +339,20 @@ def release_view(release: Any) -> dict[str, Any]:
     if variant:
         view["samples"] = side_by_side(run, variant)
     return view
+
+
+def approvable(release: Any) -> tuple[bool, str]:
+    """Whether approving ``release`` can lead anywhere, and why not: an approval is the last
+    step before a promotion, so it is offered only on a staged release whose attached gate
+    decision is promote (a retired, live or failed release, or one the gate kept out, is not)."""
+    if release.status != "staged":
+        return False, f"this release is {release.status or 'not started'}: only a staged release awaits approval"
+    gate = _json(release.eval_report).get("gate") or {}
+    if not gate.get("rules"):
+        return False, "no gate decision is attached: nothing to approve yet"
+    if verdict_of(gate) != "pass":
+        return False, f"the gate decided {decision_word(gate)}: nothing to approve"
+    return True, ""
 
 
 def _stage_facts(result: dict[str, Any]) -> str:

@@ -303,8 +303,21 @@ def test_eval_samples_are_keyed_by_item_id_when_present(tmp_path: Path) -> None:
         '{"task": "t", "prompt": "q", "response": "s"}\n'
     )
     rows = read_eval_samples(tmp_path, "x")
-    assert set(rows) == {"cap-7", "t\x1fq"}
+    assert set(rows) == {"t\x1fcap-7", "t\x1fq"}
     assert read_eval_samples(tmp_path, "missing") == {}
+
+
+def test_eval_samples_are_read_from_the_eval_stages_output_folder(tmp_path: Path) -> None:
+    """Where the eval stage writes them (evals/suites.py: ``<stage>/output/``), keyed by the
+    quality suite's ``id`` within its task (a demo run's page said "no eval samples found")."""
+    out = tmp_path / "evals-aligned" / "output"
+    out.mkdir(parents=True)
+    (out / "quality_samples.jsonl").write_text(
+        '{"task": "alignloop_arithmetic", "id": "arithmetic-000", "prompt": "p", "response": "85"}\n'
+        '{"task": "alignloop_capitals", "id": "capitals-000", "prompt": "q", "response": "Paris"}\n'
+    )
+    rows = read_eval_samples(tmp_path, "aligned")
+    assert set(rows) == {"alignloop_arithmetic\x1farithmetic-000", "alignloop_capitals\x1fcapitals-000"}
 
 
 def test_window_excludes_old_exchanges(tmp_path: Path) -> None:
@@ -398,3 +411,25 @@ def test_templates_and_static_files_ship_in_the_package() -> None:
         for f in (root / "serving" / folder).iterdir():
             rel = f"{folder}/{f.name}"
             assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} would not be packaged"
+
+
+def test_approval_is_offered_only_where_it_can_lead_to_a_promotion(tmp_path: Path, data_home: Path) -> None:
+    """A staged release the gate would promote: offered. The same release once retired, or one
+    the gate kept out (keep: inconclusive): not, with the reason the page shows."""
+    import json
+
+    from serving.review_data import approvable
+
+    store = ReleaseStore(tmp_path / "releases")
+    run = tmp_path / "runs" / "r1"
+    make_run(run)
+    rel = staged_candidate(store, run)
+    assert approvable(rel) == (True, "")
+    keep = json.loads(Path(rel.eval_report).read_text())
+    keep["gate"] |= {"passed": False, "verdict": "inconclusive"}
+    Path(rel.eval_report).write_text(json.dumps(keep))
+    assert approvable(store.get(rel.release_id)) == (
+        False, "the gate decided keep: inconclusive: nothing to approve")
+    retired = store.set_status(rel.release_id, "retired", "not promoted (test)")
+    can, why = approvable(retired)
+    assert not can and "retired" in why
