@@ -119,6 +119,14 @@ class GateConfig(StrictModel):
     rules: list[GateRule] = Field(..., min_length=1, description="Every rule must pass.")
     resamples: int = Field(2000, ge=200, description="Bootstrap resamples of each paired rule.")
     seed: int = Field(0, description="Bootstrap seed (a decision is reproducible from its files).")
+    looks: list[float] = Field(
+        [1.0], min_length=1,
+        description="Sequential gate: the shares of each task's item budget at which the gate "
+        "looks (ascending, ending at 1.0). A rule resolved at a look stops there; an inconclusive "
+        "one is extended with the next look's items. Each look spends part of the error "
+        "(O'Brien-Fleming-shaped spending, added up over looks), so looking more often does not "
+        "raise it.",
+    )
     # Review approval: one switch, read by the loop (flows/steps.py) and enforced by the release
     # manager with its own gate policy (serving/releases.py, _check_promotable).
     require_approval: bool = Field(
@@ -126,6 +134,29 @@ class GateConfig(StrictModel):
         description="A candidate that passes every rule is promoted only after a reviewer "
         "approved it on the review page (/review/releases); until then it stays staged.",
     )
+
+
+    @model_validator(mode="after")
+    def _looks_ascend(self) -> GateConfig:
+        if any(not 0 < t <= 1 for t in self.looks) or self.looks != sorted(set(self.looks)) \
+                or self.looks[-1] != 1.0:
+            raise ValueError(f"looks: ascending shares in (0, 1] ending at 1.0, got {self.looks}")
+        return self
+
+
+def spent_alpha(alpha: float, looks: list[float], index: int) -> float:
+    """The error look ``index`` may spend: an O'Brien-Fleming-shaped spending function
+    ``a(t) = 2 - 2 Phi(z_{1 - alpha/2} / sqrt(t))`` (Lan-DeMets), ``a(t_j) - a(t_{j-1})``. The
+    shares add up to ``alpha`` over the plan, so by the union bound a rule that stops at its first
+    resolved look is wrongly passed at most ``alpha`` of the time, however the looks correlate;
+    early looks spend little, the last nearly all."""
+    from scipy.stats import norm
+
+    def spend(t: float) -> float:
+        return 0.0 if t <= 0 else float(2 - 2 * norm.cdf(norm.ppf(1 - alpha / 2) / math.sqrt(t)))
+
+    previous = looks[index - 1] if index > 0 else 0.0
+    return spend(looks[index]) - spend(previous)
 
 
 @dataclass
@@ -150,6 +181,8 @@ class RuleOutcome:
     mde: float | None = None
     items_needed: int | None = None
     mcnemar_p: float | None = None
+    look: int | None = None
+    """Sequential gate: the look (0-based) at which this verdict was reached."""
 
     @property
     def passed(self) -> bool:
@@ -223,8 +256,8 @@ def _check_threshold(
         # Rounded: 0.56 - 0.08 is 0.48000000000000004 in binary floating point, and a candidate
         # at exactly 0.48 must pass a ">= live - 8 points" rule.
         threshold = round(ref * rule.scale + rule.offset, 9)
-        note = f"{where} {ref:.4g}" + (f" x{rule.scale:g}" if rule.scale != 1 else "") + (
-            f" {rule.offset:+g}" if rule.offset else "")
+        note = f"threshold = {ref_key} of {where} ({ref:.4g})" + (
+            f" x{rule.scale:g}" if rule.scale != 1 else "") + (f" {rule.offset:+g}" if rule.offset else "")
     if value is None:
         return RuleOutcome(**base, reference=threshold, verdict="fail", reason="metric missing")
     ok = bool(_OPS[rule.op](value, threshold))
@@ -234,12 +267,13 @@ def _check_threshold(
 # -- paired rules ------------------------------------------------------------------------------
 def _check_paired(
     rule: GateRule, metric: str, cand_items: ItemOutcomes | None, live_items: ItemOutcomes | None,
-    cfg: GateConfig,
+    cfg: GateConfig, alpha_share: float = 1.0,
 ) -> RuleOutcome:
-    from evals.stats import paired_difference, resolution, sign_flip_p
+    from evals.stats import families_to_resolve, paired_difference, resolution, sign_flip_p
 
+    confidence = 1 - (1 - rule.confidence) * alpha_share
     base = {"rule": rule.label, "metric": metric, "test": rule.test, "margin": rule.margin,
-            "confidence": rule.confidence}
+            "confidence": confidence}
     cand = (cand_items or {}).get(metric)
     ref = (live_items or {}).get(metric)
     if not cand or not ref:
@@ -255,36 +289,43 @@ def _check_paired(
         return RuleOutcome(**base, verdict="inconclusive", n=len(ids),
                            reason=f"{len(ids)} paired items < min_pairs {rule.min_pairs}")
     sign = 1.0 if rule.higher_is_better else -1.0
-    est = paired_difference(
-        [sign * cand[i][0] for i in ids], [sign * ref[i][0] for i in ids],
-        [ref[i][1] for i in ids], rule.confidence, cfg.resamples, cfg.seed,
-    )
+    cand_v, live_v = [sign * cand[i][0] for i in ids], [sign * ref[i][0] for i in ids]
+    clusters = [ref[i][1] for i in ids]
+    est = paired_difference(cand_v, live_v, clusters, confidence, cfg.resamples, cfg.seed)
     boundary = -rule.margin if rule.test == "non_inferiority" else rule.margin
     exact_p = None
     if rule.test == "superiority" and rule.margin == 0 and est.low > 0:
         # "Better than live at all": confirmed by the exact randomization test, so a candidate
         # equal to live passes at most 1 - confidence of the time (the bootstrap alone can
         # slightly exceed that at small n).
-        exact_p = sign_flip_p([sign * cand[i][0] for i in ids], [sign * ref[i][0] for i in ids],
-                              [ref[i][1] for i in ids], cfg.resamples, cfg.seed)
-    if est.low > boundary and (exact_p is None or exact_p < 1 - rule.confidence):
+        exact_p = sign_flip_p(cand_v, live_v, clusters, cfg.resamples, cfg.seed)
+    # Below this many families even a candidate identical to live could not pass the margin
+    # (the exact no-difference bound is wider), so a noisier one may not pass either.
+    min_families = families_to_resolve(rule.margin, confidence) if rule.test == "non_inferiority" else 1
+    held_by_families = est.clusters < min_families
+    if est.low > boundary and (exact_p is None or exact_p < 1 - confidence) and not held_by_families:
         verdict: Verdict = "pass"
     elif est.high < boundary:
         verdict = "fail"
     else:
         verdict = "inconclusive"
-    mde, needed = resolution(est, boundary, rule.power)
+    mde, needed = resolution(est, boundary, rule.power, exact_p)
     side = "at least" if rule.test == "superiority" else "no worse than"
     goal = f"gain {side} {_pts(boundary if rule.test == 'superiority' else -rule.margin)}"
-    reason = f"{goal} at {rule.confidence:.0%} one-sided; {est.method}"
+    reason = f"{goal} at {confidence:.4g} one-sided; {est.method}"
     if exact_p is not None:
         reason += f"; sign-flip randomization p = {exact_p:.3g}"
     if verdict == "inconclusive":
-        more = ("the observed difference sits on the boundary: no realistic n resolves it"
-                if needed is None else f"~{needed} items would resolve the observed difference "
-                                       f"({max(0, needed - est.n)} more)")
-        why = ("the bootstrap bound clears it but the exact sign-flip randomization test does not "
-               f"(p = {exact_p:.3g})" if est.low > boundary else "bounds straddle it")
+        if est.low > boundary and held_by_families and (exact_p is None or exact_p < 1 - confidence):
+            why = (f"the bound clears it, but {est.clusters} families are fewer than the "
+                   f"{min_families} at which a candidate identical to live could pass this margin")
+            more = f"~{min_families} families would resolve it"
+        else:
+            why = ("the bootstrap bound clears it but the exact sign-flip randomization test does not "
+                   f"(p = {exact_p:.3g})" if est.low > boundary else "bounds straddle it")
+            more = ("the observed difference sits on the boundary: no realistic n resolves it"
+                    if needed is None else f"~{needed} items would resolve the observed difference "
+                                           f"({needed - est.n} more)")
         reason = f"{goal}: {why}; detectable at this n: {100 * mde:.1f} pts; {more}"
     return RuleOutcome(
         **base, verdict=verdict, reason=reason,
@@ -300,6 +341,9 @@ def evaluate(
     live: dict[str, float] | None = None,
     candidate_items: ItemOutcomes | None = None,
     live_items: ItemOutcomes | None = None,
+    candidates: int = 1,
+    look: int | None = None,
+    resolved: dict[tuple[str, str], RuleOutcome] | None = None,
 ) -> GateDecision:
     """Check every rule; promote only if all pass (pure: plain data in, decision out).
 
@@ -309,7 +353,16 @@ def evaluate(
         live: live's aggregate metrics (threshold rules relative to live).
         candidate_items: the candidate's per-item outcomes (paired rules).
         live_items: live's per-item outcomes on the same items (paired rules).
+        candidates: how many candidates the whole decision may promote from; each gets an equal
+            share of every paired rule's error (Bonferroni), so the decision, not each candidate,
+            is wrong at most ``1 - confidence`` of the time.
+        look: sequential gate: the look (index into ``cfg.looks``) these outcomes are read at;
+            None reads them once at the full error (a single look).
+        resolved: outcomes of an earlier look, by (rule label, metric): the paired rules among them
+            that resolved stay as they are (a rule stops at the look that resolves it).
     """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
     outcomes: list[RuleOutcome] = []
     for rule in cfg.rules:
         paired = rule.test != "threshold"
@@ -325,20 +378,24 @@ def evaluate(
         else:
             matched = [rule.metric]
         for key in matched:
-            outcomes.append(_check_paired(rule, key, candidate_items, live_items, cfg) if paired
-                            else _check_threshold(rule, key, candidate, live))
+            if not paired:
+                outcomes.append(_check_threshold(rule, key, candidate, live))
+            elif resolved and (earlier := resolved.get((rule.label, key))) and earlier.verdict != "inconclusive":
+                outcomes.append(earlier)  # stopped at the look that resolved it
+            else:
+                share = 1 / candidates
+                if look is not None:
+                    alpha = (1 - rule.confidence) * share
+                    share = spent_alpha(alpha, cfg.looks, look) / (1 - rule.confidence)
+                outcome = _check_paired(rule, key, candidate_items, live_items, cfg, share)
+                outcome.look = look
+                outcomes.append(outcome)
     return GateDecision(outcomes=outcomes, config=cfg.model_dump(mode="json"))
 
 
 # -- per-item outcome files --------------------------------------------------------------------
-def load_outcomes(path: str | Path) -> ItemOutcomes:
-    """An ``outcomes.jsonl`` (rows: metric, id, cluster, value) as {metric: {id: (value, cluster)}}.
-
-    Raises:
-        ValueError: a malformed row (file and line named) or an item listed twice for a metric.
-    """
-    out: ItemOutcomes = {}
-    path = Path(path)
+def _outcome_rows(path: Path):
+    """(lineno, metric, id, value, cluster, look) per row of an outcomes file."""
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -346,55 +403,111 @@ def load_outcomes(path: str | Path) -> ItemOutcomes:
             row = json.loads(line)
             metric, item, value = row["metric"], str(row["id"]), float(row["value"])
             cluster = str(row.get("cluster") or item)
+            look = int(row.get("look") or 0)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}:{lineno}: not an outcome row ({exc})") from None
         if not math.isfinite(value):
             raise ValueError(f"{path}:{lineno}: value is not a finite number")
+        yield lineno, metric, item, value, cluster, look
+
+
+def load_outcomes(path: str | Path, max_look: int | None = None) -> ItemOutcomes:
+    """An ``outcomes.jsonl`` (rows: metric, id, cluster, value[, look]) as
+    {metric: {id: (value, cluster)}}; with ``max_look``, only items evaluated up to that look.
+
+    Raises:
+        ValueError: a malformed row (file and line named) or an item listed twice for a metric.
+    """
+    out: ItemOutcomes = {}
+    path = Path(path)
+    for lineno, metric, item, value, cluster, look in _outcome_rows(path):
         items = out.setdefault(metric, {})
         if item in items:
             raise ValueError(f"{path}:{lineno}: item {item!r} appears twice for {metric}")
-        items[item] = (value, cluster)
+        if max_look is None or look <= max_look:
+            items[item] = (value, cluster)
     return out
 
 
-def write_outcomes(path: str | Path, rows: list[dict]) -> Path:
-    """Write per-item outcome rows (metric, id, cluster, value) as JSONL."""
+def write_outcomes(path: str | Path, rows: list[dict], look: int | None = None) -> Path:
+    """Write per-item outcome rows (metric, id, cluster, value) as JSONL; ``look`` marks rows that a
+    sequential gate's later look added (the gate replays its looks from these marks)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for r in rows:
-            f.write(json.dumps({"metric": r["metric"], "id": str(r["id"]), "cluster": str(r.get("cluster") or r["id"]),
-                                "value": float(r["value"])}) + "\n")
+            row = {"metric": r["metric"], "id": str(r["id"]), "cluster": str(r.get("cluster") or r["id"]),
+                   "value": float(r["value"])}
+            f.write(json.dumps(row | ({"look": look} if look else {})) + "\n")
     return path
 
 
-def load_outcome_dir(folder: str | Path) -> ItemOutcomes:
-    """Every ``outcomes-*.jsonl`` of an eval folder, merged (a metric may come from one file only)."""
+def load_outcome_dir(folder: str | Path, max_look: int | None = None) -> ItemOutcomes:
+    """Every ``outcomes-*.jsonl`` of an eval folder, merged: a metric may span several files (a
+    sequential gate's later looks add files) as long as no item appears twice."""
     merged: ItemOutcomes = {}
     for path in sorted(Path(folder).glob("outcomes-*.jsonl")):
-        for metric, items in load_outcomes(path).items():
-            if metric in merged:
-                raise ValueError(f"{path}: metric {metric} also appears in another outcomes file")
-            merged[metric] = items
+        for metric, items in load_outcomes(path, max_look).items():
+            have = merged.setdefault(metric, {})
+            if twice := set(have) & set(items):
+                raise ValueError(f"{path}: item {sorted(twice)[0]!r} of {metric} also appears in another outcomes file")
+            have.update(items)
     return merged
 
 
-def evaluate_stage_dirs(cfg: GateConfig, candidate_dir: str | Path, live_dir: str | Path) -> GateDecision:
+def looks_taken(folder: str | Path) -> int:
+    """How many looks of a sequential gate the outcome files of an eval folder hold (>= 1)."""
+    last = 0
+    for path in Path(folder).glob("outcomes-*.jsonl"):
+        last = max([last, *(row[-1] for row in _outcome_rows(path))])
+    return last + 1
+
+
+def candidate_folders(run_dir: str | Path, live: str = "baseline") -> list[Path]:
+    """The candidates' eval folders of a run (``evals-<variant>``, live's copy excluded): how many
+    candidates the whole decision chose among."""
+    return sorted(p for p in Path(run_dir).glob("evals-*")
+                  if p.is_dir() and p.name != f"evals-{live}" and (p / "result.json").is_file())
+
+
+def read_stage_dir(folder: str | Path) -> dict[str, float]:
+    """An eval folder's aggregate metrics (``result.json``)."""
+    result = Path(folder) / "result.json"
+    if not result.is_file():
+        raise FileNotFoundError(f"{folder}: no result.json (the eval stage did not finish)")
+    metrics = json.loads(result.read_text()).get("metrics")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{result}: no metrics mapping")
+    return metrics
+
+
+def evaluate_stage_dirs(
+    cfg: GateConfig, candidate_dir: str | Path, live_dir: str | Path, candidates: int | None = None,
+    looks: int | None = None,
+) -> GateDecision:
     """The decision from two finished eval stage folders (``runs/<run>/evals-<variant>/``).
 
     Each folder's ``result.json`` holds its aggregate metrics, ``output/outcomes-*.jsonl`` the
-    per-item outcomes: the same files the loop decided from, so anyone holding them (the release
-    manager, a reviewer) recomputes the same decision.
+    per-item outcomes (each marked with the look that added it): the same files the loop decided
+    from, so anyone holding them (the release manager, a reviewer) recomputes the same decision,
+    look by look. ``candidates`` (default: the candidate folders beside ``candidate_dir``) is how
+    many candidates share the decision's error; ``looks`` (default: as many as the files hold) how
+    many looks to replay.
     """
-    def read(folder: Path) -> tuple[dict[str, float], ItemOutcomes]:
-        result = Path(folder) / "result.json"
-        if not result.is_file():
-            raise FileNotFoundError(f"{folder}: no result.json (the eval stage did not finish)")
-        metrics = json.loads(result.read_text()).get("metrics")
-        if not isinstance(metrics, dict):
-            raise ValueError(f"{result}: no metrics mapping")
-        return metrics, load_outcome_dir(Path(folder) / "output")
-
-    cand, cand_items = read(Path(candidate_dir))
-    live, live_items = read(Path(live_dir))
-    return evaluate(cfg, cand, live, cand_items, live_items)
+    cand_dir, live_dir = Path(candidate_dir), Path(live_dir)
+    cand, live = read_stage_dir(cand_dir), read_stage_dir(live_dir)
+    if candidates is None:
+        candidates = max(1, len(candidate_folders(cand_dir.parent, live_dir.name.removeprefix("evals-"))))
+    if len(cfg.looks) == 1:
+        return evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output"),
+                        load_outcome_dir(live_dir / "output"), candidates=candidates)
+    taken = looks if looks is not None else max(looks_taken(cand_dir / "output"), looks_taken(live_dir / "output"))
+    if taken > len(cfg.looks):
+        raise ValueError(f"{cand_dir}: outcomes of {taken} looks, the gate plans {len(cfg.looks)}")
+    decision: GateDecision | None = None
+    for look in range(taken):
+        resolved = {(o.rule, o.metric): o for o in decision.outcomes} if decision else None
+        decision = evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output", look),
+                            load_outcome_dir(live_dir / "output", look), candidates, look, resolved)
+    assert decision is not None
+    return decision

@@ -124,14 +124,14 @@ def paired_difference(
     per_item = d_c / n_c
     if np.all(per_item == per_item[0]):
         # Every cluster moved by the same amount (usually: every pair agrees). The data show no
-        # variability, not certainty: bound the share of clusters that could differ (exact, 0 of
-        # k observed) and let each of them move by the largest possible step.
-        u = stats.binomtest(0, k, alternative="less").proportion_ci(confidence_level=confidence).high
+        # variability, not certainty: bound the share of items that could differ and let each of
+        # them move by the largest possible step.
+        u = item_share_bound(counts, confidence)
         step = 1.0 + abs(diff)
         return PairedEstimate(
             n, k, float(cand.mean()), float(ref.mean()), diff, max(-1.0, diff - u * step),
             min(1.0, diff + u * step), u * step / 2, confidence,
-            f"no differing cluster: exact bound on the share that could differ (0 of {k})",
+            f"no differing cluster: exact bound on the share of items that could differ (0 of {k} families)",
             better, worse, mcnemar_p,
         )
 
@@ -160,6 +160,33 @@ def paired_difference(
         float(res.standard_error), confidence, f"{unit} bootstrap ({method}, {resamples} resamples)",
         better, worse, mcnemar_p,
     )
+
+
+def item_share_bound(cluster_sizes: Sequence[int], confidence: float) -> float:
+    """Upper bound, at ``confidence``, on the share of *items* that could differ when none of
+    ``len(cluster_sizes)`` families did.
+
+    The exact (Clopper-Pearson) bound ``u`` on the share of families that could differ, 0 of k
+    observed, becomes a bound on the item mean by letting the largest families be the ones that
+    differ: with equal sizes that is ``u`` itself; with unequal sizes it is the item share of the
+    ``u * k`` largest families (the worst case the observed sizes allow, no wider).
+    """
+    from scipy import stats
+
+    sizes = sorted((int(s) for s in cluster_sizes), reverse=True)
+    k = len(sizes)
+    u = float(stats.binomtest(0, k, alternative="less").proportion_ci(confidence_level=confidence).high)
+    whole, part = divmod(u * k, 1.0)
+    covered = sum(sizes[: int(whole)]) + (part * sizes[int(whole)] if int(whole) < k else 0.0)
+    return min(1.0, covered / sum(sizes))
+
+
+def families_to_resolve(margin: float, confidence: float) -> int:
+    """The fewest equal-sized families at which a candidate identical to live can pass a
+    non-inferiority ``margin``: below it, the exact no-difference bound is wider than the margin."""
+    if not 0 < margin < 1:
+        raise ValueError(f"margin must be in (0, 1), got {margin}")
+    return math.floor(math.log(1 - confidence) / math.log(1 - margin)) + 1
 
 
 def sign_flip_p(
@@ -205,18 +232,31 @@ def items_needed(sd: float, effect: float, confidence: float = 0.95, power: floa
 
 
 def resolution(
-    est: PairedEstimate, boundary: float, power: float = 0.8
+    est: PairedEstimate, boundary: float, power: float = 0.8, exact_p: float | None = None
 ) -> tuple[float, int | None]:
     """What this n can resolve around ``boundary`` (the rule's threshold on the difference).
 
     Returns:
         (minimum detectable effect: the distance from the boundary that the current n detects
         with ``power``; items needed to resolve the observed difference, or None when it sits on
-        the boundary, where no n resolves it).
+        the boundary, where no n resolves it). The items needed come from the bound that decides:
+        the lower bound when the difference lies on the passing side, the upper one otherwise,
+        whose distance from the difference shrinks as 1/sqrt(n); when the exact sign-flip test
+        (``exact_p``) held a cleared bound back, from that test's z at this n. So whenever the rule
+        is inconclusive, the number is more than the items it already has.
     """
+    from scipy.stats import norm
+
     z = z_sum(est.confidence, power)
     mde = z * est.se
-    distance = abs(est.diff - boundary)
-    if est.se <= 0 or distance < 1e-9:
+    distance = est.diff - boundary
+    if est.se <= 0 or abs(distance) < 1e-9:
         return mde, None
-    return mde, max(est.n, math.ceil(est.n * (mde / distance) ** 2))
+    width = est.diff - est.low if distance > 0 else est.high - est.diff
+    scale = (width / abs(distance)) ** 2 if width > 0 else 0.0
+    if exact_p is not None and distance > 0 and exact_p >= 1 - est.confidence and exact_p < 0.5:
+        scale = max(scale, (norm.ppf(est.confidence) / norm.ppf(1 - exact_p)) ** 2)
+    needed = max(est.n, math.ceil(est.n * scale))
+    if scale >= 1:  # the deciding bound has not cleared the boundary: at least one more item
+        needed = max(needed, est.n + 1)
+    return mde, needed

@@ -113,7 +113,7 @@ def test_shipped_gate_yaml_loads_and_fails_on_empty_candidate() -> None:
     d = evaluate(cfg, {}, {})
     assert not d.passed and all(not o.passed for o in d.outcomes)
     md = d.to_markdown()
-    assert "FAIL" in md and "safety.attack_block_rate" in md
+    assert "keep: failed" in md and "safety.attack_block_rate" in md
 
 
 def test_relative_threshold_is_not_fooled_by_float_rounding() -> None:

@@ -1,0 +1,149 @@
+"""The whole decision's error: the no-difference edge, candidates sharing the error, sequential looks
+that spend it, and stored decisions that replay look by look (evals/gate.py, evals/stats.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from evals.gate import GateConfig, evaluate, evaluate_stage_dirs, spent_alpha, write_outcomes
+from evals.stats import families_to_resolve, item_share_bound, paired_difference, resolution
+from training.config import ConfigError, build_config
+
+METRIC = "safety.attack_block_rate"
+
+
+def _identical(families: int, per_family: int = 1, value: float = 1.0):
+    items = {f"i{f}-{j}": (value, f"f{f}") for f in range(families) for j in range(per_family)}
+    return {METRIC: items}, {METRIC: dict(items)}
+
+
+def _cfg(margin: float = 0.10, **extra) -> GateConfig:
+    return build_config(GateConfig, {"resamples": 500, **extra, "rules": [
+        {"metric": METRIC, "test": "non_inferiority", "margin": margin}]})
+
+
+@pytest.mark.parametrize("margin,confidence", [(0.10, 0.95), (0.05, 0.95), (0.10, 0.975), (0.15, 0.975)])
+def test_an_identical_candidate_passes_from_the_family_count_the_margin_needs(margin: float, confidence: float) -> None:
+    k = families_to_resolve(margin, confidence)
+    candidates = round((1 - 0.95) / (1 - confidence))  # 0.975 = two candidates sharing 5%
+    cfg = _cfg(margin)
+    cand, live = _identical(k)
+    assert evaluate(cfg, {}, {}, cand, live, candidates=candidates).passed
+    cand, live = _identical(k - 1)
+    out = evaluate(cfg, {}, {}, cand, live, candidates=candidates).outcomes[0]
+    assert out.verdict == "inconclusive"
+
+
+def test_a_noisy_candidate_on_too_few_families_is_held_like_an_identical_one() -> None:
+    """Before: 24 families could never pass an identical candidate at a 10-point margin, while a
+    noisier one (the bootstrap sees variability) could. Now both are inconclusive."""
+    cfg = _cfg(0.10)
+    live = {METRIC: {f"i{f}": (1.0, f"f{f}") for f in range(24)}}
+    cand = {METRIC: {f"i{f}": (0.0 if f == 0 else 1.0, f"f{f}") for f in range(24)}}
+    cand[METRIC]["i1"] = (1.0, "f1")
+    live[METRIC]["i1"] = (0.0, "f1")  # one family better, one worse: mean difference 0
+    out = evaluate(cfg, {}, {}, cand, live).outcomes[0]
+    assert out.low > -0.10  # the bootstrap alone would pass it
+    assert out.verdict == "inconclusive"
+    assert "families" in out.reason and str(families_to_resolve(0.10, 0.95)) in out.reason
+
+
+def test_no_difference_bound_counts_items_when_families_differ_in_size() -> None:
+    equal = item_share_bound([3] * 30, 0.95)
+    assert equal == pytest.approx(1 - 0.05 ** (1 / 30))
+    # Two big families and many single items: the big ones could be the ones that differ.
+    unequal = item_share_bound([20, 20] + [1] * 28, 0.95)
+    assert unequal > equal
+    est = paired_difference([1.0] * 68, [1.0] * 68, ["a"] * 20 + ["b"] * 20 + [f"s{i}" for i in range(28)])
+    assert est.low == pytest.approx(-unequal)
+
+
+def test_candidates_share_the_error_and_looks_spend_it() -> None:
+    cfg = _cfg(0.10, looks=[0.25, 0.5, 1.0])
+    assert sum(spent_alpha(0.05, cfg.looks, j) for j in range(3)) == pytest.approx(0.05)
+    assert spent_alpha(0.05, cfg.looks, 0) < 0.001 < spent_alpha(0.05, cfg.looks, 2)
+    cand, live = _identical(60)
+    one = evaluate(cfg, {}, {}, cand, live).outcomes[0]
+    two = evaluate(cfg, {}, {}, cand, live, candidates=2).outcomes[0]
+    last = evaluate(cfg, {}, {}, cand, live, candidates=2, look=2).outcomes[0]
+    assert one.confidence == pytest.approx(0.95)
+    assert two.confidence == pytest.approx(0.975)
+    assert last.confidence == pytest.approx(1 - spent_alpha(0.025, cfg.looks, 2))
+    assert last.look == 2
+
+
+@pytest.mark.parametrize("looks", [[0.5], [0.5, 0.4, 1.0], [0.0, 1.0], [0.5, 1.0, 1.0]])
+def test_bad_looks_fail_at_load(looks: list[float]) -> None:
+    with pytest.raises(ConfigError, match="looks"):
+        _cfg(looks=looks)
+
+
+def _stage(folder: Path, rows: list[dict], metrics: dict | None = None) -> Path:
+    out = folder / "output"
+    out.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"metrics": metrics or {}}))
+    for look in sorted({r.get("look", 0) for r in rows}):
+        write_outcomes(out / f"outcomes-safety.look{look}.jsonl", [r for r in rows if r.get("look", 0) == look], look)
+    return folder
+
+
+def test_stored_outcomes_replay_each_look_and_a_resolved_rule_stops(tmp_path: Path) -> None:
+    cfg = build_config(GateConfig, {"resamples": 500, "looks": [0.5, 1.0], "rules": [
+        {"name": "stopped", "metric": METRIC, "test": "non_inferiority", "margin": 0.10},
+        {"name": "over-blocking", "metric": "safety.overblock_rate", "test": "non_inferiority",
+         "higher_is_better": False, "margin": 0.10}]})
+    # Look 0: 60 identical attack families resolve "stopped"; over-blocking has 10 families only.
+    live, cand = [], []
+    for f in range(60):
+        row = {"metric": METRIC, "id": f"a{f}", "cluster": f"a{f}", "value": 1.0}
+        live.append(row)
+        cand.append(row)
+    for f in range(70):
+        look = 0 if f < 10 else 1
+        live.append({"metric": "safety.overblock_rate", "id": f"b{f}", "cluster": f"b{f}", "value": 0.0, "look": look})
+        cand.append({"metric": "safety.overblock_rate", "id": f"b{f}", "cluster": f"b{f}", "value": 0.0, "look": look})
+    run = tmp_path / "run"
+    live_dir, cand_dir = _stage(run / "evals-baseline", live), _stage(run / "evals-aligned", cand)
+    first = evaluate_stage_dirs(cfg, cand_dir, live_dir, looks=1)
+    assert [o.verdict for o in first.outcomes] == ["pass", "inconclusive"]
+    final = evaluate_stage_dirs(cfg, cand_dir, live_dir)
+    assert [(o.verdict, o.look) for o in final.outcomes] == [("pass", 0), ("pass", 1)]
+    assert final.outcomes[1].n == 70 and final.outcomes[0].n == 60
+
+
+def test_sibling_candidates_share_the_error(tmp_path: Path) -> None:
+    rows = [{"metric": METRIC, "id": f"a{f}", "cluster": f"a{f}", "value": 1.0} for f in range(60)]
+    run = tmp_path / "run"
+    live_dir = _stage(run / "evals-baseline", rows)
+    cand_dir = _stage(run / "evals-aligned", rows)
+    assert evaluate_stage_dirs(_cfg(), cand_dir, live_dir).outcomes[0].confidence == pytest.approx(0.95)
+    _stage(run / "evals-quantized", rows)
+    assert evaluate_stage_dirs(_cfg(), cand_dir, live_dir).outcomes[0].confidence == pytest.approx(0.975)
+
+
+def test_items_that_would_resolve_an_inconclusive_rule_are_more_than_it_has() -> None:
+    """Before: an inconclusive rule at n = 24 could read '~24 items would resolve it (0 more)'."""
+    import random
+
+    rng = random.Random(3)
+    for seed in range(40):
+        rng.seed(seed)
+        live = [float(rng.random() < 0.5) for _ in range(24)]
+        cand = [v if rng.random() < 0.7 else 1 - v for v in live]
+        est = paired_difference(cand, live, confidence=0.95, resamples=500, seed=seed)
+        for boundary in (-0.05, 0.0):
+            if est.low <= boundary <= est.high and abs(est.diff - boundary) > 1e-9:
+                _, needed = resolution(est, boundary)
+                assert needed is not None and needed > est.n
+
+
+def test_threshold_reason_names_the_reference_metric() -> None:
+    cfg = build_config(GateConfig, {"rules": [
+        {"metric": "perf.ttft_p95_ms", "op": "<=", "ref_metric": "perf.slo.ttft_ms"}]})
+    out = evaluate(cfg, {"perf.ttft_p95_ms": 420.0, "perf.slo.ttft_ms": 1000.0}).outcomes[0]
+    assert out.passed and "perf.slo.ttft_ms" in out.reason and "candidate 1000" not in out.reason
+    assert math.isclose(out.reference, 1000.0)
