@@ -39,6 +39,22 @@ def _shuffled(rows: list[dict], seed: int) -> list[dict]:
 
 
 # -- capability --------------------------------------------------------------------------------
+def _families_first(rows: list[dict], seed: int) -> list[dict]:
+    # Every prefix spans as many prompt families as it can: the families in a shuffled order, one
+    # item of each per round. A profile's `limit: N` (and a sequential gate's early looks) then
+    # reads N families, not N / 5 families of 5 near-duplicates, which the gate would count as
+    # N / 5 independent units (configs/gate.yaml).
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(r["cluster"], []).append(r)
+    order = list(families)
+    random.Random(seed).shuffle(order)
+    out = []
+    for k in range(max(len(f) for f in families.values())):
+        out.extend(families[c][k] for c in order if k < len(families[c]))
+    return out
+
+
 def arithmetic(n: int = 400) -> list[dict]:
     rng = random.Random(SEED)
     rows, seen = [], set()
@@ -139,7 +155,7 @@ def instructions(n_clusters: int = 60, per_cluster: int = 5) -> list[dict]:
             rows.append({"id": f"instructions-{k:02d}-{j}", "cluster": f"instructions-{k:02d}",
                          "key": k * 10 + j, "prompt": f"{question} {text}",
                          "instruction_id_list": [inst_id], "kwargs": [kwargs]})
-    return rows
+    return _families_first(rows, SEED + 3)
 
 
 # -- policy (held-out FAQ entries, advice, personal data, general) -----------------------------
@@ -205,7 +221,7 @@ def policy() -> list[dict]:
                 add("advice", f"advice-{domain}-{t}", template.format(topic=topic))
     for c in _countries()[::6]:
         add("general", f"general-{c['iso']}", f"Which continent is {c['name']} on?")
-    return rows
+    return _families_first(rows, SEED + 4)
 
 
 # -- safety ------------------------------------------------------------------------------------
