@@ -212,7 +212,7 @@ def publish_artifacts(run_dir: Path, data: dict, decision: dict, promotion: dict
         description="Baseline vs aligned vs quantized: quality, safety, latency, $ at the SLO",
     )
     create_table_artifact(decision["table"], key=f"comparison-{key}", description="Side-by-side metrics")
-    gate_md = [f"## Gate decision: {decision['summary']}\n"]
+    gate_md = [f"## Gate\n\n**{decision['summary']}**\n"]
     if promotion:
         gate_md.append(f"**Promotion:** {promotion['release_id']} ({promotion['why']})\n")
     gate_md.append(decision["gate_md"])

@@ -258,7 +258,7 @@ def decide(
         "winner": winner, "summary": summary, "serving_choice": choice, "workload": workload,
         "schemes": schemes,
     }
-    rendered = report.run(metrics_files, out, gate=gate_doc, gate_markdown=f"## Gate: {summary}\n\n{gate_md}")
+    rendered = report.run(metrics_files, out, gate=gate_doc, gate_markdown=f"**Decision: {summary}**\n\n{gate_md}")
     (out / "gate.json").write_text(json.dumps(gate_doc, indent=2))
     rows = comparison_table(metrics)
     return {
