@@ -5,7 +5,8 @@ Two tables:
   usage, latencies, guardrail verdicts, status). Written off the hot path by one background
   writer that batches inserts from a bounded queue: a request never waits for the database; when
   the queue is full the row is dropped and counted (``dropped``, exported on /metrics), never
-  blocking. :meth:`LogStore.close` flushes what is queued, so nothing is lost on shutdown.
+  blocking, and its id is remembered for a while (:meth:`LogStore.was_dropped`), so feedback on
+  it is told "not logged" rather than "no such request". :meth:`LogStore.close` flushes what is queued, so nothing is lost on shutdown.
   :meth:`LogStore.has_exchange` also sees rows still queued, so no request path waits for the
   backlog.
 - ``feedback``: ratings, preferences and edits that users attach to a request id. Written
@@ -16,6 +17,7 @@ Readers (the data stage) use :meth:`LogStore.exchanges` and :meth:`LogStore.feed
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -152,6 +154,10 @@ def _aware(ts: datetime | None) -> datetime | None:
     return ts
 
 
+MAX_DROPPED_IDS = 10_000
+"""Ids of dropped rows remembered for feedback's "not logged" answer (older ones: "not found")."""
+
+
 class LogStore:
     """Log store with a batched background writer for exchanges.
 
@@ -176,11 +182,31 @@ class LogStore:
         self._closed = False
         self.write_errors = 0
         self.dropped = 0  # rows refused because the queue was full
+        self.rejected = 0  # messages from worker processes that were not rows (see dataplane)
         self.written = 0
+        # (tenant, id) of the last rows dropped, for feedback's "not logged"; and other places
+        # rows are dropped (worker processes: serving.dataplane.SharedState)
+        self._dropped_ids: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._drop_sources: list[Any] = []
 
     def queued(self) -> int:
         """Rows waiting for the writer now."""
         return self._queue.qsize()
+
+    def add_drop_source(self, source: Any) -> None:
+        """Count rows dropped elsewhere too (``source.dropped_count()``, ``source.was_dropped``)."""
+        self._drop_sources.append(source)
+
+    def dropped_total(self) -> int:
+        """Rows dropped because a queue was full: this writer's and every drop source's."""
+        return self.dropped + sum(s.dropped_count() for s in self._drop_sources)
+
+    def was_dropped(self, request_id: str, tenant: str) -> bool:
+        """Whether ``tenant``'s exchange ``request_id`` was answered but its row dropped
+        (among the last ``MAX_DROPPED_IDS`` drops here, or a drop source's)."""
+        return (tenant, request_id) in self._dropped_ids or any(
+            s.was_dropped(tenant, request_id) for s in self._drop_sources
+        )
 
     # -- writes ---------------------------------------------------------------------------------
     def log_exchange(self, record: ExchangeRecord) -> None:
@@ -190,15 +216,24 @@ class LogStore:
         self.log_row(record.row())
 
     def log_row(self, row: dict[str, Any]) -> None:
-        """Queue one exchange row (``ExchangeRecord.row()``; worker processes send these)."""
+        """Queue one exchange row (``ExchangeRecord.row()``; worker processes send these).
+
+        Raises ValueError for something that is not such a row (it would fail its whole batch).
+        """
         if self._closed:
             raise RuntimeError("log store is closed")
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str)
+                and isinstance(row.get("tenant"), str) and isinstance(row.get("messages"), list)):
+            raise ValueError("not an exchange row")
         self._pending[row["id"]] = row
         try:
             self._queue.put_nowait(row)
         except queue.Full:
             self._pending.pop(row["id"], None)
             self.dropped += 1
+            self._dropped_ids[(row["tenant"], row["id"])] = None
+            if len(self._dropped_ids) > MAX_DROPPED_IDS:
+                self._dropped_ids.popitem(last=False)
             log.error("log store queue full (%d rows): exchange %s dropped", self._queue.maxsize, row["id"])
 
     def _write_loop(self) -> None:
@@ -232,10 +267,20 @@ class LogStore:
                 return
             except Exception:  # noqa: BLE001 - retried, then logged; the writer must not die
                 if attempt == 4:
-                    self.write_errors += len(batch)
-                    log.exception("log store: dropped %d exchange rows after 5 attempts", len(batch))
+                    self._write_one_by_one(batch)
                 else:
                     threading.Event().wait(0.2 * (attempt + 1))
+
+    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        """A batch the database refused 5 times: one bad row must not take the others with it."""
+        for row in batch:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(requests_table), [row])
+                self.written += 1
+            except Exception:  # noqa: BLE001 - counted and logged; the writer must not die
+                self.write_errors += 1
+                log.exception("log store: exchange %s not written", row.get("id"))
 
     def flush(self) -> None:
         """Block until every queued exchange is written."""
@@ -294,18 +339,26 @@ class LogStore:
     ) -> dict[str, Any] | None:
         """The request parameters (``user`` among them) of ``tenant``'s exchange with this id,
         queued or written, or None if there is none; waits as :meth:`has_exchange` does."""
-        q = select(requests_table.c.params).where(
+        found = self.exchange_brief(request_id, tenant, wait_s)
+        return None if found is None else found["params"]
+
+    def exchange_brief(
+        self, request_id: str, tenant: str, wait_s: float = 0.0
+    ) -> dict[str, Any] | None:
+        """``{"params", "response"}`` of ``tenant``'s exchange with this id, queued or written,
+        or None if there is none; waits as :meth:`has_exchange` does."""
+        q = select(requests_table.c.params, requests_table.c.response).where(
             requests_table.c.id == request_id, requests_table.c.tenant == tenant
         )
         deadline = time.monotonic() + wait_s
         while True:
             row = self._pending.get(request_id)
             if row is not None and row["tenant"] == tenant:
-                return row.get("params") or {}
+                return {"params": row.get("params") or {}, "response": row.get("response")}
             with self.engine.connect() as conn:
                 found = conn.execute(q).first()
             if found is not None:
-                return found[0] or {}
+                return {"params": found[0] or {}, "response": found[1]}
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.02)

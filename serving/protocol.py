@@ -13,8 +13,11 @@ guardrail refusal and never a 500. The rules:
   ``ignore_eos``...) are accepted and typed too; any other argument is refused as OpenAI refuses
   it ("Unrecognized request argument supplied"), so nothing unchecked reaches the model server.
 
-Responses from vLLM are passed on as dicts (rewriting only ``id`` and ``model``) so vLLM's extra
-fields survive.
+Responses from vLLM are passed on as dicts cut to OpenAI's chat-completion shape
+(:func:`public_completion`, :func:`public_chunk`): vLLM's own fields (``token_ids``,
+``prompt_token_ids``, ``kv_transfer_params``, ``reasoning_content``, ``system_fingerprint``...)
+carry generated text, tokens or details of the server and never pass the output guardrails, so
+they do not leave the gateway (docs/GATEWAY.md lists what does).
 """
 
 from __future__ import annotations
@@ -536,11 +539,20 @@ class Preference(_Strict):
             raise _invalid("'preferred' ('this'|'other') is required with 'other_request_id'")
         if not pair and self.preferred is not None:
             raise _invalid("'preferred' only goes with 'other_request_id'")
+        if self.better_text is not None and not self.better_text.strip():
+            raise _invalid("only whitespace: give the better answer's text", ".better_text")
         return self
 
 
 class Edit(_Strict):
     text: str = Field(..., min_length=1, max_length=32_000)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise _invalid("only whitespace: give the corrected answer's text")
+        return v
 
 
 class FeedbackRequest(_Strict):
@@ -562,6 +574,11 @@ class FeedbackRequest(_Strict):
         if len(kinds) != 1:
             raise _invalid(
                 f"give exactly one of 'rating', 'preference', 'edit' (got {kinds or 'none'})"
+            )
+        if self.preference is not None and self.preference.other_request_id == self.request_id:
+            raise _invalid(
+                "an answer compared with itself says nothing: name another request",
+                "preference.other_request_id",
             )
         return self
 
@@ -778,3 +795,113 @@ def chunk_body(
             {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         ],
     }
+
+
+# -- what leaves the gateway ----------------------------------------------------------------------
+# OpenAI's chat-completion shape; everything else an upstream sends is dropped (docs/GATEWAY.md).
+COMPLETION_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage"})
+CHOICE_KEYS = frozenset({"index", "message", "finish_reason", "logprobs"})
+MESSAGE_KEYS = frozenset({"role", "content", "refusal", "tool_calls"})
+CHUNK_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+DELTA_KEYS = frozenset({"role", "content", "refusal", "tool_calls"})
+GUARDED_DELTA_KEYS = frozenset({"role", "content", "tool_calls"})
+"""A stream's delta keys under output hooks: a streamed ``refusal`` is not guarded, so dropped."""
+USAGE_KEYS = frozenset(
+    {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+     "completion_tokens_details"}
+)
+_TOOL_CALL_KEYS = ("id", "type", "function")
+_FUNCTION_KEYS = ("name", "arguments")
+
+
+def _pick(d: dict[str, Any], keys: Any) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k in keys}
+
+
+def _public_usage(u: Any) -> dict[str, Any] | None:
+    if not isinstance(u, dict):
+        return None
+    out = _pick(u, USAGE_KEYS)
+    for k in ("prompt_tokens_details", "completion_tokens_details"):
+        if k in out:  # counts only
+            d = out[k]
+            out[k] = {n: v for n, v in d.items() if isinstance(v, int)} if isinstance(d, dict) else None
+    return out
+
+
+def _public_tool_calls(calls: Any, streamed: bool) -> list[dict[str, Any]] | None:
+    if not isinstance(calls, list):
+        return None
+    out = []
+    for c in calls:
+        if not isinstance(c, dict):
+            continue
+        call = _pick(c, (*_TOOL_CALL_KEYS, "index") if streamed else _TOOL_CALL_KEYS)
+        if isinstance(call.get("function"), dict):
+            call["function"] = _pick(call["function"], _FUNCTION_KEYS)
+        out.append(call)
+    return out
+
+
+def public_completion(data: dict[str, Any], keep_logprobs: bool) -> dict[str, Any]:
+    """A non-streamed answer with only OpenAI's fields; choice ``logprobs`` only if kept."""
+    out = _pick(data, COMPLETION_KEYS)
+    choices = []
+    for c in data["choices"]:
+        choice = _pick(c, CHOICE_KEYS)
+        message = _pick(c.get("message") or {}, MESSAGE_KEYS)
+        if "tool_calls" in message:
+            message["tool_calls"] = _public_tool_calls(message["tool_calls"], streamed=False)
+        choice["message"] = message
+        choice["logprobs"] = c.get("logprobs") if keep_logprobs else None
+        choices.append(choice)
+    out["choices"] = choices
+    if "usage" in out:
+        out["usage"] = _public_usage(out["usage"])
+    return out
+
+
+def _is_public_chunk(obj: dict[str, Any], keep_logprobs: bool, delta_keys: frozenset[str]) -> bool:
+    """Whether a stream chunk has only OpenAI's fields (the common case: cheap to check)."""
+    if not obj.keys() <= COMPLETION_KEYS:
+        return False
+    u = obj.get("usage")
+    if u is not None and (not isinstance(u, dict) or not u.keys() <= {"prompt_tokens", "completion_tokens", "total_tokens"}):
+        return False
+    for c in obj.get("choices") or ():
+        if not isinstance(c, dict) or not c.keys() <= CHUNK_CHOICE_KEYS:
+            return False
+        if not keep_logprobs and c.get("logprobs") is not None:
+            return False
+        d = c.get("delta")
+        if d is not None and (not isinstance(d, dict) or not d.keys() <= delta_keys or "tool_calls" in d):
+            return False
+    return True
+
+
+def public_chunk(
+    obj: dict[str, Any], keep_logprobs: bool, delta_keys: frozenset[str] = DELTA_KEYS
+) -> dict[str, Any]:
+    """A stream chunk with only OpenAI's fields: ``obj`` itself when it has no others.
+
+    Raises TypeError when ``choices`` is not a list of objects (a malformed chunk).
+    """
+    if _is_public_chunk(obj, keep_logprobs, delta_keys):
+        return obj
+    choices = obj.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise TypeError("choices")
+    out = _pick(obj, COMPLETION_KEYS)
+    out["choices"] = []
+    for c in choices:
+        choice = _pick(c, CHUNK_CHOICE_KEYS)
+        delta = c.get("delta")
+        delta = _pick(delta, delta_keys) if isinstance(delta, dict) else {}
+        if "tool_calls" in delta:
+            delta["tool_calls"] = _public_tool_calls(delta["tool_calls"], streamed=True)
+        choice["delta"] = delta
+        choice["logprobs"] = c.get("logprobs") if keep_logprobs else None
+        out["choices"].append(choice)
+    if "usage" in out:
+        out["usage"] = _public_usage(out["usage"])
+    return out

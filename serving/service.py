@@ -41,6 +41,8 @@ from guardrails.base import ChainResult, InputChain, OutputChain, StreamGuard, V
 from serving.gateway_config import GatewayConfig
 from serving.logstore import ActorRole, ExchangeRecord, LogStore
 from serving.protocol import (
+    DELTA_KEYS,
+    GUARDED_DELTA_KEYS,
     ChatCompletionRequest,
     FeedbackRequest,
     FeedbackResponse,
@@ -51,6 +53,8 @@ from serving.protocol import (
     chunk_body,
     completion_body,
     parse_json_object,
+    public_chunk,
+    public_completion,
     validation_error,
 )
 
@@ -443,31 +447,40 @@ class GatewayService:
         The ids are looked up without waiting for the log writer's backlog
         (``LogStore.exchange_params`` also sees rows still queued).
         """
-        params = self.store.exchange_params(req.request_id, tenant=tenant, wait_s=self.feedback_wait_s)
-        if params is None:
-            raise GatewayError(
-                404, f"no request with id {req.request_id!r}", param="request_id", code="not_found"
-            )
+        found = self.store.exchange_brief(req.request_id, tenant=tenant, wait_s=self.feedback_wait_s)
+        if found is None:
+            raise self._not_found(req.request_id, tenant, "request_id")
+        params = found["params"]
         if actor_role in ("user", "simulated"):
             if actor is None:
                 actor = params.get("user")
             if tenant in self.simulated_tenants:
                 actor_role = "simulated"
         other = req.preference.other_request_id if req.preference else None
-        if other is not None and not self.store.has_exchange(
-            other, tenant=tenant, wait_s=self.feedback_wait_s
-        ):
-            raise GatewayError(
-                404,
-                f"no request with id {other!r}",
-                param="preference.other_request_id",
-                code="not_found",
-            )
+        other_found = None
+        if other is not None:
+            other_found = self.store.exchange_brief(other, tenant=tenant, wait_s=self.feedback_wait_s)
+            if other_found is None:
+                raise self._not_found(other, tenant, "preference.other_request_id")
+        _refuse_no_information(req, found.get("response"), other_found)
         kind, payload = req.kind_and_payload()
         fid, created = self.store.add_feedback(
             req.request_id, tenant, kind, payload, req.comment, actor=actor, actor_role=actor_role
         )
         return FeedbackResponse(id=fid, created=created, actor_role=actor_role)
+
+    def _not_found(self, request_id: str, tenant: str, param: str) -> GatewayError:
+        """404 for an unknown id; 410 for one that was answered but whose log row was dropped
+        (a full log queue): feedback on it cannot be stored, and sending it again will not help."""
+        if _was_dropped(self.store, request_id, tenant):
+            return GatewayError(
+                410,
+                f"request {request_id!r} was answered but not logged (the gateway's log queue was "
+                "full), so feedback on it cannot be stored",
+                param=param,
+                code="request_not_logged",
+            )
+        return GatewayError(404, f"no request with id {request_id!r}", param=param, code="not_found")
 
     # -- chat -----------------------------------------------------------------------------------
     def parse_chat(self, body: bytes) -> ChatCompletionRequest:
@@ -477,6 +490,16 @@ class GatewayService:
         except ValidationError as e:
             raise validation_error(e) from None
         check_limits(req, self.config.limits)
+        if req.logprobs and self.output_chain.hooks:
+            # Token logprobs spell the answer token by token (top_logprobs the alternatives too):
+            # a redacted or blocked answer could be read back from them.
+            raise GatewayError(
+                400,
+                "Invalid 'logprobs': this gateway checks answers with output guardrails, and token "
+                "logprobs would return the unchecked tokens; leave out 'logprobs' and 'top_logprobs'",
+                param="logprobs",
+                code="unsupported_with_output_guardrails",
+            )
         if req.model not in self.config.public_models:
             raise GatewayError(
                 404,
@@ -728,20 +751,15 @@ class GatewayService:
         data["id"], data["model"] = ex.id, ex.public_model
         ex.usage = data.get("usage")
         logged = []
-        for choice, text in zip(choices, texts, strict=True):  # n choices: each is checked
-            message = choice.get("message") or {}
-            if self.output_chain.hooks:
-                g0 = time.perf_counter()
-                new_text, verdicts = await self.guards.call(len(text), self.output_chain.run, text)
-                ex.guardrail_s += time.perf_counter() - g0
-                ex.verdicts += verdicts
-                if any(v.action == "block" for v in verdicts):
-                    ex.status, new_text = "blocked", self.config.guardrails.refusal
-                    choice["finish_reason"] = "content_filter"
-                    message.pop("tool_calls", None)
-                if new_text != text:
-                    message["content"] = new_text
-                text = new_text
+        data = public_completion(data, keep_logprobs=bool(ex.request.logprobs))
+        for choice, text in zip(data["choices"], texts, strict=True):  # n choices: each is checked
+            message = choice["message"]
+            if self.output_chain.hooks and await self._guard_message(ex, message, text):
+                ex.status = "blocked"
+                message.clear()
+                message.update(role="assistant", content=self.config.guardrails.refusal)
+                choice["finish_reason"] = "content_filter"
+            text = message.get("content") or ""
             logged.append(_logged_choice(choice.get("index", len(logged)), text,
                                          choice.get("finish_reason"), message.get("tool_calls")))
         ex.response, ex.finish_reason = logged[0]["content"], logged[0]["finish_reason"]
@@ -750,6 +768,27 @@ class GatewayService:
         out = orjson.dumps(data)
         ex.own_s += time.perf_counter() - t
         return Response(out, media_type="application/json", headers=ex.overhead_headers())
+
+    async def _guard_message(self, ex: Exchange, message: dict[str, Any], text: str) -> bool:
+        """Run the output hooks over every text of a whole answer's message (content, refusal,
+        each tool call's arguments), rewriting it in place; True when a hook blocked."""
+        texts: list[tuple[dict[str, Any], str]] = [(message, "content")]
+        if isinstance(message.get("refusal"), str):
+            texts.append((message, "refusal"))
+        for call in message.get("tool_calls") or []:
+            if isinstance(call.get("function"), dict) and isinstance(call["function"].get("arguments"), str):
+                texts.append((call["function"], "arguments"))
+        for owner, key in texts:
+            old = text if owner is message and key == "content" else owner[key]
+            g0 = time.perf_counter()
+            new, verdicts = await self.guards.call(len(old), self.output_chain.run, old)
+            ex.guardrail_s += time.perf_counter() - g0
+            ex.verdicts += verdicts
+            if any(v.action == "block" for v in verdicts):
+                return True
+            if new != old:
+                owner[key] = new
+        return False
 
     def _upstream_status(self, ex: Exchange, status: int, content: bytes) -> Response:
         """Pass upstream 4xx through in OpenAI's error shape; 5xx becomes 503."""
@@ -798,6 +837,10 @@ class GatewayService:
         rest are re-encoded.
         """
         st = _StreamState(self.output_chain, self.config.guardrails)
+        # Only OpenAI's chunk fields go on (serving/protocol.py); token logprobs only when asked
+        # for, which parse_chat allows only without output hooks.
+        keep_logprobs = bool(ex.request.logprobs)
+        delta_keys = GUARDED_DELTA_KEYS if self.output_chain.hooks else DELTA_KEYS
         client_usage = bool(ex.request.stream_options and ex.request.stream_options.include_usage)
         swap = _IdSwap(ex)
         reader = r.content
@@ -837,6 +880,10 @@ class GatewayService:
                         obj = orjson.loads(payload)
                         if not isinstance(obj, dict):
                             raise TypeError(type(obj).__name__)
+                        if "error" in obj and not obj.get("choices"):
+                            public = obj
+                        else:
+                            public = public_chunk(obj, keep_logprobs, delta_keys)
                     except (orjson.JSONDecodeError, TypeError):
                         ex.status, ex.http_status, ex.stream_done = "upstream_error", 502, True
                         self.metrics.upstream_errors.labels("malformed_chunk").inc()
@@ -848,15 +895,15 @@ class GatewayService:
                     if "error" in obj and not obj.get("choices"):
                         ex.status, ex.http_status, ex.stream_done = "upstream_error", 503, True
                         self.metrics.upstream_errors.labels("stream_error").inc()
-                        obj["id"], obj["model"] = ex.id, ex.public_model
-                        out.append(_sse(obj))
+                        out.append(_sse(_openai_error(payload, 503)))  # its four fields only
                         ended = True
                         break
+                    reshaped, obj = public is not obj, public
                     choices = obj.get("choices") or []
                     if not choices:  # the usage chunk
                         ex.usage = obj.get("usage") or ex.usage
                         if client_usage:
-                            out.append(swap.forward(payload, obj))
+                            out.append(_with_ids(obj, ex) if reshaped else swap.forward(payload, obj))
                         continue
                     # With n > 1 the choices arrive interleaved by index; each has its own guard.
                     kept, changed = [], False
@@ -868,12 +915,11 @@ class GatewayService:
                             kept.append(c)
                     if not kept:
                         continue  # everything held back (or stopped): nothing to send yet
-                    if not changed:
+                    if not changed and not reshaped:
                         out.append(swap.forward(payload, obj))
                     else:
                         obj["choices"] = kept
-                        obj["id"], obj["model"] = ex.id, ex.public_model
-                        out.append(_sse(obj))
+                        out.append(_with_ids(obj, ex))
                 if ex.stream_done and ex.status in ("ok", "blocked"):
                     # Log before the client sees the end, so feedback sent right after finds it.
                     self._close_relay(ex, st)
@@ -922,6 +968,7 @@ class _StreamState:
         self.parts: dict[int, list[str]] = {}
         self.finish: dict[int, str] = {}
         self.tool_deltas: dict[int, list[dict[str, Any]]] = {}
+        self.tool_calls: dict[int, list[dict[str, Any]]] = {}  # guarded whole calls, as sent
         self.stopped: set[int] = set()  # a hook blocked: forward nothing more of this choice
         self.seen: list[int] = []
 
@@ -942,6 +989,14 @@ class _StreamState:
         if not self.chain.hooks:
             text = content or ""
         else:
+            if "tool_calls" in delta:
+                # Arguments are held until the choice ends and checked whole (a hook must see
+                # a value in one piece), then sent as one delta of whole calls.
+                delta = {k: v for k, v in delta.items() if k != "tool_calls"}
+            if finish is not None and self.tool_deltas.get(i):
+                if self._guard_tool_calls(ex, i):
+                    return self._stop(ex, i)
+                delta = {**delta, "tool_calls": self.tool_calls[i]}
             guard = self.guards.get(i)
             if guard is None:
                 guard = self.guards[i] = StreamGuard(self.chain, self.window_chars, self.window_s)
@@ -951,28 +1006,53 @@ class _StreamState:
                 text += guard.finish()
             ex.guardrail_s += time.perf_counter() - g0
             if guard.blocked:
-                self.stopped.add(i)
-                ex.status = "blocked"
-                self.finish[i] = "content_filter"
-                return {"index": i, "delta": {}, "finish_reason": "content_filter", "logprobs": None}
+                return self._stop(ex, i)
         if text:
             self.parts[i].append(text)
             if ex.ttft_s is None:
                 ex.ttft_s = time.perf_counter() - ex.t0
-        elif content and finish is None and set(delta) <= {"content"}:
-            return None  # everything held back: nothing to send yet
+        elif finish is None and set(delta) <= {"content"} and choice.get("logprobs") is None:
+            return None  # everything held back, or nothing left to send: no chunk yet
         if finish is not None:
             self.finish[i] = finish
-        if text == (content or ""):
+        if text == (content or "") and delta is choice.get("delta"):
             return choice
-        delta["content"] = text
+        if text or content is not None:
+            delta["content"] = text
         return {**choice, "delta": delta}
+
+    def _stop(self, ex: Exchange, i: int) -> dict[str, Any]:
+        """A hook blocked choice ``i``: end it with ``content_filter`` and send nothing more."""
+        self.stopped.add(i)
+        ex.status = "blocked"
+        self.finish[i] = "content_filter"
+        self.tool_calls.pop(i, None)
+        return {"index": i, "delta": {}, "finish_reason": "content_filter", "logprobs": None}
+
+    def _guard_tool_calls(self, ex: Exchange, i: int) -> bool:
+        """Check choice ``i``'s whole tool calls (their arguments) with the output hooks,
+        keeping the rewritten calls in ``tool_calls``; True when a hook blocked."""
+        calls = _merge_tool_deltas(self.tool_deltas[i]) or []
+        g0 = time.perf_counter()
+        try:
+            for call in calls:
+                args, verdicts = self.chain.run(call["function"]["arguments"])
+                ex.verdicts += verdicts
+                if any(v.action == "block" for v in verdicts):
+                    return True
+                call["function"]["arguments"] = args
+        finally:
+            ex.guardrail_s += time.perf_counter() - g0
+        self.tool_calls[i] = [{"index": k, **call} for k, call in enumerate(calls)]
+        return False
 
     def logged(self) -> list[dict[str, Any]]:
         return [
             _logged_choice(
                 i, "".join(self.parts[i]), self.finish.get(i),
-                _merge_tool_deltas(self.tool_deltas.get(i, [])),
+                [{k: v for k, v in c.items() if k != "index"} for c in self.tool_calls[i]]
+                if i in self.tool_calls else
+                None if self.chain.hooks else _merge_tool_deltas(self.tool_deltas.get(i, [])),
             )
             for i in sorted(self.seen)
         ]
@@ -1000,6 +1080,41 @@ def _merge_tool_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]] | N
     return [calls[k] for k in sorted(calls)] or None
 
 
+def _was_dropped(store: Any, request_id: str, tenant: str) -> bool:
+    fn = getattr(store, "was_dropped", None)
+    return bool(fn and fn(request_id, tenant))
+
+
+def _same_text(a: str | None, b: str | None) -> bool:
+    """Equal up to whitespace (spaces, line breaks, their amount)."""
+    return a is not None and b is not None and a.split() == b.split()
+
+
+def _refuse_no_information(
+    req: FeedbackRequest, answer: str | None, other: dict[str, Any] | None
+) -> None:
+    """A 400 naming the field when feedback says nothing about the answer: an edit or a better
+    text equal to the answer up to whitespace, a preference between two identical answers (the
+    request body alone is checked in serving.protocol: an answer preferred over itself)."""
+    if req.edit is not None and _same_text(req.edit.text, answer):
+        raise GatewayError(
+            400, "Invalid 'edit.text': it is the answer itself (differing at most in whitespace)",
+            param="edit.text", code="no_information",
+        )
+    pref = req.preference
+    if pref is not None and _same_text(pref.better_text, answer):
+        raise GatewayError(
+            400, "Invalid 'preference.better_text': it is the answer itself (differing at most in "
+            "whitespace)", param="preference.better_text", code="no_information",
+        )
+    if pref is not None and other is not None and _same_text(other.get("response"), answer):
+        raise GatewayError(
+            400, "Invalid 'preference.other_request_id': both answers are the same text (differing "
+            "at most in whitespace), so neither can be preferred", param="preference.other_request_id",
+            code="no_information",
+        )
+
+
 def _openai_error(content: bytes, status: int) -> dict[str, Any]:
     """An upstream error body in OpenAI's shape (vLLM's usually is; wrap anything that is not)."""
     try:
@@ -1025,6 +1140,12 @@ def _discard(call: asyncio.Task | None) -> None:
         result = call.result()
         if isinstance(result, aiohttp.ClientResponse):
             result.close()
+
+
+def _with_ids(obj: dict[str, Any], ex: Exchange) -> bytes:
+    """A chunk re-encoded with our ``id`` and public model name."""
+    obj["id"], obj["model"] = ex.id, ex.public_model
+    return _sse(obj)
 
 
 def _error_event(message: str, code: str) -> bytes:

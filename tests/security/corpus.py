@@ -60,8 +60,7 @@ VALID_CHAT: dict[str, Any] = {
     "user": "user-1",
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
-    "logprobs": True,
-    "top_logprobs": 2,
+    "logprobs": False,  # true is refused while output hooks run (the corpus's gateway has them)
     "logit_bias": {"50256": -100},
     "response_format": {"type": "text"},
     "metadata": {"app": "test"},
@@ -93,7 +92,7 @@ UNIONS: dict[str, tuple[type, ...]] = {
 OPTIONAL = {
     "tools", "tool_choice", "parallel_tool_calls", "temperature", "top_p", "max_tokens", "n",
     "stream", "seed", "stop", "user", "presence_penalty", "frequency_penalty", "logprobs",
-    "top_logprobs", "logit_bias", "response_format", "metadata", "top_k", "min_p", "ignore_eos",
+    "logit_bias", "response_format", "metadata", "top_k", "min_p", "ignore_eos",
     "messages[1].content[1].image_url.detail", "tools[0].function.description",
     "tools[0].function.parameters", "messages[2].content", "logit_bias.50256", "metadata.app",
 }
@@ -208,7 +207,7 @@ CHAT_CORPUS: list[tuple[str, bytes, str | None]] = [
     ("temperature too high", _chat(temperature=2.5), "temperature"),
     ("negative temperature", _chat(temperature=-0.1), "temperature"),
     ("top_p zero", _chat(top_p=0), "top_p"),
-    ("top_logprobs 21", _chat(top_logprobs=21), "top_logprobs"),
+    ("top_logprobs 21", _chat(logprobs=True, top_logprobs=21), "top_logprobs"),
     ("logit bias 200", _chat(logit_bias={"5": 200}), "logit_bias"),
     ("logit bias key not a token id", _chat(logit_bias={"hello": 1}), "logit_bias"),
     ("seed beyond int64", _chat(seed=2**63), "seed"),
@@ -253,7 +252,11 @@ CHAT_CORPUS: list[tuple[str, bytes, str | None]] = [
     # other fields
     ("unknown top-level argument", _chat(frobnicate=True), "frobnicate"),
     ("stream_options without stream", _chat(stream_options={"include_usage": True}), "stream_options"),
-    ("top_logprobs without logprobs", _chat(logprobs=False), "top_logprobs"),
+    ("top_logprobs without logprobs", _chat(top_logprobs=2), "top_logprobs"),
+    # token logprobs would spell out an answer the output hooks redacted or blocked (issue 23)
+    ("logprobs under output hooks", _chat(logprobs=True), "logprobs"),
+    ("top_logprobs under output hooks", _chat(logprobs=True, top_logprobs=2), "logprobs"),
+    ("logprobs under output hooks, streamed", _chat(logprobs=True, stream=True), "logprobs"),
     ("five stop sequences", _chat(stop=["a", "b", "c", "d", "e"]), "stop"),
     ("response_format of an unknown type", _chat(response_format={"type": "yaml"}), "response_format"),
     ("json_schema without a name", _chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), "response_format.json_schema.name"),
@@ -295,4 +298,13 @@ FEEDBACK_CORPUS: list[tuple[str, dict[str, Any] | bytes, str | None]] = [
     ("unknown key in rating", {"request_id": "r", "rating": {"score": 5, "stars": 5}}, "rating.stars"),
     ("comment a number", {"request_id": "r", "rating": {"score": 5}, "comment": 5}, "comment"),
     ("enormous comment", {"request_id": "r", "rating": {"score": 5}, "comment": "c" * 20_000}, "comment"),
+    # feedback that carries no information (issue 23); "r" is the served request's id, and the
+    # served answer is test_gateway_support.FakeUpstream's "Hello there, friend."
+    ("an answer preferred over itself", {"request_id": "r", "preference": {"other_request_id": "r", "preferred": "this"}}, "preference.other_request_id"),
+    ("an answer dispreferred to itself", {"request_id": "r", "preference": {"other_request_id": "r", "preferred": "other"}}, "preference.other_request_id"),
+    ("edit of only whitespace", {"request_id": "r", "edit": {"text": " \n\t "}}, "edit.text"),
+    ("edit equal to the answer", {"request_id": "r", "edit": {"text": "Hello there, friend."}}, "edit.text"),
+    ("edit differing only in whitespace", {"request_id": "r", "edit": {"text": "  Hello\nthere,\u00a0 friend.\t"}}, "edit.text"),
+    ("better text of only whitespace", {"request_id": "r", "preference": {"better_text": "\u2003"}}, "preference.better_text"),
+    ("better text equal to the answer", {"request_id": "r", "preference": {"better_text": "Hello there,  friend. "}}, "preference.better_text"),
 ]

@@ -107,6 +107,8 @@ def test_feedback_corpus(fake_gateway, served_id: str, name: str, doc, param: st
     base, _, store = fake_gateway
     if isinstance(doc, dict) and doc.get("request_id") == "r":
         doc = {**doc, "request_id": served_id}  # a real id: only the body's fault remains
+        if (doc.get("preference") or {}).get("other_request_id") == "r":
+            doc["preference"] = {**doc["preference"], "other_request_id": served_id}
     raw = doc if isinstance(doc, bytes) else body(doc)
     before = len(list(store.feedback_events()))
     r, seconds = _post(base, "/v1/feedback", raw)
@@ -114,6 +116,21 @@ def test_feedback_corpus(fake_gateway, served_id: str, name: str, doc, param: st
     assert r.status_code == 400, (name, r.text)
     if param is not None:
         assert err["param"] == param, (name, err)
+    assert len(list(store.feedback_events())) == before
+
+
+def test_preference_between_two_identical_answers_is_refused(fake_gateway, served_id: str) -> None:  # noqa: ANN001
+    """The fake upstream says the same words every time: preferring one of two equal answers
+    carries no information (issue 23)."""
+    base, _, store = fake_gateway
+    r = httpx.post(base + "/v1/chat/completions", headers=HEADERS,
+                   json={"model": "alignloop", "messages": [{"role": "user", "content": "again"}]})
+    before = len(list(store.feedback_events()))
+    doc = {"request_id": served_id, "preference": {"other_request_id": r.json()["id"], "preferred": "this"}}
+    r, seconds = _post(base, "/v1/feedback", body(doc))
+    err = _openai_error(r, seconds, "identical answers")
+    assert r.status_code == 400 and err["param"] == "preference.other_request_id", err
+    assert err["code"] == "no_information"
     assert len(list(store.feedback_events())) == before
 
 

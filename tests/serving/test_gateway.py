@@ -208,14 +208,15 @@ def test_blocked_input_gets_refusal_and_never_reaches_upstream(tmp_path: Path) -
 
 
 def test_feedback_kinds_404s_and_idempotency(tmp_path: Path) -> None:
-    with running_fake(FakeUpstream()) as up, running_gateway(tmp_path, up) as (base, _, store):
+    fake = FakeUpstream()
+    with running_fake(fake) as up, running_gateway(tmp_path, up) as (base, _, store):
         c = client(base)
-        ids = [
-            c.chat.completions.create(
+        ids = []
+        for i in range(2):  # two different answers: a preference between equal ones is refused
+            fake.reply = f"Answer number {i}."
+            ids.append(c.chat.completions.create(
                 model="alignloop", messages=[{"role": "user", "content": f"q{i}"}]
-            ).id
-            for i in range(2)
-        ]
+            ).id)
         other_tenant = (
             client(base, KEY_B)
             .chat.completions.create(model="alignloop", messages=[{"role": "user", "content": "b"}])
