@@ -1,9 +1,10 @@
-"""`alignloop serve` and `alignloop release list|stage|promote|rollback|retire|attach-eval`.
+"""`alignloop serve`, `alignloop stop` and `alignloop release list|stage|promote|rollback|retire|attach-eval`.
 
 Release commands talk to the running gateway's admin API when one runs (its URL comes from
 ``--url``/``$ALIGNLOOP_GATEWAY_URL`` or the ``server.json`` it writes in the data dir; the key from
-``--admin-key``/``$ALIGNLOOP_ADMIN_KEY``): the gateway owns the vLLM processes. With no gateway
-running they work on the persisted state and say so:
+``--admin-key``/``$ALIGNLOOP_ADMIN_KEY``, else, for a gateway on loopback, the published demo admin
+key, which such a gateway accepts while ``demo_keys`` is on: docs/SECURITY.md): the gateway owns
+the vLLM processes. With no gateway running they work on the persisted state and say so:
 - ``stage`` starts the candidate, health-checks it, records it ``staged`` and stops it again;
 - ``promote`` marks it live for the next ``alignloop serve`` (which starts it and, if it fails,
   falls back to the previous release);
@@ -33,8 +34,17 @@ _KEY = typer.Option(
 
 
 def _client(url: str | None, admin_key: str | None):
-    """An AdminClient for the running gateway, or None when none runs (offline mode)."""
-    from serving.admin_api import AdminClient
+    """An AdminClient for the running gateway, or None when none runs (offline mode).
+
+    Without a key, a gateway on loopback is asked with the published demo admin key: it accepts
+    that key only on loopback and only while ``demo_keys`` is on (serving/auth.py), so this opens
+    nothing that was closed; a gateway that refuses it gets the usual "pass --admin-key".
+    """
+    from urllib.parse import urlsplit
+
+    from serving.admin_api import AdminClient, AdminError
+    from serving.auth import is_loopback
+    from serving.gateway_config import DEMO_ADMIN_KEY
     from serving.server import running_server
 
     if url is None:
@@ -42,12 +52,22 @@ def _client(url: str | None, admin_key: str | None):
         url = info["url"] if info else None
     if url is None:
         return None
-    if not admin_key:
-        raise typer.BadParameter(
-            f"a gateway runs at {url}: pass --admin-key or set ALIGNLOOP_ADMIN_KEY",
-            param_hint="--admin-key",
-        )
-    return AdminClient(url, admin_key)
+    if admin_key:
+        return AdminClient(url, admin_key)
+    need_key = f"a gateway runs at {url}: pass --admin-key or set ALIGNLOOP_ADMIN_KEY"
+    if not is_loopback(urlsplit(url).hostname or ""):
+        raise typer.BadParameter(need_key, param_hint="--admin-key")
+    client = AdminClient(url, DEMO_ADMIN_KEY)
+    try:
+        client.describe()
+    except AdminError as exc:
+        if exc.status in (401, 403):
+            raise typer.BadParameter(
+                f"{need_key} (it refused the demo admin key: demo_keys is off)",
+                param_hint="--admin-key",
+            ) from None
+        raise
+    return client
 
 
 def _run(fn):
@@ -72,18 +92,71 @@ def _show(rel, note: str = "") -> None:
         typer.echo(note)
 
 
+def _address(row: dict) -> str | None:
+    """host:port where the release answers: its external server, or its running vLLM."""
+    from urllib.parse import urlsplit
+
+    url = row.get("upstream_url") or row.get("base_url")
+    if not url:
+        return None
+    u = urlsplit(url)
+    return f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}"
+
+
+def _placement(row: dict) -> str:
+    """Where the release's vLLM runs: cpu, or its GPUs and memory share (its last start)."""
+    if row.get("upstream_url"):
+        return "external"
+    p = row.get("placement")
+    if not p:
+        return "not started"
+    if not p.get("devices"):
+        return "cpu"
+    share = f", {p['share']:.0%} of memory each" if p.get("share") else ""
+    return "gpu " + ",".join(str(d) for d in p["devices"]) + share
+
+
+def _served_dtype(row: dict) -> str:
+    """The dtype its running vLLM was started with (its command line), else the release's arg."""
+    if row.get("pid"):
+        try:
+            argv = Path(f"/proc/{row['pid']}/cmdline").read_bytes().decode().split("\0")
+            return argv[argv.index("--dtype") + 1]
+        except (OSError, ValueError, IndexError):
+            pass
+    return str((row.get("vllm_args") or {}).get("dtype", "auto"))
+
+
+def _scheme(row: dict) -> str:
+    """The weight format it serves (w8a8-int8, w4a16, fp8-dynamic, or unquantized) and dtype."""
+    from evals.serving_choice import scheme_of_model
+    from training.config import ConfigError
+
+    if row.get("upstream_url"):
+        return "external (its own)"
+    try:
+        scheme = scheme_of_model(row["model_dir"])
+    except (OSError, ValueError, KeyError, ConfigError):
+        scheme = "unknown"
+    # scheme_of_model labels every unquantized model "bf16"; what vLLM computes in is the dtype.
+    name = "unquantized" if scheme == "bf16" else scheme
+    return f"{name}, dtype {_served_dtype(row)}"
+
+
 @release_app.command("list")
 def release_list(
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),  # noqa: B008
     url: str | None = _URL,
     admin_key: str | None = _KEY,
 ) -> None:
-    """List releases (status, model, source; warm/serving when a gateway runs)."""
+    """List releases: status, where each is served (host:port), placement, scheme, lineage."""
     from serving.releases import ReleaseStore
     from training.lineage import describe_chain, release_lineage
 
     client = _client(url, admin_key)
     rows = _run(client.describe) if client else [r.to_dict() for r in ReleaseStore().list()]
+    for r in rows:
+        r["address"], r["placement_text"], r["scheme"] = _address(r), _placement(r), _scheme(r)
     chains: dict[str, str] = {}
     for r in rows:  # window -> dataset version -> adapters -> release, read from the run folders
         try:
@@ -109,6 +182,8 @@ def release_list(
         typer.echo(
             f"{r['release_id']:<48} {str(r['status']):<9}{flags:<8} {r['model_dir']}{origin}"
         )
+        address = r["address"] or "not running"
+        typer.echo(f"    at {address}   placement: {r['placement_text']}   scheme: {r['scheme']}")
         if r["release_id"] in chains:
             typer.echo(f"    lineage: {chains[r['release_id']]}")
 
@@ -280,7 +355,8 @@ def serve(
         raise typer.Exit(2) from None
     if (info := running_server()) is not None:
         typer.echo(
-            f"error: a gateway already runs for this data dir ({info['url']}, pid {info['pid']})",
+            f"error: a gateway already runs for this data dir ({info['url']}, pid {info['pid']}); "
+            "`alignloop stop` stops it",
             err=True,
         )
         raise typer.Exit(1)
@@ -293,6 +369,37 @@ def serve(
         raise typer.Exit(2) from None
 
 
+def stop(
+    timeout_s: float = typer.Option(
+        120, "--timeout", help="Seconds to wait for it to stop its vLLM servers and exit."
+    ),  # noqa: B008
+) -> None:
+    """Stop the gateway running for this data dir (e.g. kept by `alignloop demo --keep-serving`).
+
+    SIGTERM, as Ctrl-C: it stops its vLLM servers, then exits and removes its server.json.
+    """
+    import os
+    import signal
+    import time
+
+    from serving.server import running_server
+
+    info = running_server()
+    if info is None:
+        typer.echo("no gateway runs for this data dir")
+        return
+    os.kill(int(info["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while running_server() is not None:  # it removes server.json as it exits
+        if time.monotonic() > deadline:
+            typer.echo(f"error: the gateway (pid {info['pid']}) still runs after {timeout_s:.0f}s",
+                       err=True)
+            raise typer.Exit(1)
+        time.sleep(0.5)
+    typer.echo(f"stopped the gateway at {info['url']} (pid {info['pid']})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("stop")(stop)
     app.add_typer(release_app, name="release")

@@ -41,27 +41,28 @@ def _start_gateway(
 ) -> tuple[subprocess.Popen, str]:
     """`alignloop serve` in a child process; wait until the live release answers through it.
 
-    It stops with the demo (training/procs.py), unless ``keep``: then it is detached and serves on.
-    ``serve_overrides`` are key=value settings of `alignloop serve`.
+    It stops with the demo (training/procs.py) and listens on a free port, unless ``keep``: then it
+    is detached and serves on at the serve config's fixed port (8000), where `alignloop serve`
+    would. ``serve_overrides`` are key=value settings of `alignloop serve`.
     """
     from serving.server import running_server, server_file
     from serving.vllm_server import free_port
 
     if (info := running_server()) is not None:
-        raise RuntimeError(f"a gateway already runs for {data_dir()} ({info['url']}); stop it first")
+        raise RuntimeError(f"a gateway already runs for {data_dir()} ({info['url']}); "
+                           "`alignloop stop` stops it")
     server_file().unlink(missing_ok=True)
-    port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     from training.procs import owned_popen
 
-    cmd = [sys.executable, "-m", "flows.cli", "serve", f"port={port}", *(serve_overrides or [])]
+    port = [] if keep else [f"port={free_port()}"]
+    cmd = [sys.executable, "-m", "flows.cli", "serve", *port, *(serve_overrides or [])]
     with log_path.open("ab") as logf:
         out = {"stdout": logf, "stderr": subprocess.STDOUT, "cwd": repo_root()}
         if keep:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, **out)
         else:
             proc = owned_popen(cmd, grace_s=90, **out)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
@@ -69,9 +70,10 @@ def _start_gateway(
         if time.monotonic() > deadline:
             proc.terminate()
             raise RuntimeError(f"the live release did not come up in {timeout_s:.0f}s; see {log_path}")
+        info = running_server()  # written by the gateway once it listens: its URL
         try:
-            if httpx.get(f"{url}/healthz", timeout=3).status_code == 200:
-                return proc, url
+            if info and httpx.get(f"{info['url']}/healthz", timeout=3).status_code == 200:
+                return proc, info["url"]
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -108,6 +110,64 @@ def _live_chain() -> str:
     return f"{lineage.release_id}: {describe_chain(lineage)}" if lineage else "no live release"
 
 
+# The demo's goal on two CPU cores, after set-up (README).
+DEMO_GOAL_S = 600.0
+LOOP_STAGE = "alignment loop (flow)"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+
+
+def time_budget(timings: dict[str, float], loop_seconds: list[dict[str, float]]) -> list[str]:
+    """Where the demo's time went: one line per stage with its share of the total, the loop's
+    tasks under each loop run (``loop_seconds``, one dict per window, in order), and the total
+    against the 10-minute goal."""
+    total = timings.get("total") or sum(timings.values()) or 1.0
+    lines = [f"time budget (goal: {_minutes(DEMO_GOAL_S)} after set-up; this CPU: {os.cpu_count()} cores)"]
+    loops = iter(loop_seconds)
+    for stage, secs in timings.items():
+        if stage == "total":
+            continue
+        lines.append(f"  {stage:<52} {secs:6.0f} s {secs / total:6.1%}")
+        if stage.startswith(LOOP_STAGE):
+            tasks = next(loops, {})
+            for task_name, task_s in tasks.items():
+                lines.append(f"    {task_name:<50} {task_s:6.0f} s {task_s / total:6.1%}")
+            rest = secs - sum(tasks.values())
+            if tasks and rest >= 1:
+                lines.append(f"    {'(flow start-up, Prefect, between tasks)':<50} {rest:6.0f} s {rest / total:6.1%}")
+    over = total - DEMO_GOAL_S
+    verdict = f"over the goal by {_minutes(over)}" if over > 0 else "within the goal"
+    lines.append(f"  {'total':<52} {total:6.0f} s  ({_minutes(total)}: {verdict})")
+    return lines
+
+
+def closing_lines(kept: tuple[str, int] | None = None) -> list[str]:
+    """The demo's last lines: the one command that serves this data dir again (gateway, live
+    release, review page on the serve config's fixed port) and how to stop it; with ``kept``
+    (url, pid) the gateway `--keep-serving` left running instead."""
+    from serving.gateway_config import DEMO_REVIEWER_KEY
+    from serving.server import ServeConfig
+    from training.config import load_config
+
+    exe = Path(sys.executable).parent / "alignloop"
+    alignloop = str(exe.relative_to(repo_root())) if exe.is_relative_to(repo_root()) else "alignloop"
+    if kept is not None:
+        url, pid = kept
+        first = [f"the gateway keeps serving this data dir at {url} (pid {pid}); stop it: {alignloop} stop"]
+    else:
+        cfg = load_config(ServeConfig, repo_root() / "configs" / "serve.yaml")
+        url = f"http://{cfg.host}:{cfg.port}"
+        first = [f"serve it again (gateway, live release, review page on {url}): make serve "
+                 f"(= {alignloop} serve); Ctrl-C stops it"]
+    return [
+        *first,
+        f"review page: {url}/review (demo reviewer key {DEMO_REVIEWER_KEY}); OpenAI API: {url}/v1",
+        f"while it serves, each release's address, placement and scheme: {alignloop} release list",
+    ]
+
+
 def windows_table(runs: list[dict]) -> str:
     """The demo's per-window table in markdown: what each window decided and the gate's numbers."""
     from flows.window import trend_rows
@@ -135,13 +195,15 @@ def run_demo(
     _say(f"data dir {data_dir()}; Prefect: {prefect_env.configure()}")
     model = materialize()
     timings["materialize"] = time.monotonic() - t0
-    _say(f"base model {model.path} ({model.check_answer!r})")
+
+    _say(f"[{timings['materialize']:.0f} s] base model {model.path} ({model.check_answer!r})")
 
     t = time.monotonic()
     proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving,
                                serve_overrides=serve_overrides)
     timings["start gateway + live release"] = time.monotonic() - t
-    _say(f"gateway at {url} (OpenAI base {url}/v1); live release up")
+    _say(f"[{timings['start gateway + live release']:.0f} s] gateway at {url} (OpenAI base {url}/v1); "
+         "live release up")
     outcomes = []
     try:
         from flows.loop import run_loop
@@ -155,19 +217,17 @@ def run_demo(
             t = time.monotonic()
             sim = _traffic(url, k)
             timings[f"demo traffic + simulated feedback{tag}"] = time.monotonic() - t
-            _say(f"sent {sim.requests} requests ({sim.failed} failed); SIMULATED feedback {sim.feedback}; "
+            _say(f"[{time.monotonic() - t:.0f} s] sent {sim.requests} requests ({sim.failed} failed); SIMULATED feedback {sim.feedback}; "
                  f"mean policy compliance of live answers {sim.mean_compliance:.2f}{tag}")
             t = time.monotonic()
             window_end = datetime.now(UTC)
             outcome = run_loop(str(repo_root() / "configs" / "loop.yaml"), demo_overrides, window_start, window_end)
-            timings[f"alignment loop (flow){tag}"] = time.monotonic() - t
+            timings[f"{LOOP_STAGE}{tag}"] = time.monotonic() - t
             outcomes.append(outcome)
             window_start = window_end
-            _say(f"decision{tag}: {outcome['decision']}")
+            _say(f"[{time.monotonic() - t:.0f} s] decision{tag}: {outcome['decision']}")
     finally:
-        if keep_serving:
-            _say(f"gateway keeps serving at {url} (pid {proc.pid})")
-        else:
+        if not keep_serving:
             _stop_gateway(proc)
     timings["total"] = time.monotonic() - t0
     run_dir = Path(outcomes[-1]["run_dir"])
@@ -195,6 +255,15 @@ def run_demo(
     typer.echo(f"run folder: {run_dir}   releases: {data_dir() / 'releases'}")
     typer.echo("Prefect UI: `alignloop ui`, then open the flow run "
                "'align-...' of flow 'alignment-loop' (artifacts tab: report, gate, plots)")
-    typer.echo("lineage of every release: `alignloop release list`")
-    typer.echo("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    typer.echo("")
+    for line in time_budget(timings, [o.get("seconds") or {} for o in outcomes]):
+        typer.echo(line)
+    typer.echo("")
+    kept = None
+    if keep_serving:
+        from serving.server import running_server
+
+        kept = (url, (running_server() or {}).get("pid", proc.pid))
+    for line in closing_lines(kept):
+        typer.echo(line)
     return 0
