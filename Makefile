@@ -24,20 +24,34 @@ export TOKENIZERS_PARALLELISM := false
 # ephemeral start-up timeout (docs/PLATFORM.md).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup browser demo test test-fast lint lock clean
+.PHONY: setup browser demo serve test test-fast lint lock clean
 
-setup: $(VENV)/.installed $(SERVE)/.installed browser
+# setup = both envs + the browser the review page's tests need; demo and serve need only the envs.
+ENVS := $(VENV)/.installed $(SERVE)/.installed
+setup: $(ENVS) browser
 
 # The review page's browser tests drive a system Chromium through Playwright (the pipeline env
-# carries Playwright; its own browser download is not used). Debian/Ubuntu: the chromium package.
+# carries Playwright; its own browser download is not used). With none on the machine, setup
+# installs Debian's chromium package system-wide, as root: it says so first, and a terminal gets
+# BROWSER_WAIT_S seconds to stop it. Skip it with `make setup SKIP_BROWSER=1` (or
+# ALIGNLOOP_SKIP_BROWSER=1 in the environment): the browser tests then skip and say why, except
+# under CI=true, where they fail (.ci/run).
+SKIP_BROWSER ?= $(ALIGNLOOP_SKIP_BROWSER)
+BROWSER_WAIT_S ?= 10
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@if [ -n "$$ALIGNLOOP_CHROMIUM" ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif [ -n "$(SKIP_BROWSER)" ]; then \
+	  echo "setup: no Chromium installed (SKIP_BROWSER): the review page's browser tests will skip (under CI=true they fail)"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing Debian's chromium (review-page browser tests)"; \
+	  echo "setup: the review page's browser tests need Chromium; none is on this machine, so setup will now install"; \
+	  echo "setup: Debian's chromium package SYSTEM-WIDE, as root ($(or $(SUDO),root): apt-get update, apt-get install chromium),"; \
+	  echo "setup: about 130 packages with its dependencies (systemd, samba and cups libraries among them)."; \
+	  echo "setup: to skip it: make setup SKIP_BROWSER=1 (those tests then skip), or set ALIGNLOOP_CHROMIUM=/path/to/chromium"; \
+	  if [ -t 0 ] && [ "$(BROWSER_WAIT_S)" -gt 0 ]; then echo "setup: starting in $(BROWSER_WAIT_S) s (Ctrl-C stops)"; sleep $(BROWSER_WAIT_S); fi; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; \
 	else \
-	  echo "no chromium: install Chromium and set ALIGNLOOP_CHROMIUM=/path/to/chromium" >&2; exit 1; \
+	  echo "setup: no Chromium and no apt-get: install Chromium and set ALIGNLOOP_CHROMIUM=/path/to/chromium, or make setup SKIP_BROWSER=1" >&2; exit 1; \
 	fi
 
 $(VENV)/.installed: requirements/pipeline.lock pyproject.toml
@@ -63,17 +77,22 @@ ifeq ($(HAS_GPU),)
 endif
 	touch $@
 
-demo: setup
+demo: $(ENVS)
 	$(VENV)/bin/alignloop demo
+
+# After the demo: the gateway, the live release and the review page on the serve config's fixed
+# port (http://127.0.0.1:8000, /review) with the demo's data dir, until Ctrl-C.
+serve: $(ENVS)
+	$(VENV)/bin/alignloop serve
 
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
-test-fast: setup
+test-fast: $(ENVS)
 	$(VENV)/bin/pytest -m "not integration and not slow"
 
-lint: setup
+lint: $(ENVS)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 # Re-resolve the pins from the .in files (see README, "Bumping pins").
