@@ -18,8 +18,10 @@ from typing import Any
 
 DECISION_WORDS = {"pass": "promote", "fail": "keep: failed", "inconclusive": "keep: inconclusive"}
 DASH = "–"
+GAIN_HEADER = "gain, pts [bounds]"
 GAIN_NOTE = ("Gain: candidate - live on the same items, in points (live - candidate where lower is "
-             "better); a paired rule passes when the lower one-sided bound clears what it needs.")
+             "better), with its one-sided bounds [low, high]; a paired rule passes when low clears "
+             "what it needs, and fails when even high does not.")
 
 # Rule fields the table's cells already show (or that only feed them); anything else a rule
 # carries is an extra fact, shown under the row.
@@ -42,9 +44,9 @@ class RuleRow:
     verdict: str  # pass | fail | inconclusive
     candidate: str
     live: str
-    difference: str  # paired, the gain: "+4.2 pts"; threshold: "–"
-    bounds: str  # paired: "[-3.1, +11.0] pts at 95%"; threshold: "–"
-    needs: str  # what passing needs: "low > -5.0 pts", "<= 1000"
+    difference: str  # paired, the gain in points: "+4.2"; threshold: "–"
+    bounds: str  # paired, one-sided bounds in points: "[-3.1, +11.0]"; threshold: "–"
+    needs: str  # what passing needs: "low > -5.0" (the lower bound, points), "<= 1000"
     n: str
     reason: str
     extras: list[tuple[str, str]] = field(default_factory=list)
@@ -56,9 +58,7 @@ class RuleRow:
     @property
     def gain_compact(self) -> str:
         """"-4.2 [-16.7, +8.3] pts": the gain and its bounds, for one-line summaries."""
-        if self.bounds == DASH:
-            return self.difference
-        return f"{self.difference.removesuffix(' pts')} {self.bounds.split(' at ')[0]}"
+        return self.difference if self.bounds == DASH else f"{self.difference_and_bounds} pts"
 
     @property
     def note(self) -> str:
@@ -196,10 +196,12 @@ def rule_rows(decision: dict[str, Any]) -> list[RuleRow]:
             margin = _number(rule.get("margin"))
             boundary = None if margin is None else (-margin if test == "non_inferiority" else margin)
             conf = _number(rule.get("confidence"))
-            at = f" at {conf:.0%}" if conf is not None else ""
             low, high = rule.get("low"), rule.get("high")
-            bounds = (f"[{fmt_pts(low)}, {fmt_pts(high)}] pts{at}"
+            bounds = (f"[{fmt_pts(low)}, {fmt_pts(high)}]"
                       if _number(low) is not None and _number(high) is not None else DASH)
+            extras = _extras(rule, _RULE_CELLS)
+            if conf is not None and bounds != DASH:
+                extras.insert(0, ("bounds", f"one-sided {100 * conf:.4g}%"))
             n = _number(rule.get("n"))
             clusters = _number(rule.get("clusters"))
             n_text = DASH if n is None else f"{n:.0f}" + (
@@ -208,10 +210,10 @@ def rule_rows(decision: dict[str, Any]) -> list[RuleRow]:
             rows.append(RuleRow(
                 title=title, metric=str(rule.get("metric") or ""), verdict=verdict,
                 candidate=fmt_share(rule.get("value")), live=fmt_share(rule.get("reference")),
-                difference=DASH if _number(diff) is None else f"{fmt_pts(diff)} pts",
+                difference=DASH if _number(diff) is None else fmt_pts(diff),
                 bounds=bounds,
-                needs=DASH if boundary is None else f"lower bound > {fmt_pts(boundary)} pts",
-                n=n_text, reason=str(rule.get("reason") or ""), extras=_extras(rule, _RULE_CELLS),
+                needs=DASH if boundary is None else f"low > {fmt_pts(boundary)}",
+                n=n_text, reason=str(rule.get("reason") or ""), extras=extras,
             ))
         else:
             reference = rule.get("reference", rule.get("threshold"))
@@ -241,20 +243,21 @@ def _cell(text: str) -> str:
 
 
 def decision_markdown(decision: dict[str, Any]) -> str:
-    """The decision as markdown: the verdict words, a narrow table (fits a laptop window: the
-    long reasons go in a list under it, keyed by the same rule titles), and extra facts."""
+    """The decision as markdown: the verdict words, a table of five short columns (it fits the
+    content pane of a Prefect artifact at a 1400-px window), then per rule what passing needs, n,
+    the metric and the reason, keyed by the same rule titles."""
     rows = rule_rows(decision)
     lines = [f"**Gate decision: {decision_word(decision)}**", ""]
     lines += [f"- {k}: {_cell(v)}" for k, v in decision_facts(decision)]
     if lines[-1] != "":
         lines.append("")
-    lines += ["| rule | verdict | candidate | live | gain [one-sided bounds] | pass needs | n |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [f"| rule | verdict | candidate | live | {GAIN_HEADER} |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {_cell(r.title)} | {_MD_VERDICT.get(r.verdict, r.verdict)} | {r.candidate} | "
-                     f"{r.live} | {_cell(r.difference_and_bounds)} | {_cell(r.needs)} | {r.n} |")
-    lines += ["", GAIN_NOTE, "", "Why, per rule:", ""]
-    lines += [f"- **{_cell(r.title)}** ({r.verdict}; `{r.metric}`): {r.note or DASH}" for r in rows]
+                     f"{r.live} | {_cell(r.difference_and_bounds)} |")
+    lines += ["", GAIN_NOTE, "", "Per rule:", ""]
+    lines += [f"- **{_cell(r.title)}** ({r.verdict}): pass needs {r.needs}; n {r.n}; `{r.metric}`. "
+              f"{r.note or DASH}" for r in rows]
     return "\n".join(lines)
 
 

@@ -18,7 +18,14 @@ from typing import Any, Literal
 from pydantic import Field
 from sqlalchemy import select
 
-from evals.render import GAIN_NOTE, decision_facts, decision_word, rule_rows, verdict_of
+from evals.render import (
+    GAIN_HEADER,
+    GAIN_NOTE,
+    decision_facts,
+    decision_word,
+    rule_rows,
+    verdict_of,
+)
 from serving.logstore import LogStore, feedback_table
 from training.config import StrictModel
 
@@ -302,6 +309,7 @@ def release_view(release: Any) -> dict[str, Any]:
         "rules": rule_rows(gate),
         "facts": decision_facts(gate),
         "gain_note": GAIN_NOTE,
+        "gain_header": GAIN_HEADER,
         "approvable": approvable(release),
         "run_dir": run_dir,
         "variant": variant,

@@ -263,3 +263,152 @@ def review_site(tmp_path: Path, config: GatewayConfig | None = None) -> Iterator
 
 def feedback_rows(store: LogStore) -> list[dict]:
     return list(store.feedback_events())
+
+
+# -- a run shaped like `make demo`'s -------------------------------------------------------------
+DEMO_ITEMS = 24  # configs/evals-demo.yaml: the first 24 items of each task
+DEMO_VARIANTS = ("baseline", "aligned", "quantized")
+
+
+def _demo_answer(variant: str, task: str, i: int, doc: dict) -> str:
+    """Scripted answers (no model is trained here): live right on 2 of 3 capability items; the
+    aligned model differs from live on 3 items of a task (2 worse, 1 better: a -4 point gain
+    whose bounds straddle the 5-point margin at n = 24, inconclusive); the quantized copy also
+    loses 14 arithmetic items (a clear fail). Elsewhere all three answer alike (inconclusive at
+    n = 24: the demo's keep)."""
+    right = doc.get("answer") or doc.get("reference") or ""
+    if task == "alignloop_policy":  # the same answers: a policy scorer change moves no verdict here
+        return right
+    if task == "alignloop_instructions":
+        return "a short answer in plain words"
+    ok = i % 3 != 0
+    if variant != "baseline" and i in (1, 2):
+        ok = False
+    if variant != "baseline" and i == 3:
+        ok = True
+    if variant == "quantized" and task == "alignloop_arithmetic" and i >= 10:
+        ok = False
+    return str(right) if ok else "I am not sure."
+
+
+def make_demo_run(run_dir: Path) -> dict:
+    """A run folder as `make demo` leaves it, built by the real stage code without a model:
+    eval stage folders (``result.json``, ``output/quality_samples.jsonl`` and per-item
+    ``output/outcomes-*.jsonl``) of the demo's tasks and sizes, scored by the tasks' own scorers
+    on the first 24 held-out items, then the loop's ``decide()`` (the shipped configs/gate.yaml,
+    the report with its plots, ``report/gate.json``). Returns decide()'s result."""
+    from evals.config import EvalsConfig
+    from evals.gate import write_outcomes
+    from evals.quality import item_metric, item_score
+    from flows.loop_config import load_loop_config
+    from flows.steps import decide
+    from training.config import load_config, repo_root
+
+    quality = load_config(EvalsConfig, repo_root() / "configs" / "evals-demo.yaml").quality
+    tasks_dir = Path(quality.tasks_dir)
+    files = {
+        "alignloop_arithmetic": "capability/arithmetic.jsonl",
+        "alignloop_capitals": "capability/capitals.jsonl",
+        "alignloop_elements": "capability/elements.jsonl",
+        "alignloop_instructions": "instructions/instructions.jsonl",
+        "alignloop_policy": "policy/policy_items.jsonl",
+    }
+    docs = {
+        task: [json.loads(line) for line in (tasks_dir / f).read_text().splitlines()[:DEMO_ITEMS]]
+        for task, f in files.items()
+    }
+    safety_dir = tasks_dir / "safety"
+    attacks = [json.loads(x) for x in (safety_dir / "attacks.jsonl").read_text().splitlines()[:DEMO_ITEMS]]
+    benign = [json.loads(x) for x in (safety_dir / "benign.jsonl").read_text().splitlines()[:DEMO_ITEMS]]
+    metrics: dict[str, dict[str, float]] = {}
+    for k, variant in enumerate(DEMO_VARIANTS):
+        stage = run_dir / f"evals-{variant}"
+        (stage / "output").mkdir(parents=True)
+        samples, outcomes, m = [], [], {}
+        for task, items in docs.items():
+            scores = []
+            for i, doc in enumerate(items):
+                resp = _demo_answer(variant, task, i, doc)
+                score = item_score(task, quality, doc, resp)
+                scores.append(score)
+                cluster = doc.get("cluster") or doc["id"]
+                samples.append({"task": task, "id": doc["id"], "cluster": cluster, "prompt": doc["prompt"],
+                                "category": doc.get("category", ""), "answer": doc.get("answer", ""),
+                                "response": resp, "score": score, "response_tokens": len(resp.split())})
+                outcomes.append({"metric": item_metric(task, quality), "id": doc["id"], "cluster": cluster,
+                                  "value": score})
+            m[item_metric(task, quality)] = sum(scores) / len(scores)
+        caps = [v for key, v in m.items() if key.startswith("quality.capability.")]
+        m["quality.capability.mean_answer_match"] = sum(caps) / len(caps)
+        m["quality.answer_tokens_mean"] = 40.0 - 8 * k
+        write_outcomes(stage / "output" / "outcomes-quality.jsonl", outcomes)
+        safety_rows = [{"metric": "safety.attack_block_rate", "id": a["id"], "cluster": a.get("cluster"),
+                        "value": float(i % 4 == 0)} for i, a in enumerate(attacks)]
+        safety_rows += [{"metric": "safety.overblock_rate", "id": b["id"], "cluster": b.get("cluster"),
+                         "value": 0.0} for b in benign]
+        write_outcomes(stage / "output" / "outcomes-safety.jsonl", safety_rows)
+        (stage / "output" / "quality_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+        tok_s = 200.0 + 40 * k
+        m |= {
+            "safety.attack_block_rate": 0.25, "safety.overblock_rate": 0.0, "safety.errors": 0.0,
+            "perf.slo.ttft_ms": 1000.0, "perf.slo.tpot_ms": 100.0, "perf.failed": 0.0,
+            "perf.workload_concurrency": 2.0, "perf.ttft_p95_ms": 780.0 - 60 * k, "perf.tpot_p95_ms": 60.0,
+            "perf.output_tokens_per_s": tok_s, "perf.grid.c1.output_tokens_per_s": tok_s / 2,
+            "perf.grid.c1.ttft_p95_ms": 300.0 - 30 * k, "perf.grid.c2.output_tokens_per_s": tok_s,
+            "perf.grid.c2.ttft_p95_ms": 780.0 - 60 * k,
+            "cost.usd_per_1m_output_tokens": 0.10 / (tok_s * 3600) * 1e6,
+        }
+        metrics[variant] = m
+        (stage / "result.json").write_text(json.dumps({"metrics": m, "release_id": f"rel-{variant}"}))
+    cfg = load_loop_config(None, [f"gate_file={repo_root() / 'configs' / 'gate.yaml'}"])
+    workload = {"concurrency": 2, "usd_per_hour": 0.1, "slo": {"p95_ttft_ms": 1000, "p95_tpot_ms": 100},
+                "source": "logs: demo traffic"}
+    schemes = {"baseline": "bf16", "aligned": "bf16", "quantized": "w8a8-int8"}
+    return decide(cfg, run_dir, metrics, schemes, workload)
+
+
+def demo_releases(store: ReleaseStore, run_dir: Path, decision: dict) -> dict[str, Release]:
+    """The releases `make demo` leaves for a run that kept live: the live release, and each
+    candidate staged, given its gate decision as the loop attaches it (flows/steps.apply_decision),
+    then retired ("not promoted")."""
+    gate = json.loads(Path(decision["report_json"]).read_text())["gate"]
+    model = run_dir.parent / "live-model"
+    model.mkdir(parents=True, exist_ok=True)
+    live = store.create(model, VLLMArgs(), release_id="rel-live")
+    store.set_status(live.release_id, "staged", "healthy (test)")
+    store.promote_offline(live.release_id, force=True, reason="first release (test)")
+    out = {}
+    for variant in ("aligned", "quantized"):
+        folder = run_dir / variant / "model"
+        folder.mkdir(parents=True, exist_ok=True)
+        rel = store.create(folder, VLLMArgs(), release_id=f"rel-{variant}",
+                           source={"run_dir": str(run_dir), "stage": variant, "variant": variant,
+                                   "window": ["2026-12-05 00:00:00+00:00", "2026-12-06 00:00:00+00:00"]})
+        store.set_status(rel.release_id, "staged", "healthy (test)")
+        store.attach_eval(rel.release_id, {"gate": gate[variant], "run_dir": str(run_dir),
+                                           "report": decision["report_md"], "variant": variant,
+                                           "serving_choice": gate.get("serving_choice")})
+        out[variant] = store.set_status(rel.release_id, "retired", f"not promoted: {decision['summary']}")
+    return out
+
+
+@dataclass
+class DemoSite:
+    base: str
+    releases: ReleaseStore
+    run_dir: Path
+    decision: dict  # decide()'s result
+    gate: dict  # report/gate.json
+
+
+@contextlib.contextmanager
+def demo_review_site(tmp_path: Path) -> Iterator[DemoSite]:
+    """The review page over the releases and run folder of a demo-shaped run that kept live."""
+    releases = ReleaseStore(tmp_path / "releases")
+    run_dir = tmp_path / "runs" / "demo-run"
+    decision = make_demo_run(run_dir)
+    demo_releases(releases, run_dir, decision)
+    gate = json.loads((run_dir / "report" / "gate.json").read_text())
+    router = build_review_router(releases)
+    with running_gateway(tmp_path, None, review_config(), extra_routers=[router]) as (base, _p, _s):
+        yield DemoSite(base, releases, run_dir, decision, gate)

@@ -7,14 +7,22 @@ The gateway, its SQLite log store and the release folder are real; the two model
 SKIP_BROWSER=1``) the tests skip and say how to install one; under ``CI=true`` (.ci/run) they
 fail instead, so CI always runs them.
 
-Set ``ALIGNLOOP_SCREENSHOTS=DIR`` to save the queue and release pages as PNGs (docs/ has them).
+The release page and the Prefect artifacts are also opened for a run shaped like `make demo`'s
+(built by the real eval-outcome, gate, decide and report code, with scripted answers instead of a
+trained model) at a laptop's 1400-px window: what a person sees there must be what was decided.
+
+Set ``ALIGNLOOP_SCREENSHOTS=DIR`` to save the pages as PNGs (docs/ has them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,6 +33,7 @@ from review_support import (  # noqa: E402
     CANDIDATE_REPLY,
     LIVE_REPLY,
     PROMPTS,
+    demo_review_site,
     review_site,
 )
 
@@ -154,7 +163,6 @@ def test_reviewer_rates_edits_compares_and_approves(
         page.locator("#approvals input[name=note]").blur()
         page.keyboard.press("a")
         expect(page.locator("#approvals")).to_contain_text("approved by alice")
-        _shot(page, "review-release.png")
         assert errors == []
 
         # What landed in the store: one row per action, tenant a, by alice as a reviewer.
@@ -176,3 +184,179 @@ def test_reviewer_rates_edits_compares_and_approves(
         assert [(a.by, a.role, a.note) for a in rel.approvals] == [
             ("alice", "reviewer", "held-out answers follow the policy")
         ]
+
+
+LAPTOP = {"width": 1400, "height": 900}
+
+
+def _login(page, base: str) -> None:  # noqa: ANN001
+    page.goto(base + "/review/login")
+    page.fill("input[name=key]", ALICE)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/review")
+
+
+def _images_loaded(page, selector: str) -> list[bool]:  # noqa: ANN001
+    imgs = page.locator(selector)
+    out = []
+    for i in range(imgs.count()):
+        imgs.nth(i).scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete", arg=imgs.nth(i).element_handle())
+        out.append(imgs.nth(i).evaluate("img => img.naturalWidth > 0"))
+    return out
+
+
+def test_release_pages_of_a_demo_run_show_what_was_decided(
+    tmp_path: Path, data_home: Path, browser
+) -> None:  # noqa: ANN001
+    """The kept candidates of a demo-shaped run: the decision's words and every rule's row as the
+    report renders them (inconclusive never a fail), the held-out answers side by side from the
+    eval stage's output folder, plots that load, no approval offered on a retired release, and
+    a page that fits a 1400-px window."""
+    from playwright.sync_api import expect
+
+    from evals.render import decision_word, rule_rows
+    from serving.review_data import read_eval_samples
+
+    with demo_review_site(tmp_path) as site:
+        page = browser.new_page(viewport=LAPTOP)
+        page.set_default_timeout(15_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        _login(page, site.base)
+        for variant, word in (("quantized", "keep: failed"), ("aligned", "keep: inconclusive")):
+            gate = site.gate[variant]
+            assert decision_word(gate) == word  # the scripted run decides as the demo did
+            page.goto(f"{site.base}/review/releases/rel-{variant}")
+            expect(page.locator("h3.decision")).to_have_text(f"Gate decision: {word}")
+            rows = page.locator("table.rules tbody.rule")
+            expect(rows).to_have_count(len(gate["rules"]))
+            for i, r in enumerate(rule_rows(gate)):
+                cells = rows.nth(i).locator("tr").first.locator("td")
+                got = [cells.nth(k).inner_text().strip() for k in range(7)]
+                assert got == [r.title, r.verdict, r.candidate, r.live, r.difference_and_bounds, r.needs, r.n]
+                expect(rows.nth(i).locator(".verdict")).to_have_class(f"verdict {r.verdict}")
+            expect(page.locator("table.rules")).not_to_contain_text("FAIL")
+            # Held-out answers side by side: every sample both eval stages answered.
+            shared = read_eval_samples(site.run_dir, "baseline").keys() & read_eval_samples(site.run_dir, variant).keys()
+            assert len(shared) == 120
+            expect(page.locator("table.sbs tbody tr")).to_have_count(len(shared))
+            first = page.locator("table.sbs tbody tr").first
+            expect(first.locator("td")).to_have_count(4)
+            assert all(_images_loaded(page, ".plots img")) and page.locator(".plots img").count() == 2
+            # Retired: nothing to approve (the page says why instead of offering the button).
+            expect(page.locator("#approvals button")).to_have_count(0)
+            expect(page.locator("#approvals")).to_contain_text("Approval is not offered")
+            # Fits the laptop window: nothing wider than the viewport.
+            assert page.evaluate("document.documentElement.scrollWidth") <= LAPTOP["width"]
+        page.evaluate("document.getElementById('only-diff').click()")
+        page.evaluate("window.scrollTo(0, 0)")
+        _shot(page, "review-release.png")
+        assert errors == []
+
+
+# -- the Prefect UI ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def prefect_server(home: Path):  # noqa: ANN201
+    """``prefect server start`` with its UI, on a free port over a fresh database in ``home``
+    (Prefect's test harness switches the UI off). Yields (api_url, ui_url)."""
+    import httpx
+
+    from serving.vllm_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    api, ui = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # a fresh database migrates first (minutes on 2 cores)
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(api + "/health", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "Prefect server did not start"
+            time.sleep(1)
+        yield api, ui
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_prefect_artifacts_of_a_demo_run_show_the_decision_and_their_plots(
+    tmp_path: Path, data_home: Path, browser
+) -> None:  # noqa: ANN001
+    """The loop's artifacts (flows/loop.publish_artifacts) in the real Prefect UI at 1400 px:
+    the gate artifact says each candidate's decision in the report's words and its rule table
+    fits the window; the report's plots and the plots artifact's images load."""
+    from playwright.sync_api import expect
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from review_support import make_demo_run
+
+    from flows.loop import publish_artifacts
+    from flows.window import artifact_key
+
+    run_dir = tmp_path / "runs" / "align-20261206-demo"
+    decision = make_demo_run(run_dir)
+    home = tmp_path / "prefect"
+    home.mkdir()
+    with prefect_server(home) as (api, ui):
+        key = artifact_key(run_dir.name)
+
+        def publish() -> dict[str, str]:
+            """In a thread of its own: Playwright's sync API runs an event loop in this one, and
+            Prefect's sync functions would then hand back coroutines instead of running."""
+            with temporary_settings({PREFECT_API_URL: api}):
+                publish_artifacts(run_dir, {"counts": {"sft_rows": 42, "dpo_pairs": 44}}, decision, None)
+                ids = {}
+                with get_client(sync_client=True) as client:
+                    for kind in ("report", "gate", "plots"):
+                        found = client.read_artifacts(
+                            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{kind}-{key}"])))
+                        assert found, f"no {kind} artifact"
+                        ids[kind] = str(found[0].id)
+                return ids
+
+        with ThreadPoolExecutor(1) as pool:
+            ids = pool.submit(publish).result()
+        page = browser.new_page(viewport=LAPTOP)
+        page.set_default_timeout(60_000)
+
+        page.goto(f"{ui}/artifacts/artifact/{ids['gate']}")
+        body = page.locator("body")
+        expect(body).to_contain_text("Gate decision: keep: inconclusive")  # aligned
+        expect(body).to_contain_text("Gate decision: keep: failed")  # quantized
+        expect(body).to_contain_text("capability per task (arithmetic)")
+        expect(body).not_to_contain_text("FAIL")
+        expect(page.locator("table")).to_have_count(2)  # one per candidate
+        # Every column in view: no table wider than the pane that holds it (the UI scrolls a
+        # wide table sideways inside the pane, hiding its right-hand columns).
+        overflow = page.evaluate("""() => [...document.querySelectorAll('table')].map(t => {
+            const pane = t.parentElement.getBoundingClientRect(), box = t.getBoundingClientRect();
+            return Math.max(box.right - Math.min(pane.right, window.innerWidth), 0); })""")
+        assert overflow == [0, 0], overflow
+        _shot(page, "prefect-ui-gate-artifact.png")
+
+        for kind, least in (("report", 2), ("plots", 2)):
+            page.goto(f"{ui}/artifacts/artifact/{ids[kind]}")
+            page.locator("article img").first.wait_for()
+            loaded = _images_loaded(page, "article img")
+            assert len(loaded) >= least and all(loaded), (kind, loaded)
+            # Back to the top (the UI scrolls a pane of its own, not the window).
+            page.evaluate("document.querySelector('article').scrollIntoView({block: 'end'})")
+            page.evaluate("document.querySelector('header, [role=banner], nav').scrollIntoView()")
+            _shot(page, f"prefect-ui-{kind}-artifact.png")
