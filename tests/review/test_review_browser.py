@@ -50,6 +50,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 EDITED = "Refunds: within 30 days of delivery, for unused items."
+LAPTOP = {"width": 1400, "height": 900}  # a laptop's browser window: pages must fit it
 
 
 def chromium_path() -> str:
@@ -95,7 +96,7 @@ def test_reviewer_rates_edits_compares_and_approves(
     from playwright.sync_api import expect
 
     with review_site(tmp_path) as site:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport=LAPTOP)
         page.set_default_timeout(15_000)
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -185,8 +186,6 @@ def test_reviewer_rates_edits_compares_and_approves(
             ("alice", "reviewer", "held-out answers follow the policy")
         ]
 
-
-LAPTOP = {"width": 1400, "height": 900}
 
 
 def _login(page, base: str) -> None:  # noqa: ANN001
