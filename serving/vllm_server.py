@@ -45,7 +45,8 @@ class VLLMArgs(StrictModel):
     """How to serve one model with vLLM (per release, so evals can compare serving settings)."""
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="'auto' picks from the platform: bf16 on GPU and bf16-capable CPUs, else float32."
+        "auto", description="'auto' = serving.platform.serving_dtype: bf16 on GPUs; float32 on CPUs unless "
+        "the platform probe measured bf16 answering like float32 there."
     )
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer in tokens.")
     kv_cache_gib: int = Field(1, ge=1, description="KV cache GiB on CPU (VLLM_CPU_KVCACHE_SPACE; whole GiB).")
