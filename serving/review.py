@@ -49,6 +49,7 @@ from serving.review_data import (
     approvable,
     display_exchange,
     feedback_by_request,
+    gate_word,
     load_queue,
     redact_for_display,
     release_view,
@@ -506,14 +507,16 @@ def build_review_router(
         session = signed_in(request)
         if isinstance(session, Response):
             return session
-        from serving.releases import approval_required, gate_passed
+        from serving.releases import approval_required
 
         rows = []
         for rel in reversed(await run_in_threadpool(releases.list) if releases else []):
+            word, why = gate_word(rel)
             rows.append(
                 {
                     "rel": rel,
-                    "gate_passed": gate_passed(rel),
+                    "gate": word,
+                    "gate_why": why,
                     "needs_approval": approval_required(rel),
                 }
             )

@@ -349,6 +349,18 @@ def release_view(release: Any) -> dict[str, Any]:
     return view
 
 
+def gate_word(release: Any) -> tuple[str, str]:
+    """The release list's gate cell, (word, why): the decision words of the verdict the release
+    store computed when the eval report was attached (``Release.gate``), so the list costs no
+    gate computation and says ``keep: inconclusive`` where that is what was decided."""
+    stored = getattr(release, "gate", None) or {}
+    if stored.get("decision"):
+        return decision_word(stored["decision"]), str(stored.get("why") or "")
+    if stored:
+        return "not verified", str(stored.get("why") or "")
+    return ("-", "no eval report attached") if not release.eval_report else ("not verified", "")
+
+
 def approvable(release: Any) -> tuple[bool, str]:
     """Whether approving ``release`` can lead anywhere, and why not: an approval is the last
     step before a promotion, so it is offered only on a staged release whose attached gate

@@ -377,6 +377,10 @@ def demo_releases(store: ReleaseStore, run_dir: Path, decision: dict) -> dict[st
     live = store.create(model, VLLMArgs(), release_id="rel-live")
     store.set_status(live.release_id, "staged", "healthy (test)")
     store.promote_offline(live.release_id, force=True, reason="first release (test)")
+    # The baseline evals were of live's model (what the release store checks before it stores
+    # a verdict recomputed from the run's files).
+    baseline = run_dir / "evals-baseline" / "result.json"
+    baseline.write_text(json.dumps(json.loads(baseline.read_text()) | {"model_dir": str(model)}))
     out = {}
     for variant in ("aligned", "quantized"):
         folder = run_dir / variant / "model"

@@ -248,6 +248,11 @@ def test_release_pages_of_a_demo_run_show_what_was_decided(
             expect(page.locator("#approvals")).to_contain_text("Approval is not offered")
             # Fits the laptop window: nothing wider than the viewport.
             assert page.evaluate("document.documentElement.scrollWidth") <= LAPTOP["width"]
+        # The release list: the same words, from the verdict the release store stored.
+        page.goto(f"{site.base}/review/releases")
+        for variant, word in (("quantized", "keep: failed"), ("aligned", "keep: inconclusive")):
+            expect(page.locator(f"tr:has(a[href$='/rel-{variant}']) td").nth(4)).to_have_text(word)
+        page.goto(f"{site.base}/review/releases/rel-aligned")
         page.evaluate("document.getElementById('only-diff').click()")
         page.evaluate("window.scrollTo(0, 0)")
         _shot(page, "review-release.png")
