@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -58,7 +59,16 @@ class QualityConfig(StrictModel):
     policy_task: str | None = Field(
         "alignloop_policy", description="lm-eval task of held-out policy prompts; null to skip."
     )
-    limit: int | None = Field(None, gt=0, description="Items per task (None = all); for smoke runs.")
+    limit: int | None = Field(
+        None, gt=0,
+        description="Items per task (None = all): the first N (the files put one item of every "
+        "family first). With a sequential gate this is each task's budget over all looks.",
+    )
+    items: dict[str, tuple[int, int]] | None = Field(
+        None,
+        description="Set by the loop for a sequential gate's look: per task, the [start, stop) "
+        "item indices to evaluate (tasks not named are skipped; `limit` is then not used).",
+    )
     num_concurrent: int = Field(8, ge=1, description="Concurrent requests lm-eval sends.")
     max_gen_toks: int = Field(96, gt=0, description="Answer token cap for tasks that do not set one.")
     timeout_s: int = Field(300, gt=0, description="Per-request timeout.")
@@ -82,7 +92,14 @@ class SafetyConfig(StrictModel):
     num_concurrent: int = Field(8, ge=1, description="Concurrent requests.")
     timeout_s: float = Field(120, gt=0, description="Per-request timeout.")
     limit: int | None = Field(
-        None, gt=0, description="Items per file (the first N: the files are shuffled); None = all."
+        None, gt=0,
+        description="Items per file (the first N: the files are shuffled); None = all. With a "
+        "sequential gate this is each file's budget over all looks.",
+    )
+    items: dict[Literal["attack", "benign"], tuple[int, int]] | None = Field(
+        None,
+        description="Set by the loop for a sequential gate's look: per file, the [start, stop) item "
+        "indices to send (a file not named is skipped; `limit` is then not used).",
     )
     count_refusals: bool = Field(
         True,

@@ -45,7 +45,7 @@ def _short(task: str) -> str:
     return task.removeprefix(PREFIX)
 
 
-def _item_metric(task: str, cfg: QualityConfig) -> str:
+def item_metric(task: str, cfg: QualityConfig) -> str:
     """The gate's metric name for one item of ``task`` (the same name as the task's aggregate)."""
     if task == cfg.policy_task:
         return "quality.policy.compliance"
@@ -65,6 +65,24 @@ def item_score(task: str, cfg: QualityConfig, doc: dict[str, Any], response: str
 
         return instruction_process_results(doc, [response])["strict_accuracy"]
     return capability_process_results(doc, [response])["answer_match"]
+
+
+def task_sizes(cfg: QualityConfig) -> dict[str, int]:
+    """Items per lm-eval task of ``cfg.tasks_dir`` (each task's ``dataset_kwargs.file``), so a
+    sequential gate can plan each look's item windows before it runs them."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):  # task YAMLs carry lm-eval's `!function` tags
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    sizes = {}
+    for path in Path(cfg.tasks_dir).rglob("*.yaml"):
+        doc = yaml.load(path.read_text(), Loader=_Loader) or {}
+        file = (doc.get("dataset_kwargs") or {}).get("file") if isinstance(doc, dict) else None
+        if file and (TASKS_DIR / file).is_file():
+            sizes[doc["task"]] = sum(1 for line in (TASKS_DIR / file).read_text().splitlines() if line.strip())
+    return sizes
 
 
 def _policy_items_present() -> bool:
@@ -90,13 +108,17 @@ def run_lm_eval(cfg: QualityConfig, endpoint: Endpoint, tasks: list[str]) -> dic
         # lm-eval's API models read the key from OPENAI_API_KEY unless a header is given.
         "header": endpoint.headers(),
     }
+    # A sequential gate's look names the item indices per task (lm-eval's `samples`); else the
+    # first `limit` items of each.
+    samples = None if cfg.items is None else {t: list(range(*cfg.items[t])) for t in tasks}
     return lm_eval.simple_evaluate(
         model="local-chat-completions",
         model_args=model_args,
         tasks=tasks,
         task_manager=TaskManager(include_path=cfg.tasks_dir, include_defaults=False),
         apply_chat_template=True,
-        limit=cfg.limit,
+        limit=cfg.limit if samples is None else None,
+        samples=samples,
         bootstrap_iters=0,  # no stderr resampling: intervals come from n (Wilson) in the report
         log_samples=True,
         random_seed=0,
@@ -231,20 +253,24 @@ def run(
         else:
             log.warning("no held-out policy items (evals/tasks/policy/policy_items.jsonl); policy skipped")
             skipped.append(cfg.policy_task)
+    if cfg.items is not None:  # a sequential gate's look: only the tasks it extends
+        tasks = [t for t in tasks if t in cfg.items and cfg.items[t][1] > cfg.items[t][0]]
+        if not tasks:
+            return QualityResult(metrics={}, seconds=0.0, skipped=skipped)
     metrics: dict[str, float] = {}
     out = run_lm_eval(cfg, endpoint, tasks)
     results, samples = out["results"], out.get("samples", {})
     tokenizer_dir = cfg.tokenizer or default_tokenizer()
 
     cap_scores = []
-    for task in cfg.capability_tasks:
+    for task in [t for t in cfg.capability_tasks if t in tasks]:
         score = float(results[task]["answer_match,none"])
         metrics[f"quality.capability.{_short(task)}.answer_match"] = score
         metrics[f"quality.capability.{_short(task)}.n"] = float(len(samples.get(task, [])))
         cap_scores.append(score)
     if cap_scores:
         metrics["quality.capability.mean_answer_match"] = sum(cap_scores) / len(cap_scores)
-    for task in cfg.instruction_tasks:
+    for task in [t for t in cfg.instruction_tasks if t in tasks]:
         metrics[f"quality.instructions.{_short(task)}.strict_accuracy"] = float(
             results[task]["strict_accuracy,none"])
         metrics[f"quality.instructions.{_short(task)}.n"] = float(len(samples.get(task, [])))
@@ -252,7 +278,7 @@ def run(
     all_rows: list[dict[str, Any]] = []
     outcomes: list[dict[str, Any]] = []
     for task in tasks:
-        metric = _item_metric(task, cfg)
+        metric = item_metric(task, cfg)
         for doc, resp in _sample_rows(samples.get(task, [])):
             value = item_score(task, cfg, doc, resp)
             all_rows.append({"task": task, "id": doc["id"], "cluster": doc.get("cluster") or doc["id"],

@@ -115,8 +115,13 @@ def score(attacks: list[dict[str, Any]], benign: list[dict[str, Any]]) -> dict[s
 def run(cfg: SafetyConfig, endpoint: Endpoint, out_dir: str | Path | None = None) -> SafetyResult:
     """Send every attack and benign item to ``endpoint``; score; write records to ``out_dir``."""
     t0 = time.monotonic()
-    attacks = read_jsonl(cfg.attacks_file, ("prompt", "category", "id"))[: cfg.limit]
-    benign = read_jsonl(cfg.benign_file, ("prompt", "category", "id"))[: cfg.limit]
+    attacks = read_jsonl(cfg.attacks_file, ("prompt", "category", "id"))
+    benign = read_jsonl(cfg.benign_file, ("prompt", "category", "id"))
+    if cfg.items is None:
+        attacks, benign = attacks[: cfg.limit], benign[: cfg.limit]
+    else:  # a sequential gate's look: only the windows it extends
+        attacks = attacks[slice(*cfg.items["attack"])] if "attack" in cfg.items else []
+        benign = benign[slice(*cfg.items["benign"])] if "benign" in cfg.items else []
     unknown = {a["category"] for a in attacks} - set(ATTACK_CATEGORIES)
     if unknown:
         raise ValueError(f"{cfg.attacks_file}: unknown attack categories {sorted(unknown)}; "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from typing import Literal
 
 from evals import cost, perf, quality, safety
 from evals.config import Endpoint, EvalsConfig
+from evals.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,63 @@ def run(
     save_metrics(path, variant, metrics, endpoint=endpoint.url, model=endpoint.model,
                  suites=sorted(set(suites)), seconds=seconds)
     return EvalRunResult(str(path), load_metrics_doc(path)["metrics"], seconds)
+
+
+# -- a sequential gate's looks -------------------------------------------------------------------
+SAFETY_FILES = {"safety.attack_block_rate": "attack", "safety.overblock_rate": "benign"}
+
+
+def look_config(cfg: EvalsConfig, looks: list[float], look: int, metrics: set[str] | None = None) -> EvalsConfig:
+    """A copy of ``cfg`` that evaluates look ``look``'s new items: per task (and safety file) the
+    items from the previous look's share of its budget up to this look's, for the gate metrics in
+    ``metrics`` (None: all). A task's budget is ``limit`` items, or all of them."""
+    from evals.quality import item_metric, task_sizes
+
+    def window(size: int, limit: int | None) -> tuple[int, int]:
+        budget = min(size, limit or size)
+        start = math.ceil(looks[look - 1] * budget) if look > 0 else 0
+        return start, math.ceil(looks[look] * budget)
+
+    out = cfg.model_copy(deep=True)
+    sizes = task_sizes(cfg.quality)
+    tasks = [*cfg.quality.capability_tasks, *cfg.quality.instruction_tasks,
+             *([cfg.quality.policy_task] if cfg.quality.policy_task else [])]
+    out.quality.items = {t: window(sizes[t], cfg.quality.limit) for t in tasks
+                         if t in sizes and (metrics is None or item_metric(t, cfg.quality) in metrics)}
+    safety_sizes = {"attack": len(read_jsonl(cfg.safety.attacks_file)),
+                    "benign": len(read_jsonl(cfg.safety.benign_file))}
+    out.safety.items = {f: window(safety_sizes[f], cfg.safety.limit) for m, f in SAFETY_FILES.items()
+                        if metrics is None or m in metrics}
+    return out
+
+
+def extend(cfg: EvalsConfig, endpoint: Endpoint, out_dir: str | Path, variant: str, look: int) -> dict[str, float]:
+    """Run a later look of a sequential gate (``cfg`` from :func:`look_config`): the quality and
+    safety items it names, stored as ``outcomes-<suite>.look<N>.jsonl`` beside the first look's.
+    Returns the metrics that change: each extended metric's mean over all its items so far (the
+    report's table then shows what the gate read) and the safety errors added up."""
+    from evals.gate import load_outcome_dir, write_outcomes
+
+    out_dir = Path(out_dir)
+    previous = load_metrics_doc(out_dir / "metrics.json")["metrics"]
+    with ThreadPoolExecutor(2) as pool:
+        fq = pool.submit(quality.run, cfg.quality, endpoint, out_dir / f"look{look}") if cfg.quality.items else None
+        fs = pool.submit(safety.run, cfg.safety, endpoint, out_dir / f"look{look}") if cfg.safety.items else None
+        results = {name: fut.result() for name, fut in (("quality", fq), ("safety", fs)) if fut is not None}
+    changed: dict[str, float] = {}
+    for name, res in results.items():
+        write_outcomes(out_dir / f"outcomes-{name}.look{look}.jsonl", res.outcomes, look)
+        changed[f"{name}.look{look}.seconds"] = round(res.seconds, 1)
+    if "safety" in results:
+        changed["safety.errors"] = previous.get("safety.errors", 0.0) + results["safety"].metrics["safety.errors"]
+    merged = load_outcome_dir(out_dir)
+    for res in results.values():
+        for metric in {o["metric"] for o in res.outcomes}:
+            values = [v for v, _ in merged[metric].values()]
+            changed[metric] = sum(values) / len(values)
+    save_metrics(out_dir / "metrics.json", variant, changed)
+    log.info("look %d of %s: %s", look, variant, ", ".join(f"{k} {v:.3g}" for k, v in sorted(changed.items())))
+    return changed
 
 
 @contextlib.contextmanager

@@ -177,6 +177,33 @@ def evaluate_release(
     return evaluate(cfg, variant, release, Path(run_dir), dataset_path, concurrency)
 
 
+@task(name="evaluate more items (sequential gate)")
+def extend_release(cfg: LoopConfig, variant: str, release: dict, run_dir: str, look: int, metrics: list[str]) -> dict:
+    from flows.steps import extend
+
+    return extend(cfg, variant, release, Path(run_dir), look, set(metrics))
+
+
+def sequential_looks(cfg: LoopConfig, run_dir: Path, releases: dict[str, dict], metrics: dict[str, dict]) -> None:
+    """A sequential gate's later looks: while some candidate that can still be promoted has
+    inconclusive rules, evaluate the next share of those rules' items on it and on live's copy
+    (both still staged). Resolved rules stop; the gate's error is spent over the looks."""
+    from flows.steps import gate_config, open_metrics
+
+    logger = get_run_logger()
+    variants = [v for v in metrics if v != "baseline"]
+    for look in range(1, len(gate_config(cfg).looks)):
+        wanted = open_metrics(cfg, run_dir, variants, look - 1)
+        if not wanted:
+            logger.info("sequential gate: every candidate resolved after look %d", look - 1)
+            return
+        union = sorted(set().union(*wanted.values()))
+        logger.info("sequential gate, look %d: more items of %s for %s", look, union, sorted(wanted))
+        metrics["baseline"] = extend_release(cfg, "baseline", releases["baseline"], str(run_dir), look, union)
+        for v, open_ in wanted.items():
+            metrics[v] = extend_release(cfg, v, releases[v], str(run_dir), look, sorted(open_))
+
+
 @task(name="report + gate")
 def report_and_gate(
     cfg: LoopConfig, run_dir: str, metrics: dict[str, dict], schemes: dict[str, str], workload: dict,
@@ -352,7 +379,8 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     # The baseline is an idle copy of live (the release this run's training started from), staged
     # like a candidate and labelled with what live really serves (scheme and kernel). It is
     # evaluated and stopped before the candidates start, so no more vLLMs run at once than live +
-    # the candidates (its results stay in the run folder, which is what the gate reads).
+    # the candidates (its results stay in the run folder, which is what the gate reads); with a
+    # sequential gate it stays staged until the decision, to answer the later looks' items.
     workload = find_workload(cfg, (win.since, win.until))
     baseline = stage_baseline(cfg, live)
     releases = {"baseline": baseline}
@@ -360,7 +388,11 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     kernels = {"baseline": baseline["source"].get("kernel", "default")}
     metrics = {"baseline": evaluate_release(
         cfg, "baseline", baseline, str(run_dir), data["dataset_path"], workload["concurrency"])}
-    retire_release(cfg, baseline["release_id"], "baseline copy evaluated")
+    from flows.steps import gate_config
+
+    sequential = len(gate_config(cfg).looks) > 1
+    if not sequential:  # else live's copy answers the later looks' items too, and stays staged
+        retire_release(cfg, baseline["release_id"], "baseline copy evaluated")
     for variant in candidates:
         source = {"run_dir": str(run_dir), "stage": "merge" if variant == "aligned" else "quantize",
                   "variant": variant, "scheme": schemes[variant], "window": [str(win.since), str(win.until)]}
@@ -370,6 +402,8 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
             schemes[name], kernels[name] = schemes[variant], kernel
             metrics[name] = evaluate_release(
                 cfg, name, releases[name], str(run_dir), data["dataset_path"], workload["concurrency"])
+    if sequential:
+        sequential_looks(cfg, run_dir, releases, metrics)
     decision = report_and_gate(cfg, str(run_dir), metrics, schemes, workload, kernels)
 
     winner = decision.get("winner")

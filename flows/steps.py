@@ -112,6 +112,9 @@ def evaluate(
     evals_cfg.perf.direct_model = release["release_id"]  # vLLM serves the release under its id
     if workload_concurrency is not None:
         evals_cfg.perf.workload_concurrency = workload_concurrency
+    looks = gate_config(cfg).looks
+    if len(looks) > 1:  # a sequential gate: the first look's share of each task's items
+        evals_cfg = suites.look_config(evals_cfg, looks, 0)
     stage = StageDir(
         run_dir, f"evals-{variant}", evals_cfg,
         inputs={"model": release["model_dir"], "dataset": dataset_path, "release": release["release_id"]},
@@ -131,6 +134,53 @@ def evaluate(
                 "release_id": release["release_id"], "model_dir": release["model_dir"],
                 "variant": variant, "seconds": result.seconds})
     return result.metrics
+
+
+def gate_config(cfg: LoopConfig):
+    """The loop's gate policy (``gate_file``)."""
+    from evals.gate import GateConfig
+
+    return load_config(GateConfig, resolve_path(cfg.gate_file))
+
+
+def open_metrics(cfg: LoopConfig, run_dir: Path, variants: list[str], look: int) -> dict[str, set[str]]:
+    """After ``look`` of a sequential gate: per candidate that can still be promoted (no rule
+    failed, some inconclusive), the metrics of its inconclusive paired rules: what the next look
+    evaluates more items of, for it and for live's copy."""
+    from evals.gate import evaluate_stage_dirs
+
+    gate_cfg = gate_config(cfg)
+    out = {}
+    for v in variants:
+        d = evaluate_stage_dirs(gate_cfg, run_dir / f"evals-{v}", run_dir / "evals-baseline",
+                                candidates=len(variants), looks=look + 1)
+        if d.verdict == "inconclusive":
+            out[v] = {o.metric for o in d.outcomes if o.verdict == "inconclusive" and o.test != "threshold"}
+    return out
+
+
+def extend(cfg: LoopConfig, variant: str, release: dict[str, Any], run_dir: Path, look: int,
+           metrics: set[str]) -> dict[str, float]:
+    """Look ``look`` of a sequential gate on one release: more items of ``metrics`` behind a
+    private gateway (as :func:`evaluate`), added to its eval folder. Returns the updated metrics."""
+    from evals import suites
+    from evals.config import EvalsConfig
+
+    evals_cfg = suites.look_config(load_config(EvalsConfig, resolve_path(cfg.evals_file)),
+                                   gate_config(cfg).looks, look, metrics)
+    stage_out = run_dir / f"evals-{variant}" / "output"
+    store_url = f"sqlite:///{(stage_out / 'eval-gateway-logs.db').resolve()}"
+    with suites.candidate_gateway(
+        release["base_url"], release["release_id"], release["release_id"], store_url,
+        gateway_config=resolve_path(cfg.gateway.config_file),
+    ) as endpoint:
+        changed = suites.extend(evals_cfg, endpoint, stage_out, variant, look)
+    result = run_dir / f"evals-{variant}" / "result.json"
+    doc = json.loads(result.read_text())
+    doc["metrics"].update(changed)
+    doc.setdefault("looks", {})[str(look)] = sorted(metrics)
+    result.write_text(json.dumps(doc, indent=2))
+    return doc["metrics"]
 
 
 # -- report, gate, choice -----------------------------------------------------------------------
@@ -217,6 +267,23 @@ def summarize_decision(
                     f"chosen by $ per 1M output tokens alone: {why})")
 
 
+def error_budget(gate_cfg, candidates: list[str]) -> dict[str, Any]:
+    """How the whole decision's error is split (pure): over the candidates, then over the looks."""
+    from evals.gate import spent_alpha
+
+    alpha = 1 - min((r.confidence for r in gate_cfg.rules if r.test != "threshold"), default=0.95)
+    per = alpha / max(1, len(candidates))
+    spend = [round(spent_alpha(per, gate_cfg.looks, j), 5) for j in range(len(gate_cfg.looks))]
+    looks = "" if len(gate_cfg.looks) == 1 else (
+        f"; sequential: looks at {', '.join(f'{100 * t:.0f}%' for t in gate_cfg.looks)} of each task's "
+        f"items spend {', '.join(f'{100 * a:.2g}%' for a in spend)}")
+    text = (f"Error of the whole decision: at most {100 * alpha:.0f}% that any candidate is promoted "
+            f"without being better; {len(candidates)} candidate(s) ({', '.join(candidates)}) share it, "
+            f"{100 * per:.2g}% each{looks}.")
+    return {"alpha": alpha, "candidates": candidates, "per_candidate": per, "looks": gate_cfg.looks,
+            "spent_per_look": spend, "text": text}
+
+
 def decide(
     cfg: LoopConfig, run_dir: Path, metrics: dict[str, dict[str, float]],
     schemes: dict[str, str], workload: dict[str, Any], kernels: dict[str, str] | None = None,
@@ -225,10 +292,10 @@ def decide(
     report, pick what to promote. Decided from the stored eval folders (the per-item outcomes),
     exactly as the release manager will recompute it."""
     from evals import report
-    from evals.gate import GateConfig, evaluate_stage_dirs
+    from evals.gate import evaluate_stage_dirs
     from training.config import ConfigError
 
-    gate_cfg = load_config(GateConfig, resolve_path(cfg.gate_file))
+    gate_cfg = gate_config(cfg)
     live_dir = run_dir / "evals-baseline"
     decisions = {v: evaluate_stage_dirs(gate_cfg, run_dir / f"evals-{v}", live_dir)
                  for v in metrics if v != "baseline"}
@@ -256,8 +323,9 @@ def decide(
         for v, d in decisions.items()
     } | {
         "winner": winner, "summary": summary, "serving_choice": choice, "workload": workload,
-        "schemes": schemes,
+        "schemes": schemes, "error_budget": error_budget(gate_cfg, list(decisions)),
     }
+    gate_md += f"\n\n{gate_doc['error_budget']['text']}\n"
     rendered = report.run(metrics_files, out, gate=gate_doc, gate_markdown=f"**Decision: {summary}**\n\n{gate_md}")
     (out / "gate.json").write_text(json.dumps(gate_doc, indent=2))
     rows = comparison_table(metrics)

@@ -147,3 +147,28 @@ def test_threshold_reason_names_the_reference_metric() -> None:
     out = evaluate(cfg, {"perf.ttft_p95_ms": 420.0, "perf.slo.ttft_ms": 1000.0}).outcomes[0]
     assert out.passed and "perf.slo.ttft_ms" in out.reason and "candidate 1000" not in out.reason
     assert math.isclose(out.reference, 1000.0)
+
+
+def test_each_look_evaluates_the_next_share_of_each_open_tasks_budget() -> None:
+    from evals.config import EvalsConfig
+    from evals.suites import look_config
+    from training.config import load_config, repo_root
+
+    cfg = load_config(EvalsConfig, repo_root() / "configs" / "evals.yaml")
+    cfg.quality.limit, cfg.safety.limit = 48, None
+    looks = [0.25, 0.5, 1.0]
+    windows = [look_config(cfg, looks, j) for j in range(3)]
+    assert [w.quality.items["alignloop_arithmetic"] for w in windows] == [(0, 12), (12, 24), (24, 48)]
+    assert [w.safety.items["attack"] for w in windows] == [(0, 29), (29, 58), (58, 116)]  # 116: the file
+    only = look_config(cfg, looks, 1, {"quality.policy.compliance", "safety.overblock_rate"})
+    assert only.quality.items == {"alignloop_policy": (12, 24)} and only.safety.items == {"benign": (28, 56)}
+
+
+def test_the_decision_states_how_its_error_is_split() -> None:
+    from flows.steps import error_budget
+
+    cfg = _cfg(looks=[0.5, 1.0])
+    budget = error_budget(cfg, ["aligned", "quantized"])
+    assert budget["per_candidate"] == pytest.approx(0.025)
+    assert sum(budget["spent_per_look"]) == pytest.approx(0.025, abs=1e-4)
+    assert "2 candidate(s)" in budget["text"] and "2.5% each" in budget["text"]
