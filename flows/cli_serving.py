@@ -57,6 +57,8 @@ def _client(url: str | None, admin_key: str | None):
     need_key = f"a gateway runs at {url}: pass --admin-key or set ALIGNLOOP_ADMIN_KEY"
     if not is_loopback(urlsplit(url).hostname or ""):
         raise typer.BadParameter(need_key, param_hint="--admin-key")
+    import httpx
+
     client = AdminClient(url, DEMO_ADMIN_KEY)
     try:
         client.describe()
@@ -67,6 +69,11 @@ def _client(url: str | None, admin_key: str | None):
                 param_hint="--admin-key",
             ) from None
         raise
+    except httpx.HTTPError as exc:  # server.json names a live pid, but nothing answers there
+        raise typer.BadParameter(
+            f"{need_key} (asked with the demo admin key, it did not answer: {type(exc).__name__})",
+            param_hint="--admin-key",
+        ) from None
     return client
 
 
