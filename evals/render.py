@@ -266,7 +266,8 @@ def not_passed(decision: dict[str, Any]) -> str:
     """The rules that kept a candidate, named with their task and numbers, e.g.
     ``capability per task (arithmetic) fail (-8.3 [-14.0, -2.1] pts)``."""
     words = []
-    for r in rule_rows(decision):
+    # Failed rules first: they decide the keep whatever the inconclusive ones would show.
+    for r in sorted(rule_rows(decision), key=lambda r: r.verdict != "fail"):
         if r.verdict == "pass":
             continue
         numbers = r.gain_compact if r.difference != DASH else (

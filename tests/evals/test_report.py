@@ -213,16 +213,17 @@ def test_gate_decision_to_markdown_is_the_shared_rendering() -> None:
 
 def test_a_pattern_rule_names_its_tasks_in_the_table_and_the_keep_line() -> None:
     """One rule over several tasks: each row and the keep line name the task, with the same
-    numbers as the table (the demo's keep line said "capability per task" twice)."""
+    numbers as the table (the demo's keep line said "capability per task" twice); the failed
+    rule comes first."""
     from evals.render import keep_summary, rule_rows
 
     d = _decision(
-        _paired("capability per task", "quality.capability.arithmetic.answer_match", "fail", -0.458, -0.625, -0.25),
         _paired("capability per task", "quality.capability.capitals.answer_match", "inconclusive", -0.042, -0.167, 0.083),
+        _paired("capability per task", "quality.capability.arithmetic.answer_match", "fail", -0.458, -0.625, -0.25),
         _paired("capability per task", "quality.capability.elements.answer_match", "pass", 0.0, -0.01, 0.01),
     )
     titles = [r.title for r in rule_rows(d)]
-    assert titles == ["capability per task (arithmetic)", "capability per task (capitals)",
+    assert titles == ["capability per task (capitals)", "capability per task (arithmetic)",
                       "capability per task (elements)"]
     line = keep_summary({"quantized": d, "aligned": _decision(
         {"rule": "quality.policy.*", "metric": "quality.policy.compliance", "test": "threshold", "op": ">=",
