@@ -74,7 +74,7 @@ def test_decide_promotes_the_cheapest_candidate_meeting_the_slo_at_the_workload(
     assert "cheapest meeting the SLO at concurrency 8" in out["summary"]
     gate = json.loads((run / "report" / "gate.json").read_text())
     assert gate["aligned"]["verdict"] == "pass" and gate["schemes"]["baseline"] == "w8a8-int8"
-    assert "INCONCLUSIVE" not in out["gate_md"] and Path(out["report_md"]).is_file()
+    assert "inconclusive" not in out["gate_md"] and Path(out["report_md"]).is_file()
 
 
 def test_decide_keeps_live_when_a_rule_is_inconclusive(tmp_path: Path, gate_file: Path) -> None:
