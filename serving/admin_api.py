@@ -13,7 +13,10 @@ blocks for the candidate's whole start-up (tens of seconds on CPU) without stall
 | POST | /admin/releases/rollback | RollbackRequest | release (now ``live``) |
 | POST | /admin/releases/{id}/retire | RollbackRequest | release (now ``retired``) |
 | POST | /admin/releases/{id}/eval | EvalRequest | release |
-| POST | /admin/releases/{id}/approve | ApproveRequest | release (approval recorded, by "admin") |
+| POST | /admin/releases/{id}/approve | | 403: only a reviewer approves (on the review page) |
+
+Promotions, rollbacks and retirements record who asked (the admin key's id) in the status
+history.
 
 Errors use OpenAI's error shape: 404 unknown release, 409 a state that forbids the operation
 (e.g. promoting a failed release, nothing to roll back to), 403 a stage request outside the
@@ -31,7 +34,7 @@ from dataclasses import fields
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -73,10 +76,6 @@ class RollbackRequest(StrictModel):
     )
 
 
-class ApproveRequest(StrictModel):
-    note: str = Field("", max_length=2000, description="Why; stored with the approval.")
-
-
 class EvalRequest(StrictModel):
     report: dict[str, Any] = Field(..., description="The eval report (metrics JSON) to attach.")
 
@@ -88,6 +87,11 @@ def _error(
         status_code=status,
         content={"error": {"message": message, "type": type_, "param": param, "code": code}},
     )
+
+
+def _actor(request: Request) -> str:
+    """Who made an admin request: the admin key's id (``serving.auth.require_admin`` sets it)."""
+    return getattr(request.state, "admin_key_id", None) or "admin API"
 
 
 def _one(manager: ReleaseManager, release_id: str) -> dict[str, Any]:
@@ -144,30 +148,35 @@ def build_admin_router(
 
     # Declared before "/{release_id}" routes so "rollback" is never read as an id.
     @router.post("/rollback")
-    def rollback(body: RollbackRequest | None = None) -> Any:
-        return guarded(lambda: manager.rollback((body or RollbackRequest()).reason))
+    def rollback(request: Request, body: RollbackRequest | None = None) -> Any:
+        return guarded(lambda: manager.rollback((body or RollbackRequest()).reason, _actor(request)))
 
     @router.get("/{release_id}")
     def get_release(release_id: str) -> Any:
         return guarded(lambda: manager.get(release_id))
 
     @router.post("/{release_id}/promote")
-    def promote(release_id: str, body: PromoteRequest | None = None) -> Any:
+    def promote(request: Request, release_id: str, body: PromoteRequest | None = None) -> Any:
         body = body or PromoteRequest()
-        return guarded(lambda: manager.promote(release_id, body.force, body.reason))
+        return guarded(lambda: manager.promote(release_id, body.force, body.reason, _actor(request)))
 
     @router.post("/{release_id}/retire")
     def retire(release_id: str, body: RollbackRequest | None = None) -> Any:
         return guarded(lambda: manager.retire(release_id, (body or RollbackRequest()).reason or ""))
 
     @router.post("/{release_id}/approve")
-    def approve(release_id: str, body: ApproveRequest | None = None) -> Any:
-        # Reviewers approve on the review page under their own id; this is the automation path.
-        note = (body or ApproveRequest()).note
-        return guarded(lambda: manager.store.approve(release_id, "admin", "admin", note))
+    def approve(release_id: str) -> Any:
+        # The admin key is held by the loop itself: an approval it could record would satisfy
+        # require_approval by the very automation the rule is there to check.
+        return _error(
+            403, "only a reviewer approves a release (the review page, /review/releases, with a "
+            "reviewer key that may approve); the admin key cannot", "approval_needs_reviewer",
+            "permission_error",
+        )
 
     @router.post("/{release_id}/eval")
     def attach_eval(release_id: str, body: EvalRequest) -> Any:
+        # A plain def runs in the thread pool: the gate verdict stored here takes about a second.
         return guarded(lambda: manager.attach_eval(release_id, body.report))
 
     return router
@@ -252,9 +261,6 @@ class AdminClient:
 
     def retire(self, release_id: str, reason: str | None = None) -> Release:
         return release_from_api(self._call("POST", f"/{release_id}/retire", {"reason": reason}))
-
-    def approve(self, release_id: str, note: str = "") -> Release:
-        return release_from_api(self._call("POST", f"/{release_id}/approve", {"note": note}))
 
     def attach_eval(self, release_id: str, report: dict[str, Any]) -> Release:
         return release_from_api(self._call("POST", f"/{release_id}/eval", {"report": report}))

@@ -380,6 +380,7 @@ def require_admin(request: Request) -> str:
     p = _principal(request, "admin key")
     if p.role != "admin":
         raise _forbidden("this endpoint needs the admin key")
+    request.state.admin_key_id = p.key_id  # recorded as who promoted or rolled back
     return "admin"
 
 

@@ -80,16 +80,19 @@ class StatusEvent:
     at: str
     reason: str = ""
     forced: bool = False
+    by: str = ""  # who did it: the admin key's id through the API, the OS user offline
 
 
 @dataclass
 class Approval:
-    """A person's approval of a release for promotion (the gate's ``require_approval``)."""
+    """A reviewer's approval of a release for promotion (the gate's ``require_approval``), bound
+    to the eval report it approved: a new report voids it (see :func:`valid_approvals`)."""
 
-    by: str  # reviewer id (or "admin" through the admin API)
-    role: str  # reviewer | admin
+    by: str  # reviewer id (gateway config ``reviewers``)
+    role: str  # always "reviewer" for new approvals (old records may say "admin": never valid)
     at: str
     note: str = ""
+    report: str = ""  # decision_fingerprint() of the eval report and decision files approved
 
 
 @dataclass
@@ -104,6 +107,11 @@ class Release:
     history: list[StatusEvent] = field(default_factory=list)
     eval_report: str | None = None  # path of eval_report.json once evals attached one
     approvals: list[Approval] = field(default_factory=list)
+    # Approvals of an earlier eval report, voided when a new one was attached (kept for the record).
+    void_approvals: list[Approval] = field(default_factory=list)
+    # The gate verdict this store computed when the eval report was attached (gate_verdict()),
+    # so pages read it instead of recomputing the gate: passed, why, decision, gate_file, report.
+    gate: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None  # devices + memory share of its last start
     # An external OpenAI-compatible server instead of a model folder we serve ourselves:
     upstream_url: str | None = None  # its base URL, e.g. http://10.0.0.5:8000/v1
@@ -131,6 +139,7 @@ class Release:
         d = {k: v for k, v in d.items() if k != "status"}
         d["history"] = [StatusEvent(**e) for e in d.get("history", [])]
         d["approvals"] = [Approval(**a) for a in d.get("approvals", [])]
+        d["void_approvals"] = [Approval(**a) for a in d.get("void_approvals", [])]
         return cls(**d)
 
 
@@ -148,10 +157,14 @@ def new_release_id(label: str = "") -> str:
 class ReleaseStore:
     """The persisted releases under ``<root>`` (default ``<data dir>/releases``)."""
 
-    def __init__(self, root: str | Path | None = None, gate_file: str | Path | None = None) -> None:
+    def __init__(
+        self, root: str | Path | None = None, gate_file: str | Path | None = None, grace_s: float = 600.0
+    ) -> None:
         self.root = Path(root) if root else data_dir() / "releases"
         self.gate_file = gate_file
         """The gate policy offline promotions are verified with (None: configs/gate.yaml)."""
+        self.grace_s = grace_s
+        """How long after its demotion the previous release may go live again without the gate."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._thread_lock = threading.RLock()
         self._depth = 0
@@ -240,11 +253,11 @@ class ReleaseStore:
         return rel
 
     def set_status(
-        self, release_id: str, status: Status, reason: str = "", forced: bool = False
+        self, release_id: str, status: Status, reason: str = "", forced: bool = False, by: str = ""
     ) -> Release:
         with self.locked():
             rel = self.get(release_id)
-            rel.history.append(StatusEvent(status, _now(), reason, forced))
+            rel.history.append(StatusEvent(status, _now(), reason, forced, by))
             self.save(rel)
             return rel
 
@@ -256,8 +269,13 @@ class ReleaseStore:
             self.save(rel)
             return rel
 
-    def attach_eval(self, release_id: str, report: dict[str, Any] | str | Path) -> Release:
-        """Store an eval report (a dict, or a JSON file's path) as ``eval_report.json``."""
+    def attach_eval(
+        self, release_id: str, report: dict[str, Any] | str | Path, gate_file: str | Path | None = None
+    ) -> Release:
+        """Store an eval report (a dict, or a JSON file's path) as ``eval_report.json``, void the
+        approvals of an earlier report, and store the gate verdict recomputed from the decision
+        files under ``gate_file`` (default: this store's policy). Blocks for the gate's
+        computation (about a second at default eval sizes): call it off an event loop."""
         if not isinstance(report, dict):
             report = json.loads(Path(report).read_text())
         with self.locked():
@@ -265,11 +283,41 @@ class ReleaseStore:
             path = self.folder(release_id) / "eval_report.json"
             path.write_text(json.dumps(report, indent=2, default=str))
             rel.eval_report = str(path)
+            rel.gate = None
             self.save(rel)
+            rel = self._void_stale_approvals(rel)
+        # The verdict is computed outside the lock (it reads every per-item outcome) and stored
+        # only if the decision files are still those it was computed from.
+        verdict = gate_verdict(rel, self, gate_file or self.gate_file)
+        with self.locked():
+            rel = self.get(release_id)
+            if decision_fingerprint(rel, self) == verdict["report"]:
+                rel.gate = verdict
+                self.save(rel)
             return rel
 
+    def _void_stale_approvals(self, rel: Release) -> Release:
+        """Move approvals of other decision files than the current ones to ``void_approvals``."""
+        current = decision_fingerprint(rel, self)
+        stale = [a for a in rel.approvals if a.report != current]
+        if stale:
+            rel.approvals = [a for a in rel.approvals if a.report == current]
+            rel.void_approvals.extend(stale)
+            self.save(rel)
+        return rel
+
     def approve(self, release_id: str, by: str, role: str = "reviewer", note: str = "") -> Release:
-        """Record ``by``'s approval of a release for promotion; approving twice is a no-op."""
+        """Record reviewer ``by``'s approval of the release's current eval report; approving the
+        same report twice is a no-op.
+
+        Only a reviewer approves (the review page checks the reviewer's ``can_approve``): the
+        admin key is held by the loop itself, the automation ``require_approval`` is there to check.
+        """
+        if role != "reviewer":
+            raise ReleaseError(
+                f"only a reviewer can approve a release, not {role!r}: approvals check the "
+                "automation that holds the admin key (approve on the review page, /review/releases)"
+            )
         with self.locked():
             rel = self.get(release_id)
             if rel.status in ("live", "failed", None):
@@ -277,34 +325,60 @@ class ReleaseStore:
                     f"release {release_id} is {rel.status or 'not started'}: only a staged, "
                     "previous or retired release can be approved for promotion"
                 )
+            if not rel.eval_report:
+                raise ReleaseError(
+                    f"release {release_id} has no eval report attached: there is nothing to approve"
+                )
+            rel = self._void_stale_approvals(rel)
+            report = decision_fingerprint(rel, self)
             if not any(a.by == by for a in rel.approvals):
-                rel.approvals.append(Approval(by, role, _now(), note))
+                rel.approvals.append(Approval(by, role, _now(), note, report))
                 self.save(rel)
             return rel
 
     def promote_offline(
-        self, release_id: str, force: bool = False, reason: str = "", gate_file: str | Path | None = None
+        self, release_id: str, force: bool = False, reason: str = "", gate_file: str | Path | None = None,
+        by: str = "",
     ) -> Release:
-        """Mark a release live in the files only (no gateway runs): it starts on the next serve."""
+        """Mark a release live in the files only (no gateway runs): it starts on the next serve.
+        ``by`` (default: the OS user) is recorded in the status history."""
+        if force and not reason:
+            raise ReleaseError("a forced promotion needs a reason")
+        by = by or offline_actor()
         with self.locked():
             target = self.get(release_id)
-            _check_promotable(target, force, self, gate_file or self.gate_file)
+            _check_promotable(target, force, self, gate_file or self.gate_file, self.grace_s)
             old = self.live()
             for prev in self.with_status("previous"):
-                self.set_status(prev.release_id, "retired", f"replaced as previous by {release_id}")
+                if prev.release_id != release_id:
+                    self.set_status(prev.release_id, "retired", f"replaced as previous by {release_id}", by=by)
             if old is not None and old.release_id != release_id:
-                self.set_status(old.release_id, "previous", f"{release_id} promoted (offline)")
-            return self.set_status(release_id, "live", reason or "promoted (offline)", force)
+                self.set_status(old.release_id, "previous", f"{release_id} promoted (offline)", by=by)
+            return self.set_status(release_id, "live", reason or "promoted (offline)", force, by)
 
-    def rollback_offline(self, reason: str = "") -> Release:
-        """Swap live and previous in the files only (no gateway runs)."""
+    def rollback_offline(self, reason: str = "", by: str = "") -> Release:
+        """Swap live and previous in the files only (no gateway runs); only within the grace
+        period of the previous release's demotion (after it, promote it through the gate or with
+        ``--force``)."""
+        by = by or offline_actor()
         with self.locked():
             prev, live = self.previous(), self.live()
             if prev is None:
                 raise ReleaseError("nothing to roll back to: no release has status 'previous'")
+            _check_rollback(prev, self.grace_s)
             if live is not None:
-                self.set_status(live.release_id, "previous", f"rolled back to {prev.release_id}")
-            return self.set_status(prev.release_id, "live", reason or "rollback (offline)")
+                self.set_status(live.release_id, "previous", f"rolled back to {prev.release_id}", by=by)
+            return self.set_status(prev.release_id, "live", reason or "rollback (offline)", by=by)
+
+
+def offline_actor() -> str:
+    """Who runs a CLI command on the files (no gateway, so no key names them): the OS user."""
+    import getpass
+
+    try:
+        return f"{getpass.getuser()} (offline)"
+    except (KeyError, OSError):
+        return "unknown (offline)"
 
 
 class ExternalServer:
@@ -538,56 +612,107 @@ def default_gate_file() -> Path:
     return repo_root() / "configs" / "gate.yaml"
 
 
-def verify_gate(rel: Release, store: ReleaseStore, gate_file: str | Path | None = None) -> tuple[bool, str]:
-    """Recompute the gate decision for ``rel`` from the stored per-item results; never trust the
-    attached dict's verdict.
+def _decision_dirs(rel: Release, store: ReleaseStore) -> tuple[Path, Path] | str:
+    """The candidate's and baseline's eval stage folders named by ``rel``'s eval report, or why
+    there are none. The run folder must be under this data dir's ``runs/`` (the admin API cannot
+    write there)."""
+    if not rel.eval_report:
+        return "no eval report attached"
+    try:
+        report = json.loads(Path(rel.eval_report).read_text())
+    except (OSError, ValueError) as exc:
+        return f"eval report unreadable ({exc})"
+    run_dir, variant = report.get("run_dir"), report.get("variant")
+    if not isinstance(run_dir, str) or not isinstance(variant, str) or not _ID_RE.match(variant):
+        return "the eval report does not name the run folder and variant of the loop's evals"
+    runs_root = (store.root.parent / "runs").resolve()
+    run = Path(run_dir).resolve()
+    if not run.is_relative_to(runs_root) or variant == "baseline":
+        return f"the evals must be a loop run under {runs_root}"
+    return run / f"evals-{variant}", run / "evals-baseline"
 
-    The attached report only says where the loop's evals are (``run_dir``, ``variant``). The run
-    folder must be under this data dir's ``runs/`` (the admin API cannot write there); its
-    candidate evals must be of this release and its baseline evals of the model that is live now.
-    Then the decision is computed again with this manager's own gate policy (``gate_file``).
+
+def decision_fingerprint(rel: Release, store: ReleaseStore) -> str:
+    """A content hash of what a decision about ``rel`` is made from: the attached eval report and,
+    where it names them, both eval stages' ``result.json`` and per-item outcome files. An approval
+    records it; a new report (or re-run evals) changes it and so voids the approval. "" = none."""
+    import hashlib
+
+    if not rel.eval_report:
+        return ""
+    files = [Path(rel.eval_report)]
+    dirs = _decision_dirs(rel, store)
+    if not isinstance(dirs, str):
+        for d in dirs:
+            files += [d / "result.json", *sorted((d / "output").glob("outcomes-*.jsonl"))]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f).encode() + b"\0")
+        try:
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        except OSError:
+            h.update(b"missing")
+    return "sha256:" + h.hexdigest()
+
+
+def gate_verdict(rel: Release, store: ReleaseStore, gate_file: str | Path | None = None) -> dict[str, Any]:
+    """The gate decision for ``rel`` recomputed from its stored per-item results, never trusting
+    the attached dict's verdict; the form stored as ``Release.gate``.
+
+    The candidate evals must be of this release and the baseline evals of the model that is live
+    now; the decision is computed with this manager's own gate policy (``gate_file``).
 
     Returns:
-        (passed, why): why names what is missing or the decision's verdict.
+        ``passed``, ``why`` (what is missing, or the verdict), ``decision`` (``GateDecision.to_dict()``,
+        None when none could be computed), ``gate_file``, ``live_model_dir`` (compared against),
+        ``report`` (:func:`decision_fingerprint`) and ``at``.
     """
     from evals.gate import GateConfig, evaluate_stage_dirs
     from training.config import load_config
 
-    if not rel.eval_report:
-        return False, "no eval report attached"
-    try:
-        report = json.loads(Path(rel.eval_report).read_text())
-    except (OSError, ValueError) as exc:
-        return False, f"eval report unreadable ({exc})"
-    run_dir, variant = report.get("run_dir"), report.get("variant")
-    if not isinstance(run_dir, str) or not isinstance(variant, str) or not _ID_RE.match(variant):
-        return False, "the eval report does not name the run folder and variant of the loop's evals"
-    runs_root = (store.root.parent / "runs").resolve()
-    run = Path(run_dir).resolve()
-    if not run.is_relative_to(runs_root) or variant == "baseline":
-        return False, f"the evals must be a loop run under {runs_root}"
-    cand_dir, live_dir = run / f"evals-{variant}", run / "evals-baseline"
+    policy = Path(gate_file or default_gate_file())
+    live = store.live()
+    out: dict[str, Any] = {"passed": False, "why": "", "decision": None, "gate_file": str(policy),
+                           "live_model_dir": live.model_dir if live else None,
+                           "report": decision_fingerprint(rel, store), "at": _now()}
+    dirs = _decision_dirs(rel, store)
+    if isinstance(dirs, str):
+        return out | {"why": dirs}
+    cand_dir, live_dir = dirs
     try:
         cand_meta = json.loads((cand_dir / "result.json").read_text())
         live_meta = json.loads((live_dir / "result.json").read_text())
     except (OSError, ValueError):
-        return False, f"no finished evals of {variant} and baseline in {run}"
+        return out | {"why": f"no finished evals of {cand_dir.name} and baseline in {cand_dir.parent}"}
     if cand_meta.get("release_id") != rel.release_id:
-        return False, f"the evals in {cand_dir} are of release {cand_meta.get('release_id')!r}, not this one"
-    live = store.live()
+        return out | {"why": f"the evals in {cand_dir} are of release {cand_meta.get('release_id')!r}, not this one"}
     compared = live_meta.get("model_dir")
     if live is None or not compared or Path(compared).resolve() != Path(live.model_dir).resolve():
-        return False, (f"the decision compared against {compared!r}, but live now serves "
-                       f"{live.model_dir if live else 'nothing'}: evaluate again")
+        return out | {"why": f"the decision compared against {compared!r}, but live now serves "
+                             f"{live.model_dir if live else 'nothing'}: evaluate again"}
     try:
-        cfg = load_config(GateConfig, gate_file or default_gate_file())
-        decision = evaluate_stage_dirs(cfg, cand_dir, live_dir)
+        decision = evaluate_stage_dirs(load_config(GateConfig, policy), cand_dir, live_dir)
     except (OSError, ValueError) as exc:
-        return False, f"the stored results could not be checked ({exc})"
+        return out | {"why": f"the stored results could not be checked ({exc})"}
+    run = cand_dir.parent.name
     if not decision.passed:
         bad = [o.rule for o in decision.outcomes if not o.passed]
-        return False, f"the gate, recomputed from {run.name}, says {decision.verdict} ({', '.join(bad)})"
-    return True, f"gate recomputed from {run.name}: pass"
+        why = f"the gate, recomputed from {run}, says {decision.verdict} ({', '.join(bad)})"
+    else:
+        why = f"gate recomputed from {run}: pass"
+    return out | {"passed": decision.passed, "why": why, "decision": decision.to_dict()}
+
+
+def verify_gate(rel: Release, store: ReleaseStore, gate_file: str | Path | None = None) -> tuple[bool, str]:
+    """(passed, why) of :func:`gate_verdict`: the check every unforced promotion makes."""
+    v = gate_verdict(rel, store, gate_file)
+    return v["passed"], v["why"]
+
+
+def stored_gate_passed(rel: Release) -> bool | None:
+    """The verdict stored when ``rel``'s eval report was attached (None: none stored). For pages:
+    it costs no gate computation; a promotion still recomputes the gate."""
+    return None if rel.gate is None else bool(rel.gate.get("passed"))
 
 
 # -- the review-approval rule (gate config ``require_approval``) ---------------------------------
@@ -608,20 +733,56 @@ def gate_passed(rel: Release, store: ReleaseStore | None = None, gate_file: str 
     return verify_gate(rel, store or ReleaseStore(), gate_file)[0]
 
 
-def _check_approval(rel: Release, gate_file: str | Path | None) -> None:
+def valid_approvals(rel: Release, store: ReleaseStore) -> list[Approval]:
+    """The approvals that count: by a reviewer, of the decision files as they are now."""
+    current = decision_fingerprint(rel, store)
+    return [a for a in rel.approvals if a.role == "reviewer" and current and a.report == current]
+
+
+def _check_approval(rel: Release, store: ReleaseStore, gate_file: str | Path | None) -> None:
     from evals.gate import GateConfig
     from training.config import load_config
 
-    if load_config(GateConfig, gate_file or default_gate_file()).require_approval and not rel.approvals:
+    if not load_config(GateConfig, gate_file or default_gate_file()).require_approval:
+        return
+    if not valid_approvals(rel, store):
+        void = " (its approvals were of an earlier eval report)" if rel.approvals or rel.void_approvals else ""
         raise ReleaseError(
-            f"release {rel.release_id} needs a reviewer's approval before promotion (the gate "
-            "config sets require_approval): approve it on the review page (/review/releases), "
-            "or use `alignloop promote --force --reason ...`"
+            f"release {rel.release_id} needs a reviewer's approval of its current eval report "
+            f"before promotion{void} (the gate config sets require_approval): approve it on the "
+            "review page (/review/releases), or use `alignloop promote --force --reason ...`"
+        )
+
+
+# -- the rollback exception: the previous release, within its grace period ----------------------
+def _demoted_at(rel: Release) -> datetime | None:
+    """When ``rel`` last became ``previous`` (None if it is not previous now)."""
+    if rel.status != "previous":
+        return None
+    return datetime.fromisoformat(rel.history[-1].at)
+
+
+def within_grace(rel: Release, grace_s: float) -> bool:
+    """Whether ``rel`` is the previous release and was demoted at most ``grace_s`` seconds ago:
+    the only release that may go live again without the gate (a rollback)."""
+    at = _demoted_at(rel)
+    return at is not None and (datetime.now(UTC) - at).total_seconds() <= grace_s
+
+
+def _check_rollback(prev: Release, grace_s: float) -> None:
+    if not within_grace(prev, grace_s):
+        at = _demoted_at(prev)
+        ago = f"{(datetime.now(UTC) - at).total_seconds():.0f} s ago" if at else "at an unknown time"
+        raise ReleaseError(
+            f"release {prev.release_id} was demoted {ago}, past the grace period ({grace_s:g} s): "
+            "a rollback without the gate is only for undoing a recent promotion; promote it "
+            f"through the gate, or `alignloop release promote {prev.release_id} --force --reason ...`"
         )
 
 
 def _check_promotable(
-    rel: Release, force: bool = False, store: ReleaseStore | None = None, gate_file: str | Path | None = None
+    rel: Release, force: bool = False, store: ReleaseStore | None = None, gate_file: str | Path | None = None,
+    grace_s: float = 0.0,
 ) -> None:
     # A release that failed to start or answer is never promoted, not even with force: force
     # overrides the eval gate, not the health check.
@@ -633,18 +794,19 @@ def _check_promotable(
         raise ReleaseError(f"release {rel.release_id} is already live")
     if rel.status not in ("staged", "previous", "retired"):
         raise ReleaseError(f"release {rel.release_id} was never health-checked; stage it again")
-    # Promotion goes through the gate: a release that has never served users needs a gate
-    # decision this process verifies from the stored results, unless forced with a reason.
-    ever_live = any(e.status == "live" for e in rel.history)
-    if force or ever_live:
+    # Promotion goes through the gate (a decision this process verifies from the stored results)
+    # unless forced with a reason. The one exception is a rollback: the previous release within
+    # its grace period. A release that was live once, long ago, is judged like any candidate.
+    if force or within_grace(rel, grace_s):
         return
-    ok, why = verify_gate(rel, store or ReleaseStore(), gate_file)
+    store = store or ReleaseStore()
+    ok, why = verify_gate(rel, store, gate_file)
     if not ok:
         raise ReleaseError(
             f"release {rel.release_id} has no passing gate decision ({why}); promotion goes "
             "through the gate (`alignloop run`), or use `alignloop promote --force --reason ...`"
         )
-    _check_approval(rel, gate_file)
+    _check_approval(rel, store, gate_file)
 
 
 class ReleaseManager:
@@ -732,7 +894,8 @@ class ReleaseManager:
         ]
 
     def attach_eval(self, release_id: str, report: dict[str, Any] | str | Path) -> Release:
-        return self.store.attach_eval(release_id, report)
+        """Attach an eval report; the stored gate verdict uses this manager's gate policy."""
+        return self.store.attach_eval(release_id, report, self.gate_file)
 
     # -- process handling ---------------------------------------------------------------------
     def _place(self, rel: Release) -> Placement:
@@ -920,18 +1083,21 @@ class ReleaseManager:
             f"healthy at {server.base_url} after {server.startup_s:.0f}s; {tools}",
         )
 
-    def promote(self, release_id: str, force: bool = False, reason: str | None = None) -> Release:
+    def promote(
+        self, release_id: str, force: bool = False, reason: str | None = None, by: str = ""
+    ) -> Release:
         """Make a release live. It is started (if cold) and health-checked first; on failure the
         live release keeps serving and this raises :class:`ReleaseError`.
 
         Args:
             force: the promotion overrides a gate decision; recorded with ``reason``.
+            by: who asks (the admin key's id); recorded in the status history.
         """
         if force and not reason:
             raise ReleaseError("a forced promotion needs a reason")
         with self._ops:
             target = self.store.get(release_id)
-            _check_promotable(target, force, self.store, self.gate_file)
+            _check_promotable(target, force, self.store, self.gate_file, self.grace_s)
             try:
                 server = self._ensure_warm(target)
             except VLLMStartError as exc:
@@ -941,15 +1107,17 @@ class ReleaseManager:
                 ) from None
             old = self.store.live()
             self._switch(server, target)
-            self._demote_after_switch(old, release_id, f"{release_id} promoted")
-            return self.store.set_status(release_id, "live", reason or "promoted", force)
+            self._demote_after_switch(old, release_id, f"{release_id} promoted", by)
+            return self.store.set_status(release_id, "live", reason or "promoted", force, by)
 
-    def rollback(self, reason: str | None = None) -> Release:
-        """Make the previous release live again (instant while warm; restarted otherwise)."""
+    def rollback(self, reason: str | None = None, by: str = "") -> Release:
+        """Make the previous release live again (instant while warm; restarted otherwise), within
+        its grace period; after it, promote it through the gate or with force."""
         with self._ops:
             prev = self.store.previous()
             if prev is None:
                 raise ReleaseError("nothing to roll back to: no release has status 'previous'")
+            _check_rollback(prev, self.grace_s)
             try:
                 server = self._ensure_warm(prev)
             except VLLMStartError as exc:
@@ -960,16 +1128,16 @@ class ReleaseManager:
             self._switch(server, prev)
             # The rolled-back release becomes 'previous' (warm for the grace period), so a second
             # rollback undoes the first.
-            self._demote_after_switch(old, prev.release_id, f"rolled back to {prev.release_id}")
-            return self.store.set_status(prev.release_id, "live", reason or "rollback")
+            self._demote_after_switch(old, prev.release_id, f"rolled back to {prev.release_id}", by)
+            return self.store.set_status(prev.release_id, "live", reason or "rollback", by=by)
 
-    def _demote_after_switch(self, old: Release | None, new_id: str, why: str) -> None:
+    def _demote_after_switch(self, old: Release | None, new_id: str, why: str, by: str = "") -> None:
         for p in self.store.with_status("previous"):
             if p.release_id != new_id:
                 self._stop(p.release_id)
-                self.store.set_status(p.release_id, "retired", f"replaced as previous: {why}")
+                self.store.set_status(p.release_id, "retired", f"replaced as previous: {why}", by=by)
         if old is not None and old.release_id != new_id:
-            self.store.set_status(old.release_id, "previous", why)
+            self.store.set_status(old.release_id, "previous", why, by=by)
             self._stop_after_grace(old.release_id)
 
     def retire(self, release_id: str, reason: str = "") -> Release:

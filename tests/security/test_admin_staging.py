@@ -1,6 +1,7 @@
 """An admin key deploys models; it does not run code on the host. The admin API stages only model
 folders under the server's roots with vLLM arguments its config allows, and its bodies are
-size-limited.
+size-limited. It does not approve releases (a reviewer does), and what it forces is recorded with
+the key that forced it.
 
 The requests here are refused before any vLLM would start; the one that is allowed names a
 folder that does not exist, so the release manager records it as failed without starting one.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_gateway_support import ADMIN, make_config, running_gateway
+from test_gateway_support import ADMIN, FakeUpstream, make_config, running_fake, running_gateway
 
 from serving.admin_api import build_admin_router
 from serving.releases import (
@@ -126,3 +127,24 @@ def test_admin_api_refuses_what_the_policy_does_not_allow(roots: Path, tmp_path:
             assert r.status_code == 200  # a body under the limit still reaches the route
     finally:
         manager.shutdown()
+
+
+def test_the_admin_key_cannot_approve_and_what_it_forces_names_it(tmp_path: Path, data_home: Path) -> None:
+    """The admin key is the loop's own: an approval it could record would satisfy require_approval
+    by the automation that rule checks. A forced promotion is recorded as forced, by that key."""
+    fake = FakeUpstream()
+    fake.app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": "fake-model"}]})  # health check
+    with running_fake(fake) as up, ReleaseManager(ReleaseStore(), grace_s=600) as manager:
+        for rid in ("one", "two"):  # external releases: health-checked, no vLLM started
+            manager.stage_external(up.base_url, "fake-model", release_id=rid)
+        with running_gateway(tmp_path, None, make_config(), [build_admin_router(manager)]) as (base, _, _):
+            r = httpx.post(base + "/admin/releases/two/approve", json={"note": "ci"}, headers=H)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "approval_needs_reviewer"
+            assert manager.get("two").approvals == []
+            r = httpx.post(base + "/admin/releases/one/promote", json={}, headers=H, timeout=60)
+            assert r.status_code == 409 and "no passing gate decision" in r.json()["error"]["message"]
+            r = httpx.post(base + "/admin/releases/one/promote", headers=H, timeout=60,
+                           json={"force": True, "reason": "first release: nothing to compare with"})
+            assert r.status_code == 200, r.text
+            last = manager.get("one").history[-1]
+            assert (last.status, last.forced, last.by) == ("live", True, "admin")

@@ -15,7 +15,15 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from serving.admin_api import build_admin_router
-from serving.releases import ReleaseError, ReleaseManager, ReleaseNotFound, ReleaseStore
+from serving.releases import (
+    Approval,
+    ReleaseError,
+    ReleaseManager,
+    ReleaseNotFound,
+    ReleaseStore,
+    decision_fingerprint,
+    stored_gate_passed,
+)
 from serving.server import ServeConfig
 from serving.vllm_server import VLLMArgs
 from training.config import ConfigError, load_config, repo_root
@@ -243,3 +251,111 @@ def test_hand_made_report_does_not_unlock_promotion(
     store.attach_eval(cand, write_decision_files(data_home, "r5", "aligned", cand, model_dir))
     assert store.promote_offline(cand, gate_file=simple_gate).status == "live"
     assert store.get(cand).history[-1].forced is False
+
+
+@pytest.fixture
+def approval_gate(simple_gate: Path) -> Path:
+    """simple_gate with ``require_approval: true``."""
+    path = simple_gate.with_name("gate-approval.yaml")
+    path.write_text(simple_gate.read_text() + "require_approval: true\n")
+    return path
+
+
+def _live_and_candidate(store: ReleaseStore, model_dir: Path) -> None:
+    _staged(store, model_dir, "live")
+    store.promote_offline("live", force=True, reason="first release: nothing live to compare with")
+    _staged(store, model_dir, "cand")
+
+
+def test_only_a_reviewer_approves_and_only_the_report_they_saw(
+    data_home: Path, model_dir: Path, write_decision_files, approval_gate: Path
+) -> None:
+    store = ReleaseStore(gate_file=approval_gate)
+    _live_and_candidate(store, model_dir)
+    with pytest.raises(ReleaseError, match="no eval report"):
+        store.approve("cand", "alice")  # nothing to approve yet
+    store.attach_eval("cand", write_decision_files(data_home, "r1", "aligned", "cand", model_dir))
+    # The admin key is the loop's own: it cannot satisfy the rule that checks the loop.
+    with pytest.raises(ReleaseError, match="only a reviewer"):
+        store.approve("cand", "admin", "admin")
+    with pytest.raises(ReleaseError, match="approval"):
+        store.promote_offline("cand")
+    # An approval the admin API once recorded (no report bound to it) does not count either.
+    rel = store.get("cand")
+    rel.approvals.append(Approval("admin", "admin", "2026-12-01T00:00:00+00:00", "ci"))
+    store.save(rel)
+    with pytest.raises(ReleaseError, match="approval"):
+        store.promote_offline("cand")
+
+    rel = store.approve("cand", "alice", note="read the report")
+    assert [a.by for a in rel.approvals] == ["alice"] and [a.by for a in rel.void_approvals] == ["admin"]
+    assert rel.approvals[0].report == decision_fingerprint(rel, store) != ""
+    # A new report voids the approval; so do evals re-run into the same run folder.
+    store.attach_eval("cand", write_decision_files(data_home, "r2", "aligned", "cand", model_dir, better=31))
+    rel = store.get("cand")
+    assert rel.approvals == [] and [a.by for a in rel.void_approvals] == ["admin", "alice"]
+    with pytest.raises(ReleaseError, match="earlier eval report"):
+        store.promote_offline("cand")
+    store.approve("cand", "alice")
+    write_decision_files(data_home, "r2", "aligned", "cand", model_dir, better=32)  # not re-attached
+    with pytest.raises(ReleaseError, match="approval"):
+        store.promote_offline("cand")
+    store.approve("cand", "alice")
+    assert store.promote_offline("cand").status == "live"
+
+
+def test_without_the_gate_only_the_previous_release_within_its_grace_period(
+    data_home: Path, model_dir: Path
+) -> None:
+    store = ReleaseStore(grace_s=600)
+    a, b, c = (_staged(store, model_dir, r) for r in ("a", "b", "c"))
+    store.promote_offline(a, force=True, reason="first release", by="ops-1")
+    store.promote_offline(b, force=True, reason="second", by="ops-1")
+    # Undoing the last promotion soon after is a rollback: no gate, not forced.
+    back = store.promote_offline(a)
+    assert back.status == "live" and not back.history[-1].forced
+    assert back.history[-1].by.endswith("(offline)")  # the OS user, where no key names anyone
+    store.rollback_offline("a was better after all")
+    store.promote_offline(c, force=True, reason="third", by="ops-2")
+    assert (store.get(a).status, store.get(b).status) == ("retired", "previous")
+    # A release that was live once, long ago, is a candidate like any other.
+    with pytest.raises(ReleaseError, match="no passing gate decision"):
+        store.promote_offline(a)
+    # Past the grace period the previous release is no exception either, by rollback or promotion.
+    store.grace_s = 0
+    with pytest.raises(ReleaseError, match="grace period"):
+        store.rollback_offline()
+    with pytest.raises(ReleaseError, match="no passing gate decision"):
+        store.promote_offline(b)
+    with pytest.raises(ReleaseError, match="needs a reason"):
+        store.promote_offline(b, force=True)
+    forced = store.promote_offline(b, force=True, reason="incident 42: c breaks checkout", by="oncall")
+    assert forced.history[-1].forced and forced.history[-1].by == "oncall"
+    assert store.get(c).history[-1].by == "oncall"  # demoted by the same person
+    # The gateway's manager applies its own grace period to rollbacks.
+    with ReleaseManager(store, grace_s=0) as manager, pytest.raises(ReleaseError, match="grace period"):
+        manager.rollback()
+    assert store.live().release_id == b
+
+
+def test_the_gate_verdict_is_stored_with_the_managers_policy(
+    data_home: Path, model_dir: Path, write_decision_files, simple_gate: Path
+) -> None:
+    store = ReleaseStore()
+    _live_and_candidate(store, model_dir)
+    report = write_decision_files(data_home, "r1", "aligned", "cand", model_dir)
+    strict = simple_gate.with_name("gate-strict.yaml")  # a policy this candidate does not meet
+    strict.write_text(simple_gate.read_text().replace("margin: 0.0", "margin: 0.9"))
+    with ReleaseManager(store, gate_file=simple_gate) as manager:
+        rel = manager.attach_eval("cand", report)
+        assert rel.gate["passed"] is True and stored_gate_passed(rel) is True
+        assert rel.gate["gate_file"] == str(simple_gate) and rel.gate["decision"]["verdict"] == "pass"
+        assert rel.gate["report"] == decision_fingerprint(rel, store)
+        app = FastAPI()
+        app.include_router(build_admin_router(manager, dependencies=[]))
+        (listed,) = [r for r in TestClient(app).get("/admin/releases").json()["data"] if r["release_id"] == "cand"]
+        assert listed["gate"]["passed"] is True
+    rel = ReleaseStore(gate_file=strict).attach_eval("cand", report)
+    assert rel.gate["passed"] is False and "fail" in rel.gate["why"]
+    assert stored_gate_passed(ReleaseStore().get("cand")) is False
+    assert stored_gate_passed(store.get("live")) is None  # nothing attached: no verdict
