@@ -77,12 +77,13 @@ def greedy_answer(model_dir: str | Path, prompt: str = CHECK_PROMPT, max_new_tok
 
 def materialize(dest: str | Path | None = None, force: bool = False) -> MaterializeResult:
     """Make the embedded model a normal HF folder under the data dir, once (idempotent)."""
-    dest = Path(dest) if dest else default_dir()
+    # Absolute: the path is recorded and handed to other processes (vLLM, symlinks in tests).
+    dest = Path(dest).absolute() if dest else default_dir().absolute()
     marker = dest / MARKER
     if marker.is_file() and not force:
         record = json.loads(marker.read_text())
         if record.pop("format", 1) == FORMAT:
-            return MaterializeResult(**record)
+            return MaterializeResult(**{**record, "path": str(dest)})  # where it is now
         log.info("%s was made by an older conversion; rebuilding", dest)
 
     import torch

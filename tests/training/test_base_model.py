@@ -37,3 +37,17 @@ def test_resolve_base_model(embedded_model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_base_model(str(tmp_path / "empty"))
+
+
+def test_materialized_path_is_absolute_and_where_the_folder_is(tmp_path: Path, monkeypatch) -> None:
+    """A folder materialized under a relative path, or moved, reports where it is now, absolute
+    (a relative recorded path broke a symlink to it made elsewhere). Reads the marker only."""
+    from training.base_model import FORMAT
+
+    folder = tmp_path / "models" / "base"
+    folder.mkdir(parents=True)
+    record = {"path": "somewhere/else", "sha256": "0" * 64, "check_prompt": "q", "check_answer": "Paris",
+              "seconds": 1.0, "source": "test", "format": FORMAT}
+    (folder / MARKER).write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    assert materialize("models/base").path == str(folder)
