@@ -135,19 +135,21 @@ def _served_dtype(row: dict) -> str:
 
 
 def _scheme(row: dict) -> str:
-    """The weight format it serves (w8a8-int8, w4a16, fp8-dynamic, or unquantized) and dtype."""
-    from evals.serving_choice import scheme_of_model
+    """The weight format it serves (w8a8-int8, w4a16, fp8-dynamic, or unquantized), the vLLM
+    kernel when not the default one (GPU W4A16 candidates), and the dtype."""
+    from flows.gpu import served_label
     from training.config import ConfigError
 
     if row.get("upstream_url"):
         return "external (its own)"
     try:
-        scheme = scheme_of_model(row["model_dir"])
+        scheme, kernel = served_label(row)
     except (OSError, ValueError, KeyError, ConfigError):
-        scheme = "unknown"
-    # scheme_of_model labels every unquantized model "bf16"; what vLLM computes in is the dtype.
+        scheme, kernel = "unknown", "default"
+    # served_label calls every unquantized model "bf16"; what vLLM computes in is the dtype.
     name = "unquantized" if scheme == "bf16" else scheme
-    return f"{name}, dtype {_served_dtype(row)}"
+    kernel = "" if kernel == "default" else f", kernel {kernel}"
+    return f"{name}{kernel}, dtype {_served_dtype(row)}"
 
 
 @release_app.command("list")

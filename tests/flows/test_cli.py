@@ -63,6 +63,8 @@ def test_release_fields_address_placement_scheme(tmp_path) -> None:
     assert rows["int8"]["address"] == "127.0.0.1:41234" and rows["int8"]["placement"] == "cpu"
     row = {"model_dir": str(tmp_path), "vllm_args": {"dtype": "auto"}}
     assert _scheme(row) == "w8a8-int8, dtype auto"
+    marlin = {**row, "vllm_args": {"dtype": "bfloat16", "env": {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"}}}
+    assert _scheme(marlin) == "w8a8-int8, kernel marlin, dtype bfloat16"
     # A running vLLM: the dtype its command line says, not the release's "auto".
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--dtype", "float32"])
     try:
