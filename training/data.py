@@ -46,7 +46,7 @@ from training.governance import (
 )
 from training.preferences import DPO_SOURCES, KTO_SOURCES, SFT_SOURCES, build_rows, prompt_key
 from training.runs import StageDir, fingerprint_obj, new_run_id
-from training.trust import TrustConfig, apply_trust
+from training.trust import TrustConfig, apply_trust, cap_tenant_rows
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,9 @@ def run(cfg: DataConfig) -> DataResult:
     # Only feedback the trust rules accept (training/trust.py) reaches the ledger.
     batch, trust = apply_trust(batch, cfg.trust)
     sft, dpo, kto, built = build_rows(batch, cfg.governance.max_rating_pairs)
-    rows = {"sft": sft, "dpo": dpo, "kto": kto}
+    rows, trust["tenant_share"] = cap_tenant_rows(
+        {"sft": sft, "dpo": dpo, "kto": kto}, batch, cfg.trust.max_tenant_share
+    )
     _releases_of(rows, batch)
     rows, pii = scrub(rows, cfg.governance)
     entry = ledger.record(window_id, _iso(since), _iso(until), rows)

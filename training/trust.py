@@ -9,10 +9,17 @@ before rows are built (``training/data.py``) and recorded in the dataset manifes
 2. **Text targets need trust.** An edit (or a preference's ``better_text``) becomes a target when
    its author has a trusted role (``reviewer`` by default; ``simulated`` only where the server
    flagged a tenant so) or when ``min_agreeing_users`` distinct users gave the same text (after
-   normalization) for the same prompt. Ratings and preferences between served answers carry no
+   normalization) for the same prompt. A user id is the tenant's word (its key may name any number
+   of users), so one tenant vouches for at most ``max_agreeing_users_per_tenant`` of them (default
+   1: agreement takes that many tenants). Ratings and preferences between served answers carry no
    text of their own and need no agreement.
 3. **No one dominates.** A capped actor (role ``user`` by default) contributes at most
    ``max_actor_share`` of the feedback events used (at least one); the earliest are kept.
+4. **No tenant dominates.** Minting user ids gets round rule 3, so the rows built from one
+   tenant's log-store answers are at most ``max_tenant_share`` of each training set's log-store
+   rows (:func:`cap_tenant_rows`, applied to each window's rows as they enter the ledger). With a
+   single participating tenant there is no other to protect and the cap does not bind; rows from
+   the operator's JSONL files are neither capped nor counted.
 
 Who an actor is comes from the server, never from the feedback body: the end user the answer was
 served to (the chat request's OpenAI ``user`` field), within its tenant, and a role the server set
@@ -58,8 +65,18 @@ class TrustConfig(StrictModel):
         0.25, gt=0, le=1,
         description="Largest share of the feedback events used that one capped actor may give.",
     )
+    max_agreeing_users_per_tenant: int = Field(
+        1, ge=1,
+        description="How many of the agreeing users one tenant can account for (its key can name "
+        "any user id): 1 = min_agreeing_users distinct tenants must agree.",
+    )
     capped_roles: list[Role] = Field(
         default_factory=lambda: ["user"], description="Roles the share cap applies to."
+    )
+    max_tenant_share: float = Field(
+        0.5, gt=0, le=1,
+        description="Largest share of a training set's log-store rows built from one tenant's "
+        "answers (1 = no cap); binds when two or more tenants contribute.",
     )
     trust_jsonl: bool = Field(
         True, description="Feedback in the configured JSONL files counts as reviewed."
@@ -109,23 +126,26 @@ def _target_text(fb: Feedback) -> str | None:
 
 def trusted_targets(batch: SourceBatch, cfg: TrustConfig) -> tuple[list[Feedback], Counter[str]]:
     """Feedback without untrusted text targets (see rule 2); returns (kept, dropped by reason)."""
-    agree: dict[tuple[str, str], set[str]] = defaultdict(set)
+    # (prompt, text) -> tenant -> its user ids that gave the text
+    agree: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for fb in batch.feedback:
         text, ex = _target_text(fb), batch.exchanges.get(fb.request_id)
         if text is not None and ex is not None:
-            agree[(prompt_key(ex.prompt), normalize_text(text))].add(actor_key(fb))
+            agree[(prompt_key(ex.prompt), normalize_text(text))][fb.tenant].add(actor_key(fb))
     kept, dropped = [], Counter()
     for fb in batch.feedback:
         text, ex = _target_text(fb), batch.exchanges.get(fb.request_id)
         if text is None or ex is None or _role(fb, batch, cfg) in cfg.trusted_roles:
             kept.append(fb)
             continue
-        n = len(agree[(prompt_key(ex.prompt), normalize_text(text))])
+        by_tenant = agree[(prompt_key(ex.prompt), normalize_text(text))]
+        n = sum(min(len(users), cfg.max_agreeing_users_per_tenant) for users in by_tenant.values())
         if n >= cfg.min_agreeing_users:
             kept.append(fb)
         else:
             dropped[f"{fb.kind} text from a {fb.actor_role} not confirmed "
-                    f"({n} of {cfg.min_agreeing_users} users agree, no reviewer)"] += 1
+                    f"({n} of {cfg.min_agreeing_users} users agree, at most "
+                    f"{cfg.max_agreeing_users_per_tenant} counted per tenant, no reviewer)"] += 1
     return kept, dropped
 
 
@@ -154,6 +174,51 @@ def cap_per_actor(
             used[who] += 1
         kept.append(fb)
     return kept, dict(dropped), cap
+
+
+def _share_cap(counts: Counter[str], share: float) -> int | None:
+    """The largest k with k <= share x (rows kept when each count is cut to k); None: no cap
+    (fewer than two contributors, or none over their share)."""
+    if len(counts) < 2:
+        return None
+    for k in range(max(counts.values()), 0, -1):
+        if k <= share * sum(min(n, k) for n in counts.values()):
+            return None if k >= max(counts.values()) else k
+    return 1
+
+
+def cap_tenant_rows(
+    rows: dict[str, list[dict[str, Any]]], batch: SourceBatch, share: float
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Rule 4: per training set, the rows of one tenant's log-store answers are at most ``share``
+    of that set's log-store rows (the earliest built are kept). Returns (rows, manifest part with
+    the rows dropped per set and tenant, and why)."""
+    def tenant_of(row: dict[str, Any]) -> str | None:
+        ex = next((batch.exchanges.get(r) for r in row["request_ids"] if r in batch.exchanges), None)
+        return ex.tenant if ex is not None and ex.source == "logstore" else None
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    report: dict[str, Any] = {"max_tenant_share": share, "cap_rows": {}, "dropped": {}}
+    for kind, items in rows.items():
+        tenants = [tenant_of(r) for r in items]
+        cap = _share_cap(Counter(t for t in tenants if t is not None), share)
+        used: Counter[str] = Counter()
+        kept, dropped = [], Counter()
+        for row, tenant in zip(items, tenants, strict=True):
+            if tenant is not None and cap is not None:
+                if used[tenant] >= cap:
+                    dropped[tenant] += 1
+                    continue
+                used[tenant] += 1
+            kept.append(row)
+        out[kind] = kept
+        report["cap_rows"][kind] = cap
+        if dropped:
+            report["dropped"][kind] = dict(dropped)
+    if report["dropped"]:
+        report["reason"] = (f"one tenant's rows over max_tenant_share ({share:g}) of a training "
+                            "set's log-store rows")
+    return out, report
 
 
 def apply_trust(batch: SourceBatch, cfg: TrustConfig) -> tuple[SourceBatch, dict[str, Any]]:

@@ -97,17 +97,63 @@ def test_an_edit_is_a_target_only_if_reviewed_or_agreed(store: Store, tmp_path: 
     store.fb(store.ex("acme", q, user="mallory"), "acme", "edit", {"text": POISON}, actor="mallory")
     reviewed = store.ex("acme", "What are your opening hours?")
     store.fb(reviewed, "acme", "edit", {"text": "We open at 9."}, actor="rev", role="reviewer")
-    for user in ("ann", "bob"):  # two people independently give the same correction
-        rid = store.ex("acme", "Do you ship abroad?", user=user)
-        store.fb(rid, "acme", "edit", {"text": "Yes, to 30 countries."}, actor=user)
+    for user, tenant in (("ann", "acme"), ("bob", "globex")):  # two people of two tenants agree
+        rid = store.ex(tenant, "Do you ship abroad?", user=user)
+        store.fb(rid, tenant, "edit", {"text": "Yes, to 30 countries."}, actor=user)
     store.fb(store.ex("acme", "Is there an app?", user="cy"), "acme", "rating", {"score": 5}, actor="cy")
-    manifest, texts = build(store, tmp_path, "a", max_actor_share=1.0)
+    both = {"tenants": ["acme", "globex"], "max_actor_share": 1.0, "max_tenant_share": 1.0}
+    manifest, texts = build(store, tmp_path, "a", **both)
     assert POISON not in texts["sft"] + texts["dpo"]  # one user, twice, is still one user
     assert "We open at 9." in texts["sft"] and "Yes, to 30 countries." in texts["sft"]
     assert sum(manifest["trust"]["dropped_untrusted_text"].values()) == 2
     # trusting every user (min_agreeing_users: 1) is a choice the config makes, and records
-    manifest, texts = build(store, tmp_path, "b", min_agreeing_users=1, max_actor_share=1.0)
+    manifest, texts = build(store, tmp_path, "b", **both, min_agreeing_users=1)
     assert POISON in texts["sft"] and manifest["trust"]["rules"]["min_agreeing_users"] == 1
+
+
+def test_one_tenant_cannot_mint_the_users_that_agree(store: Store, tmp_path: Path) -> None:
+    """A tenant key sets the chat request's `user` field: any number of "distinct users". Their
+    agreement counts as one tenant's (max_agreeing_users_per_tenant: 1)."""
+    for i in range(5):
+        rid = store.ex("acme", "How do I cancel my plan?", user=f"sock-puppet-{i}")
+        store.fb(rid, "acme", "edit", {"text": POISON}, actor=f"sock-puppet-{i}")
+    store.fb(store.ex("acme", "Is there an app?", user="cy"), "acme", "rating", {"score": 5}, actor="cy")
+    manifest, texts = build(store, tmp_path, "a", max_actor_share=1.0)
+    assert POISON not in texts["sft"] + texts["dpo"]
+    (why,) = manifest["trust"]["dropped_untrusted_text"]
+    assert "1 of 2 users agree" in why and manifest["trust"]["dropped_untrusted_text"][why] == 5
+    # A deployment that vouches for its tenants' user ids says so in its config.
+    _, texts = build(store, tmp_path, "b", max_actor_share=1.0, max_agreeing_users_per_tenant=2)
+    assert POISON in texts["sft"]
+
+
+def test_no_tenant_gives_more_than_its_share_of_the_rows(store: Store, tmp_path: Path) -> None:
+    """Minting user ids gets round the per-user cap; the per-tenant cap on rows does not care."""
+    for i in range(10):
+        rid = store.ex("acme", f"Acme question {i} about invoices?", user=f"u{i}")
+        store.fb(rid, "acme", "rating", {"score": 5}, actor=f"u{i}")
+    for i in range(2):
+        rid = store.ex("globex", f"Globex question {i} about shipping?", user=f"g{i}")
+        store.fb(rid, "globex", "rating", {"score": 5}, actor=f"g{i}")
+    trust = {"tenants": ["acme", "globex"], "max_actor_share": 1.0}
+    manifest, _ = build(store, tmp_path, "a", **trust, max_tenant_share=0.5)
+    share = manifest["trust"]["tenant_share"]
+    assert share["cap_rows"]["sft"] == 2 and share["dropped"]["sft"] == {"acme": 8}
+    assert share["dropped"]["kto"] == {"acme": 8}  # a rating also makes an unpaired (KTO) row
+    assert "max_tenant_share" in share["reason"] and manifest["final"]["sft"] == 4
+    manifest, _ = build(store, tmp_path, "b", **trust, max_tenant_share=1.0)
+    assert manifest["trust"]["tenant_share"]["dropped"] == {} and manifest["final"]["sft"] == 12
+
+
+def test_trust_shares_are_checked_at_load() -> None:
+    from training.config import ConfigError, load_config, repo_root
+
+    cfg = load_config(DataConfig, repo_root() / "configs" / "data.yaml")
+    assert cfg.trust.max_tenant_share < 1 and cfg.trust.max_agreeing_users_per_tenant == 1
+    for bad in ("trust.max_tenant_share=1.5", "trust.max_tenant_share=0",
+                "trust.max_agreeing_users_per_tenant=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(DataConfig, repo_root() / "configs" / "data.yaml", [bad])
 
 
 def test_no_user_gives_more_than_the_cap(store: Store, tmp_path: Path) -> None:
