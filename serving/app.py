@@ -333,7 +333,8 @@ def _forward_router(limit: int, body_s: float) -> APIRouter:
 
 
 class _LogStoreCollector:
-    """The log writer's queue on /metrics: queued now, written, dropped (queue full), failed."""
+    """The log writer's queue on /metrics: queued now, written, dropped (a queue full, the
+    workers' included), failed, rejected (not rows)."""
 
     def __init__(self, store: LogStore) -> None:
         self.store = store
@@ -345,12 +346,15 @@ class _LogStoreCollector:
         yield GaugeMetricFamily(
             "gateway_log_queue_rows", "Log rows waiting for the writer", value=_call(s, "queued")
         )
-        for name, attr, doc in (
-            ("gateway_log_rows_written", "written", "Log rows written"),
-            ("gateway_log_rows_dropped", "dropped", "Log rows dropped: writer queue full"),
-            ("gateway_log_rows_failed", "write_errors", "Log rows the database refused 5 times"),
+        for name, value, doc in (
+            ("gateway_log_rows_written", getattr(s, "written", 0), "Log rows written"),
+            ("gateway_log_rows_dropped", _call(s, "dropped_total"),
+             "Log rows dropped: the writer's or a worker's queue full"),
+            ("gateway_log_rows_failed", getattr(s, "write_errors", 0), "Log rows the database refused"),
+            ("gateway_log_rows_rejected", getattr(s, "rejected", 0),
+             "Messages from worker processes that were not log rows (skipped)"),
         ):
-            yield CounterMetricFamily(name, doc, value=getattr(s, attr, 0))
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 def _call(obj: Any, name: str) -> float:

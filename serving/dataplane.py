@@ -14,11 +14,19 @@ What they share, and how:
   when it changed. So after a promote or rollback returns, every new request in every worker
   goes to the new release; in-flight ones finish where they started.
 - **Admission**: per-worker, per-tenant in-flight counts in the same shared memory, checked and
-  taken under one lock (a semaphore: about a microsecond), so limits and the fair share are
-  global. A worker that dies has its counts zeroed and is restarted.
-- **Log rows**: a bounded multiprocessing queue to the control plane's LogStore (drops are
-  counted, never blocking). Feedback goes to the control plane, which waits briefly for a row
-  still in transit from a worker instead of for the whole backlog.
+  taken under one lock, so limits and the fair share are global. A worker that dies has its
+  counts zeroed and is restarted.
+- **The lock** is an ``flock`` on a file (:class:`ProcessLock`), not a semaphore: the kernel
+  releases it when its holder dies, so a worker killed while holding it (SIGKILL, OOM) cannot
+  block the other workers or the restart watcher. Simpler than a lock-free design, which would
+  make the check-and-take of admission racy; the price is two system calls per request.
+- **Log rows**: a bounded multiprocessing queue to the control plane's LogStore, never blocking.
+  A row a worker drops (queue full) is counted in the worker's own slot of the shared memory and
+  its id kept in a small per-worker ring there (one writer each: no lock), so the control plane
+  exports the drops on /metrics and answers feedback on such a request with "not logged"
+  (410) instead of "no such request". The control plane's reader survives a bad message (logged,
+  counted in ``gateway_log_rows_rejected_total``). Feedback goes to the control plane, which waits
+  briefly for a row still in transit from a worker instead of for the whole backlog.
 - **Metrics**: prometheus_client's multiprocess mode (one directory of mmap files); a worker's
   /metrics sums all workers and adds the control plane's log-writer series.
 """
@@ -26,6 +34,8 @@ What they share, and how:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -51,15 +61,72 @@ MAX_WORKERS = 64
 MAX_TENANTS = 1024
 _HDR = 16  # version (q) + blob length (q)
 _COUNTS = MAX_WORKERS * MAX_TENANTS * 8
+DROP_RING = 256
+"""Ids of the last rows each worker dropped, kept for feedback's "not logged" answer."""
+_DIGEST = 16
+_DROPS = MAX_WORKERS * 8  # rows dropped per worker (q), written by that worker only
+_RING = MAX_WORKERS * DROP_RING * _DIGEST
 _BLOB_MAX = 1 << 20
+_BLOB_OFF = _HDR + _COUNTS + _DROPS + _RING
 _CTX = mp.get_context("spawn")
 
 
-class SharedState:
-    """Shared memory + lock: the state blob (upstream, config) and the admission counts."""
+class ProcessLock:
+    """A lock between processes that the kernel releases when its holder dies (``flock``).
 
-    def __init__(self, name: str | None = None, lock: Any = None) -> None:
-        size = _HDR + _COUNTS + _BLOB_MAX
+    Each process opens the file itself (the lock pickles as its path: a spawned worker reopens
+    it), so the lock belongs to that process's open file; a thread lock in front makes it
+    exclusive between the threads of one process too.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._threads = threading.Lock()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if not self._threads.acquire(blocking):
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._threads.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+    def __enter__(self) -> ProcessLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __getstate__(self) -> str:
+        return self.path
+
+    def __setstate__(self, path: str) -> None:
+        self.__init__(path)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def drop_digest(tenant: str, request_id: str) -> bytes:
+    """What a worker's drop ring keeps of a dropped row: fixed size, and per tenant."""
+    return hashlib.blake2b(f"{tenant}\0{request_id}".encode(), digest_size=_DIGEST).digest()
+
+
+class SharedState:
+    """Shared memory + lock: the state blob (upstream, config), the admission counts and each
+    worker's log-row drops."""
+
+    def __init__(self, name: str | None = None, lock: ProcessLock | None = None) -> None:
+        size = _HDR + _COUNTS + _DROPS + _RING + _BLOB_MAX
         self.owner = name is None
         self.shm = shared_memory.SharedMemory(name=name, create=self.owner, size=size)
         if not self.owner:
@@ -68,12 +135,18 @@ class SharedState:
                 from multiprocessing import resource_tracker
 
                 resource_tracker.unregister(self.shm._name, "shared_memory")  # type: ignore[attr-defined]
-        self.lock = lock or _CTX.Lock()
+        if lock is None:
+            fd, path = tempfile.mkstemp(prefix="alignloop-gateway-", suffix=".lock")
+            os.close(fd)
+            lock = ProcessLock(path)
+        self.lock = lock
         self.counts = self.shm.buf[_HDR : _HDR + _COUNTS].cast("q")
+        self.drops = self.shm.buf[_HDR + _COUNTS : _HDR + _COUNTS + _DROPS].cast("q")
+        self.ring = self.shm.buf[_HDR + _COUNTS + _DROPS : _HDR + _COUNTS + _DROPS + _RING]
         if self.owner:
-            self.shm.buf[: _HDR + _COUNTS] = bytes(_HDR + _COUNTS)
+            self.shm.buf[: _BLOB_OFF] = bytes(_BLOB_OFF)
 
-    def handle(self) -> tuple[str, Any]:
+    def handle(self) -> tuple[str, ProcessLock]:
         return self.shm.name, self.lock
 
     # -- the blob ---------------------------------------------------------------------------------
@@ -85,7 +158,7 @@ class SharedState:
         if len(data) > _BLOB_MAX:
             raise ValueError(f"gateway state is {len(data)} bytes; at most {_BLOB_MAX}")
         with self.lock:
-            off = _HDR + _COUNTS
+            off = _BLOB_OFF
             self.shm.buf[off : off + len(data)] = data
             version = self.version() + 1
             struct.pack_into("qq", self.shm.buf, 0, version, len(data))
@@ -94,7 +167,7 @@ class SharedState:
     def read(self) -> tuple[int, dict[str, Any]]:
         with self.lock:
             version, n = struct.unpack_from("qq", self.shm.buf, 0)
-            off = _HDR + _COUNTS
+            off = _BLOB_OFF
             data = bytes(self.shm.buf[off : off + n])
         return version, (orjson.loads(data) if n else {})
 
@@ -105,12 +178,36 @@ class SharedState:
             for t in range(MAX_TENANTS):
                 self.counts[base + t] = 0
 
+    # -- log rows a worker dropped (each worker writes only its own slot: no lock) ----------------
+    def note_drop(self, worker: int, tenant: str, request_id: str) -> None:
+        n = self.drops[worker]
+        slot = (worker * DROP_RING + n % DROP_RING) * _DIGEST
+        self.ring[slot : slot + _DIGEST] = drop_digest(tenant, request_id)
+        self.drops[worker] = n + 1
+
+    def dropped_count(self) -> int:
+        """Rows every worker dropped so far (a restarted worker goes on counting in its slot)."""
+        return sum(self.drops)
+
+    def was_dropped(self, tenant: str, request_id: str) -> bool:
+        """Whether a worker dropped this tenant's row recently (its last DROP_RING drops)."""
+        digest, ring = drop_digest(tenant, request_id), self.ring.tobytes()
+        at = ring.find(digest)
+        while at != -1 and at % _DIGEST:  # only whole slots count
+            at = ring.find(digest, at + 1)
+        return at != -1
+
     def close(self) -> None:
         self.counts.release()
+        self.drops.release()
+        self.ring.release()
         self.shm.close()
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 self.shm.unlink()
+            self.lock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock.path)
 
 
 def state_blob(config: GatewayConfig, upstream: Upstream | None, keys_epoch: int = 0) -> dict[str, Any]:
@@ -194,11 +291,11 @@ class SharedAdmission:
 
 class QueueLogStore:
     """A worker's log store: rows go to the control plane's single writer through a bounded
-    queue; a full queue drops the row and counts it (never blocks the request)."""
+    queue; a full queue drops the row (never blocks the request) and notes it in the worker's
+    slot of the shared state, where the control plane counts it and feedback finds it."""
 
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-        self.dropped = 0
+    def __init__(self, queue: Any, state: SharedState, worker: int) -> None:
+        self.queue, self.state, self.worker = queue, state, worker
         self._closed = False
 
     def log_exchange(self, record: Any) -> None:
@@ -209,7 +306,7 @@ class QueueLogStore:
         try:
             self.queue.put_nowait(record.row())
         except queue_mod.Full:
-            self.dropped += 1
+            self.state.note_drop(self.worker, record.tenant, record.id)
             log.error("log queue to the control plane full: exchange %s dropped", record.id)
 
     def queued(self) -> int:
@@ -233,7 +330,7 @@ class WorkerSpec:
     index: int
     sock: socket.socket
     shm_name: str
-    lock: Any
+    lock: ProcessLock
     log_queue: Any
     control_uds: str
     metrics_dir: str
@@ -274,7 +371,7 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
 
     provider = SharedUpstream(state, on_config)
     app = create_app(
-        config, provider, QueueLogStore(spec.log_queue), admission=admission,
+        config, provider, QueueLogStore(spec.log_queue, state, spec.index), admission=admission,
         forward_to=spec.control_uds,
     )
     holder["app"] = app
@@ -293,14 +390,15 @@ class ControlPlane:
 
     def __init__(
         self, config: GatewayConfig, manager: Any, store: Any, host: str, port: int, workers: int,
-        control_uds: str, log_level: str = "warning",
+        control_uds: str, log_level: str = "warning", log_queue_rows: int = 100_000,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers: 1..{MAX_WORKERS}")
         self.config, self.manager, self.store = config, manager, store
         self.n, self.control_uds, self.log_level = workers, control_uds, log_level
         self.state = SharedState()
-        self.log_queue = _CTX.Queue(maxsize=100_000)
+        store.add_drop_source(self.state)  # the workers' drops: on /metrics, and for feedback
+        self.log_queue = _CTX.Queue(maxsize=log_queue_rows)
         self.metrics_dir = tempfile.mkdtemp(prefix="alignloop-metrics-")
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -340,11 +438,34 @@ class ControlPlane:
         self._monitor.start()
 
     def _read_logs(self) -> None:
+        """Move the workers' rows into the store until the ``None`` that :meth:`stop` sends.
+
+        One bad message must not end the thread (every later row would then be lost without a
+        trace): it is logged, counted (``store.rejected``) and skipped. A queue whose pipe is
+        gone ends it.
+        """
         while True:
-            row = self.log_queue.get()
+            try:
+                row = self.log_queue.get()
+            except (EOFError, OSError):
+                log.exception("worker log queue closed; no more rows are read")
+                return
+            except Exception:  # noqa: BLE001 - a message that does not unpickle
+                self._reject("a message that could not be read")
+                continue
             if row is None:
                 return
-            self.store.log_row(row)
+            try:
+                self.store.log_row(row)
+            except RuntimeError:  # the store is closed: nothing more can be written
+                log.error("log store closed; a worker's row was not logged")
+                return
+            except Exception:  # noqa: BLE001 - not a row (bad type, missing keys)
+                self._reject(f"a bad row ({type(row).__name__})")
+
+    def _reject(self, what: str) -> None:
+        self.store.rejected += 1
+        log.exception("worker log queue: skipped %s", what)
 
     def _watch(self) -> None:
         from prometheus_client import multiprocess
