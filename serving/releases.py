@@ -296,6 +296,26 @@ class ReleaseStore:
                 self.save(rel)
             return rel
 
+    def refresh_gate_verdicts(self) -> list[str]:
+        """Recompute the stored verdicts that compared against another model than the live one
+        (after a promotion or rollback), so a page never shows a pass against a model that no
+        longer serves; returns the release ids refreshed. Mostly cheap: a verdict against a
+        model that is not live is decided without reading the outcomes."""
+        live = self.live()
+        now_live = live.model_dir if live else None
+        refreshed = []
+        for rel in self.list():
+            if rel.gate is None or rel.status == "live" or rel.gate.get("live_model_dir") == now_live:
+                continue
+            verdict = gate_verdict(rel, self, rel.gate.get("gate_file"))
+            with self.locked():
+                current = self.get(rel.release_id)
+                if current.gate == rel.gate:  # not replaced by an attach meanwhile
+                    current.gate = verdict
+                    self.save(current)
+                    refreshed.append(rel.release_id)
+        return refreshed
+
     def _void_stale_approvals(self, rel: Release) -> Release:
         """Move approvals of other decision files than the current ones to ``void_approvals``."""
         current = decision_fingerprint(rel, self)
@@ -354,7 +374,9 @@ class ReleaseStore:
                     self.set_status(prev.release_id, "retired", f"replaced as previous by {release_id}", by=by)
             if old is not None and old.release_id != release_id:
                 self.set_status(old.release_id, "previous", f"{release_id} promoted (offline)", by=by)
-            return self.set_status(release_id, "live", reason or "promoted (offline)", force, by)
+            rel = self.set_status(release_id, "live", reason or "promoted (offline)", force, by)
+        self.refresh_gate_verdicts()
+        return rel
 
     def rollback_offline(self, reason: str = "", by: str = "") -> Release:
         """Swap live and previous in the files only (no gateway runs); only within the grace
@@ -368,7 +390,9 @@ class ReleaseStore:
             _check_rollback(prev, self.grace_s)
             if live is not None:
                 self.set_status(live.release_id, "previous", f"rolled back to {prev.release_id}", by=by)
-            return self.set_status(prev.release_id, "live", reason or "rollback (offline)", by=by)
+            rel = self.set_status(prev.release_id, "live", reason or "rollback (offline)", by=by)
+        self.refresh_gate_verdicts()
+        return rel
 
 
 def offline_actor() -> str:
@@ -1108,7 +1132,9 @@ class ReleaseManager:
             old = self.store.live()
             self._switch(server, target)
             self._demote_after_switch(old, release_id, f"{release_id} promoted", by)
-            return self.store.set_status(release_id, "live", reason or "promoted", force, by)
+            rel = self.store.set_status(release_id, "live", reason or "promoted", force, by)
+        self.store.refresh_gate_verdicts()  # after the switch: users are on the new release already
+        return rel
 
     def rollback(self, reason: str | None = None, by: str = "") -> Release:
         """Make the previous release live again (instant while warm; restarted otherwise), within
@@ -1129,7 +1155,9 @@ class ReleaseManager:
             # The rolled-back release becomes 'previous' (warm for the grace period), so a second
             # rollback undoes the first.
             self._demote_after_switch(old, prev.release_id, f"rolled back to {prev.release_id}", by)
-            return self.store.set_status(prev.release_id, "live", reason or "rollback", by=by)
+            rel = self.store.set_status(prev.release_id, "live", reason or "rollback", by=by)
+        self.store.refresh_gate_verdicts()
+        return rel
 
     def _demote_after_switch(self, old: Release | None, new_id: str, why: str, by: str = "") -> None:
         for p in self.store.with_status("previous"):

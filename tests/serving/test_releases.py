@@ -359,3 +359,20 @@ def test_the_gate_verdict_is_stored_with_the_managers_policy(
     assert rel.gate["passed"] is False and "fail" in rel.gate["why"]
     assert stored_gate_passed(ReleaseStore().get("cand")) is False
     assert stored_gate_passed(store.get("live")) is None  # nothing attached: no verdict
+
+
+def test_a_stored_verdict_against_a_model_no_longer_live_is_refreshed(
+    data_home: Path, model_dir: Path, tmp_path: Path, write_decision_files, simple_gate: Path
+) -> None:
+    store = ReleaseStore(gate_file=simple_gate)
+    _live_and_candidate(store, model_dir)
+    _staged(store, model_dir, "cand2")
+    store.attach_eval("cand2", write_decision_files(data_home, "r2", "aligned", "cand2", model_dir))
+    assert stored_gate_passed(store.get("cand2")) is True
+    other = tmp_path / "other-model"
+    other.mkdir()
+    store.create(other, VLLMArgs(), release_id="other")
+    store.set_status("other", "staged", "test fixture (not started)")
+    store.promote_offline("other", force=True, reason="a different model goes live")
+    stale = store.get("cand2")  # its evals compared against a model that no longer serves
+    assert stored_gate_passed(stale) is False and "evaluate again" in stale.gate["why"]
