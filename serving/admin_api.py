@@ -161,8 +161,9 @@ def build_admin_router(
         return guarded(lambda: manager.promote(release_id, body.force, body.reason, _actor(request)))
 
     @router.post("/{release_id}/retire")
-    def retire(release_id: str, body: RollbackRequest | None = None) -> Any:
-        return guarded(lambda: manager.retire(release_id, (body or RollbackRequest()).reason or ""))
+    def retire(request: Request, release_id: str, body: RollbackRequest | None = None) -> Any:
+        reason = (body or RollbackRequest()).reason or ""
+        return guarded(lambda: manager.retire(release_id, reason, _actor(request)))
 
     @router.post("/{release_id}/approve")
     def approve(release_id: str) -> Any:

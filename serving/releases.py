@@ -1168,14 +1168,14 @@ class ReleaseManager:
             self.store.set_status(old.release_id, "previous", why, by=by)
             self._stop_after_grace(old.release_id)
 
-    def retire(self, release_id: str, reason: str = "") -> Release:
+    def retire(self, release_id: str, reason: str = "", by: str = "") -> Release:
         """Stop a staged or previous release and take it out of rotation (not the live one)."""
         with self._ops:
             rel = self.store.get(release_id)
             if rel.status == "live":
                 raise ReleaseError(f"release {release_id} is live: promote or roll back first")
             self._stop(release_id)
-            return self.store.set_status(release_id, "retired", reason or "retired")
+            return self.store.set_status(release_id, "retired", reason or "retired", by=by)
 
     def shutdown(self) -> None:
         """Stop every vLLM this manager started (statuses stay as they are for the next start)."""
