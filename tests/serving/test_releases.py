@@ -197,8 +197,10 @@ def test_cli_talks_to_running_gateway_and_needs_admin_key(data_home: Path, monke
 
     monkeypatch.delenv("ALIGNLOOP_GATEWAY_URL", raising=False)
     monkeypatch.delenv("ALIGNLOOP_ADMIN_KEY", raising=False)
-    # This test process stands in for a running gateway (its pid is alive).
-    server_file().write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": os.getpid()}))
+    # This test process stands in for a running gateway (its pid is alive), on an address other
+    # machines reach (TEST-NET-1: the CLI sends no key there, so no request is made): on loopback
+    # the CLI would try the published demo admin key first (tests/flows/test_cli.py).
+    server_file().write_text(json.dumps({"url": "http://192.0.2.7:9", "pid": os.getpid()}))
     runner = CliRunner()
     res = runner.invoke(app, ["release", "rollback"])
     assert res.exit_code != 0 and "ALIGNLOOP_ADMIN_KEY" in res.output
