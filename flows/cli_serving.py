@@ -185,13 +185,15 @@ def release_list(
     for r in rows:
         flags = " serving" if r.get("serving") else (" warm" if r.get("warm") else "")
         src = r.get("source") or {}
-        origin = (
-            f" from {src.get('run_dir', src.get('kind', ''))}:{src.get('stage', '')}" if src else ""
-        )
-        typer.echo(
-            f"{r['release_id']:<48} {str(r['status']):<9}{flags:<8} {r['model_dir']}{origin}"
-        )
-        address = r["address"] or "not running"
+        where = src.get("run_dir", src.get("kind", ""))
+        origin = f" from {where}:{src['stage']}" if "stage" in src else (
+            f" from {where} {src.get('name', '')}".rstrip() if src else "")
+        # A release whose first start is under way has no status yet: say what vLLM is doing.
+        starting = r.get("starting") or {}
+        status = r["status"] or ("starting" if starting else "-")
+        typer.echo(f"{r['release_id']:<48} {status:<9}{flags:<8} {r['model_dir']}{origin}")
+        address = r["address"] or (
+            f"not yet ({starting['phase']}, {starting['elapsed_s']:.0f}s)" if starting else "not running")
         typer.echo(f"    at {address}   placement: {r['placement_text']}   scheme: {r['scheme']}")
         if r["release_id"] in chains:
             typer.echo(f"    lineage: {chains[r['release_id']]}")
