@@ -57,3 +57,28 @@ def test_readme_keeps_history_out() -> None:
     assert (REPO / "docs" / "HISTORY.md").is_file() and "docs/HISTORY.md" in README
     for old in ("62.7%", "8-point rule", "promote quantized", "before the paired gate"):
         assert old not in README, old
+
+
+def test_every_alignloop_command_in_the_docs_exists() -> None:
+    """Each `alignloop CMD [SUB] --option` written in the README or docs/ (a code line, or inline
+    code) names a real command, subcommand and option of the CLI."""
+    from flows.cli import app
+
+    root = get_command(app)
+    wrong = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for m in re.finditer(r"(?:^|`|\.venv/bin/)alignloop ([a-z][\w-]*)( [a-z][\w-]*)?([^`\n]*)",
+                             doc.read_text(), re.M):
+            name, sub, rest = m.group(1), (m.group(2) or "").strip(), m.group(3)
+            cmd = getattr(root, "commands", {}).get(name)
+            if cmd is None:
+                wrong.append(f"{doc.name}: {m.group(0)!r}: no command {name!r}")
+                continue
+            subs = getattr(cmd, "commands", None)
+            if subs is not None and sub and "|" not in rest[:1] and sub not in subs:
+                wrong.append(f"{doc.name}: {m.group(0)!r}: no subcommand {sub!r}")
+            cmd = subs.get(sub, cmd) if subs else cmd
+            known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+            wrong += [f"{doc.name}: {m.group(0)!r}: no option {o}"
+                      for o in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest.split("|")[0]) if o not in known]
+    assert not wrong, "\n".join(wrong)
