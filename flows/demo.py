@@ -123,8 +123,11 @@ def time_budget(timings: dict[str, float], loop_seconds: list[dict[str, float]])
     """Where the demo's time went: one line per stage with its share of the total, the loop's
     tasks under each loop run (``loop_seconds``, one dict per window, in order), and the total
     against the 10-minute goal."""
+    from serving.platform import detect
+
     total = timings.get("total") or sum(timings.values()) or 1.0
-    lines = [f"time budget (goal: {_minutes(DEMO_GOAL_S)} after set-up; this CPU: {os.cpu_count()} cores)"]
+    cpu = f"{os.cpu_count()} cores, {detect().isa}"
+    lines = [f"time budget (goal: {_minutes(DEMO_GOAL_S)} after set-up; this machine: {cpu})"]
     loops = iter(loop_seconds)
     for stage, secs in timings.items():
         if stage == "total":
