@@ -6,8 +6,8 @@ alone. All adapters are attached unmerged and active at once (their deltas add, 
 one by one does), logits are taken, then ``merge_and_unload`` folds them and the logits are
 compared: the check that the merge is what was trained.
 
-Saved dtype: ``auto`` = the dtype this machine serves well (``serving_dtype``: bf16 on GPUs and on
-CPUs with AVX-512 BF16, float32 elsewhere). vLLM casts to its ``--dtype`` at load anyway, so a
+Saved dtype: ``auto`` = the dtype this machine serves in (``serving_dtype``: bf16 on GPUs; float32
+on CPUs unless the platform probe measured bf16 answering like float32 there). vLLM casts to its ``--dtype`` at load anyway, so a
 float32 folder served in bf16 gives the same weights; what bf16 can lose is the part of a small
 LoRA delta that falls below bf16's resolution of the base weight. ``delta_rounding_error`` records
 it per weight (norm of the cast's error on the delta / norm of the delta). At the demo's sizes it
