@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MAKE = shutil.which("make") or "make"  # found before the tests narrow PATH
 
 
 def _fake_system(tmp_path: Path) -> tuple[dict[str, str], Path]:
@@ -25,7 +27,7 @@ def _fake_system(tmp_path: Path) -> tuple[dict[str, str], Path]:
     (bin_dir / "sudo").write_text('#!/bin/bash\nexec "$@"\n')
     for tool in ("apt-get", "sudo"):
         (bin_dir / tool).chmod(0o755)
-    (bin_dir / "id").symlink_to("/usr/bin/id")
+    (bin_dir / "id").symlink_to(shutil.which("id"))
     env = {k: v for k, v in os.environ.items()
            if k not in ("ALIGNLOOP_CHROMIUM", "ALIGNLOOP_SKIP_BROWSER", "SKIP_BROWSER", "MAKEFLAGS")}
     env["PATH"] = str(bin_dir)
@@ -33,7 +35,7 @@ def _fake_system(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 
 def _make(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["/usr/bin/make", "-s", "-C", str(REPO), "browser", *args], env=env,
+    return subprocess.run([MAKE, "-s", "-C", str(REPO), "browser", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
