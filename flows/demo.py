@@ -30,6 +30,9 @@ import typer
 from training.config import data_dir, repo_root
 
 DEMO_ADMIN_KEY = "sk-alignloop-admin"  # the DEMO admin key of configs/gateway.yaml (hash only there)
+# The demo decides under its own gate: the production rules with margins its 24-48 items per task
+# can resolve, read sequentially (the config's header). The loop and the release manager both use it.
+DEMO_GATE = repo_root() / "configs" / "gate-demo.yaml"
 
 
 def _say(msg: str) -> None:
@@ -203,7 +206,7 @@ def run_demo(
 
     t = time.monotonic()
     proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving,
-                               serve_overrides=serve_overrides)
+                               serve_overrides=[f"releases.gate_file={DEMO_GATE}", *(serve_overrides or [])])
     timings["start gateway + live release"] = time.monotonic() - t
     _say(f"[{timings['start gateway + live release']:.0f} s] gateway at {url} (OpenAI base {url}/v1); "
          "live release up")
@@ -211,9 +214,9 @@ def run_demo(
     try:
         from flows.loop import run_loop
 
-        # The CPU demo's small eval profile (configs/evals-demo.yaml): its gate may well say
-        # "inconclusive" and keep live; the README explains why.
-        demo_overrides = [f"evals_file={repo_root() / 'configs' / 'evals-demo.yaml'}", *overrides]
+        # The CPU demo's small eval profile (configs/evals-demo.yaml) under the demo's gate.
+        demo_overrides = [f"evals_file={repo_root() / 'configs' / 'evals-demo.yaml'}", f"gate_file={DEMO_GATE}",
+                          *overrides]
         window_start = datetime.now(UTC) - timedelta(seconds=1)
         for k in range(windows):
             tag = f" (window {k + 1} of {windows})" if windows > 1 else ""
@@ -253,6 +256,8 @@ def run_demo(
         typer.echo(f"per-window table: {summary}")
         typer.echo(f"live release's lineage: {_live_chain()}")
     typer.echo(f"decision: {outcomes[-1]['decision']}")
+    typer.echo(f"  (under the demo's gate, {DEMO_GATE.relative_to(repo_root())}: production rules with 20-point "
+               "margins that 24-48 items per task can resolve; configs/gate.yaml allows 5-10 points)")
     if outcomes[-1].get("report"):
         typer.echo(f"report: {outcomes[-1]['report']}")
     typer.echo(f"run folder: {run_dir}   releases: {data_dir() / 'releases'}")

@@ -25,6 +25,7 @@ SCHEMAS: dict[str, tuple[str, dict]] = {
     "evals-demo.yaml": ("evals.config:EvalsConfig", {}),
     "evals-gpu.yaml": ("evals.config:EvalsConfig", {}),
     "gate.yaml": ("evals.gate:GateConfig", {}),
+    "gate-demo.yaml": ("evals.gate:GateConfig", {}),
     "gateway.yaml": ("serving.gateway_config:GatewayConfig", {}),
     "serve.yaml": ("serving.server:ServeConfig", {}),
     "serve-gpu.yaml": ("serving.server:ServeConfig", {}),
@@ -75,13 +76,18 @@ def test_gpu_configs_stay_in_step_with_the_cpu_ones() -> None:
     assert loop["evals_file"] == "configs/evals-gpu.yaml"
 
 
-def test_continual_benchmark_gate_differs_from_the_shipped_one_only_in_margins() -> None:
-    """benchmarks/continual_gate.yaml (measurement only) gates the same metrics with the same tests."""
+@pytest.mark.parametrize("path,first_words", [
+    ("benchmarks/continual_gate.yaml", "# Measurement-only gate"),
+    ("configs/gate-demo.yaml", "# The CPU demo's promotion gate (margins sized for the demo's item budget, NOT a production"),
+])
+def test_measurement_and_demo_gates_differ_from_the_shipped_one_only_in_margins(path: str, first_words: str) -> None:
+    """A gate that is not the production policy gates the same metrics with the same tests, with
+    margins no narrower, and says what it is in its first line."""
     from evals.gate import GateConfig
     from training.config import load_config
 
-    path = REPO / "benchmarks" / "continual_gate.yaml"
-    assert path.read_text().startswith("# Measurement-only gate")
+    path = REPO / path
+    assert path.read_text().startswith(first_words)
     bench, shipped = load_config(GateConfig, path), load_config(GateConfig, REPO / "configs" / "gate.yaml")
     key = [(r.metric, r.test, r.op, r.ref_metric, r.higher_is_better) for r in shipped.rules]
     assert [(r.metric, r.test, r.op, r.ref_metric, r.higher_is_better) for r in bench.rules] == key
