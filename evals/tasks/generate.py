@@ -132,7 +132,7 @@ _THINGS = ["bicycle", "teapot", "lighthouse", "library", "garden", "violin", "co
            "telescope", "umbrella", "backpack", "canoe", "kite", "lantern", "notebook", "raincoat"]
 
 
-def instructions(n_clusters: int = 60, per_cluster: int = 5) -> list[dict]:
+def instructions(n_clusters: int = 120, per_cluster: int = 5) -> list[dict]:
     import periodictable
 
     from evals.metrics import IFEVAL_INSTRUCTIONS, ifeval_registry
