@@ -48,12 +48,6 @@ from serving.service import Admission, GatewayService, UpstreamProvider
 log = logging.getLogger(__name__)
 
 
-DRAIN_FACTOR = 8
-"""An oversize body up to this many times the limit is read (and dropped) before the 413, so the
-client, still sending, gets to read the answer instead of a reset connection; beyond it, the
-connection is closed."""
-
-
 def too_large(size: int | None, limit: int, setting: str) -> GatewayError:
     got = f"is {size} bytes" if size is not None else "is larger than that"
     return GatewayError(
@@ -82,27 +76,34 @@ def check_content_type(request: Request) -> None:
 async def read_body(
     request: Request, limit: int, timeout_s: float = 30.0, setting: str = "limits.max_body_bytes"
 ) -> bytes:
-    """The request body, or a readable 413 once it is known to exceed ``limit`` bytes, or 408
-    when it has not all arrived within ``timeout_s`` (a slow-loris client holds nothing longer)."""
+    """The request body; a 413 when it exceeds ``limit`` bytes; a 408 when it has not all arrived
+    within ``timeout_s`` (a slow-loris client holds nothing longer).
+
+    An oversize body is still read to its end (and dropped, never kept) before the 413 goes out,
+    within the same ``timeout_s``: answering first and closing a connection with unread data
+    makes the kernel reset it, so a client that sends its whole body before reading (or asks for
+    ``Connection: close``) would get a reset instead of the 413. The cost is bounded in time,
+    not in bytes; a body still arriving at the deadline gets its 413 then.
+    """
     declared = request.headers.get("content-length")
     size = int(declared) if declared is not None and declared.isdigit() else None
-    if size is not None and size > limit * DRAIN_FACTOR:
-        raise too_large(size, limit, setting)
+    oversize = size is not None and size > limit
     chunks, got = [], 0
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 got += len(chunk)
                 if got > limit:
-                    if (size or got) > limit * DRAIN_FACTOR:
-                        break
-                    continue  # drain: the 413 goes out once the client has finished sending
-                chunks.append(chunk)
+                    oversize = True
+                if not oversize:
+                    chunks.append(chunk)
     except TimeoutError:
+        if oversize:
+            raise too_large(size, limit, setting) from None
         raise GatewayError(
             408, f"request body not received within {timeout_s:g} s", code="request_timeout"
         ) from None
-    if got > limit or (size is not None and size > limit):
+    if oversize:
         raise too_large(size or got, limit, setting)
     return b"".join(chunks)
 
@@ -405,7 +406,9 @@ def create_app(
     app.state.service = service
     app.state.keyring = keyring or KeyRing(config)
     app.state.config = config
-    app.add_middleware(AdminBodyLimit, limit=config.limits.max_admin_body_bytes)
+    app.add_middleware(
+        AdminBodyLimit, limit=config.limits.max_admin_body_bytes, timeout_s=config.limits.body_timeout_s
+    )
     _install_error_handlers(app)
     app.include_router(_routes(service, with_feedback=forward_to is None))
     app.include_router(_metrics_route(service, forward_to))
@@ -425,28 +428,36 @@ def create_app(
 
 class AdminBodyLimit:
     """ASGI middleware: an ``/admin`` request body over ``limit`` bytes is a 413 before any route
-    parses it (the admin routes let FastAPI read their bodies)."""
+    parses it (the admin routes let FastAPI read their bodies); read to its end first, within
+    ``timeout_s``, as :func:`read_body` does, so the client gets the 413 and not a reset."""
 
-    def __init__(self, app, limit: int) -> None:  # noqa: ANN001 - an ASGI app
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float = 30.0) -> None:  # noqa: ANN001 - an ASGI app
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http" or not scope["path"].startswith("/admin"):
             await self.app(scope, receive, send)
             return
         chunks, got, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            got += len(msg.get("body", b""))
-            more = msg.get("more_body", False)
-            if got > self.limit * DRAIN_FACTOR:
-                break
-            if got <= self.limit:
-                chunks.append(msg.get("body", b""))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while more:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    got += len(msg.get("body", b""))
+                    more = msg.get("more_body", False)
+                    if got <= self.limit:
+                        chunks.append(msg.get("body", b""))
+        except TimeoutError:
+            e = GatewayError(408, f"request body not received within {self.timeout_s:g} s",
+                             code="request_timeout")
+            if got > self.limit:
+                e = too_large(None, self.limit, "limits.max_admin_body_bytes")
+            await _response(e)(scope, receive, send)
+            return
         if got > self.limit:
-            e = too_large(got if not more else None, self.limit, "limits.max_admin_body_bytes")
+            e = too_large(got, self.limit, "limits.max_admin_body_bytes")
             await _response(e)(scope, receive, send)
             return
         body, sent = b"".join(chunks), False

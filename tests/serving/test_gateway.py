@@ -400,6 +400,45 @@ def test_bad_requests_get_openai_shaped_4xx(
             assert r.status_code in (404, 405) and "message" in r.json()["error"]
 
 
+def _send_all_then_read(base: str, path: str, body: bytes, chunked: bool) -> bytes:
+    """A client that sends its whole body, asks for ``Connection: close`` and only then reads."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+            f"Authorization: Bearer {ADMIN if path.startswith('/admin') else KEY_A}\r\n"
+            "Content-Type: application/json\r\n")
+    if chunked:
+        head += "Transfer-Encoding: chunked\r\n\r\n"
+        step = 1 << 14
+        body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + step]), body[i:i + step])
+                        for i in range(0, len(body), step)) + b"0\r\n\r\n"
+    else:
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head.encode() + body)  # a reset here or below fails the test
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    return answer
+
+
+def test_a_body_far_over_the_limit_gets_its_413_not_a_reset(tmp_path: Path) -> None:
+    """Issue 23: the gateway drained at most 8x the limit, then answered and closed with unread
+    data, which the kernel turns into a reset for a client still sending."""
+    limit = 4096
+    cfg = make_config(limits={"max_body_bytes": limit, "max_admin_body_bytes": limit})
+    fake = FakeUpstream()
+    with running_fake(fake) as up, running_gateway(tmp_path, up, cfg) as (base, _, _):
+        big = b'{"model": "alignloop", "messages": [{"role": "user", "content": "' + b"x" * (limit * 40) + b'"}]}'
+        for path in ("/v1/chat/completions", "/v1/feedback", "/admin/releases"):
+            for chunked in (False, True):
+                answer = _send_all_then_read(base, path, big, chunked)
+                assert answer.startswith(b"HTTP/1.1 413 "), (path, chunked, answer[:200])
+                assert b'"request_too_large"' in answer
+        assert fake.received == []
+
+
 def test_backpressure_429_with_retry_after(tmp_path: Path) -> None:
     cfg = make_config(
         tenants=[
