@@ -15,7 +15,8 @@ the client left before the body started.
 Where the time goes (measured with py-spy; docs/GATEWAY.md): the per-chunk relay, not the hooks.
 So the relay reads upstream with aiohttp (C parser), parses each chunk once (the log needs its
 text) and forwards the upstream's own bytes, with only ``id`` and ``model`` swapped, unless an
-output hook changed the text; output hooks run on windows of text (guardrails.base.StreamGuard);
+output hook changed the text or the chunk has fields that are not OpenAI's (then it is
+re-encoded without them: serving.protocol.public_chunk); output hooks run on windows of text (guardrails.base.StreamGuard);
 hooks over large texts run in a small thread pool so they never stall the event loop.
 """
 
@@ -834,7 +835,7 @@ class GatewayService:
         together. Chunks whose text no hook changed are forwarded as the upstream's own bytes
         with only the ``id`` and ``model`` values swapped (a bytes replace of ``"id":<value>``;
         that key/value pair cannot occur inside a JSON string, where quotes are escaped); the
-        rest are re-encoded.
+        rest, and chunks with fields that are not OpenAI's, are re-encoded.
         """
         st = _StreamState(self.output_chain, self.config.guardrails)
         # Only OpenAI's chunk fields go on (serving/protocol.py); token logprobs only when asked
@@ -882,7 +883,7 @@ class GatewayService:
                             raise TypeError(type(obj).__name__)
                         if "error" in obj and not obj.get("choices"):
                             public = obj
-                        else:
+                        else:  # vLLM's chunks carry token_ids: null: re-encoded without it
                             public = public_chunk(obj, keep_logprobs, delta_keys)
                     except (orjson.JSONDecodeError, TypeError):
                         ex.status, ex.http_status, ex.stream_done = "upstream_error", 502, True

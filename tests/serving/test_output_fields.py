@@ -87,7 +87,7 @@ class LeakyVllm:
             return f"data: {json.dumps(obj)}\n\n".encode()
 
         async def events():  # noqa: ANN202
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunk({"role": "assistant", "content": ""}, token_ids=None)  # as vLLM sends it
             yield chunk({"reasoning_content": f"The user is {EMAIL}."})
             for k, t in enumerate(TOKENS):
                 yield chunk({"content": t}, token_ids=[k], logprobs={"content": [_logprob(t)]})
