@@ -439,7 +439,8 @@ class GatewayService:
         self, req: FeedbackRequest, tenant: str, *, actor: str | None = None,
         actor_role: ActorRole = "user",
     ) -> FeedbackResponse:
-        """Store one feedback event; 404 unless every referenced request id is this tenant's.
+        """Store one feedback event; 404 unless every referenced request id is this tenant's
+        (410 for one answered but not logged), 400 for feedback that carries no information.
 
         ``actor``/``actor_role`` say who gave it as the server knows it (a reviewer signed in to
         the review page); they are never read from the request body. Through the API, the actor
