@@ -5,7 +5,9 @@ One gateway (a real `alignloop serve` child process) and one feedback window ser
    untouched, and the finished stages stay on disk;
 2. the same window again with a passing gate policy: finished stages are skipped (resume), the
    rest runs, artifacts are published, the winning candidate becomes live;
-3. the same window with a gate policy that cannot pass: the live release is unchanged.
+3. the same window with a sequential gate policy that cannot pass on a few items: its first look is
+   inconclusive, so the loop evaluates the next look's items on live's copy and the candidates
+   (still staged), the rules stay inconclusive, and the live release is unchanged.
 """
 
 from __future__ import annotations
@@ -47,9 +49,13 @@ def loop_files(loop_home: Path, running_gateway: str, tiny_evals: Path) -> dict[
         "gate_fail": loop_home / "gate-fail.yaml",
     }
     assert files["gate_pass"].is_file()  # written with the gateway's config (it verifies with it)
-    files["gate_fail"].write_text(yaml.safe_dump(
-        {"rules": [{"name": "impossible compliance", "metric": "quality.policy.compliance", "op": ">=", "value": 2}]}
-    ))
+    # Paired rules that a few items cannot resolve (fewer families than an identical candidate
+    # needs), looked at twice: the second look evaluates the rest of each task's items.
+    files["gate_fail"].write_text(yaml.safe_dump({"looks": [0.5, 1.0], "rules": [
+        {"name": "capability per task", "metric": "quality.capability.*.answer_match",
+         "test": "non_inferiority", "margin": 0.05, "min_pairs": 1},
+        {"name": "attacks stopped", "metric": "safety.attack_block_rate", "test": "non_inferiority",
+         "margin": 0.10, "min_pairs": 1}]}))
     return files
 
 
@@ -129,6 +135,15 @@ def test_fail_resume_promote_keep(
     )
     assert outcome["winner"] is None and "keep the live release" in outcome["decision"]
     assert _live(admin) == winner_id
+    for variant in ("baseline", "aligned", "quantized"):  # the second look's items, marked as such
+        out = run_dir / f"evals-{variant}" / "output"
+        assert (out / "outcomes-quality.look1.jsonl").is_file() and (out / "outcomes-safety.look1.jsonl").is_file()
+        rows = [json.loads(line) for line in (out / "outcomes-safety.look1.jsonl").read_text().splitlines()]
+        assert rows and all(r["look"] == 1 for r in rows)
+    gate = json.loads((run_dir / "report" / "gate.json").read_text())
+    rules = gate["aligned"]["rules"]
+    assert {r["verdict"] for r in rules} == {"inconclusive"} and {r["look"] for r in rules} == {1}
+    assert {r["n"] for r in rules if r["metric"] == "safety.attack_block_rate"} == {4}  # both looks
     admin.close()
 
 
