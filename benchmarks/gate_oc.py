@@ -93,7 +93,7 @@ def cmd_table(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     for setting, models in settings.items():
         out["models"][setting] = {m: vars(v) for m, v in models.items()}
-        for sc in scenarios(cfg):
+        for sc in scenarios(cfg, gain=args.gain):
             r = run_scenario(cfg, sc, items, models, range(args.seeds))
             each = ", ".join(f"{n} {100 * c / r.seeds:.1f}%" for n, c in r.promoted.items())
             lines.append(f"| {sc.name} (want: {sc.expect}) | {setting} | {_pct(r, r.any_promoted)} | {each} | "
@@ -126,6 +126,7 @@ def main() -> None:
     t.add_argument("--seeds", type=int, default=200)
     t.add_argument("--resamples", type=int, default=None, help="Override the gate's bootstrap resamples.")
     t.add_argument("--icc", type=float, default=None, help="Add a column with this family ICC.")
+    t.add_argument("--gain", type=float, default=0.10, help="The better candidate's true policy gain.")
     t.add_argument("--out", required=True)
     args = ap.parse_args()
     {"estimate": cmd_estimate, "pairs": cmd_pairs, "table": cmd_table}[args.cmd](args)

@@ -278,11 +278,13 @@ def run_scenario(
 POLICY = "quality.policy.compliance"
 
 
-def scenarios(cfg: GateConfig | None = None, task_loss: str = "quality.capability.arithmetic.answer_match",
+def scenarios(cfg: GateConfig | None = None, task_loss: str = "quality.capability.capitals.answer_match",
               gain: float = 0.10, quant_discordance: float = 0.05) -> list[Scenario]:
     """Who should be promoted, and who never. A lost task loses 5 points more than the gate's
     capability margin allows (10 points under a 5-point margin), so keeping it is right under that
-    gate; ``quant_discordance`` is how often a quantized copy answers differently from its model."""
+    gate; it is capitals, where live's accuracy (40% on the embedded model) leaves room to lose 25
+    points (arithmetic's 8% does not). ``quant_discordance`` is how often a quantized copy answers
+    differently from its model."""
     margin = max((r.margin or 0.0 for r in cfg.rules if r.test == "non_inferiority"
                   and fnmatch.fnmatchcase(task_loss, r.metric)), default=0.05) if cfg else 0.05
     loss = -round(margin + 0.05, 4)
