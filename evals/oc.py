@@ -125,22 +125,23 @@ def _draw_pairs(rng, items: Items, base: dict[str, float], model: MetricModel, e
                 discordance: float) -> dict[str, float]:
     """Outcomes (good scale, 0/1) that differ from ``base`` as the module docstring says: a share
     ``discordance`` of items flips, half each way whatever the base rate, and a share ``|effect|``
-    moves the effect's way; both rates vary by family with the model's ICC."""
+    moves the effect's way. Each family draws its own flip probabilities (Beta, the model's ICC)
+    for items it can move, with means set so that the shares of *all* items come out as stated."""
     families = sorted(set(items.clusters))
     index = {c: i for i, c in enumerate(families)}
-    noise = _beta(rng, discordance, model.icc, len(families))
-    push = _beta(rng, abs(effect), model.icc, len(families))
     m = min(max(model.live_mean, 0.02), 0.98)
+    k = len(families)
+    # Per family: P(flip) of an item that is right (1) / wrong (0) in base, noise and effect.
+    noise = {1.0: _beta(rng, discordance / 2 / m, model.icc, k),
+             0.0: _beta(rng, discordance / 2 / (1 - m), model.icc, k)}
+    toward = 0.0 if effect > 0 else 1.0  # the base outcome the effect can move
+    push = _beta(rng, abs(effect) / (1 - m if effect > 0 else m), model.icc, k)
     out = {}
     u = rng.random(len(items.ids))
-    for k, (item, fam) in enumerate(zip(items.ids, items.clusters, strict=True)):
-        c = index[fam]
-        b = base[item]
-        share = m if b == 1.0 else 1 - m  # of items, those with this base outcome
-        p_flip = noise[c] / 2 / share  # so that flips each way are discordance/2 of all items
-        toward = (effect > 0) == (b == 0.0)  # the effect can move this item
-        p_flip += push[c] / share if toward else 0.0
-        out[item] = 1.0 - b if u[k] < min(p_flip, 1.0) else b
+    for n, (item, fam) in enumerate(zip(items.ids, items.clusters, strict=True)):
+        c, b = index[fam], base[item]
+        p_flip = noise[b][c] + (push[c] if effect and b == toward else 0.0)
+        out[item] = 1.0 - b if u[n] < min(p_flip, 1.0) else b
     return out
 
 
