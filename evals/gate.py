@@ -220,10 +220,6 @@ class GateDecision:
         return decision_markdown(self.to_dict())
 
 
-def _fmt(x: float | None) -> str:
-    return "missing" if x is None else f"{x:.4g}"
-
-
 def _pts(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.1f} pts"
 
@@ -312,7 +308,7 @@ def _check_paired(
     mde, needed = resolution(est, boundary, rule.power, exact_p)
     side = "at least" if rule.test == "superiority" else "no worse than"
     goal = f"gain {side} {_pts(boundary if rule.test == 'superiority' else -rule.margin)}"
-    reason = f"{goal} at {confidence:.4g} one-sided; {est.method}"
+    reason = f"{goal} at {confidence:.2%} one-sided; {est.method}"
     if exact_p is not None:
         reason += f"; sign-flip randomization p = {exact_p:.3g}"
     if verdict == "inconclusive":
