@@ -213,8 +213,11 @@ def test_a_reload_in_the_control_plane_reaches_the_workers(tmp_path: Path) -> No
         def on_switch(self, fn) -> None:  # noqa: ANN001
             pass
 
+    from serving.logstore import LogStore
+
     cfg = make_config()
-    plane = ControlPlane(cfg, Manager(Upstream("http://127.0.0.1:9/v1", "r1", "m")), None,
+    store = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")  # the plane counts its workers' drops there
+    plane = ControlPlane(cfg, Manager(Upstream("http://127.0.0.1:9/v1", "r1", "m")), store,
                          "127.0.0.1", free_port(), 2, str(tmp_path / "cp.sock"))
     rebuilt: list[GatewayConfig] = []
     worker = SharedUpstream(plane.state, rebuilt.append)  # a worker's reader of the shared state
@@ -230,6 +233,7 @@ def test_a_reload_in_the_control_plane_reaches_the_workers(tmp_path: Path) -> No
         plane.sock.close()
         plane.state.close()
         plane.log_queue.close()
+        store.close()
         shutil.rmtree(plane.metrics_dir, ignore_errors=True)
 
 
