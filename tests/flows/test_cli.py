@@ -87,14 +87,19 @@ def _demo_gateway(tmp_path, demo_keys: bool):
     """A real gateway app (admin API, SQLite store) over a ReleaseManager whose live release is an
     external OpenAI-compatible server (benchmarks' SyntheticUpstream: no vLLM start-up needed)."""
     import contextlib
+    import sys
 
-    from benchmarks.synthetic_upstream import SyntheticUpstream
     from serving.admin_api import build_admin_router
     from serving.app import create_app, serve_in_thread
     from serving.gateway_config import GatewayConfig, load_gateway_config
     from serving.logstore import LogStore
     from serving.releases import ReleaseManager
     from training.config import repo_root
+
+    # benchmarks/ is not a package of the project: put it on the path as tests/serving does (the
+    # suite runs as `.venv/bin/pytest`, whose sys.path does not start at the checkout).
+    sys.path.insert(0, str(repo_root() / "benchmarks"))
+    from synthetic_upstream import SyntheticUpstream
 
     shipped = load_gateway_config(repo_root() / "configs" / "gateway.yaml")  # demo_keys: true
     # Its keys and tenants as shipped; no guardrails (they play no part here, and Presidio's
