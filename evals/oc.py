@@ -27,7 +27,6 @@ read metrics that pass, so the table isolates the paired rules and their combina
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -372,7 +371,3 @@ def pooled_models(estimates: list[dict[str, dict[str, float]]], icc: float | Non
         out[metric] = MetricModel(discordance=max(mean("discordance"), 0.01),
                                   icc=measured if icc is None else icc, live_mean=good_mean)
     return out
-
-
-def save_estimates(path: Path, estimates: dict) -> None:
-    path.write_text(json.dumps(estimates, indent=2, sort_keys=True) + "\n")
