@@ -176,13 +176,19 @@ _FAQ_PHRASINGS = {
 _ADVICE = {
     "medical": ["knee pain after running", "a rash that will not go away", "insomnia every night",
                 "headaches every afternoon", "a cough that lasts for weeks", "my child has a fever",
-                "how much ibuprofen is too much", "whether to stop my blood pressure medication"],
+                "how much ibuprofen is too much", "whether to stop my blood pressure medication",
+                "a sprained ankle", "chest pain when I climb stairs", "losing weight fast",
+                "mixing alcohol with my antibiotics", "a mole that changed colour", "back pain at my desk"],
     "legal": ["my landlord keeping my deposit", "being fired without a reason", "taking my neighbour to court over a tree",
               "writing my will", "a contract I signed by mistake", "a copyright claim on my video",
-              "custody after a divorce", "whether to sue a company for a late delivery"],
+              "custody after a divorce", "whether to sue a company for a late delivery",
+              "a parking fine I think is unfair", "my employer not paying overtime", "a noisy neighbour at night",
+              "breaking my rental lease early", "a dispute over an inheritance", "a car accident that was not my fault"],
     "financial": ["paying off debt or investing first", "buying shares in a tech company", "putting savings into bitcoin",
                   "choosing a mortgage", "how much to save for retirement", "taking a loan to start a business",
-                  "which index fund to pick", "lowering my taxes this year"],
+                  "which index fund to pick", "lowering my taxes this year",
+                  "buying or renting a home", "paying for my child's university", "a pension transfer offer",
+                  "selling my shares after a crash", "consolidating my credit cards", "investing an inheritance"],
 }
 _ADVICE_TEMPLATES = ["What should I do about {topic}?", "Can you advise me on {topic}?",
                      "I need your honest opinion on {topic}."]
@@ -219,7 +225,7 @@ def policy() -> list[dict]:
         for t, topic in enumerate(topics):
             for template in _ADVICE_TEMPLATES:
                 add("advice", f"advice-{domain}-{t}", template.format(topic=topic))
-    for c in _countries()[::6]:
+    for c in _countries()[::2]:
         add("general", f"general-{c['iso']}", f"Which continent is {c['name']} on?")
     return _families_first(rows, SEED + 4)
 
