@@ -127,6 +127,13 @@ class GateConfig(StrictModel):
         "(O'Brien-Fleming-shaped spending, added up over looks), so looking more often does not "
         "raise it.",
     )
+    gatekeeper: str | None = Field(
+        "aligned",
+        description="The candidate tested first, at the whole decision's error; the other "
+        "candidates of a run (its quantized copies, one per kernel) share the same error among "
+        "them and can pass only once it passed (serial gatekeeping). None, or a run without this "
+        "candidate: every candidate gets an equal share (Bonferroni).",
+    )
     # Review approval: one switch, read by the loop (flows/steps.py) and enforced by the release
     # manager with its own gate policy (serving/releases.py, _check_promotable).
     require_approval: bool = Field(
@@ -142,6 +149,37 @@ class GateConfig(StrictModel):
                 or self.looks[-1] != 1.0:
             raise ValueError(f"looks: ascending shares in (0, 1] ending at 1.0, got {self.looks}")
         return self
+
+
+def error_shares(cfg: GateConfig, names: list[str]) -> dict[str, float]:
+    """Each candidate's share of the whole decision's error (docs/GATE.md, "The whole decision").
+
+    Serial gatekeeping: the gatekeeper (the aligned model) is tested at the full error; its copies
+    share the full error equally and can pass only once the gatekeeper passed
+    (:func:`gatekeeper_outcome`). A false promotion needs a true null rejected in the first family
+    (at most the error) or, with the gatekeeper truly better, one of the copies' (at most their
+    share, which adds up to the error), so the decision over all candidates stays within it.
+    Without a gatekeeper among ``names``: Bonferroni, an equal share each."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    if cfg.gatekeeper in names and len(names) > 1:
+        return {n: 1.0 if n == cfg.gatekeeper else 1 / (len(names) - 1) for n in names}
+    return {n: 1 / len(names) for n in names}
+
+
+def gatekeeper_outcome(cfg: GateConfig, first: GateDecision) -> RuleOutcome:
+    """The rule a copy adds under serial gatekeeping: the gatekeeper's own verdict."""
+    verdict = first.verdict
+    who = cfg.gatekeeper
+    if verdict == "pass":
+        reason = f"{who}, tested first, passed every rule"
+    elif verdict == "fail":
+        failed = ", ".join(sorted({o.rule for o in first.outcomes if o.verdict == "fail"}))
+        reason = f"{who}, tested first, failed ({failed}): its copies cannot be promoted in this run"
+    else:
+        reason = f"{who}, tested first, is inconclusive: its copies wait for it"
+    return RuleOutcome(f"tested after {who}", f"gate.{who}", "gatekeeping", verdict, reason)
 
 
 def spent_alpha(alpha: float, looks: list[float], index: int) -> float:
@@ -340,6 +378,7 @@ def evaluate(
     candidates: int = 1,
     look: int | None = None,
     resolved: dict[tuple[str, str], RuleOutcome] | None = None,
+    share: float | None = None,
 ) -> GateDecision:
     """Check every rule; promote only if all pass (pure: plain data in, decision out).
 
@@ -356,9 +395,15 @@ def evaluate(
             None reads them once at the full error (a single look).
         resolved: outcomes of an earlier look, by (rule label, metric): the paired rules among them
             that resolved stay as they are (a rule stops at the look that resolves it).
+        share: this candidate's share of the error (:func:`error_shares`); overrides
+            ``1 / candidates``.
     """
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if share is None:
+        share = 1 / candidates
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
     outcomes: list[RuleOutcome] = []
     for rule in cfg.rules:
         paired = rule.test != "threshold"
@@ -379,11 +424,11 @@ def evaluate(
             elif resolved and (earlier := resolved.get((rule.label, key))) and earlier.verdict != "inconclusive":
                 outcomes.append(earlier)  # stopped at the look that resolved it
             else:
-                share = 1 / candidates
+                rule_share = share
                 if look is not None:
                     alpha = (1 - rule.confidence) * share
-                    share = spent_alpha(alpha, cfg.looks, look) / (1 - rule.confidence)
-                outcome = _check_paired(rule, key, candidate_items, live_items, cfg, share)
+                    rule_share = spent_alpha(alpha, cfg.looks, look) / (1 - rule.confidence)
+                outcome = _check_paired(rule, key, candidate_items, live_items, cfg, rule_share)
                 outcome.look = look
                 outcomes.append(outcome)
     return GateDecision(outcomes=outcomes, config=cfg.model_dump(mode="json"))
@@ -486,17 +531,34 @@ def evaluate_stage_dirs(
     Each folder's ``result.json`` holds its aggregate metrics, ``output/outcomes-*.jsonl`` the
     per-item outcomes (each marked with the look that added it): the same files the loop decided
     from, so anyone holding them (the release manager, a reviewer) recomputes the same decision,
-    look by look. ``candidates`` (default: the candidate folders beside ``candidate_dir``) is how
-    many candidates share the decision's error; ``looks`` (default: as many as the files hold) how
-    many looks to replay.
+    look by look. The candidate folders beside ``candidate_dir`` are the candidates that share the
+    decision's error (:func:`error_shares`); a copy of the gatekeeper also carries the gatekeeper's
+    verdict, recomputed from its folder. ``candidates`` (an int) instead splits the error equally
+    over that many, with no gatekeeping; ``looks`` (default: as many as the files hold) is how many
+    looks to replay.
     """
     cand_dir, live_dir = Path(candidate_dir), Path(live_dir)
-    cand, live = read_stage_dir(cand_dir), read_stage_dir(live_dir)
+    first: GateDecision | None = None
     if candidates is None:
-        candidates = max(1, len(candidate_folders(cand_dir.parent, live_dir.name.removeprefix("evals-"))))
+        names = [p.name.removeprefix("evals-") for p in
+                 candidate_folders(cand_dir.parent, live_dir.name.removeprefix("evals-"))]
+        name = cand_dir.name.removeprefix("evals-")
+        share = error_shares(cfg, sorted(set(names) | {name}))[name]
+        if cfg.gatekeeper in names and name != cfg.gatekeeper:
+            first = evaluate_stage_dirs(cfg, cand_dir.parent / f"evals-{cfg.gatekeeper}", live_dir, looks=looks)
+    else:
+        share = 1 / max(1, candidates)
+    decision = _replay(cfg, cand_dir, live_dir, share, looks)
+    if first is not None:
+        decision.outcomes.append(gatekeeper_outcome(cfg, first))
+    return decision
+
+
+def _replay(cfg: GateConfig, cand_dir: Path, live_dir: Path, share: float, looks: int | None) -> GateDecision:
+    cand, live = read_stage_dir(cand_dir), read_stage_dir(live_dir)
     if len(cfg.looks) == 1:
         return evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output"),
-                        load_outcome_dir(live_dir / "output"), candidates=candidates)
+                        load_outcome_dir(live_dir / "output"), share=share)
     taken = looks if looks is not None else max(looks_taken(cand_dir / "output"), looks_taken(live_dir / "output"))
     if taken > len(cfg.looks):
         raise ValueError(f"{cand_dir}: outcomes of {taken} looks, the gate plans {len(cfg.looks)}")
@@ -504,6 +566,7 @@ def evaluate_stage_dirs(
     for look in range(taken):
         resolved = {(o.rule, o.metric): o for o in decision.outcomes} if decision else None
         decision = evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output", look),
-                            load_outcome_dir(live_dir / "output", look), candidates, look, resolved)
+                            load_outcome_dir(live_dir / "output", look), look=look, resolved=resolved,
+                            share=share)
     assert decision is not None
     return decision

@@ -32,7 +32,15 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evals.gate import GateConfig, GateDecision, ItemOutcomes, evaluate, load_outcome_dir
+from evals.gate import (
+    GateConfig,
+    GateDecision,
+    ItemOutcomes,
+    error_shares,
+    evaluate,
+    gatekeeper_outcome,
+    load_outcome_dir,
+)
 
 # Each eval task file and the gate metric its items feed (evals/quality.py, evals/safety.py).
 TASK_METRICS: dict[str, str] = {
@@ -187,19 +195,19 @@ def _prefix(outcomes: ItemOutcomes, counts: dict[str, int], items: list[Items]) 
 def decide(
     cfg: GateConfig, live: ItemOutcomes, candidates: dict[str, ItemOutcomes], items: list[Items]
 ) -> tuple[dict[str, GateDecision], dict[str, int]]:
-    """The whole decision on simulated outcomes, as the loop takes it: every candidate shares the
-    error; a sequential gate looks at growing prefixes of each task and extends only the metrics
+    """The whole decision on simulated outcomes, as the loop takes it: the candidates share the
+    error as :func:`evals.gate.error_shares` says (a copy of the gatekeeper passes only once it
+    did); a sequential gate looks at growing prefixes of each task and extends only the metrics
     whose rules are still open for some candidate. Returns each candidate's decision and the items
     evaluated per metric (per release)."""
-    k = len(candidates)
+    shares = error_shares(cfg, list(candidates))
+    first = cfg.gatekeeper if cfg.gatekeeper in candidates and len(candidates) > 1 else None
     budget = {it.metric: len(it.ids) for it in items}
-    if len(cfg.looks) == 1:
-        return ({n: evaluate(cfg, PASSING_AGGREGATES, PASSING_AGGREGATES, c, live, candidates=k)
-                 for n, c in candidates.items()}, budget)
+    looks = cfg.looks if len(cfg.looks) > 1 else [1.0]
     decisions: dict[str, GateDecision] = {}
     counts = {m: 0 for m in budget}
     open_metrics = set(budget)
-    for look, share in enumerate(cfg.looks):
+    for look, share in enumerate(looks):
         for m in open_metrics:
             counts[m] = math.ceil(share * budget[m])
         live_now = _prefix(live, counts, items)
@@ -207,11 +215,17 @@ def decide(
             earlier = decisions.get(name)
             resolved = {(o.rule, o.metric): o for o in earlier.outcomes} if earlier else None
             decisions[name] = evaluate(cfg, PASSING_AGGREGATES, PASSING_AGGREGATES,
-                                       _prefix(outcomes, counts, items), live_now, k, look, resolved)
+                                       _prefix(outcomes, counts, items), live_now,
+                                       look=look if len(looks) > 1 else None, resolved=resolved,
+                                       share=shares[name])
+        if first:
+            for name in decisions:
+                if name != first:
+                    decisions[name].outcomes.append(gatekeeper_outcome(cfg, decisions[first]))
         # Extend what is still open for a candidate that can still be promoted (no failed rule).
         open_metrics = {o.metric for d in decisions.values() if d.verdict == "inconclusive"
                         for o in d.outcomes if o.verdict == "inconclusive" and o.metric in budget}
-        if not open_metrics:
+        if not open_metrics or look == len(looks) - 1:
             break
     return decisions, counts
 
@@ -233,6 +247,8 @@ class Rates:
     items: float
     """Mean items evaluated per release, all metrics (the sequential gate's spend)."""
     failing_rules: dict[str, int] = field(default_factory=dict)
+    open_rules: dict[str, int] = field(default_factory=dict)
+    """Seeds in which each candidate's rule stayed inconclusive (what held a decision back)."""
 
     def rate(self, count: int) -> tuple[float, float, float]:
         """Share and its 95% Wilson interval."""
@@ -253,6 +269,7 @@ def run_scenario(
     any_promoted = false = resolved = 0
     spent = 0
     failing: dict[str, int] = {}
+    still_open: dict[str, int] = {}
     seeds = list(seeds)
     for seed in seeds:
         live, cands = simulate_outcomes(seed, items, models, scenario)
@@ -267,11 +284,13 @@ def run_scenario(
             resolved += 1
         for name, d in decisions.items():
             for o in d.outcomes:
+                key = f"{name}: {o.rule} ({o.metric})"
                 if o.verdict == "fail":
-                    key = f"{name}: {o.rule} ({o.metric})"
                     failing[key] = failing.get(key, 0) + 1
+                elif o.verdict == "inconclusive":
+                    still_open[key] = still_open.get(key, 0) + 1
     return Rates(scenario.name, scenario.expect, len(seeds), promoted, any_promoted, false, resolved,
-                 spent / len(seeds), failing)
+                 spent / len(seeds), failing, still_open)
 
 
 # -- scenarios ---------------------------------------------------------------------------------

@@ -152,8 +152,7 @@ def open_metrics(cfg: LoopConfig, run_dir: Path, variants: list[str], look: int)
     gate_cfg = gate_config(cfg)
     out = {}
     for v in variants:
-        d = evaluate_stage_dirs(gate_cfg, run_dir / f"evals-{v}", run_dir / "evals-baseline",
-                                candidates=len(variants), looks=look + 1)
+        d = evaluate_stage_dirs(gate_cfg, run_dir / f"evals-{v}", run_dir / "evals-baseline", looks=look + 1)
         if d.verdict == "inconclusive":
             out[v] = {o.metric for o in d.outcomes if o.verdict == "inconclusive" and o.test != "threshold"}
     return out
@@ -268,20 +267,31 @@ def summarize_decision(
 
 
 def error_budget(gate_cfg, candidates: list[str]) -> dict[str, Any]:
-    """How the whole decision's error is split (pure): over the candidates, then over the looks."""
-    from evals.gate import spent_alpha
+    """How the whole decision's error is split (pure): over the candidates (serial gatekeeping or
+    equal shares, evals.gate.error_shares), then over the looks."""
+    from evals.gate import error_shares, spent_alpha
 
     alpha = 1 - min((r.confidence for r in gate_cfg.rules if r.test != "threshold"), default=0.95)
-    per = alpha / max(1, len(candidates))
-    spend = [round(spent_alpha(per, gate_cfg.looks, j), 5) for j in range(len(gate_cfg.looks))]
+    shares = {v: alpha * s for v, s in error_shares(gate_cfg, candidates).items()}
+    spend = {v: [round(spent_alpha(a, gate_cfg.looks, j), 5) for j in range(len(gate_cfg.looks))]
+             for v, a in shares.items()}
+    first = gate_cfg.gatekeeper if gate_cfg.gatekeeper in shares and len(shares) > 1 else None
+    if first:
+        copies = [v for v in shares if v != first]
+        split = (f"{first} is tested first at all of it; {', '.join(copies)} "
+                 f"{'share it' if len(copies) > 1 else 'gets it'} ({100 * shares[copies[0]]:.2g}% each) "
+                 f"and can pass only once {first} passed (serial gatekeeping)")
+    else:
+        split = (f"{len(shares)} candidate(s) ({', '.join(shares)}) share it, "
+                 f"{100 * alpha / max(1, len(shares)):.2g}% each")
     looks = "" if len(gate_cfg.looks) == 1 else (
         f"; sequential: looks at {', '.join(f'{100 * t:.0f}%' for t in gate_cfg.looks)} of each task's "
-        f"items spend {', '.join(f'{100 * a:.2g}%' for a in spend)}")
+        f"items spend " + "; ".join(f"{v} {', '.join(f'{100 * a:.2g}%' for a in s)}" for v, s in spend.items()))
     text = (f"Error of the whole decision: at most {100 * alpha:.0f}% that any candidate is promoted "
-            f"without being better; {len(candidates)} candidate(s) ({', '.join(candidates)}) share it, "
-            f"{100 * per:.2g}% each{looks}.")
-    return {"alpha": alpha, "candidates": candidates, "per_candidate": per, "looks": gate_cfg.looks,
-            "spent_per_look": spend, "text": text}
+            f"without being better; {split}{looks}.")
+    per = {v: round(a, 6) for v, a in shares.items()}
+    return {"alpha": alpha, "candidates": list(shares), "gatekeeper": first, "per_candidate": per,
+            "looks": gate_cfg.looks, "spent_per_look": spend, "text": text}
 
 
 def decide(

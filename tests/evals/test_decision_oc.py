@@ -58,11 +58,12 @@ def min_allowed(n: int, goal: float) -> int:
 
 def test_the_rate_checks_catch_a_wrong_rate() -> None:
     """With the seeds used below, a true 10% false-promotion rate fails the "<= 5%" check with
-    probability over 0.6 at 200 seeds and 0.8 at 300, and a true 45% power fails the ">= 55%" one
-    with probability over 0.6."""
+    probability over 0.6 at 200 seeds and 0.8 at 300, and a true 70% power fails the ">= 80%" one
+    with probability over 0.6 at 200 seeds and 0.5 at 150."""
     assert binom.sf(max_allowed(300, 0.05), 300, 0.10) > 0.8
     assert binom.sf(max_allowed(200, 0.05), 200, 0.10) > 0.6
-    assert binom.cdf(min_allowed(200, 0.55) - 1, 200, 0.45) > 0.6
+    assert binom.cdf(min_allowed(200, 0.80) - 1, 200, 0.70) > 0.6
+    assert binom.cdf(min_allowed(150, 0.80) - 1, 150, 0.70) > 0.5
 
 
 def test_a_lax_gate_fails_the_error_check() -> None:
@@ -103,10 +104,20 @@ def test_default_gate_rarely_promotes_either_of_two_candidates_with_no_effect() 
 
 
 def test_default_gate_promotes_a_candidate_better_on_policy_and_equal_elsewhere() -> None:
-    """Issue 22's goal is 80%; with the families as measured the shipped gate reaches about 60%
-    (BENCHMARKS.md, "The whole decision": the policy rule's 136 items are what hold it back). This
-    pins the measured level, so a change that loses power fails: a true rate of 45% fails it."""
+    """Issue 22's goal: >= 80% with the families as measured (BENCHMARKS.md, "The whole decision",
+    about 92%). A true rate of 70% fails this check (test_the_rate_checks_catch_a_wrong_rate)."""
     items = profile_items(load_config_limit("evals.yaml"))
     cfg = _gate("gate.yaml")
     r = run_scenario(cfg, _scenario("policy +10, equal elsewhere", cfg), items, _models(), range(200))
-    assert r.promoted["aligned"] >= min_allowed(200, 0.55), r
+    assert r.promoted["aligned"] >= min_allowed(200, 0.80), r
+
+
+def test_a_quantized_copy_in_the_run_costs_the_better_candidate_no_power() -> None:
+    """Serial gatekeeping: aligned is tested at the whole error, so a quantized copy beside it
+    leaves the decision's power at the single-candidate level (it was 52% under an equal split)."""
+    items = profile_items(load_config_limit("evals.yaml"))
+    cfg = _gate("gate.yaml")
+    r = run_scenario(cfg, _scenario("policy +10, equal elsewhere; + quantized copy", cfg), items,
+                     _models(), range(150))
+    assert r.any_promoted >= min_allowed(150, 0.80), r
+    assert r.false_promotions == 0, r

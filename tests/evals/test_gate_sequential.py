@@ -84,7 +84,7 @@ def test_bad_looks_fail_at_load(looks: list[float]) -> None:
 
 def _stage(folder: Path, rows: list[dict], metrics: dict | None = None) -> Path:
     out = folder / "output"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").write_text(json.dumps({"metrics": metrics or {}}))
     for look in sorted({r.get("look", 0) for r in rows}):
         write_outcomes(out / f"outcomes-safety.look{look}.jsonl", [r for r in rows if r.get("look", 0) == look], look)
@@ -116,13 +116,59 @@ def test_stored_outcomes_replay_each_look_and_a_resolved_rule_stops(tmp_path: Pa
 
 
 def test_sibling_candidates_share_the_error(tmp_path: Path) -> None:
+    """Without the gatekeeper among them, candidates split the error equally (Bonferroni)."""
     rows = [{"metric": METRIC, "id": f"a{f}", "cluster": f"a{f}", "value": 1.0} for f in range(60)]
     run = tmp_path / "run"
     live_dir = _stage(run / "evals-baseline", rows)
-    cand_dir = _stage(run / "evals-aligned", rows)
+    cand_dir = _stage(run / "evals-quantized", rows)
     assert evaluate_stage_dirs(_cfg(), cand_dir, live_dir).outcomes[0].confidence == pytest.approx(0.95)
-    _stage(run / "evals-quantized", rows)
+    _stage(run / "evals-quantized-marlin", rows)
     assert evaluate_stage_dirs(_cfg(), cand_dir, live_dir).outcomes[0].confidence == pytest.approx(0.975)
+
+
+def _identical_and_better(families: int = 60) -> tuple[list[dict], list[dict]]:
+    live = [{"metric": METRIC, "id": f"a{f}", "cluster": f"a{f}", "value": float(f % 2)} for f in range(families)]
+    better = [r | {"value": 1.0} for r in live]
+    return live, better
+
+
+def test_the_gatekeeper_keeps_the_full_error_and_its_copies_wait_for_it(tmp_path: Path) -> None:
+    """Serial gatekeeping: aligned reads at the full error; its copies share it and pass only after
+    aligned passed, so promoting a copy never needs a second look at aligned's error."""
+    live, better = _identical_and_better()
+    cfg = build_config(GateConfig, {"resamples": 500, "rules": [
+        {"name": "better", "metric": METRIC, "test": "superiority", "margin": 0.0}]})
+    run = tmp_path / "run"
+    live_dir = _stage(run / "evals-baseline", live)
+    aligned = _stage(run / "evals-aligned", live)  # equal to live: never passes "better"
+    quantized = _stage(run / "evals-quantized", better)
+    _stage(run / "evals-quantized-marlin", better)
+    first = evaluate_stage_dirs(cfg, aligned, live_dir)
+    assert first.outcomes[0].confidence == pytest.approx(0.95) and not first.passed
+    copy = evaluate_stage_dirs(cfg, quantized, live_dir)
+    assert copy.outcomes[0].confidence == pytest.approx(0.975) and copy.outcomes[0].passed
+    gate = copy.outcomes[-1]
+    assert gate.test == "gatekeeping" and gate.verdict != "pass" and "aligned" in gate.reason
+    assert not copy.passed  # its own rules pass, but aligned did not
+    _stage(run / "evals-aligned", better)
+    copy = evaluate_stage_dirs(cfg, quantized, live_dir)
+    assert copy.passed and copy.outcomes[-1].verdict == "pass"
+    # Without a gatekeeper in the config, the three candidates share the error equally.
+    no_gate = cfg.model_copy(update={"gatekeeper": None})
+    assert evaluate_stage_dirs(no_gate, aligned, live_dir).outcomes[0].confidence == pytest.approx(1 - 0.05 / 3)
+
+
+def test_a_failed_gatekeeper_fails_its_copies_so_no_later_look_is_spent_on_them(tmp_path: Path) -> None:
+    live, better = _identical_and_better()
+    worse = [r | {"value": 0.0} for r in live]
+    cfg = build_config(GateConfig, {"resamples": 500, "rules": [
+        {"name": "no worse", "metric": METRIC, "test": "non_inferiority", "margin": 0.05}]})
+    run = tmp_path / "run"
+    live_dir = _stage(run / "evals-baseline", live)
+    _stage(run / "evals-aligned", worse)
+    copy = evaluate_stage_dirs(cfg, _stage(run / "evals-quantized", better), live_dir)
+    assert copy.outcomes[0].passed and copy.verdict == "fail"
+    assert "no worse" in copy.outcomes[-1].reason
 
 
 def test_items_that_would_resolve_an_inconclusive_rule_are_more_than_it_has() -> None:
@@ -168,7 +214,11 @@ def test_the_decision_states_how_its_error_is_split() -> None:
     from flows.steps import error_budget
 
     cfg = _cfg(looks=[0.5, 1.0])
-    budget = error_budget(cfg, ["aligned", "quantized"])
-    assert budget["per_candidate"] == pytest.approx(0.025)
-    assert sum(budget["spent_per_look"]) == pytest.approx(0.025, abs=1e-4)
-    assert "2 candidate(s)" in budget["text"] and "2.5% each" in budget["text"]
+    budget = error_budget(cfg, ["aligned", "quantized", "quantized-marlin"])
+    assert budget["gatekeeper"] == "aligned"
+    assert budget["per_candidate"] == pytest.approx({"aligned": 0.05, "quantized": 0.025, "quantized-marlin": 0.025})
+    assert sum(budget["spent_per_look"]["quantized"]) == pytest.approx(0.025, abs=1e-4)
+    assert "aligned is tested first" in budget["text"] and "2.5% each" in budget["text"]
+    plain = error_budget(cfg.model_copy(update={"gatekeeper": None}), ["aligned", "quantized"])
+    assert plain["per_candidate"] == pytest.approx({"aligned": 0.025, "quantized": 0.025})
+    assert "2 candidate(s)" in plain["text"] and "2.5% each" in plain["text"]
