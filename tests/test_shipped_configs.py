@@ -26,6 +26,7 @@ SCHEMAS: dict[str, tuple[str, dict]] = {
     "evals-gpu.yaml": ("evals.config:EvalsConfig", {}),
     "gate.yaml": ("evals.gate:GateConfig", {}),
     "gate-demo.yaml": ("evals.gate:GateConfig", {}),
+    "online.yaml": ("evals.online:OnlineConfig", {}),
     "gateway.yaml": ("serving.gateway_config:GatewayConfig", {}),
     "serve.yaml": ("serving.server:ServeConfig", {}),
     "serve-gpu.yaml": ("serving.server:ServeConfig", {}),
