@@ -24,7 +24,7 @@ model_app = typer.Typer(help="The base model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 # Command order in --help: serving first, then the pipeline in data order.
-_AREAS = ("cli_serving", "cli_keys", "cli_data", "cli_training", "cli_evals", "cli_flows")
+_AREAS = ("cli_serving", "cli_canary", "cli_keys", "cli_data", "cli_training", "cli_evals", "cli_flows")
 
 
 def _exit_on_sigterm() -> None:

@@ -159,6 +159,7 @@ def release_list(
     admin_key: str | None = _KEY,
 ) -> None:
     """List releases: status, where each is served (host:port), placement, scheme, lineage."""
+    from flows.cli_canary import describe_canary
     from serving.releases import ReleaseStore
     from training.lineage import describe_chain, release_lineage
 
@@ -197,6 +198,8 @@ def release_list(
         typer.echo(f"    at {address}   placement: {r['placement_text']}   scheme: {r['scheme']}")
         if r["release_id"] in chains:
             typer.echo(f"    lineage: {chains[r['release_id']]}")
+        if canary := describe_canary(r):
+            typer.echo(f"    {canary}")
 
 
 @release_app.command("stage")

@@ -76,6 +76,13 @@ class RollbackRequest(StrictModel):
     )
 
 
+class CanaryRequest(StrictModel):
+    share: float = Field(..., gt=0, lt=1, description="Share of the tenants' end users routed to it.")
+    tenants: list[str] = Field(default_factory=list, description="Tenants whose users may see it; [] = all.")
+    force: bool = Field(False, description="Start it without a passing gate decision (needs a reason).")
+    reason: str | None = Field(None, max_length=2000, description="Why; stored in the status history.")
+
+
 class EvalRequest(StrictModel):
     report: dict[str, Any] = Field(..., description="The eval report (metrics JSON) to attach.")
 
@@ -151,6 +158,11 @@ def build_admin_router(
     def rollback(request: Request, body: RollbackRequest | None = None) -> Any:
         return guarded(lambda: manager.rollback((body or RollbackRequest()).reason, _actor(request)))
 
+    @router.post("/canary/end")
+    def end_canary(request: Request, body: RollbackRequest | None = None) -> Any:
+        reason = (body or RollbackRequest()).reason or "canary ended"
+        return guarded(lambda: manager.end_canary(reason, _actor(request)))
+
     @router.get("/{release_id}")
     def get_release(release_id: str) -> Any:
         return guarded(lambda: manager.get(release_id))
@@ -159,6 +171,11 @@ def build_admin_router(
     def promote(request: Request, release_id: str, body: PromoteRequest | None = None) -> Any:
         body = body or PromoteRequest()
         return guarded(lambda: manager.promote(release_id, body.force, body.reason, _actor(request)))
+
+    @router.post("/{release_id}/canary")
+    def canary(request: Request, release_id: str, body: CanaryRequest) -> Any:
+        return guarded(lambda: manager.start_canary(
+            release_id, body.share, body.tenants, body.force, body.reason, _actor(request)))
 
     @router.post("/{release_id}/retire")
     def retire(request: Request, release_id: str, body: RollbackRequest | None = None) -> Any:
@@ -259,6 +276,14 @@ class AdminClient:
 
     def rollback(self, reason: str | None = None) -> Release:
         return release_from_api(self._call("POST", "/rollback", {"reason": reason}))
+
+    def start_canary(self, release_id: str, share: float, tenants: list[str] | None = None,
+                     force: bool = False, reason: str | None = None) -> Release:
+        body = {"share": share, "tenants": tenants or [], "force": force, "reason": reason}
+        return release_from_api(self._call("POST", f"/{release_id}/canary", body))
+
+    def end_canary(self, reason: str) -> Release:
+        return release_from_api(self._call("POST", "/canary/end", {"reason": reason}))
 
     def retire(self, release_id: str, reason: str | None = None) -> Release:
         return release_from_api(self._call("POST", f"/{release_id}/retire", {"reason": reason}))

@@ -212,7 +212,7 @@ class SharedState:
 
 def state_blob(config: GatewayConfig, upstream: Upstream | None, keys_epoch: int = 0) -> dict[str, Any]:
     return {
-        "upstream": None if upstream is None else upstream.__dict__,
+        "upstream": None if upstream is None else upstream.to_dict(),
         "config": config.model_dump(mode="json"),
         # bumped when the control plane re-read the keys file (SIGHUP, /admin/keys/reload): the
         # workers then rebuild their key rings too
@@ -236,7 +236,7 @@ class SharedUpstream:
         if self.state.version() != self._version:
             version, blob = self.state.read()
             up = blob.get("upstream")
-            self._upstream = None if up is None else Upstream(**up)
+            self._upstream = None if up is None else Upstream.from_dict(up)
             changed = (blob.get("config"), blob.get("keys_epoch")) != (self._config, self._keys_epoch)
             if changed and self.on_config is not None:
                 self._config, self._keys_epoch = blob.get("config"), blob.get("keys_epoch")

@@ -7,6 +7,9 @@ vLLM log and ``eval_report.json``). Statuses:
 - ``staged``: started on its own port and health-checked (``/health`` + one real generation);
   users are not routed to it.
 - ``live``: the gateway's upstream. At most one.
+- ``canary``: serves a share of some tenants' end users beside live (sticky per user), until the
+  online rules (evals/online.py) promote it or end it (``retired``, with the reason). At most one;
+  it enters through the gate like a promotion (or forced, recorded), since users see it.
 - ``previous``: the release that was live before; its vLLM stays warm for ``grace_s`` so a
   rollback is instant, then stops (a later rollback restarts it). At most one.
 - ``retired``: out of rotation. ``failed``: did not start or did not answer; never promoted.
@@ -29,6 +32,7 @@ a switch never breaks a request in flight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -54,13 +58,13 @@ from serving.placement import (
     gpu_inventory,
     place_release,
 )
-from serving.service import EXTERNAL_TOOLS, Upstream
+from serving.service import EXTERNAL_TOOLS, Canary, Upstream
 from serving.vllm_server import VLLMArgs, VLLMServer, VLLMStartError
 from training.config import StrictModel, data_dir
 
 log = logging.getLogger(__name__)
 
-Status = Literal["staged", "live", "previous", "retired", "failed"]
+Status = Literal["staged", "canary", "live", "previous", "retired", "failed"]
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -117,6 +121,9 @@ class Release:
     upstream_url: str | None = None  # its base URL, e.g. http://10.0.0.5:8000/v1
     upstream_model: str | None = None  # the model name it answers to
     api_key_env: str | None = None  # environment variable holding its API key (never the key)
+    # Its canary stage: share, tenants, started_at, live (the release it is compared with); kept
+    # after the canary ends, for the record (the online checks' verdicts are in the history).
+    canary: dict[str, Any] | None = None
 
     @property
     def status(self) -> Status | None:
@@ -219,6 +226,10 @@ class ReleaseStore:
 
     def previous(self) -> Release | None:
         found = self.with_status("previous")
+        return found[-1] if found else None
+
+    def canary(self) -> Release | None:
+        found = self.with_status("canary")
         return found[-1] if found else None
 
     def create(
@@ -368,6 +379,7 @@ class ReleaseStore:
         with self.locked():
             target = self.get(release_id)
             _check_promotable(target, force, self, gate_file or self.gate_file, self.grace_s)
+            force = force or canary_forced(target)
             old = self.live()
             for prev in self.with_status("previous"):
                 if prev.release_id != release_id:
@@ -393,6 +405,11 @@ class ReleaseStore:
             rel = self.set_status(prev.release_id, "live", reason or "rollback (offline)", by=by)
         self.refresh_gate_verdicts()
         return rel
+
+
+def old_id(store: ReleaseStore) -> str:
+    live = store.live()
+    return live.release_id if live else "nothing"
 
 
 def offline_actor() -> str:
@@ -804,6 +821,11 @@ def _check_rollback(prev: Release, grace_s: float) -> None:
         )
 
 
+def canary_forced(rel: Release) -> bool:
+    """Whether ``rel``'s current canary stage was started forced, past the gate."""
+    return rel.status == "canary" and rel.history[-1].forced
+
+
 def _check_promotable(
     rel: Release, force: bool = False, store: ReleaseStore | None = None, gate_file: str | Path | None = None,
     grace_s: float = 0.0,
@@ -816,8 +838,10 @@ def _check_promotable(
         )
     if rel.status == "live":
         raise ReleaseError(f"release {rel.release_id} is already live")
-    if rel.status not in ("staged", "previous", "retired"):
+    if rel.status not in ("staged", "previous", "retired", "canary"):
         raise ReleaseError(f"release {rel.release_id} was never health-checked; stage it again")
+    if rel.status == "canary" and not force and canary_forced(rel):
+        return  # it entered its canary forced (recorded, by a named person): the promotion says so
     # Promotion goes through the gate (a decision this process verifies from the stored results)
     # unless forced with a reason. The one exception is a rollback: the previous release within
     # its grace period. A release that was live once, long ago, is judged like any candidate.
@@ -867,6 +891,7 @@ class ReleaseManager:
         self._held: dict[str, Placement] = {}  # release id -> devices of a warm or starting vLLM
         self._timers: dict[str, threading.Timer] = {}
         self._upstream: Upstream | None = None
+        self._canary: Canary | None = None  # the canary beside live (carried by _upstream)
         # Called with the new upstream after every switch (worker processes learn it this way).
         self._listeners: list = []
         # Promote/rollback are serialised; readers (current()) never take this lock.
@@ -1019,13 +1044,23 @@ class ReleaseManager:
         timer = self._timers.pop(rel.release_id, None)
         if timer:  # it was counting down as 'previous'; it is live now
             timer.cancel()
+        if self._canary is not None and self._canary.upstream.release_id == rel.release_id:
+            self._canary = None  # the canary goes live: it no longer has a share of its own
         # One reference assignment: a request reads current() once, so it never sees half a switch.
         self._upstream = Upstream(
             server.base_url, rel.release_id, rel.served_name, getattr(server, "api_key", None),
-            server.tool_parser,
+            server.tool_parser, self._canary,
         )
         for listener in list(self._listeners):
             listener(self._upstream)
+
+    def _set_canary(self, canary: Canary | None) -> None:
+        """Add or remove the canary beside the live upstream (one assignment, as a switch)."""
+        self._canary = canary
+        if self._upstream is not None:
+            self._upstream = dataclasses.replace(self._upstream, canary=canary)
+            for listener in list(self._listeners):
+                listener(self._upstream)
 
     # -- verbs ----------------------------------------------------------------------------------
     def start(self) -> Release | None:
@@ -1047,8 +1082,77 @@ class ReleaseManager:
                     self.store.set_status(rel.release_id, "live", "live release failed at start")
                 self._switch(server, rel)
                 log.info("serving release %s at %s", rel.release_id, server.base_url)
+                self._resume_canary()
                 return rel
             return None
+
+    def _resume_canary(self) -> None:
+        """At gateway start: the persisted canary serves its share again (or is marked failed)."""
+        rel = self.store.canary()
+        if rel is None:
+            return
+        try:
+            server = self._launch(rel)
+        except VLLMStartError as exc:
+            self.store.set_status(rel.release_id, "failed", f"canary did not start: {_short(exc)}")
+            return
+        self._set_canary(self._canary_of(rel, server))
+
+    @staticmethod
+    def _canary_of(rel: Release, server: VLLMServer) -> Canary:
+        c = rel.canary or {}
+        return Canary(
+            Upstream(server.base_url, rel.release_id, rel.served_name, getattr(server, "api_key", None),
+                     server.tool_parser),
+            float(c.get("share", 0.0)), tuple(c.get("tenants") or ()),
+        )
+
+    def start_canary(
+        self, release_id: str, share: float, tenants: Iterable[str] = (), force: bool = False,
+        reason: str | None = None, by: str = "",
+    ) -> Release:
+        """Route ``share`` of ``tenants``' end users (every tenant when empty) to a staged release,
+        sticky per user, beside live. It enters through the gate as a promotion does (or forced,
+        with a reason, recorded); the online rules later promote it or end it."""
+        if not 0 < share < 1:
+            raise ReleaseError(f"canary share {share}: must be between 0 and 1")
+        if force and not reason:
+            raise ReleaseError("a forced canary needs a reason")
+        with self._ops:
+            target = self.store.get(release_id)
+            if target.status != "staged":
+                raise ReleaseError(f"release {release_id} is {target.status}: only a staged release can be a canary")
+            if (other := self.store.canary()) is not None:
+                raise ReleaseError(f"release {other.release_id} is the canary already: end it first")
+            live = self.store.live()
+            if live is None or self._upstream is None:
+                raise ReleaseError("no live release serves: a canary is compared with live; promote instead")
+            _check_promotable(target, force, self.store, self.gate_file, self.grace_s)
+            try:
+                server = self._ensure_warm(target)
+            except VLLMStartError as exc:
+                self.store.set_status(release_id, "failed", _short(exc))
+                raise ReleaseError(f"release {release_id} failed to start; live unchanged: {exc}") from None
+            with self.store.locked():
+                rel = self.store.get(release_id)
+                rel.canary = {"share": share, "tenants": list(tenants), "started_at": _now(),
+                              "live": live.release_id}
+                self.store.save(rel)
+            why = f"canary: {share:.0%} of {', '.join(tenants) or 'every tenant'}'s users, beside {live.release_id}"
+            rel = self.store.set_status(release_id, "canary", f"{why}; {reason}" if reason else why, force, by)
+            self._set_canary(self._canary_of(rel, server))
+            return rel
+
+    def end_canary(self, reason: str, by: str = "") -> Release:
+        """Stop routing users to the canary and retire it (the online rules found harm, or were
+        still inconclusive at its maximum duration); live keeps every user."""
+        with self._ops:
+            rel = self.store.canary()
+            if rel is None:
+                raise ReleaseError("no release is a canary")
+            self._set_canary(None)
+            self._stop(rel.release_id)
+            return self.store.set_status(rel.release_id, "retired", reason, by=by)
 
     def on_switch(self, listener) -> None:  # noqa: ANN001 - Callable[[Upstream | None], None]
         """Call ``listener(upstream)`` after every switch (and at shutdown, with None)."""
@@ -1122,6 +1226,7 @@ class ReleaseManager:
         with self._ops:
             target = self.store.get(release_id)
             _check_promotable(target, force, self.store, self.gate_file, self.grace_s)
+            force = force or canary_forced(target)  # recorded as forced, as its canary was
             try:
                 server = self._ensure_warm(target)
             except VLLMStartError as exc:
@@ -1129,6 +1234,9 @@ class ReleaseManager:
                 raise ReleaseError(
                     f"release {release_id} failed to start; live unchanged: {exc}"
                 ) from None
+            canary = self.store.canary()
+            if canary is not None and canary.release_id != release_id:
+                self.end_canary(f"canary ended: {release_id} promoted over {old_id(self.store)}", by)
             old = self.store.live()
             self._switch(server, target)
             self._demote_after_switch(old, release_id, f"{release_id} promoted", by)
@@ -1144,6 +1252,8 @@ class ReleaseManager:
             if prev is None:
                 raise ReleaseError("nothing to roll back to: no release has status 'previous'")
             _check_rollback(prev, self.grace_s)
+            if self.store.canary() is not None:  # it was compared with the live being rolled back
+                self.end_canary(f"canary ended: live rolled back to {prev.release_id}", by)
             try:
                 server = self._ensure_warm(prev)
             except VLLMStartError as exc:
@@ -1174,6 +1284,8 @@ class ReleaseManager:
             rel = self.store.get(release_id)
             if rel.status == "live":
                 raise ReleaseError(f"release {release_id} is live: promote or roll back first")
+            if rel.status == "canary":
+                self._set_canary(None)
             self._stop(release_id)
             return self.store.set_status(release_id, "retired", reason or "retired", by=by)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -78,6 +79,48 @@ class Upstream:
     # vLLM's tool-call parser; None = tools not enabled (requests with tools get a 400);
     # EXTERNAL_TOOLS = an external server, which decides for itself
     tool_parser: str | None = None
+    # A canary beside this live release: a share of some tenants' end users go to it instead.
+    canary: Canary | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the control plane publishes it to worker processes)."""
+        d = dict(self.__dict__)
+        if self.canary is not None:
+            d["canary"] = {**self.canary.__dict__, "upstream": self.canary.upstream.to_dict(),
+                           "tenants": list(self.canary.tenants)}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Upstream:
+        d = dict(d)
+        if d.get("canary") is not None:
+            c = dict(d["canary"])
+            d["canary"] = Canary(Upstream.from_dict(c["upstream"]), c["share"], tuple(c["tenants"]))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A release that serves ``share`` of ``tenants``' end users (every tenant when empty)."""
+
+    upstream: Upstream
+    share: float
+    tenants: tuple[str, ...] = ()
+
+
+def route_request(live: Upstream | None, tenant: str, user: str | None, request_id: str) -> Upstream | None:
+    """The release that answers this request: live, or its canary for a ``share`` of the
+    canary's tenants' end users. Sticky: the choice hashes the canary's release id with the
+    tenant and the request's ``user``, so one person sees one release for the canary's whole
+    life; a request without ``user`` is assigned by its own id (a coin per request)."""
+    if live is None or live.canary is None:
+        return live
+    c = live.canary
+    if c.tenants and tenant not in c.tenants:
+        return live
+    key = f"{c.upstream.release_id}\0{tenant}\0" + (f"u:{user}" if user else f"r:{request_id}")
+    draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return c.upstream if draw < c.share else live
 
 
 EXTERNAL_TOOLS = "external"
@@ -593,7 +636,7 @@ class GatewayService:
                 )
                 if ex.add_chain(res):
                     return self._refusal(ex)
-            ex.upstream = self.provider.current()
+            ex.upstream = route_request(self.provider.current(), tenant, ex.request.user, ex.id)
             if ex.upstream is None:
                 raise self._upstream_failure(
                     ex, "no_release", "no live release: the model is not being served"

@@ -1,0 +1,175 @@
+"""Canary releases end to end on the CPU: a real gateway (its admin API and log store), a real
+release manager, external releases (scripted OpenAI-compatible servers: no vLLM), simulated end
+users who rate what they are served, and the online rules (evals/online.py) checked by
+`alignloop canary check` and serving.canary.run_check (what the CLI and the flow run).
+
+A candidate made worse on purpose (its users thumb it down 60% of the time, live's 10%) is rolled
+back automatically during its canary; a good one (the same answers as live) is promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gateway_support import ADMIN, KEY_A, KEY_B, FakeUpstream, make_config  # noqa: E402
+
+from evals.online import OnlineConfig  # noqa: E402
+from flows.cli import app as cli_app  # noqa: E402
+from serving.admin_api import AdminClient, build_admin_router  # noqa: E402
+from serving.app import create_app, serve_in_thread  # noqa: E402
+from serving.canary import run_check  # noqa: E402
+from serving.logstore import LogStore  # noqa: E402
+from serving.releases import ReleaseManager, ReleaseStore  # noqa: E402
+from serving.service import Canary, Upstream, route_request  # noqa: E402
+from training.config import build_config  # noqa: E402
+
+# Margins wide enough to resolve on a few hundred answers (the shipped configs/online.yaml needs
+# hours of traffic; benchmarks/online_oc.py measures it); every rule of the shipped set is here.
+ONLINE = {
+    "alpha": 0.05,
+    "canary": {"share": 0.5, "min_duration_s": 0, "max_duration_s": 3600},
+    "slow_ttft_ms": 5000,
+    "rules": [
+        {"name": "thumbs_down", "metric": "thumbs_down_rate", "margin": 0.25},
+        {"name": "edits", "metric": "edit_rate", "margin": 0.2},
+        {"name": "blocks", "metric": "block_rate", "margin": 0.2},
+        {"name": "errors", "metric": "error_rate", "margin": 0.2},
+        {"name": "slow_ttft", "metric": "slow_ttft_rate", "margin": 0.2},
+        {"name": "tokens", "metric": "answer_tokens", "margin": 400, "harm_margin": 100},
+    ],
+}
+H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def _fake(reply: str) -> FakeUpstream:
+    fake = FakeUpstream(reply=reply)
+    fake.app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": "fake-model"}]})
+    return fake
+
+
+def _users_rate(base: str, rng: random.Random, requests: int, p_down: dict[str, float]) -> dict[str, int]:
+    """Simulated users (ids u0..u39 of tenant a) ask and rate each answer; an answer's thumbs-down
+    probability is set by its text (p_down[text]). Returns answers seen per text."""
+    seen: dict[str, int] = {}
+    served_to: dict[str, set[str]] = {}
+    ha = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(base_url=base, timeout=30) as c:
+        for i in range(requests):
+            user = f"u{rng.randrange(40)}"
+            r = c.post("/v1/chat/completions", headers=ha, json={
+                "model": "alignloop", "user": user, "messages": [{"role": "user", "content": f"question {i}"}],
+            })
+            assert r.status_code == 200, r.text
+            text = r.json()["choices"][0]["message"]["content"]
+            seen[text] = seen.get(text, 0) + 1
+            served_to.setdefault(user, set()).add(text)
+            thumbs = "down" if rng.random() < p_down[text] else "up"
+            f = c.post("/v1/feedback", headers=ha, json={"request_id": r.json()["id"], "rating": {"thumbs": thumbs}})
+            assert f.status_code == 200, f.text
+    # sticky: while the canary runs, one person sees one release
+    assert all(len(texts) == 1 for texts in served_to.values()), served_to
+    return seen
+
+
+def test_route_request_is_sticky_per_user_and_keeps_the_share() -> None:
+    live = Upstream("http://live/v1", "live", "m")
+    can = Upstream("http://can/v1", "cand", "m")
+    up = Upstream("http://live/v1", "live", "m", canary=Canary(can, 0.25, ("a",)))
+    users = [f"user{i}" for i in range(4000)]
+    first = {u: route_request(up, "a", u, f"r{u}").release_id for u in users}
+    assert all(route_request(up, "a", u, "other").release_id == first[u] for u in users[:200])
+    share = sum(v == "cand" for v in first.values()) / len(users)
+    assert 0.22 < share < 0.28, share
+    assert all(route_request(up, "b", u, "r").release_id == "live" for u in users[:200])  # not its tenant
+    assert route_request(live, "a", "user1", "r") is live
+    assert Upstream.from_dict(up.to_dict()) == up  # what worker processes read from shared memory
+
+
+def test_bad_canary_is_rolled_back_and_good_canary_is_promoted(tmp_path) -> None:
+    cfg = build_config(OnlineConfig, ONLINE, "test")
+    rng = random.Random(7)
+    store = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
+    texts = {"live": "The live answer.", "bad": "A BAD answer.", "good": "The good answer."}
+    p_down = {texts["live"]: 0.1, texts["bad"]: 0.6, texts["good"]: 0.1}
+    fakes = {k: _fake(v) for k, v in texts.items()}
+    with (serve_in_thread(fakes["live"].app) as live_url, serve_in_thread(fakes["bad"].app) as bad_url,
+          serve_in_thread(fakes["good"].app) as good_url,
+          ReleaseManager(ReleaseStore(), grace_s=600) as manager):
+        manager.stage_external(live_url + "/v1", "fake-model", release_id="live")
+        manager.promote("live", force=True, reason="first release: nothing to compare with")
+        for rid, url in (("bad", bad_url), ("good", good_url)):
+            manager.stage_external(url + "/v1", "fake-model", release_id=rid)
+        # Guardrails light (the PII hooks' cost is not what is tested here).
+        gw = make_config(guardrails={"input": [{"name": "injection"}], "output": []})
+        app = create_app(gw, manager, store, extra_routers=[build_admin_router(manager)])
+        with serve_in_thread(app) as base, AdminClient(base, ADMIN) as admin:
+            # Entering a canary goes through the gate, as a promotion does: no evals, so 409.
+            r = httpx.post(base + "/admin/releases/bad/canary", json={"share": 0.5}, headers=H)
+            assert r.status_code == 409 and "gate" in r.json()["error"]["message"]
+            r = httpx.post(base + "/admin/releases/bad/canary", json={"share": 1.5}, headers=H)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "share", r.text
+            admin.start_canary("bad", 0.5, ["a"], force=True, reason="e2e: no offline evals")
+
+            seen = _users_rate(base, rng, 160, p_down)
+            assert seen.get(texts["bad"], 0) > 30 and seen.get(texts["live"], 0) > 30, seen
+            # tenant b is not in the canary's tenants: live answers it
+            hb = {"Authorization": f"Bearer {KEY_B}"}
+            r = httpx.post(base + "/v1/chat/completions", headers=hb, json={
+                "model": "alignloop", "user": "u1", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.json()["choices"][0]["message"]["content"] == texts["live"]
+
+            # `alignloop canary check` against the running gateway, as an operator or the flow runs it
+            cfg_file = tmp_path / "online.yaml"
+            cfg_file.write_text(yaml.safe_dump(ONLINE))
+            store.flush()
+            cli = ["--config", str(cfg_file), "--log-store", store.url, "--url", base, "--admin-key", ADMIN]
+            out = CliRunner().invoke(cli_app, ["canary", "check", *cli, "--json"])
+            assert out.exit_code == 0, out.output
+            result = json.loads(out.output)
+            assert (result["action"], result["decision"]["verdict"]) == ("rolled_back", "rollback"), out.output
+            bad = manager.get("bad")
+            assert bad.status == "retired" and bad.history[-1].reason.startswith("canary rolled back: ")
+            assert "thumbs_down harm" in bad.history[-1].reason
+            assert manager.current().canary is None and manager.live().release_id == "live"
+            seen = _users_rate(base, rng, 20, p_down)
+            assert set(seen) == {texts["live"]}  # nobody sees the rolled-back canary
+
+            admin.start_canary("good", 0.5, ["a"], force=True, reason="e2e: no offline evals")
+            checks = []
+            for _ in range(6):  # check as the flow does, while traffic flows, until it resolves
+                _users_rate(base, rng, 120, p_down)
+                checks.append(run_check(cfg, store, admin, datetime.now(UTC)))
+                if checks[-1].action != "continued":
+                    break
+            assert checks[-1].action == "promoted", checks[-1].decision.to_markdown()
+            good = manager.get("good")
+            assert good.status == "live" and good.history[-1].reason.startswith("online rules vs live")
+            assert good.history[-1].forced  # it entered its canary forced: the promotion says so
+            assert manager.get("live").status == "previous"
+            assert manager.current().release_id == "good" and manager.current().canary is None
+            out = CliRunner().invoke(cli_app, ["release", "list", "--url", base, "--admin-key", ADMIN])
+            assert out.exit_code == 0, out.output
+            assert "canary: 50% of a's users" in out.output and "canary rolled back: online rules" in out.output
+
+
+@pytest.mark.parametrize("field,value", [("canary.share", 1.5), ("rules.0.margin", 2.0)])
+def test_online_config_names_the_bad_field(field: str, value: float) -> None:
+    from training.config import ConfigError
+
+    data = {**ONLINE, "canary": dict(ONLINE["canary"]), "rules": [dict(r) for r in ONLINE["rules"]]}
+    if field == "canary.share":
+        data["canary"]["share"] = value
+    else:
+        data["rules"][0]["margin"] = value
+    with pytest.raises((ConfigError, ValueError), match=field.split(".")[-1]):
+        build_config(OnlineConfig, data, "test")
