@@ -1,4 +1,4 @@
-"""`alignloop canary start|status|check`: a release serving a share of users beside live, decided
+"""`alignloop canary start|status|check|deploy`: a release serving a share of users beside live, decided
 by the online rules (configs/online.yaml, evals/online.py; docs/ONLINE.md).
 
 Like the release commands, these talk to the running gateway's admin API when one runs (it owns
@@ -119,6 +119,24 @@ def canary_check(
     _print(result, as_json)
     if offline and result.action not in ("continued", "none"):
         typer.echo("no gateway running: recorded in the data dir (takes effect at the next serve)")
+
+
+@canary_app.command("deploy")
+def canary_deploy(
+    config: str = _CONFIG,
+    loop_config: str = typer.Option("configs/loop.yaml", help="Loop config: the gateway and log store to use."),  # noqa: B008
+    pool: str = typer.Option("alignloop", help="Prefect work pool."),  # noqa: B008
+) -> None:
+    """Register the Prefect deployment canary-check/canary: the loop schedules its first run when
+    it starts a canary, and each run schedules the next while the rules are inconclusive."""
+    from flows import prefect_env
+
+    prefect_env.configure()
+    from flows.canary import DEPLOYMENT, register_deployment
+
+    dep = register_deployment(config, loop_config, pool)
+    typer.echo(f"deployment {DEPLOYMENT} ({dep}) in work pool {pool}: start a worker with "
+               f"`prefect worker start --pool {pool}`")
 
 
 def _print(result, as_json: bool) -> None:  # noqa: ANN001

@@ -221,6 +221,17 @@ def apply_decision(cfg: LoopConfig, releases: dict[str, dict], decision: dict, r
     return apply(cfg, releases, decision, run_dir)
 
 
+def schedule_canary_check(cfg: LoopConfig) -> str:
+    """The first ``canary-check`` run, one check interval from now (flows/canary.py)."""
+    from evals.online import OnlineConfig
+    from flows.canary import DEPLOYMENT, schedule_check
+    from training.config import load_config
+
+    every = load_config(OnlineConfig, resolve_path(cfg.online_file)).canary.check_every_s
+    run = schedule_check(every, {})
+    return run or f"no {DEPLOYMENT} deployment: run `alignloop canary check` every {every:g} s (or register it)"
+
+
 # -- artifacts -----------------------------------------------------------------------------------
 def _image_markdown(path: Path, title: str) -> str:
     """A PNG inlined as a data URI (the Prefect UI renders it without a file server)."""
@@ -408,6 +419,8 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
 
     winner = decision.get("winner")
     promotion = apply_decision(cfg, releases, decision, str(run_dir))
+    if promotion and promotion.get("canary"):  # its checks run as flow runs of their own
+        promotion["first_check"] = schedule_canary_check(cfg)
     publish_artifacts(run_dir, data, decision, promotion)
     windows.mark_success(win)
     outcome = {

@@ -128,6 +128,11 @@ class LoopConfig(StrictModel):
     evals_file: str = Field("configs/evals.yaml", description="Eval suites config.")
     gate_file: str = Field("configs/gate.yaml", description="Promotion gate policy.")
     promote: bool = Field(True, description="Promote the best passing candidate (false: report only).")
+    canary: bool = Field(
+        False, description="Stage the gate's winner as a canary (a share of users, decided by the online "
+        "rules of online_file) instead of promoting it; docs/ONLINE.md.",
+    )
+    online_file: str = Field("configs/online.yaml", description="Online rules and canary settings.")
 
     @model_validator(mode="after")
     def _check_sections(self) -> LoopConfig:
@@ -146,10 +151,12 @@ class LoopConfig(StrictModel):
         before SFT, DPO, merge and AWQ have spent their time (the error names file and field)."""
         from evals.config import EvalsConfig
         from evals.gate import GateConfig
+        from evals.online import OnlineConfig
         from serving.gateway_config import GatewayConfig
 
         for field, cls, name in (("evals_file", EvalsConfig, self.evals_file),
                                  ("gate_file", GateConfig, self.gate_file),
+                                 ("online_file", OnlineConfig, self.online_file),
                                  ("gateway.config_file", GatewayConfig, self.gateway.config_file)):
             path = resolve_path(name)
             if not path.is_file():

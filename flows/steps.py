@@ -352,6 +352,8 @@ def apply_decision(
     """Attach each candidate's evals to its release, promote the winner (the release manager
     recomputes the decision from the run folder named in the attachment and refuses when it does
     not pass), and retire what stays staged (candidates, the baseline copy) so their vLLMs stop."""
+    from evals.online import OnlineConfig
+
     gate = json.loads(Path(decision["report_json"]).read_text())["gate"]
     winner = decision.get("winner")
     promotion = None
@@ -372,6 +374,12 @@ def apply_decision(
                 # Stays staged (and warm) until a reviewer approves it on the review page.
                 promotion = {"release_id": rid, "promoted": False,
                              "why": f"awaiting a reviewer's approval: {decision['summary']}"}
+            elif cfg.canary:  # online evidence first: a share of users, decided by flows/canary.py
+                online = load_config(OnlineConfig, resolve_path(cfg.online_file)).canary
+                admin.start_canary(rid, online.share, online.tenants,
+                                   reason=f"gate passed: {decision['summary']} (run {Path(run_dir).name})")
+                promotion = {"release_id": rid, "promoted": False, "canary": True,
+                             "why": f"canary: {online.share:.0%} of users until the online rules decide"}
             else:
                 admin.promote(rid, reason=f"gate passed: {decision['summary']} (run {Path(run_dir).name})")
                 promotion = {"release_id": rid, "promoted": True, "why": decision["summary"]}
