@@ -21,7 +21,7 @@ from test_gateway_support import ADMIN, make_config  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-def test_canary_check_flow_rolls_back_and_schedules_follow_ups(prefect_harness, tmp_path) -> None:
+def test_canary_check_flow_rolls_back_and_schedules_follow_ups(prefect_harness, tmp_path, data_home) -> None:
     from prefect.client.orchestration import get_client
 
     from flows.canary import (

@@ -95,7 +95,7 @@ def test_route_request_is_sticky_per_user_and_keeps_the_share() -> None:
     assert Upstream.from_dict(up.to_dict()) == up  # what worker processes read from shared memory
 
 
-def test_bad_canary_is_rolled_back_and_good_canary_is_promoted(tmp_path) -> None:
+def test_bad_canary_is_rolled_back_and_good_canary_is_promoted(tmp_path, data_home) -> None:
     cfg = build_config(OnlineConfig, ONLINE, "test")
     rng = random.Random(7)
     store = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
@@ -173,3 +173,46 @@ def test_online_config_names_the_bad_field(field: str, value: float) -> None:
         data["rules"][0]["margin"] = value
     with pytest.raises((ConfigError, ValueError), match=field.split(".")[-1]):
         build_config(OnlineConfig, data, "test")
+
+
+def test_loop_starts_the_gates_winner_as_a_canary(tmp_path, data_home) -> None:
+    """The loop's last step (flows/steps.apply_decision) with ``canary: true``: the winner, whose
+    gate decision the release manager recomputes from the run folder, becomes a canary (not
+    forced) with the share and tenants of the online config; the loser is retired."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "review"))
+    from review_support import verifiable_decision
+
+    from flows.loop_config import LoopConfig
+    from flows.steps import apply_decision
+
+    online = tmp_path / "online.yaml"
+    online.write_text(yaml.safe_dump({**ONLINE, "canary": {**ONLINE["canary"], "share": 0.3, "tenants": ["a"]}}))
+    run = data_home / "runs" / "r1"
+    (run / "report").mkdir(parents=True)
+    with (serve_in_thread(_fake("live answer").app) as live_url, serve_in_thread(_fake("new answer").app) as new_url,
+          ReleaseManager(ReleaseStore(), grace_s=600) as manager):
+        manager.stage_external(live_url + "/v1", "fake-model", release_id="rel-live")
+        manager.promote("rel-live", force=True, reason="first release")
+        for rid in ("rel-aligned", "rel-quantized"):
+            manager.stage_external(new_url + "/v1", "fake-model", release_id=rid)
+        verifiable_decision(manager.store, run, "aligned", "rel-aligned", require_approval=False)
+        manager.gate_file = manager.store.gate_file
+        report_json = run / "report" / "decision.json"
+        gate = {v: {"passed": v == "aligned", "require_approval": False, "rules": []} for v in ("aligned", "quantized")}
+        report_json.write_text(json.dumps({"gate": gate | {"serving_choice": {}}}))
+        decision = {"winner": "aligned", "summary": "promote aligned", "report_json": str(report_json),
+                    "report_md": str(run / "report" / "report.md")}
+        releases = {"aligned": {"release_id": "rel-aligned"}, "quantized": {"release_id": "rel-quantized"}}
+        app = create_app(make_config(guardrails={"input": [], "output": []}), manager, LogStore(
+            f"sqlite:///{tmp_path / 'logs.db'}"), extra_routers=[build_admin_router(manager)])
+        with serve_in_thread(app) as base:
+            cfg = LoopConfig.model_validate({"gateway": {"url": base, "admin_key": ADMIN}, "canary": True,
+                                             "online_file": str(online)})
+            promotion = apply_decision(cfg, releases, decision, str(run))
+            canary = manager.get("rel-aligned")
+            assert promotion["canary"] and not promotion["promoted"], promotion
+            assert canary.status == "canary" and not canary.history[-1].forced
+            assert canary.canary["share"] == 0.3 and canary.canary["tenants"] == ["a"]
+            assert canary.canary["live"] == "rel-live" and manager.live().release_id == "rel-live"
+            assert manager.get("rel-quantized").status == "retired"
+            assert manager.current().canary.upstream.release_id == "rel-aligned"
