@@ -177,6 +177,7 @@ def run_scenario(cfg: OnlineConfig, tr: Traffic, sc: Scenario, seeds: range, pro
     counts = {k: verdicts.count(k) for k in ("rollback", "promote", "keep_live")}
     wrong = counts["rollback"] if sc.truth == "equal" else counts["promote"]
     rb = sorted(t for v, t in zip(verdicts, times, strict=True) if v == "rollback")
+    pr = sorted(t for v, t in zip(verdicts, times, strict=True) if v == "promote")
     return {
         "scenario": sc.name, "truth": sc.truth, "procedure": procedure, "seeds": n,
         "counts": counts, "wrong": wrong, "wrong_rate": wrong / n, "wrong_ci95": wilson(wrong, n),
@@ -184,6 +185,7 @@ def run_scenario(cfg: OnlineConfig, tr: Traffic, sc: Scenario, seeds: range, pro
         "promote_rate": counts["promote"] / n,
         "rollback_minutes_median": float(np.median(rb)) if rb else None,
         "rollback_minutes_p90": float(np.quantile(rb, 0.9)) if rb else None,
+        "promote_minutes_median": float(np.median(pr)) if pr else None,
     }
 
 
@@ -194,8 +196,8 @@ def markdown(rows: list[dict], tr: Traffic, cfg: OnlineConfig) -> str:
         f"{tr.thumbs_down:.0%}; looks every minute for {cfg.canary.max_duration_s / 3600:g} h; "
         f"min duration {cfg.canary.min_duration_s / 3600:g} h; alpha {cfg.alpha:g} over {len(cfg.rules)} rules.",
         "",
-        "| scenario | procedure | seeds | rolled back | promoted | kept live | wrong (95% CI) | rollback minute median / p90 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | procedure | seeds | rolled back | promoted | kept live | wrong (95% CI) | rollback minute median / p90 | promotion minute median |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         c, lo_hi = r["counts"], r["wrong_ci95"]
@@ -206,6 +208,7 @@ def markdown(rows: list[dict], tr: Traffic, cfg: OnlineConfig) -> str:
             f"{c['promote'] / r['seeds']:.1%} | {c['keep_live'] / r['seeds']:.1%} | {wrong} {r['wrong_rate']:.1%} "
             f"({lo_hi[0]:.1%}-{lo_hi[1]:.1%}) | "
             + (f"{med:.0f} / {r['rollback_minutes_p90']:.0f} |" if med is not None else "- |")
+            + (f" {r['promote_minutes_median']:.0f} |" if r["promote_minutes_median"] is not None else " - |")
         )
     return "\n".join(lines) + "\n"
 
@@ -229,6 +232,14 @@ def main() -> None:
                 continue
             rows.append(run_scenario(cfg, tr, SCENARIOS[key], range(args.seeds), proc))
             print(json.dumps(rows[-1]), flush=True)
+    # The harshest peeking: an equal release watched every minute for the whole maximum with no
+    # promotion to end it (what the post-promotion monitor does).
+    watch = cfg.model_copy(deep=True)
+    watch.canary.min_duration_s = watch.canary.max_duration_s
+    for proc in args.procedures:
+        sc = Scenario(f"equal, watched {watch.canary.max_duration_s / 3600:g} h without promotion", "equal")
+        rows.append(run_scenario(watch, tr, sc, range(args.seeds), proc))
+        print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(sys.argv), "traffic": asdict(tr), "config": cfg.model_dump(mode="json"),

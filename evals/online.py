@@ -98,11 +98,21 @@ class CanaryConfig(StrictModel):
         return self
 
 
+class MonitorConfig(StrictModel):
+    """After a promotion: the previous release keeps a share of users while it is warm (the
+    gateway's grace period), and the same rules watch the new live release against it."""
+
+    holdback: float = Field(
+        0.2, ge=0, lt=1, description="Share of the canary's tenants' users kept on the previous release; 0 = not watched.",
+    )
+
+
 class OnlineConfig(StrictModel):
     """configs/online.yaml: the canary stage and its anytime-valid rules."""
 
     alpha: float = Field(0.05, gt=0, lt=0.5, description="Error of the whole online decision (all rules, all looks).")
     canary: CanaryConfig = Field(default_factory=CanaryConfig, description="Share, tenants, durations.")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="Watching a release after its promotion.")
     token_cap: int = Field(1024, ge=1, description="answer_tokens: tokens per answer are capped here and scaled to [0, 1].")
     slow_ttft_ms: float | None = Field(
         None, gt=0, description="slow_ttft_rate threshold; None = live's p95 TTFT over ttft_lookback_s before the canary.",

@@ -1,8 +1,9 @@
-"""The canary stage as a Prefect flow: ``canary-check`` looks once at the running canary and exits.
+"""The canary stage as a Prefect flow: ``canary-check`` looks once at the running canary (or at the
+release just promoted from one, while its holdback lasts) and exits.
 
 One run = one look (serving.canary.run_check: the online rules of configs/online.yaml decide, the
-gateway's release manager promotes the canary or ends it), published as a markdown artifact with
-each rule's bound and the verdict. While the verdict is "continue", a run that belongs to a
+gateway's release manager promotes the canary, ends it, or rolls a watched release back), published
+as a markdown artifact with each rule's bound and the verdict. While undecided, a run that belongs to a
 deployment schedules the deployment's next run ``canary.check_every_s`` later (a scheduled flow
 run: no worker waits in between); the loop schedules the first one when it starts a canary
 (:func:`schedule_check`). Register the deployment once with :func:`register_deployment`
@@ -40,13 +41,13 @@ def check_canary(config: str, overrides: list[str], loop_config: str) -> dict[st
     finally:
         store.close()
     d = result.decision
-    return {"canary": result.canary, "action": result.action, "summary": result.summary(),
+    return {"canary": result.canary, "stage": result.stage, "action": result.action, "summary": result.summary(),
             "check_every_s": cfg.canary.check_every_s,
             "decision": d.to_dict() if d else None, "markdown": d.to_markdown() if d else None}
 
 
-def artifact_key(release_id: str) -> str:
-    return "canary-" + re.sub(r"[^a-z0-9-]+", "-", release_id.lower()).strip("-")[:80]
+def artifact_key(stage: str, release_id: str) -> str:
+    return f"{stage}-" + re.sub(r"[^a-z0-9-]+", "-", release_id.lower()).strip("-")[:80]
 
 
 @flow(name="canary-check")
@@ -61,10 +62,10 @@ def canary_check(
     if out["canary"] is None:
         return out
     create_markdown_artifact(
-        out["markdown"] + f"\naction: **{out['action']}**\n", key=artifact_key(out["canary"]),
-        description=f"Online rules, canary {out['canary']} vs live: {out['action']}",
+        out["markdown"] + f"\naction: **{out['action']}**\n", key=artifact_key(out["stage"], out["canary"]),
+        description=f"Online rules, {out['stage']} {out['canary']}: {out['action']}",
     )
-    if out["action"] == "continued" and follow_up:
+    if out["action"] in ("continued", "watching") and follow_up:
         params = {"config": config, "overrides": overrides or [], "loop_config": loop_config}
         out["next_check"] = _follow_up(out["check_every_s"], params)
         logger.info("next check: %s", out["next_check"] or "none scheduled (not a deployment run)")

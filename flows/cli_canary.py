@@ -31,8 +31,11 @@ class _OfflineReleases:
     def list(self):  # noqa: ANN201
         return self.store.list()
 
-    def promote(self, release_id: str, reason: str):  # noqa: ANN201
-        return self.store.promote_offline(release_id, reason=reason, by=self.by)
+    def promote(self, release_id: str, reason: str, **_holdback):  # noqa: ANN003, ANN201
+        return self.store.promote_offline(release_id, reason=reason, by=self.by)  # no users: no holdback
+
+    def rollback(self, reason: str):  # noqa: ANN201
+        return self.store.rollback_offline(reason, by=self.by)
 
     def end_canary(self, reason: str):  # noqa: ANN201
         rel = next(r for r in self.store.list() if r.status == "canary")
@@ -117,7 +120,7 @@ def canary_check(
     finally:
         store.close()
     _print(result, as_json)
-    if offline and result.action not in ("continued", "none"):
+    if offline and result.action not in ("continued", "watching", "none"):
         typer.echo("no gateway running: recorded in the data dir (takes effect at the next serve)")
 
 
@@ -141,11 +144,11 @@ def canary_deploy(
 
 def _print(result, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        typer.echo(json.dumps({"canary": result.canary, "action": result.action,
+        typer.echo(json.dumps({"canary": result.canary, "stage": result.stage, "action": result.action,
                                "decision": result.decision.to_dict() if result.decision else None}, indent=2))
         return
     if result.decision is None:
-        typer.echo("no canary is running")
+        typer.echo(result.summary())
         return
     typer.echo(result.decision.to_markdown())
     typer.echo(f"action: {result.action}")

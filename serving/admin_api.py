@@ -68,6 +68,10 @@ class PromoteRequest(StrictModel):
     reason: str | None = Field(
         None, max_length=2000, description="Why; stored in the status history."
     )
+    holdback: float | None = Field(
+        None, gt=0, lt=1, description="Share of users kept on the previous release while it is warm (watched).",
+    )
+    holdback_tenants: list[str] = Field(default_factory=list, description="Tenants of the holdback; [] = all.")
 
 
 class RollbackRequest(StrictModel):
@@ -170,7 +174,8 @@ def build_admin_router(
     @router.post("/{release_id}/promote")
     def promote(request: Request, release_id: str, body: PromoteRequest | None = None) -> Any:
         body = body or PromoteRequest()
-        return guarded(lambda: manager.promote(release_id, body.force, body.reason, _actor(request)))
+        return guarded(lambda: manager.promote(release_id, body.force, body.reason, _actor(request),
+                                               body.holdback, body.holdback_tenants))
 
     @router.post("/{release_id}/canary")
     def canary(request: Request, release_id: str, body: CanaryRequest) -> Any:
@@ -269,10 +274,10 @@ class AdminClient:
         )
         return release_from_api(self._call("POST", "", body.model_dump(mode="json")))
 
-    def promote(self, release_id: str, force: bool = False, reason: str | None = None) -> Release:
-        return release_from_api(
-            self._call("POST", f"/{release_id}/promote", {"force": force, "reason": reason})
-        )
+    def promote(self, release_id: str, force: bool = False, reason: str | None = None,
+                holdback: float | None = None, holdback_tenants: list[str] | None = None) -> Release:
+        body = {"force": force, "reason": reason, "holdback": holdback, "holdback_tenants": holdback_tenants or []}
+        return release_from_api(self._call("POST", f"/{release_id}/promote", body))
 
     def rollback(self, reason: str | None = None) -> Release:
         return release_from_api(self._call("POST", "/rollback", {"reason": reason}))

@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +124,9 @@ class Release:
     # Its canary stage: share, tenants, started_at, live (the release it is compared with); kept
     # after the canary ends, for the record (the online checks' verdicts are in the history).
     canary: dict[str, Any] | None = None
+    # Watched after its promotion: the previous release keeps a share of users (a holdback) for
+    # the grace period, so the online rules compare both on the same period (serving/canary.py).
+    monitor: dict[str, Any] | None = None
 
     @property
     def status(self) -> Status | None:
@@ -1013,6 +1016,8 @@ class ReleaseManager:
         return self._launch(rel)
 
     def _stop(self, release_id: str) -> None:
+        if self._canary is not None and self._canary.upstream.release_id == release_id:
+            self._set_canary(None)  # never route users to a stopped server (a holdback's grace ends)
         timer = self._timers.pop(release_id, None)
         if timer:
             timer.cancel()
@@ -1098,13 +1103,18 @@ class ReleaseManager:
             return
         self._set_canary(self._canary_of(rel, server))
 
-    @staticmethod
-    def _canary_of(rel: Release, server: VLLMServer) -> Canary:
+    @classmethod
+    def _canary_of(cls, rel: Release, server: VLLMServer) -> Canary:
         c = rel.canary or {}
+        return cls._routed(rel, server, float(c.get("share", 0.0)), c.get("tenants") or ())
+
+    @staticmethod
+    def _routed(rel: Release, server: VLLMServer, share: float, tenants: Iterable[str]) -> Canary:
+        """``rel`` served to ``share`` of ``tenants``' users beside live (a canary or a holdback)."""
         return Canary(
             Upstream(server.base_url, rel.release_id, rel.served_name, getattr(server, "api_key", None),
                      server.tool_parser),
-            float(c.get("share", 0.0)), tuple(c.get("tenants") or ()),
+            share, tuple(tenants),
         )
 
     def start_canary(
@@ -1212,7 +1222,8 @@ class ReleaseManager:
         )
 
     def promote(
-        self, release_id: str, force: bool = False, reason: str | None = None, by: str = ""
+        self, release_id: str, force: bool = False, reason: str | None = None, by: str = "",
+        holdback: float | None = None, holdback_tenants: Iterable[str] = (),
     ) -> Release:
         """Make a release live. It is started (if cold) and health-checked first; on failure the
         live release keeps serving and this raises :class:`ReleaseError`.
@@ -1220,7 +1231,12 @@ class ReleaseManager:
         Args:
             force: the promotion overrides a gate decision; recorded with ``reason``.
             by: who asks (the admin key's id); recorded in the status history.
+            holdback: a share of ``holdback_tenants``' users (all tenants when empty) kept on the
+                previous release while it is warm (the grace period), so the online rules can
+                watch the new live release against it (``monitor`` on the release record).
         """
+        if holdback is not None and not 0 < holdback < 1:
+            raise ReleaseError(f"holdback {holdback}: must be between 0 and 1")
         if force and not reason:
             raise ReleaseError("a forced promotion needs a reason")
         with self._ops:
@@ -1241,6 +1257,17 @@ class ReleaseManager:
             self._switch(server, target)
             self._demote_after_switch(old, release_id, f"{release_id} promoted", by)
             rel = self.store.set_status(release_id, "live", reason or "promoted", force, by)
+            old_server = self._servers.get(old.release_id) if old is not None else None
+            if holdback and old_server is not None and self.grace_s > 0:
+                tenants = list(holdback_tenants)
+                with self.store.locked():
+                    rel = self.store.get(release_id)
+                    now = datetime.now(UTC)
+                    rel.monitor = {"previous": old.release_id, "share": holdback, "tenants": tenants,
+                                   "started_at": now.isoformat(timespec="milliseconds"),
+                                   "until": (now + timedelta(seconds=self.grace_s)).isoformat(timespec="milliseconds")}
+                    self.store.save(rel)
+                self._set_canary(self._routed(old, old_server, holdback, tenants))
         self.store.refresh_gate_verdicts()  # after the switch: users are on the new release already
         return rel
 

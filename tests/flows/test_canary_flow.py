@@ -66,7 +66,7 @@ def test_canary_check_flow_rolls_back_and_schedules_follow_ups(prefect_harness, 
 
     with get_client(sync_client=True) as client:
         art = client.read_latest_artifacts()
-        mine = [a for a in art if a.key == artifact_key("bad")]
+        mine = [a for a in art if a.key == artifact_key("canary", "bad")]
         assert mine and "thumbs_down" in mine[0].data and "rolled_back" in mine[0].data
         # The loop's first check (and each continuing run's next one) is a scheduled flow run of
         # the deployment: nothing waits in a worker meanwhile.

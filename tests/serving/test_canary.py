@@ -39,6 +39,7 @@ ONLINE = {
     "alpha": 0.05,
     "canary": {"share": 0.5, "min_duration_s": 0, "max_duration_s": 3600},
     "slow_ttft_ms": 5000,
+    "monitor": {"holdback": 0.5},
     "rules": [
         {"name": "thumbs_down", "metric": "thumbs_down_rate", "margin": 0.25},
         {"name": "edits", "metric": "edit_rate", "margin": 0.2},
@@ -156,10 +157,25 @@ def test_bad_canary_is_rolled_back_and_good_canary_is_promoted(tmp_path, data_ho
             assert good.status == "live" and good.history[-1].reason.startswith("online rules vs live")
             assert good.history[-1].forced  # it entered its canary forced: the promotion says so
             assert manager.get("live").status == "previous"
-            assert manager.current().release_id == "good" and manager.current().canary is None
+            assert manager.current().release_id == "good"
             out = CliRunner().invoke(cli_app, ["release", "list", "--url", base, "--admin-key", ADMIN])
             assert out.exit_code == 0, out.output
             assert "canary: 50% of a's users" in out.output and "canary rolled back: online rules" in out.output
+
+            # After its promotion, half of tenant a's users stay on the previous release while it
+            # is warm, and the same rules watch the new live release against it. The new release
+            # turns bad (its answers now get thumbed down): rolled back automatically.
+            assert manager.current().canary.upstream.release_id == "live"  # the holdback
+            assert good.monitor["previous"] == "live" and good.monitor["share"] == 0.5
+            assert run_check(cfg, store, admin).action == "watching"
+            fakes["good"].reply = texts["bad"]
+            _users_rate(base, rng, 200, p_down)
+            result = run_check(cfg, store, admin, datetime.now(UTC))
+            assert (result.stage, result.action) == ("monitor", "monitor_rolled_back"), result.decision.to_markdown()
+            assert manager.live().release_id == "live" and manager.current().canary is None
+            last = manager.get("live").history[-1]
+            assert last.reason.startswith("monitor rolled back: online rules vs live") and "thumbs_down harm" in last.reason
+            assert run_check(cfg, store, admin).action == "none"  # the rolled-back release is not watched
 
 
 @pytest.mark.parametrize("field,value", [("canary.share", 1.5), ("rules.0.margin", 2.0)])
