@@ -24,7 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.gate import GateConfig  # noqa: E402
-from evals.oc import estimate, pooled_models, profile_items, run_scenario, scenarios  # noqa: E402
+from evals.oc import (  # noqa: E402
+    LOWER_IS_BETTER,
+    Candidate,
+    Scenario,
+    estimate,
+    pooled_models,
+    profile_items,
+    run_scenario,
+    scenarios,
+)
 from training.config import load_config  # noqa: E402
 
 
@@ -47,25 +56,32 @@ def cmd_estimate(args: argparse.Namespace) -> None:
                   f"diff {e['mean_diff']:+.3f}, discordance {e['discordance']:.3f}, icc {e['icc']:.2f}")
 
 
-def cmd_pairs(args: argparse.Namespace) -> None:
-    """Quality and safety suites of two models, each served by vLLM behind the product's gateway."""
+def eval_model(model: str | Path, variant: str, out: Path, cfg) -> dict[str, float]:
+    """Quality and safety suites of one model folder, served by vLLM behind the product's private
+    gateway with its guardrails (as the loop evaluates a staged release), into ``out`` (an
+    ``evals-<variant>`` folder: result.json and output/outcomes-*.jsonl, what the gate reads)."""
     from evals import suites
-    from evals.config import EvalsConfig
     from serving.vllm_server import VLLMArgs, VLLMServer
 
+    (out / "output").mkdir(parents=True, exist_ok=True)
+    t = time.monotonic()
+    with VLLMServer(Path(model), args=VLLMArgs(max_model_len=2048, kv_cache_gib=2),
+                    log_path=out / "vllm.log", served_name=variant) as server, \
+            suites.candidate_gateway(server.base_url, variant, variant,
+                                     f"sqlite:///{(out / 'logs.db').resolve()}") as endpoint:
+        res = suites.run(cfg, endpoint, out / "output", variant, suites=("quality", "safety"))
+    (out / "result.json").write_text(json.dumps({"metrics": res.metrics, "model_dir": str(model)}, indent=2))
+    print(f"{variant}: {time.monotonic() - t:.0f} s", flush=True)
+    return res.metrics
+
+
+def cmd_pairs(args: argparse.Namespace) -> None:
+    """Quality and safety suites of two models, each served by vLLM behind the product's gateway."""
+    from evals.config import EvalsConfig
+
     cfg = load_config(EvalsConfig, args.evals)
-    run = Path(args.run)
     for variant, model in (("baseline", args.baseline), ("aligned", args.candidate)):
-        out = run / f"evals-{variant}"
-        (out / "output").mkdir(parents=True, exist_ok=True)
-        t = time.monotonic()
-        with VLLMServer(Path(model), args=VLLMArgs(max_model_len=2048, kv_cache_gib=2),
-                        log_path=out / "vllm.log", served_name=variant) as server, \
-                suites.candidate_gateway(server.base_url, variant, variant,
-                                         f"sqlite:///{(out / 'logs.db').resolve()}") as endpoint:
-            res = suites.run(cfg, endpoint, out / "output", variant, suites=("quality", "safety"))
-        (out / "result.json").write_text(json.dumps({"metrics": res.metrics, "model_dir": str(model)}, indent=2))
-        print(f"{variant}: {time.monotonic() - t:.0f} s", flush=True)
+        eval_model(model, variant, Path(args.run) / f"evals-{variant}", cfg)
 
 
 def _pct(rates, count: int) -> str:
@@ -90,10 +106,20 @@ def cmd_table(args: argparse.Namespace) -> None:
            "looks": cfg.looks, "models": {}, "rows": []}
     lines = ["| scenario | correlation | promoted (any) | promoted, each | false promotions | resolved | items / release |",
              "|---|---|---|---|---|---|---|"]
+    extra = []
+    if args.measured:
+        # A candidate whose true effects are what a real run measured (its mean paired differences).
+        pair = json.loads(Path(args.estimates).read_text())["pairs"][args.measured]
+        effects = {m: e["mean_diff"] * (-1 if m in LOWER_IS_BETTER else 1) for m, e in pair.items()}
+        extra.append(Scenario(f"effects as {args.measured} measured", [Candidate("aligned", effects)],
+                              "resolve (promote, or a rule that fails)", truly_better={"aligned"}))
+    out["measured"] = args.measured
     t0 = time.monotonic()
     for setting, models in settings.items():
         out["models"][setting] = {m: vars(v) for m, v in models.items()}
-        for sc in scenarios(cfg, gain=args.gain):
+        for sc in scenarios(cfg, gain=args.gain) + extra:
+            if args.only and args.only not in sc.name:
+                continue
             r = run_scenario(cfg, sc, items, models, range(args.seeds))
             each = ", ".join(f"{n} {100 * c / r.seeds:.1f}%" for n, c in r.promoted.items())
             lines.append(f"| {sc.name} (want: {sc.expect}) | {setting} | {_pct(r, r.any_promoted)} | {each} | "
@@ -127,6 +153,10 @@ def main() -> None:
     t.add_argument("--resamples", type=int, default=None, help="Override the gate's bootstrap resamples.")
     t.add_argument("--icc", type=float, default=None, help="Add a column with this family ICC.")
     t.add_argument("--gain", type=float, default=0.10, help="The better candidate's true policy gain.")
+    t.add_argument("--measured", default=None,
+                   help="Add a scenario whose effects are this estimates pair's mean differences "
+                   "(e.g. demo/evals-aligned).")
+    t.add_argument("--only", default=None, help="Run only the scenarios whose name contains this.")
     t.add_argument("--out", required=True)
     args = ap.parse_args()
     {"estimate": cmd_estimate, "pairs": cmd_pairs, "table": cmd_table}[args.cmd](args)
