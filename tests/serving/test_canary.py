@@ -9,6 +9,7 @@ back automatically during its canary; a good one (the same answers as live) is p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -232,3 +233,32 @@ def test_loop_starts_the_gates_winner_as_a_canary(tmp_path, data_home) -> None:
             assert canary.canary["live"] == "rel-live" and manager.live().release_id == "rel-live"
             assert manager.get("rel-quantized").status == "retired"
             assert manager.current().canary.upstream.release_id == "rel-aligned"
+
+
+@pytest.mark.integration
+def test_worker_processes_route_the_canary_sticky_per_user(tmp_path) -> None:
+    """`alignloop serve` with worker processes: the canary travels with the live upstream through
+    shared memory, and every worker assigns a user to the same release."""
+    from test_dataplane import _rows, control_plane
+
+    with control_plane(tmp_path, make_config(guardrails={"input": [], "output": []})) as (
+        base, manager, releases, _ups, store, _plane,
+    ):
+        live = dataclasses.replace(releases[0], canary=Canary(releases[1], 0.5, ("a",)))
+        manager.set(live)
+        users = [f"u{i}" for i in range(20)]
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for _ in range(3):  # each user three times, over whichever worker the kernel picks
+                for u in users:
+                    r = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY_A}"}, json={
+                        "model": "alignloop", "user": u, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+                    assert r.status_code == 200, r.text
+        rows = _rows(store, 3 * len(users))
+        by_user: dict[str, set[str]] = {}
+        for row in rows:
+            by_user.setdefault(row["params"]["user"], set()).add(row["release"])
+        assert len(rows) == 3 * len(users)
+        assert all(len(v) == 1 for v in by_user.values()), by_user
+        expected = {u: route_request(live, "a", u, "").release_id for u in users}
+        assert {u: next(iter(v)) for u, v in by_user.items()} == expected
+        assert set(expected.values()) == {"r0", "r1"}
