@@ -202,6 +202,10 @@ class Signals:
     slow_ttft_ms: float | None = None
 
 
+SIGNAL_COLUMNS = ["id", "release", "status", "verdicts", "usage", "ttft_ms", "latency_ms"]
+"""What the rules read of a logged exchange (not its messages or answer)."""
+
+
 def _is_down(payload: dict[str, Any]) -> bool:
     thumbs = payload.get("thumbs")
     if thumbs is not None:
@@ -253,7 +257,8 @@ def read_signals(
     slow = cfg.slow_ttft_ms
     if slow is None:
         before = [
-            t for e in store.exchanges(since - timedelta(seconds=cfg.ttft_lookback_s), since, tenants, [live_id])
+            t for e in store.exchanges(since - timedelta(seconds=cfg.ttft_lookback_s), since, tenants, [live_id],
+                                       columns=SIGNAL_COLUMNS)
             if e["status"] == "ok" and (t := _ttft_ms(e)) is not None
         ]
         slow = float(np.quantile(before, 0.95)) if len(before) >= 20 else None
@@ -269,7 +274,7 @@ def read_signals(
     sig = Signals(slow_ttft_ms=slow)
     acc = {m: {canary_id: [0.0, 0], live_id: [0.0, 0]} for m in METRIC_DOC}
     counts = {canary_id: 0, live_id: 0}
-    for ex in store.exchanges(since, until, tenants, [canary_id, live_id]):
+    for ex in store.exchanges(since, until, tenants, [canary_id, live_id], columns=SIGNAL_COLUMNS):
         rid = ex["release"]
         counts[rid] += 1
         for metric, value in exchange_values(ex, ratings, edited, cfg, slow).items():

@@ -376,8 +376,10 @@ class LogStore:
     @staticmethod
     def _exchange_dict(row: Any) -> dict[str, Any]:
         d = dict(row)
-        d["created_at"] = _aware(d["created_at"])
-        d["stream"] = bool(d["stream"])
+        if "created_at" in d:
+            d["created_at"] = _aware(d["created_at"])
+        if "stream" in d:
+            d["stream"] = bool(d["stream"])
         return d
 
     def exchanges(
@@ -386,10 +388,12 @@ class LogStore:
         until: datetime | None = None,
         tenants: list[str] | None = None,
         releases: list[str] | None = None,
+        columns: list[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Exchanges in ``[since, until)``, oldest first, optionally filtered by tenant/release."""
+        """Exchanges in ``[since, until)``, oldest first, optionally filtered by tenant/release;
+        ``columns`` reads only those (the online rules skip the messages and answers)."""
         self.flush()
-        q = _window_query(requests_table, since, until, tenants)
+        q = _window_query(requests_table, since, until, tenants, columns)
         if releases:
             q = q.where(requests_table.c.release.in_(releases))
         with self.engine.connect() as conn:
@@ -436,9 +440,12 @@ def _add_missing_columns(engine: Engine) -> None:
                 conn.execute(text(ddl))
 
 
-def _window_query(t: Table, since: datetime | None, until: datetime | None, tenants: list[str] | None):
+def _window_query(
+    t: Table, since: datetime | None, until: datetime | None, tenants: list[str] | None,
+    columns: list[str] | None = None,
+):
     """Rows of ``t`` with ``created_at`` in ``[since, until)``, oldest first, for ``tenants``."""
-    q = select(t).order_by(t.c.created_at, t.c.id)
+    q = (select(*(t.c[c] for c in columns)) if columns else select(t)).order_by(t.c.created_at, t.c.id)
     if since is not None:
         q = q.where(t.c.created_at >= since)
     if until is not None:
