@@ -262,3 +262,43 @@ def test_worker_processes_route_the_canary_sticky_per_user(tmp_path) -> None:
         expected = {u: route_request(live, "a", u, "").release_id for u in users}
         assert {u: next(iter(v)) for u, v in by_user.items()} == expected
         assert set(expected.values()) == {"r0", "r1"}
+
+
+def test_canary_check_without_a_gateway_decides_on_the_files(tmp_path, data_home) -> None:
+    """`alignloop canary status|check` with no gateway running read the persisted releases and
+    the log store, and record the outcome in the data dir (it takes effect at the next serve)."""
+    from serving.logstore import ExchangeRecord
+    from serving.vllm_server import VLLMArgs
+
+    releases = ReleaseStore()
+    for rid in ("live", "cand"):
+        releases.create(tmp_path / rid, VLLMArgs(), release_id=rid)
+        releases.set_status(rid, "staged", "healthy (test)")
+    releases.promote_offline("live", force=True, reason="first release")
+    with releases.locked():
+        rel = releases.get("cand")
+        rel.canary = {"share": 0.5, "tenants": ["a"], "started_at": "2026-12-07T00:00:00.000+00:00", "live": "live"}
+        releases.save(rel)
+    releases.set_status("cand", "canary", "canary (test)", forced=True, by="test")
+    logs = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
+    rng = random.Random(1)
+    for i in range(300):
+        rid = "cand" if i % 2 else "live"
+        logs.log_exchange(ExchangeRecord(id=f"r{i}", tenant="a", release=rid, response="x", latency_ms=10.0,
+                                         usage={"completion_tokens": 5}, messages=[{"role": "user", "content": "q"}]))
+        logs.flush()
+        down = rng.random() < (0.6 if rid == "cand" else 0.1)
+        logs.add_feedback(f"r{i}", "a", "rating", {"thumbs": "down" if down else "up"})
+    logs.close()
+    cfg_file = tmp_path / "online.yaml"
+    cfg_file.write_text(yaml.safe_dump(ONLINE))
+    cli = ["--config", str(cfg_file), "--log-store", f"sqlite:///{tmp_path / 'logs.db'}"]
+    out = CliRunner().invoke(cli_app, ["canary", "status", *cli])
+    assert out.exit_code == 0 and "**rollback**" in out.output and "action: continued" in out.output, out.output
+    assert releases.get("cand").status == "canary"  # status only looks
+    out = CliRunner().invoke(cli_app, ["canary", "check", *cli])
+    assert out.exit_code == 0 and "action: rolled_back" in out.output and "no gateway running" in out.output, out.output
+    last = releases.get("cand").history[-1]
+    assert last.status == "retired" and last.reason.startswith("canary rolled back:") and "(offline)" in last.by
+    out = CliRunner().invoke(cli_app, ["canary", "check", *cli, "alpha=0.7"])
+    assert out.exit_code == 1 and "alpha" in out.output, out.output  # a bad override names the field
