@@ -146,7 +146,9 @@ def test_bad_canary_is_rolled_back_and_good_canary_is_promoted(tmp_path, data_ho
             seen = _users_rate(base, rng, 20, p_down)
             assert set(seen) == {texts["live"]}  # nobody sees the rolled-back canary
 
-            admin.start_canary("good", 0.5, ["a"], force=True, reason="e2e: no offline evals")
+            out = CliRunner().invoke(cli_app, ["canary", "start", "good", "--share", "0.5", "--tenant", "a", "--force",
+                                               "--reason", "e2e: no offline evals", *cli[:2], *cli[4:]])
+            assert out.exit_code == 0 and out.output.startswith("good: canary (canary: 50% of a's users"), out.output
             checks = []
             for _ in range(6):  # check as the flow does, while traffic flows, until it resolves
                 _users_rate(base, rng, 120, p_down)
