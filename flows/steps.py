@@ -351,7 +351,9 @@ def apply_decision(
 ) -> dict[str, Any] | None:
     """Attach each candidate's evals to its release, promote the winner (the release manager
     recomputes the decision from the run folder named in the attachment and refuses when it does
-    not pass), and retire what stays staged (candidates, the baseline copy) so their vLLMs stop."""
+    not pass) or, with ``canary: true``, start it as a canary that the online rules decide
+    (flows/canary.py), and retire what stays staged (candidates, the baseline copy) so their vLLMs
+    stop."""
     from evals.online import OnlineConfig
 
     gate = json.loads(Path(decision["report_json"]).read_text())["gate"]
