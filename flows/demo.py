@@ -61,7 +61,10 @@ def _start_gateway(
     port = [] if keep else [f"port={free_port()}"]
     cmd = [sys.executable, "-m", "flows.cli", "serve", *port, *(serve_overrides or [])]
     with log_path.open("ab") as logf:
-        out = {"stdout": logf, "stderr": subprocess.STDOUT, "cwd": repo_root()}
+        # The child runs from the checkout: name the data dir, or a demo started elsewhere would
+        # wait for a gateway that serves (and writes) another data dir.
+        env = {**os.environ, "ALIGNLOOP_HOME": str(data_dir())}
+        out = {"stdout": logf, "stderr": subprocess.STDOUT, "cwd": repo_root(), "env": env}
         if keep:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, **out)
         else:

@@ -241,6 +241,7 @@ def run_probe(
     python = str(serve_python())
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["ALIGNLOOP_HOME"] = str(data_dir())  # the child runs from the checkout, not our cwd
     log_path = work / "probe.log"
     work.mkdir(parents=True, exist_ok=True)
     log.info("probe: serving %s in %s on this CPU (%s); log %s",

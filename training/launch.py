@@ -247,6 +247,9 @@ def _stream(cmd: list[str], env: dict[str, str], log_path: Path, stage: str, emi
     tail: deque[str] = deque(maxlen=40)
     result: dict | None = None
     t0 = time.monotonic()
+    from training.config import data_dir
+
+    env = {**env, "ALIGNLOOP_HOME": str(data_dir())}  # the child runs from the checkout, not our cwd
     proc = owned_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                        cwd=repo_root(), text=True, bufsize=1)
     try:
