@@ -260,7 +260,8 @@ def run_demo(
         typer.echo(f"live release's lineage: {_live_chain()}")
     typer.echo(f"decision: {outcomes[-1]['decision']}")
     typer.echo(f"  (under the demo's gate, {DEMO_GATE.relative_to(repo_root())}: production rules with 20-point "
-               "margins that 24-48 items per task can resolve; configs/gate.yaml allows 5-10 points)")
+               "margins that 24-48 items per task can resolve and latency at most twice live's; "
+               "configs/gate.yaml allows 5-10 points and holds the SLO)")
     if outcomes[-1].get("report"):
         typer.echo(f"report: {outcomes[-1]['report']}")
     typer.echo(f"run folder: {run_dir}   releases: {data_dir() / 'releases'}")

@@ -83,13 +83,19 @@ def test_gpu_configs_stay_in_step_with_the_cpu_ones() -> None:
 ])
 def test_measurement_and_demo_gates_differ_from_the_shipped_one_only_in_margins(path: str, first_words: str) -> None:
     """A gate that is not the production policy gates the same metrics with the same tests, with
-    margins no narrower, and says what it is in its first line."""
+    margins no narrower, and says what it is in its first line. The demo's latency rules may
+    compare with live's instead of the SLO (a laptop misses the production SLO whatever it
+    serves): a candidate as fast as live passes them, one over twice as slow never does."""
     from evals.gate import GateConfig
     from training.config import load_config
 
     path = REPO / path
     assert path.read_text().startswith(first_words)
     bench, shipped = load_config(GateConfig, path), load_config(GateConfig, REPO / "configs" / "gate.yaml")
-    key = [(r.metric, r.test, r.op, r.ref_metric, r.higher_is_better) for r in shipped.rules]
-    assert [(r.metric, r.test, r.op, r.ref_metric, r.higher_is_better) for r in bench.rules] == key
+    key = [(r.metric, r.test, r.op, r.higher_is_better) for r in shipped.rules]
+    assert [(r.metric, r.test, r.op, r.higher_is_better) for r in bench.rules] == key
     assert all((b.margin or 0) >= (s.margin or 0) for b, s in zip(bench.rules, shipped.rules, strict=True))
+    for b, s in zip(bench.rules, shipped.rules, strict=True):
+        if b.ref_metric != s.ref_metric:
+            assert "demo" in path.name and b.metric.startswith("perf.") and b.relative_to == "live", b
+            assert b.op == "<=" and 1 <= b.scale <= 2 and b.offset == 0, b
