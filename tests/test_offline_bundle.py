@@ -55,3 +55,20 @@ def test_dropping_files_rewrites_the_wheel_and_its_record(tmp_path: Path) -> Non
     with zipfile.ZipFile(wheel) as z:
         assert sorted(z.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py", "pkg/keep.so"]
         assert "big" not in z.read("pkg-1.0.dist-info/RECORD").decode()
+
+
+def test_dev_only_packages_are_pinned_and_never_imported_by_the_product() -> None:
+    """What a box bundle leaves out by default is in the lock, and only tests and the eval-set
+    generator import it (the loop, gateway and evals on a GPU box run without it)."""
+    import re
+    import subprocess
+
+    pins = {bb.canonical(p.split("==")[0]) for p in bb.read_pins(REPO / "requirements" / "pipeline.lock")}
+    assert set(bb.DEV_ONLY_SKIP) <= pins
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    allowed = ("tests/", "evals/tasks/generate.py")
+    for name in bb.DEV_ONLY_SKIP:
+        module = name.replace("-", "_")
+        users = [f for f in files if not f.startswith(allowed)
+                 and re.search(rf"^\s*(import|from)\s+{module}\b", (REPO / f).read_text(), re.M)]
+        assert not users, (name, users)

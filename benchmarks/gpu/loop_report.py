@@ -67,7 +67,12 @@ def markdown(r: dict) -> str:
         notes = ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("wall_s",) and v is not None)
         lines.append(f"| {name} | {s.get('wall_s')} | {notes} |")
     for variant, e in r["evals"].items():
-        lines.append(f"| evals: {variant} | {e.get('seconds')} | release {e.get('release_id')} |")
+        secs = e.get("seconds")
+        if isinstance(secs, dict):  # per suite (quality, safety, perf): their sum, and each
+            total, per = round(sum(secs.values()), 1), ", ".join(f"{k} {v}" for k, v in secs.items())
+        else:
+            total, per = secs, ""
+        lines.append(f"| evals: {variant} | {total} | release {e.get('release_id')}{'; ' + per if per else ''} |")
     lines += ["", "| release | variant | kernel | status | GPUs (share) | start-up s |", "|---|---|---|---|---|---|"]
     for rel in r["releases"]:
         p = rel.get("placement") or {}
