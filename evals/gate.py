@@ -538,35 +538,49 @@ def evaluate_stage_dirs(
     looks to replay.
     """
     cand_dir, live_dir = Path(candidate_dir), Path(live_dir)
-    first: GateDecision | None = None
+    gatekeeper: tuple[Path, float] | None = None
     if candidates is None:
         names = [p.name.removeprefix("evals-") for p in
                  candidate_folders(cand_dir.parent, live_dir.name.removeprefix("evals-"))]
         name = cand_dir.name.removeprefix("evals-")
-        share = error_shares(cfg, sorted(set(names) | {name}))[name]
+        shares = error_shares(cfg, sorted(set(names) | {name}))
         if cfg.gatekeeper in names and name != cfg.gatekeeper:
-            first = evaluate_stage_dirs(cfg, cand_dir.parent / f"evals-{cfg.gatekeeper}", live_dir, looks=looks)
+            gatekeeper = (cand_dir.parent / f"evals-{cfg.gatekeeper}", shares[cfg.gatekeeper])
+        share = shares[name]
     else:
         share = 1 / max(1, candidates)
-    decision = _replay(cfg, cand_dir, live_dir, share, looks)
-    if first is not None:
-        decision.outcomes.append(gatekeeper_outcome(cfg, first))
-    return decision
+    return _replay(cfg, cand_dir, live_dir, share, looks, gatekeeper)
 
 
-def _replay(cfg: GateConfig, cand_dir: Path, live_dir: Path, share: float, looks: int | None) -> GateDecision:
+def _replay(cfg: GateConfig, cand_dir: Path, live_dir: Path, share: float, looks: int | None,
+            gatekeeper: tuple[Path, float] | None = None) -> GateDecision:
+    """Replay the looks of one candidate; a copy also carries the gatekeeper's verdict at each look
+    (``gatekeeper``: its eval folder and share of the error)."""
+
+    def gated(decision: GateDecision, through: int | None) -> GateDecision:
+        if gatekeeper is None:
+            return decision
+        first = _replay(cfg, gatekeeper[0], live_dir, gatekeeper[1], through)
+        return GateDecision([*decision.outcomes, gatekeeper_outcome(cfg, first)], decision.config)
+
     cand, live = read_stage_dir(cand_dir), read_stage_dir(live_dir)
     if len(cfg.looks) == 1:
-        return evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output"),
-                        load_outcome_dir(live_dir / "output"), share=share)
+        return gated(evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output"),
+                              load_outcome_dir(live_dir / "output"), share=share), None)
     taken = looks if looks is not None else max(looks_taken(cand_dir / "output"), looks_taken(live_dir / "output"))
     if taken > len(cfg.looks):
         raise ValueError(f"{cand_dir}: outcomes of {taken} looks, the gate plans {len(cfg.looks)}")
+    own: GateDecision | None = None
     decision: GateDecision | None = None
     for look in range(taken):
-        resolved = {(o.rule, o.metric): o for o in decision.outcomes} if decision else None
-        decision = evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output", look),
-                            load_outcome_dir(live_dir / "output", look), look=look, resolved=resolved,
-                            share=share)
+        if decision is not None and decision.verdict != "inconclusive":
+            # Resolved (a rule failed, its gatekeeper's included, or every rule passed): the loop
+            # asks such a candidate for no more items, so live's later items have no partner here.
+            break
+        resolved = {(o.rule, o.metric): o for o in own.outcomes} if own else None
+        own = evaluate(cfg, cand, live, load_outcome_dir(cand_dir / "output", look),
+                       load_outcome_dir(live_dir / "output", look), look=look, resolved=resolved,
+                       share=share)
+        decision = gated(own, look + 1)
     assert decision is not None
     return decision

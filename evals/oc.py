@@ -204,6 +204,7 @@ def decide(
     first = cfg.gatekeeper if cfg.gatekeeper in candidates and len(candidates) > 1 else None
     budget = {it.metric: len(it.ids) for it in items}
     looks = cfg.looks if len(cfg.looks) > 1 else [1.0]
+    own: dict[str, GateDecision] = {}  # each candidate's own rules (no gatekeeping row)
     decisions: dict[str, GateDecision] = {}
     counts = {m: 0 for m in budget}
     open_metrics = set(budget)
@@ -212,12 +213,15 @@ def decide(
             counts[m] = math.ceil(share * budget[m])
         live_now = _prefix(live, counts, items)
         for name, outcomes in candidates.items():
-            earlier = decisions.get(name)
+            earlier = own.get(name)
+            if earlier is not None and decisions[name].verdict != "inconclusive":
+                continue  # resolved: the loop evaluates no more items of it (evals.gate._replay)
             resolved = {(o.rule, o.metric): o for o in earlier.outcomes} if earlier else None
-            decisions[name] = evaluate(cfg, PASSING_AGGREGATES, PASSING_AGGREGATES,
-                                       _prefix(outcomes, counts, items), live_now,
-                                       look=look if len(looks) > 1 else None, resolved=resolved,
-                                       share=shares[name])
+            own[name] = evaluate(cfg, PASSING_AGGREGATES, PASSING_AGGREGATES,
+                                 _prefix(outcomes, counts, items), live_now,
+                                 look=look if len(looks) > 1 else None, resolved=resolved,
+                                 share=shares[name])
+        decisions = {n: GateDecision(list(d.outcomes), d.config) for n, d in own.items()}
         if first:
             for name in decisions:
                 if name != first:

@@ -215,6 +215,13 @@ def rule_rows(decision: dict[str, Any]) -> list[RuleRow]:
                 needs=DASH if boundary is None else f"low > {fmt_pts(boundary)}",
                 n=n_text, reason=str(rule.get("reason") or ""), extras=extras,
             ))
+        elif test == "gatekeeping":  # a copy waits for the candidate tested first (evals.gate)
+            rows.append(RuleRow(
+                title=title, metric=str(rule.get("metric") or ""), verdict=verdict,
+                candidate=DASH, live=DASH, difference=DASH, bounds=DASH,
+                needs=f"{str(rule.get('metric') or '').removeprefix('gate.')} passes every rule",
+                n=DASH, reason=str(rule.get("reason") or ""), extras=_extras(rule, _RULE_CELLS),
+            ))
         else:
             reference = rule.get("reference", rule.get("threshold"))
             op = rule.get("op")

@@ -222,3 +222,35 @@ def test_the_decision_states_how_its_error_is_split() -> None:
     plain = error_budget(cfg.model_copy(update={"gatekeeper": None}), ["aligned", "quantized"])
     assert plain["per_candidate"] == pytest.approx({"aligned": 0.025, "quantized": 0.025})
     assert "2 candidate(s)" in plain["text"] and "2.5% each" in plain["text"]
+
+
+def test_a_copy_resolved_at_the_first_look_is_not_failed_by_items_it_was_never_asked(tmp_path: Path) -> None:
+    """Seen on the H100 run: the quantized copies failed a capability task at the first look, so the
+    loop evaluated no more of their items; live's copy answered a second look for aligned's open
+    safety rules, and the replay read those items as 'candidate has no outcome' -> fail. A resolved
+    candidate stops at the look that resolved it; its open rules stay open."""
+    cfg = build_config(GateConfig, {"resamples": 500, "looks": [0.5, 1.0], "rules": [
+        {"name": "task", "metric": "quality.capability.t.answer_match", "test": "non_inferiority", "margin": 0.10},
+        {"name": "stopped", "metric": METRIC, "test": "non_inferiority", "margin": 0.10}]})
+    task = [{"metric": "quality.capability.t.answer_match", "id": f"t{f}", "cluster": f"t{f}", "value": 1.0}
+            for f in range(60)]
+    safety = [{"metric": METRIC, "id": f"a{f}", "cluster": f"a{f}", "value": 1.0, "look": 0 if f < 10 else 1}
+              for f in range(70)]
+    run = tmp_path / "run"
+    live_dir = _stage(run / "evals-baseline", task + safety)
+    _stage(run / "evals-aligned", task + safety)
+    lost = [r | {"value": 0.0} for r in task]  # the copy lost the task: fails at look 0
+    copy_dir = _stage(run / "evals-quantized", lost + [r for r in safety if r["look"] == 0])
+    aligned = evaluate_stage_dirs(cfg, run / "evals-aligned", live_dir)
+    assert aligned.passed and [o.look for o in aligned.outcomes] == [0, 1]
+    copy = evaluate_stage_dirs(cfg, copy_dir, live_dir)
+    verdicts = [(o.rule, o.verdict, o.look) for o in copy.outcomes]
+    assert verdicts[:2] == [("task", "fail", 0), ("stopped", "inconclusive", 0)], verdicts
+    assert not any("no outcome" in o.reason for o in copy.outcomes)
+    # Its gatekeeping row reports aligned as it stood at the copy's last look: still open then.
+    assert verdicts[-1] == ("tested after aligned", "inconclusive", None)
+    from evals.render import decision_markdown
+
+    page = decision_markdown(copy.to_dict())
+    row = next(line for line in page.splitlines() if line.startswith("| tested after aligned"))
+    assert "missing" not in row and "aligned passes every rule" in page
