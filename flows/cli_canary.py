@@ -90,14 +90,7 @@ def canary_status(
     admin_key: str | None = _KEY,
 ) -> None:
     """The running canary: share, tenants, each online rule's bound and the verdict now (no action)."""
-    from serving.canary import run_check
-
-    cfg, store, releases, _ = _setup(config, overrides or [], log_store, url, admin_key)
-    try:
-        result = _run(lambda: run_check(cfg, store, releases, act=False))
-    finally:
-        store.close()
-    _print(result, as_json)
+    _look(config, overrides, log_store, as_json, url, admin_key, act=False)
 
 
 @canary_app.command("check")
@@ -112,15 +105,21 @@ def canary_check(
     """Decide on the running canary and carry it out: promote, roll back, end (live kept) or wait.
 
     The reason, with each rule's bound, goes to the release history."""
+    _look(config, overrides, log_store, as_json, url, admin_key, act=True)
+
+
+def _look(config: str, overrides: list[str] | None, log_store: str | None, as_json: bool,
+          url: str | None, admin_key: str | None, act: bool) -> None:
+    """One look at the running canary (``status``: no action; ``check``: carry out the verdict)."""
     from serving.canary import run_check
 
     cfg, store, releases, offline = _setup(config, overrides or [], log_store, url, admin_key)
     try:
-        result = _run(lambda: run_check(cfg, store, releases))
+        result = _run(lambda: run_check(cfg, store, releases, act=act))
     finally:
         store.close()
     _print(result, as_json)
-    if offline and result.action not in ("continued", "watching", "none"):
+    if act and offline and result.action not in ("continued", "watching", "none"):
         typer.echo("no gateway running: recorded in the data dir (takes effect at the next serve)")
 
 
