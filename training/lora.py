@@ -54,6 +54,11 @@ class TrainSettings(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (saves memory, ~20% slower)."
     )
+    liger_kernel: bool | None = Field(
+        None,
+        description="Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU) through TRL's "
+        "use_liger_kernel; None = on when training on a GPU with liger-kernel installed. Never on a CPU.",
+    )
 
 
 def to_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> Any:
@@ -91,6 +96,19 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def use_liger(setting: bool | None, gpu: bool) -> bool:
+    """Whether to train with Liger's kernels: ``setting`` (None = when installed), on a GPU only
+    (Triton kernels). ``true`` without the package is an error rather than a silent slow run."""
+    if not gpu or setting is False:
+        return False
+    import importlib.util
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting and not installed:
+        raise ValueError("train.liger_kernel: true, but the liger-kernel package is not installed")
+    return installed
+
+
 def trainer_kwargs(train: TrainSettings, output_dir: Path) -> dict[str, Any]:
     """The TrainingArguments fields both TRL configs share, chosen for this device."""
     gpu = on_gpu()
@@ -108,6 +126,7 @@ def trainer_kwargs(train: TrainSettings, output_dir: Path) -> dict[str, Any]:
         "seed": train.seed,
         "logging_steps": train.logging_steps,
         "gradient_checkpointing": train.gradient_checkpointing,
+        "use_liger_kernel": use_liger(train.liger_kernel, gpu),
         "bf16": gpu,  # TRL defaults to True; emulated bf16 on CPU is 10-20x slower
         "use_cpu": not gpu,
         "save_strategy": "no",  # the stage saves the adapter itself, once, at the end
