@@ -15,6 +15,11 @@
 #   bash benchmarks/gpu/lease.sh wait SECONDS [OUT]   wait until the loop ends or SECONDS pass, then pack
 #                                                what it wrote so far (small files) into OUT
 #   bash benchmarks/gpu/lease.sh pack OUT        the results only: OUT/results.tgz, the log tails
+#   bash benchmarks/gpu/lease.sh job SCRIPT      any other benchmark plan (a bash script taking a results
+#                                                dir) in its own session, from $LEASE/repo with the
+#                                                installed envs; results in $LEASE/job, log $LEASE/job/job.log
+#   bash benchmarks/gpu/lease.sh jobwait SECONDS OUT   wait until that job ends or SECONDS pass, then copy
+#                                                its small files (< 2 MB) into OUT
 #
 # The run's per-item outcomes, gate, report, stage results and release records travel in
 # results.tgz (run folder files under 2 MB, no datasets, weights or databases).
@@ -28,6 +33,7 @@ sync_repo() {  # this call's checkout over the copy the loop runs from (a fix ma
 }
 
 running() { [ -f "$lease/loop.pid" ] && kill -0 "$(cat "$lease/loop.pid")" 2>/dev/null; }
+job_running() { [ -f "$lease/job.pid" ] && kill -0 "$(cat "$lease/job.pid")" 2>/dev/null; }
 
 pack() {
   local out=${1:?pack OUT}
@@ -75,6 +81,30 @@ case ${1:-} in
     [ -n "${3:-}" ] && pack "$3" ;;
   pack)
     pack "${2:?pack OUT}" ;;
+  job)
+    script=${2:?job SCRIPT}
+    job_running && { echo "a job already runs (pid $(cat "$lease/job.pid"))"; exit 0; }
+    sync_repo; cd "$lease/repo" || exit 1
+    mkdir -p "$lease/job"
+    export ALIGNLOOP_HOME=$lease/home ALIGNLOOP=$lease/env/.venv/bin/alignloop \
+      ALIGNLOOP_SERVE_PYTHON=$lease/env/.venv-serve/bin/python PATH=$lease/env/.venv/bin:$PATH \
+      PYTHONUNBUFFERED=1 LEASE=$lease
+    setsid nohup bash -c "echo \$\$ > '$lease/job.pid'; t=\$(date +%s); bash '$script' '$lease/job'; \
+      echo \"job exit \$? after \$(( \$(date +%s) - t )) s\"" >> "$lease/job/job.log" 2>&1 < /dev/null &
+    sleep 1
+    echo "started $script (pid $(cat "$lease/job.pid")), results in $lease/job" ;;
+  jobwait)
+    deadline=$(( $(date +%s) + ${2:?jobwait SECONDS OUT} ))
+    while job_running && [ "$(date +%s)" -lt "$deadline" ]; do sleep 3; done
+    job_running && echo "still running" || echo "finished"
+    grep -E "^\[|RESULT|job exit" "$lease/job/job.log" 2>/dev/null | tail -25
+    if [ -n "${3:-}" ]; then
+      mkdir -p "$3"
+      (cd "$lease/job" && find . -type f -size -2M ! -name '*.safetensors' ! -name '*.db' ! -name '*.bin' \
+        | tar -cf - -T - | tar -C "$3" -xf -)
+      nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv > "$3/gpu.csv" 2>/dev/null
+    fi
+    true ;;
   *)
     sed -n '2,20p' "$0"; exit 2 ;;
 esac

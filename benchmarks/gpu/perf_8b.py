@@ -19,6 +19,7 @@ a 2-layer model of the same family (bf16 only, a few short requests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: gateway_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evals.config import SLO, Endpoint, PerfConfig  # noqa: E402
@@ -64,7 +66,19 @@ def release_args(kernel: str, tp: int, dp: int) -> VLLMArgs:
     return kernel_args(base, kernel)
 
 
+def with_seed(args: list[str], seed: int) -> list[str]:
+    """``args`` with ``--seed`` set: every run against one server gets its own random prompts, or
+    vLLM's prefix cache would serve a repeated prompt's prefill from memory."""
+    out = list(args)
+    if "--seed" in out:
+        out[out.index("--seed") + 1] = str(seed)
+    else:
+        out += ["--seed", str(seed)]
+    return out
+
+
 def start_gateway(upstream: str, served: str, work: Path) -> tuple[subprocess.Popen, str]:
+    """The single-process gateway of gateway_proc.py (``--gateway single``: earlier sessions' numbers)."""
     from training.procs import owned_popen
 
     port = free_port()
@@ -87,7 +101,8 @@ def start_gateway(upstream: str, served: str, work: Path) -> tuple[subprocess.Po
     raise RuntimeError("gateway not up after 120 s")
 
 
-def measure(name: str, models: Path, out: Path, conc: list[int], tp: int, dp: int, output_len: int) -> dict:
+def measure(name: str, models: Path, out: Path, conc: list[int], tp: int, dp: int, output_len: int,
+            gateway_kind: str = "workers", noguard: bool = False) -> dict:
     from serving.placement import PlacementConfig
     from serving.releases import ReleaseManager, ReleaseStore
     from training.procs import stop_group
@@ -105,22 +120,39 @@ def measure(name: str, models: Path, out: Path, conc: list[int], tp: int, dp: in
     gateway = None
     t0 = time.monotonic()
     try:
-        rel = manager.stage(model_dir, release_args(kernel, tp, dp), source={"benchmark": label})
-        entry["placement"] = rel.placement
-        if rel.status != "staged":
-            raise RuntimeError(rel.history[-1].reason)
-        server = manager._servers[rel.release_id]
-        entry["startup_s"] = round(server.startup_s or 0, 1)
-        gateway, gw_url = start_gateway(server.base_url, rel.served_name, work)
-        endpoints = {"direct": Endpoint(server.base_url, "EMPTY", rel.served_name),
-                     "gateway": Endpoint(gw_url, GATEWAY_KEY, "alignloop")}
-        plan = {f"{path}-c{c}": bench_args(ep, cfg, str(model_dir), work / f"{path}-c{c}.json", concurrency=c,
-                                           num_prompts=max(4, 3 * c))
-                for path, ep in endpoints.items() for c in conc}
-        run_benches(list(plan.values()), GATEWAY_KEY, cfg.timeout_s, work)
-        for key in plan:
-            path, c = key.rsplit("-c", 1)
-            entry.setdefault(path, {})[c] = summarize(json.loads((work / f"{key}.json").read_text()),
+        with contextlib.ExitStack() as stack:
+            rel = manager.stage(model_dir, release_args(kernel, tp, dp), source={"benchmark": label})
+            entry["placement"] = rel.placement
+            if rel.status != "staged":
+                raise RuntimeError(rel.history[-1].reason)
+            server = manager._servers[rel.release_id]
+            entry["startup_s"] = round(server.startup_s or 0, 1)
+            endpoints = {"direct": Endpoint(server.base_url, "EMPTY", rel.served_name)}
+            if gateway_kind == "single":
+                key = GATEWAY_KEY
+                gateway, gw_url = start_gateway(server.base_url, rel.served_name, work)
+                endpoints["gateway"] = Endpoint(gw_url, key, "alignloop")
+            else:  # as `alignloop serve` runs it: control plane + worker processes (gateway_bench.py)
+                import gateway_bench
+
+                key = gateway_bench.BENCH_KEY
+                modes = ["guardrails"] + (["noguard"] if noguard else [])
+                t_gw = time.monotonic()
+                for mode in modes:
+                    base, _db, _proc = stack.enter_context(
+                        gateway_bench.running_gateway(mode, server.base_url, rel.served_name, "auto", work))
+                    path = "gateway" if mode == "guardrails" else "gateway-noguard"
+                    endpoints[path] = Endpoint(base + "/v1", key, "alignloop")
+                entry["gateway_startup_s"] = round(time.monotonic() - t_gw, 1)
+            entry["gateway_kind"] = gateway_kind
+            # Each level: direct then each gateway path, back to back; each run its own prompts.
+            plan = {f"{path}-c{c}": with_seed(bench_args(ep, cfg, str(model_dir), work / f"{path}-c{c}.json",
+                                                         concurrency=c, num_prompts=max(4, 3 * c)), seed)
+                    for seed, (c, (path, ep)) in enumerate((c, pe) for c in conc for pe in endpoints.items())}
+            run_benches(list(plan.values()), key, cfg.timeout_s, work)
+        for run in plan:
+            path, c = run.rsplit("-c", 1)
+            entry.setdefault(path, {})[c] = summarize(json.loads((work / f"{run}.json").read_text()),
                                                       cfg.percentiles)
     except Exception as exc:  # keep the other variants' numbers
         entry["error"] = str(exc)[-3000:]
@@ -142,6 +174,11 @@ def main() -> None:
     ap.add_argument("--tensor-parallel", type=int, default=1)
     ap.add_argument("--data-parallel", type=int, default=1)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--gateway", choices=["workers", "single"], default="workers",
+                    help="workers: as `alignloop serve` runs it (control plane + worker processes); "
+                    "single: one uvicorn process (gateway_proc.py)")
+    ap.add_argument("--noguard-variants", default="bf16",
+                    help="variants also measured through a gateway with no guardrail chains (the proxy's own cost)")
     ap.add_argument("--cpu-dry-run", action="store_true")
     a = ap.parse_args()
     if a.cpu_dry_run:
@@ -152,12 +189,13 @@ def main() -> None:
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"variants": {}}
     conc = [int(c) for c in a.concurrency.split(",")]
     for name in [v for v in a.variants.split(",") if v]:
-        got = measure(name, a.models, a.out, conc, a.tensor_parallel, a.data_parallel, a.output_len)
+        got = measure(name, a.models, a.out, conc, a.tensor_parallel, a.data_parallel, a.output_len,
+                      a.gateway, a.gateway == "workers" and name in a.noguard_variants.split(","))
         summary["variants"].update(got)
         summary_file.write_text(json.dumps(summary, indent=1))
         for label, e in got.items():
             cells = " ".join(f"{p} c{c} {e.get(p, {}).get(str(c), {}).get('output_tokens_per_s', '-')}"
-                             for p in ("direct", "gateway") for c in conc)
+                             for p in ("direct", "gateway", "gateway-noguard") if p in e for c in conc)
             print(f"RESULT {label}: start {e.get('startup_s')}s {cells} wall {e['wall_s']}s"
                   + (f" ERROR {e['error'][-300:]}" if "error" in e else ""), flush=True)
     summary["env"] = {"nvidia_smi": _smi(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
