@@ -60,8 +60,6 @@ if [ "$what" != perf ]; then
   # varied row lengths: padding-free BFD packing (what the loop's packing: true does) vs padded batches
   train sft-varied-packed 180 --method sft --steps 20 --warmup 4 --seq 2048 --lengths varied --batch "$b" \
     --set lora.dropout=0 --set packing=true
-  train sft-varied-padded 180 --method sft --steps 20 --warmup 4 --seq 2048 --lengths varied --batch "$b" \
-    --set lora.dropout=0 --set packing=false
 fi
 
 if [ "$what" != train ]; then
@@ -70,7 +68,7 @@ if [ "$what" != train ]; then
     "$py" benchmarks/gpu/make_llama8b.py "$models" "$base" > /dev/null
   fi
   [ -s "$R/bw.json" ] || timeout 60 "$py" benchmarks/gpu/bandwidth.py > "$R/bw.json" 2> "$R/bw.log"
-  for v in bf16 fp8-dynamic w4a16-marlin w4a16; do
+  for v in bf16 w4a16-marlin fp8-dynamic w4a16; do  # bf16 (the baseline), then the likely choices at c=1 and c=256
     log "perf $v"
     timeout 360 "$py" benchmarks/gpu/perf_8b.py --models "$models" --out "$R/perf" --variants "$v" \
       --concurrency 1,256 >> "$R/perf.log" 2>&1
@@ -80,9 +78,11 @@ if [ "$what" != train ]; then
 fi
 
 if [ "$what" != perf ]; then
-  # last, exploratory: the packed rows with flex attention (skips the masked blocks sdpa computes over
+  # the same varied rows in padded batches (what packing saves), then, exploratory, the packed rows with flex attention (skips the masked blocks sdpa computes over
   # the flattened batch; padded to one shape so its kernel compiles once)
   b=$(cat "$R/sft_batch_fit.txt" 2>/dev/null || echo 2)
+  train sft-varied-padded 180 --method sft --steps 20 --warmup 4 --seq 2048 --lengths varied --batch "$b" \
+    --set lora.dropout=0 --set packing=false
   train sft-varied-packed-flex 200 --method sft --steps 20 --warmup 6 --seq 2048 --lengths varied --batch "$b" \
     --set lora.dropout=0 --set packing=true --attn flex_attention --pad-multiple $(( b * 2048 ))
 fi

@@ -95,15 +95,20 @@ case ${1:-} in
     echo "started $script (pid $(cat "$lease/job.pid")), results in $lease/job" ;;
   jobwait)
     deadline=$(( $(date +%s) + ${2:?jobwait SECONDS OUT} ))
-    while job_running && [ "$(date +%s)" -lt "$deadline" ]; do sleep 3; done
-    job_running && echo "still running" || echo "finished"
-    grep -E "^\[|RESULT|job exit" "$lease/job/job.log" 2>/dev/null | tail -25
-    if [ -n "${3:-}" ]; then
+    copy_job() {  # what the job wrote so far (also every 30 s: a call cut short keeps it)
+      [ -n "${3:-}" ] || return 0
       mkdir -p "$3"
       (cd "$lease/job" && find . -type f -size -2M ! -name '*.safetensors' ! -name '*.db' ! -name '*.bin' \
         | tar -cf - -T - | tar -C "$3" -xf -)
-      nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv > "$3/gpu.csv" 2>/dev/null
-    fi
+    }
+    n=0
+    while job_running && [ "$(date +%s)" -lt "$deadline" ]; do
+      sleep 3; n=$((n + 1)); [ $((n % 10)) = 0 ] && copy_job "$@"
+    done
+    job_running && echo "still running" || echo "finished"
+    grep -E "^\[|RESULT|job exit" "$lease/job/job.log" 2>/dev/null | tail -25
+    copy_job "$@"
+    [ -n "${3:-}" ] && nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=csv > "$3/gpu.csv" 2>/dev/null
     true ;;
   *)
     sed -n '2,20p' "$0"; exit 2 ;;
