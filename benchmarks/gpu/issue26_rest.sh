@@ -53,7 +53,6 @@ if [ "$what" != perf ]; then
   b=$(fit "$(mem 8b-sft-1gpu-sft-b2-liger-nodrop)" 2); echo "$b" > "$R/sft_batch_fit.txt"
   [ "$b" -gt 2 ] && train "sft-b$b-liger-nodrop" 180 --method sft $S --batch "$b" --set lora.dropout=0
   # DPO: pairs of two 2048-token rows (prompt 512 + completion 1536), reference = adapter disabled
-  train dpo-b1-base 150 --method dpo $S --batch 1 --set train.liger_kernel=false
   train dpo-b1-liger 150 --method dpo $S --batch 1
   bd=$(fit "$(mem 8b-dpo-1gpu-dpo-b1-liger)" 1); echo "$bd" > "$R/dpo_batch_fit.txt"
   [ "$bd" -gt 1 ] && train "dpo-b$bd-liger" 180 --method dpo $S --batch "$bd"
@@ -71,16 +70,17 @@ if [ "$what" != train ]; then
   for v in bf16 w4a16-marlin fp8-dynamic w4a16; do  # bf16 (the baseline), then the likely choices at c=1 and c=256
     log "perf $v"
     timeout 360 "$py" benchmarks/gpu/perf_8b.py --models "$models" --out "$R/perf" --variants "$v" \
-      --concurrency 1,256 >> "$R/perf.log" 2>&1
+      --concurrency 1,256 --noguard-variants "${NOGUARD:-}" >> "$R/perf.log" 2>&1
     log "perf $v exit $? $(grep -h "^RESULT $v:" "$R/perf.log" | tail -1)"
   done
   cp "$R/nvidia-smi.txt" "$R/perf/" 2>/dev/null
 fi
 
 if [ "$what" != perf ]; then
-  # the same varied rows in padded batches (what packing saves), then, exploratory, the packed rows with flex attention (skips the masked blocks sdpa computes over
+  # DPO without Liger; the same varied rows in padded batches (what packing saves); exploratory, the packed rows with flex attention (skips the masked blocks sdpa computes over
   # the flattened batch; padded to one shape so its kernel compiles once)
   b=$(cat "$R/sft_batch_fit.txt" 2>/dev/null || echo 2)
+  train dpo-b1-base 150 --method dpo $S --batch 1 --set train.liger_kernel=false
   train sft-varied-padded 180 --method sft --steps 20 --warmup 4 --seq 2048 --lengths varied --batch "$b" \
     --set lora.dropout=0 --set packing=false
   train sft-varied-packed-flex 200 --method sft --steps 20 --warmup 6 --seq 2048 --lengths varied --batch "$b" \
