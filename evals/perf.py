@@ -50,16 +50,18 @@ class PerfResult:
 def bench_args(
     endpoint: Endpoint, cfg: PerfConfig, tokenizer: str, result_file: Path, *, concurrency: int,
     num_prompts: int, dataset: str = "random", dataset_path: str | None = None,
-    output_len: int | None = None,
+    output_len: int | None = None, seed: int = 0,
 ) -> list[str]:
-    """Arguments of one ``vllm bench serve`` run (pure)."""
+    """Arguments of one ``vllm bench serve`` run (pure). ``seed`` picks the random prompts: runs
+    against one server need different seeds, or vLLM's prefix cache serves a repeated prompt's
+    prefill from memory and the later run measures a TTFT no new prompt gets."""
     slo = cfg.slo
     args = [
         "--backend", "openai-chat", "--base-url", endpoint.root_url,
         "--endpoint", "/v1/chat/completions",
         "--model", endpoint.model, "--tokenizer", tokenizer,
         "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-        "--request-rate", "inf", "--seed", "0", "--disable-tqdm",
+        "--request-rate", "inf", "--seed", str(seed), "--disable-tqdm",
         "--percentile-metrics", ",".join(LAT_METRICS),
         "--metric-percentiles", ",".join(str(p) for p in cfg.percentiles),
         "--goodput", f"ttft:{slo.ttft_ms:g}", f"tpot:{slo.tpot_ms:g}",
@@ -212,23 +214,28 @@ def run(cfg: PerfConfig, endpoint: Endpoint, out_dir: str | Path | None = None) 
     def n_for(c: int) -> int:
         return max(cfg.requests_per_level, c)
 
-    # The workload level first (its repeats back to back), then the rest of the grid.
+    # The workload level first (its repeats back to back), then the rest of the grid. Every run
+    # gets its own prompts (seed = its place in the plan): vLLM caches prefixes, so a run that
+    # repeated an earlier run's random prompts would time cached prefills (on two CPU cores the
+    # second of two identical repeats read a p95 TTFT 3.5x lower than the first).
     plan: dict[str, list[str]] = {}
     for c in [workload] + [c for c in levels if c != workload]:
         for r in range(cfg.repeats if c == workload else 1):
             label = f"grid-c{c}-r{r}"
             plan[label] = bench_args(endpoint, cfg, tokenizer, bench_dir / f"{label}.json",
-                                     concurrency=c, num_prompts=n_for(c))
+                                     concurrency=c, num_prompts=n_for(c), seed=len(plan))
     if cfg.realistic_num_prompts:
         plan["realistic"] = bench_args(
             endpoint, cfg, tokenizer, bench_dir / "realistic.json", concurrency=cfg.realistic_concurrency,
             num_prompts=cfg.realistic_num_prompts, dataset="sharegpt",
-            dataset_path=str(_realistic_file(cfg, bench_dir)), output_len=cfg.realistic_output_len)
+            dataset_path=str(_realistic_file(cfg, bench_dir)), output_len=cfg.realistic_output_len,
+            seed=len(plan))
     c1 = levels[0]
     if cfg.direct_base_url:
         direct_ep = Endpoint(cfg.direct_base_url, endpoint.api_key, cfg.direct_model or endpoint.model)
         plan[f"direct-c{c1}"] = bench_args(direct_ep, cfg, tokenizer, bench_dir / f"direct-c{c1}.json",
-                                           concurrency=c1, num_prompts=max(8, min(n_for(c1), 16)))
+                                           concurrency=c1, num_prompts=max(8, min(n_for(c1), 16)),
+                                           seed=len(plan))
     for label in plan:
         (bench_dir / f"{label}.json").unlink(missing_ok=True)
     log.info("vllm bench serve: %s", ", ".join(plan))

@@ -166,6 +166,28 @@ def test_bench_args_are_vllm_bench_serve_flags(tmp_path: Path) -> None:
     assert f"--goodput ttft:{cfg.slo.ttft_ms:g} tpot:{cfg.slo.tpot_ms:g}" in joined
 
 
+def test_every_perf_run_times_its_own_prompts(tmp_path: Path, monkeypatch) -> None:
+    """vLLM caches prefixes: a repeat with the previous run's random prompts would time cached
+    prefills (3.5x lower p95 TTFT on two CPU cores), so every run of the plan has its own seed."""
+    planned: list[list[str]] = []
+
+    class Planned(Exception):
+        pass
+
+    def capture(runs, *_a, **_k):
+        planned.extend(runs)
+        raise Planned
+
+    monkeypatch.setattr(perf, "run_benches", capture)
+    cfg = PerfConfig(concurrency=[1, 8], workload_concurrency=4, repeats=2, tokenizer="/tok",
+                     realistic_num_prompts=0, direct_base_url="http://h:2/v1")
+    with pytest.raises(Planned):
+        perf.run(cfg, Endpoint("http://h:1/v1", "k", "m"), tmp_path)
+    seeds = [run[run.index("--seed") + 1] for run in planned]
+    assert len(planned) == 5 and len(set(seeds)) == 5, seeds  # c4 r0, r1; c1; c8; direct c1
+    assert seeds[0] == "0"  # the workload's first run keeps the prompts earlier runs timed
+
+
 # -- one rendering of a decision (evals/render.py) ------------------------------------------------
 def _paired(rule: str, metric: str, verdict: str, diff: float, low: float, high: float, **extra) -> dict:
     return {"rule": rule, "metric": metric, "test": "non_inferiority", "verdict": verdict,
