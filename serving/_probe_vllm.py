@@ -19,12 +19,18 @@ import sys
 import time
 
 
-def _measure(llm, spec: dict) -> dict:
+def _measure(llm, spec: dict, name: str, results: dict) -> dict:
+    """The variant's answers, then its speed unless the answers already rule it out."""
     from vllm import SamplingParams
+
+    from serving.probe import can_be_chosen
 
     chats = [[{"role": "user", "content": p}] for p in spec["prompts"]]
     greedy = SamplingParams(max_tokens=spec["check_tokens"], temperature=0)
     answers = [o.outputs[0].text for o in llm.chat(chats, greedy, use_tqdm=False)]
+    if not can_be_chosen({**results, name: {"answers": answers}}, name):
+        # Timing it could not change the choice (tens of seconds for a slow bfloat16 on AVX2).
+        return {"answers": answers, "timing": "skipped: answered unlike float32"}
     timed = SamplingParams(max_tokens=spec["tokens"], temperature=0, ignore_eos=True)
     batch = [chats[i % len(chats)] for i in range(spec["batch"])]
     llm.chat(chats[:1], timed, use_tqdm=False)  # warm-up
@@ -56,7 +62,7 @@ def main(spec: dict) -> dict:
             llm = LLM(model=variant["model"], dtype=dtype, enforce_eager=True, max_model_len=512,
                       seed=0, max_num_seqs=spec["batch"])
             load_s = time.perf_counter() - t0
-            results[name] = {"dtype": dtype, "load_s": round(load_s, 1), **_measure(llm, spec)}
+            results[name] = {"dtype": dtype, "load_s": round(load_s, 1), **_measure(llm, spec, name, results)}
         except Exception as exc:  # noqa: BLE001 - a variant this machine cannot serve is a result
             results[name] = {"dtype": dtype, "error": f"{type(exc).__name__}: {exc}"[:500]}
         finally:

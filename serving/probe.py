@@ -98,8 +98,20 @@ def same_answers(results: dict[str, dict], name: str) -> bool:
     return agreement(ref["answers"], res["answers"], DTYPE_AGREE_WORDS) == 1.0
 
 
+def can_be_chosen(results: dict[str, dict], name: str) -> bool:
+    """Whether timing variant ``name`` could change the choice, from its answers alone: float32
+    always (the reference); bfloat16 only if it answered every prompt as float32 did
+    (``pick_dtype``); a scheme only if it answers like float32 (``pick_scheme``)."""
+    if name == "float32":
+        return True
+    if name == "bfloat16":
+        return same_answers(results, name)
+    return correct(results, name)
+
+
 def pick_dtype(results: dict[str, dict]) -> str:
-    """bfloat16 when it answers every prompt like float32 and is at least as fast; else float32."""
+    """bfloat16 when it answers every prompt like float32 and is at least as fast; else float32.
+    (A variant whose answers rule it out is not timed: ``can_be_chosen``.)"""
     if same_answers(results, "bfloat16") and speed(results["bfloat16"]) >= speed(results["float32"]):
         return "bfloat16"
     return "float32"
@@ -241,6 +253,9 @@ def run_probe(
     python = str(serve_python())
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from serving.vllm_server import CPU_ENGINE_ENV
+
+    env.update(CPU_ENGINE_ENV)  # measured as the releases will serve
     env["ALIGNLOOP_HOME"] = str(data_dir())  # the child runs from the checkout, not our cwd
     log_path = work / "probe.log"
     work.mkdir(parents=True, exist_ok=True)

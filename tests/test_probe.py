@@ -69,6 +69,24 @@ def test_bf16_that_garbles_one_answer_is_not_the_serving_dtype() -> None:
     assert probe.PROBE_VERSION >= 2  # caches taken under the old rule are measured again
 
 
+def test_a_variant_its_answers_rule_out_is_not_timed() -> None:
+    """The probe times a variant only when the time could change the choice: on this AVX2 CPU
+    bf16's answers alone ruled it out, and timing it cost about 40 of the probe's 220 s."""
+    answered = {"float32": {"answers": FP32_AVX2}}
+    assert probe.can_be_chosen(answered, "float32")
+    assert not probe.can_be_chosen({**answered, "bfloat16": {"answers": BF16_AVX2}}, "bfloat16")
+    assert probe.can_be_chosen({**answered, "bfloat16": {"answers": FP32_AVX2}}, "bfloat16")
+    # A scheme may change a wording (first 3 words, 60% of prompts), not most answers.
+    assert probe.can_be_chosen({**answered, "w8a8-int8": {"answers": BF16_AVX2}}, "w8a8-int8")
+    assert not probe.can_be_chosen({**answered, "w4a16": {"answers": GARBAGE}}, "w4a16")
+    # An untimed variant is never chosen, and the choice reads no speed it lacks.
+    untimed = {"float32": run(FP32_AVX2, 14.6, 60.7),
+               "bfloat16": {"dtype": "bfloat16", "answers": BF16_AVX2, "timing": "skipped"},
+               "w4a16": {"dtype": "float32", "answers": GARBAGE, "timing": "skipped"}}
+    assert pick_dtype(untimed) == "float32"
+    assert pick_scheme(untimed, "float32")[0] is None
+
+
 def test_bf16_is_chosen_only_when_right_and_at_least_as_fast() -> None:
     fast = {"float32": run(RIGHT, 33, 165), "bfloat16": run(RIGHT, 55, 262, "bfloat16")}
     assert pick_dtype(fast) == "bfloat16"
