@@ -64,10 +64,16 @@ def test_vllm_command_per_platform() -> None:
     assert cmd[cmd.index("--dtype") + 1] == "float32"
     assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "--gpu-memory-utilization" not in cmd
+    # On a CPU the engine core runs in the API server's process (1.65x output tok/s on 2 cores);
+    # a release's own env may still say otherwise.
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    _, env = build_command("/m", 8000, VLLMArgs(env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}), "m", make({"avx2"}))
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
     args = VLLMArgs(gpu_memory_utilization=0.5, env={"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"})
     cmd, env = build_command("/m", 8000, args, "m", make(set(), ("H100",)))
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5"
     assert "--enforce-eager" not in cmd and "VLLM_CPU_KVCACHE_SPACE" not in env
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env  # GPUs keep vLLM's process layout
     assert env["VLLM_DISABLED_KERNELS"] == "MacheteLinearKernel"
 
 
