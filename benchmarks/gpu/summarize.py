@@ -86,14 +86,18 @@ def perf_md(got: dict) -> list[str]:
                    + f" | {ttft} |{err}")
     bw = got.get("bw.json", {}).get("copy_bw_bytes_s")
     if bw:
-        out += ["", f"Memory roofline (copy bandwidth {bw / 1e12:.2f} TB/s measured): measured direct tok/s as a "
-                "fraction of it", "", "| variant | " + " | ".join(f"c={c}" for c in conc) + " |",
-                "|---|" + "---|" * len(conc)]
+        out += ["", f"Memory roofline (copy bandwidth {bw / 1e12:.2f} TB/s measured): measured tok/s direct, its "
+                "roofline, the fraction direct reaches and (after the slash) the fraction through the gateway",
+                "", "| variant | " + " | ".join(f"c={c}" for c in conc) + " |", "|---|" + "---|" * len(conc)]
         for name in [n for n in ORDER if n in perf]:
             v = perf[name]
-            out.append(f"| {name} | " + " | ".join(
-                f"{t:,.0f} / {roofline_tok_s(v['scheme'], c, bw):,.0f} ({t / roofline_tok_s(v['scheme'], c, bw):.0%})"
-                if (t := _tok(v, "direct", c)) else "-" for c in conc) + " |")
+            cells = []
+            for c in conc:
+                roof = roofline_tok_s(v["scheme"], c, bw)
+                t, g = _tok(v, "direct", c), _tok(v, "gateway", c)
+                cells.append("-" if not t else f"{t:,.0f} / {roof:,.0f} ({t / roof:.0%}"
+                             + (f" / {g / roof:.0%})" if g else ")"))
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -148,14 +152,30 @@ def train_md(got: dict) -> list[str]:
     runs = {k: v for k, v in t.items() if isinstance(v, dict)}
     if not runs:
         return ["(no training results)"]
-    out = ["| run | GPUs | rows x tokens per GPU step | tokens/s | MFU (989 TFLOP/s per GPU) | peak memory GiB | wall s |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| run | method | GPUs | rows x tokens per GPU step | LoRA r / dropout | Liger | packing (padding-free) | "
+           "padding share | tokens/s | MFU (989 TFLOP/s per GPU) | peak memory GiB | wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, v in runs.items():
         if "error" in v:
-            out.append(f"| {k} | | | ERROR {v['error']} | | | {v.get('wall_s')} |")
+            out.append(f"| {k} | | | | | | | | ERROR {v['error']} | | | {v.get('wall_s')} |")
             continue
-        out.append(f"| {k} | {v['processes']} | {v['batch_per_process']} x {v['seq']} | {v['tokens_per_s']:,.0f} | "
-                   f"{v['mfu']:.1%} | {v.get('max_memory_gib')} | {v.get('wall_s')} |")
+        lora = v.get("lora") or {}
+        rank = lora.get("rank", v.get("lora_rank", "-"))
+        drop = lora.get("dropout", "-")
+        if v.get("method") == "dpo":
+            drop = f"{drop} (TRL disables it)"
+        rows = f"{v['batch_per_process']}{' pairs' if v.get('method') == 'dpo' else ''} x {v['seq']}"
+        if v.get("lengths") == "varied":
+            rows += " (varied lengths)"
+        pack = "-" if v.get("packing") is None else (f"{'yes' if v['packing'] else 'no'}"
+                                                     + (" (yes)" if v.get("padding_free") else ""))
+        attn = v.get("attn_implementation")
+        if attn and attn != "sdpa":
+            pack += f", {attn}"
+        liger = {True: "yes", False: "no"}.get(v.get("use_liger_kernel"), "-")
+        pad = f"{v['padding_share']:.0%}" if v.get("padding_share") is not None else "-"
+        out.append(f"| {k} | {v.get('method', 'sft')} | {v['processes']} | {rows} | {rank} / {drop} | {liger} | {pack} | "
+                   f"{pad} | {v['tokens_per_s']:,.0f} | {v['mfu']:.1%} | {v.get('max_memory_gib')} | {v.get('wall_s')} |")
     for k, v in t.items():
         if k.endswith("scaling-2v1"):
             out.append(f"\nScaling 2 vs 1 GPU ({k.split('-')[0]}): **{v:.2f}x** (goal >= 1.8x: {'met' if v >= 1.8 else 'NOT met'})")
