@@ -24,11 +24,19 @@ export TOKENIZERS_PARALLELISM := false
 # ephemeral start-up timeout (docs/PLATFORM.md).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup browser demo serve test test-fast lint lock clean
+.PHONY: setup prepare browser demo serve test test-fast lint lock clean
 
-# setup = both envs + the browser the review page's tests need; demo and serve need only the envs.
+# setup = both envs + the browser the review page's tests need + prepare. demo needs the envs and
+# prepare, serve the envs; tests need the envs and the browser, never prepare (they keep out of the
+# user's data dir).
 ENVS := $(VENV)/.installed $(SERVE)/.installed
-setup: $(ENVS) browser
+setup: $(ENVS) browser prepare
+
+# Once per machine, cached in the data dir (./.alignloop): the embedded model (~30 s) and the
+# platform probe, which serves it in each dtype and quantized scheme to learn what this CPU serves
+# best (~1 min on two cores). Nothing to do when both are there.
+prepare: $(ENVS)
+	$(VENV)/bin/alignloop prepare
 
 # The review page's browser tests drive a system Chromium through Playwright (the pipeline env
 # carries Playwright; its own browser download is not used). With none on the machine, setup
@@ -77,7 +85,7 @@ ifeq ($(HAS_GPU),)
 endif
 	touch $@
 
-demo: $(ENVS)
+demo: $(ENVS) prepare
 	$(VENV)/bin/alignloop demo
 
 # After the demo: the gateway, the live release and the review page on the serve config's fixed
@@ -85,7 +93,7 @@ demo: $(ENVS)
 serve: $(ENVS)
 	$(VENV)/bin/alignloop serve
 
-test: setup
+test: $(ENVS) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

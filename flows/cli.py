@@ -72,6 +72,15 @@ def doctor(
     raise typer.Exit(run_doctor(start_vllm=start_vllm, probe=probe))
 
 
+@app.command()
+def prepare() -> None:
+    """Once per machine (`make setup` runs it): the embedded model and the platform probe (which
+    dtype and quantization scheme this CPU serves best), cached in the data dir."""
+    from flows.doctor import run_prepare
+
+    raise typer.Exit(run_prepare())
+
+
 for _area in _AREAS:
     try:
         _mod = importlib.import_module(f"flows.{_area}")

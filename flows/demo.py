@@ -121,6 +121,21 @@ DEMO_GOAL_S = 600.0
 LOOP_STAGE = "alignment loop (flow)"
 
 
+def _probe_state() -> str:
+    """Whether set-up measured this CPU already (the loop's "plan quantization" reads it)."""
+    from serving.platform import detect
+    from serving.probe import cached
+
+    platform = detect()
+    if platform.has_gpu:
+        return "GPU machine: no platform probe"
+    hit = cached(platform)
+    if hit is None:
+        return ("platform probe not taken on this machine yet: the loop takes it (about a minute; "
+                "`make setup` or `alignloop prepare` does it before the demo)")
+    return f"platform probe from {hit.taken_at} (set-up): serve {hit.dtype}, scheme {hit.scheme or 'none'}"
+
+
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
 
@@ -196,16 +211,18 @@ def run_demo(
     """Run the demo on ``windows`` consecutive feedback windows; return the exit code (0 also
     when the gate keeps the live model). ``serve_overrides`` go to `alignloop serve`."""
     from flows import prefect_env
-    from training.base_model import materialize
+    from training.base_model import MARKER, default_dir, materialize
 
     os.environ.setdefault("ALIGNLOOP_ADMIN_KEY", DEMO_ADMIN_KEY)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     _say(f"data dir {data_dir()}; Prefect: {prefect_env.configure()}")
+    made_before = (default_dir() / MARKER).is_file()
     model = materialize()
-    timings["materialize"] = time.monotonic() - t0
+    stage = "materialize" + (" (made at set-up)" if made_before else "")
+    timings[stage] = time.monotonic() - t0
 
-    _say(f"[{timings['materialize']:.0f} s] base model {model.path} ({model.check_answer!r})")
+    _say(f"[{timings[stage]:.0f} s] base model {model.path} ({model.check_answer!r}); {_probe_state()}")
 
     t = time.monotonic()
     proc, url = _start_gateway(data_dir() / "logs" / "demo-serve.log", keep=keep_serving,

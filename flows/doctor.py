@@ -97,3 +97,33 @@ def run_doctor(start_vllm: bool = True, probe: bool = False) -> int:
             typer.echo(f"vLLM: FAILED to start: {err}")
     typer.echo("doctor: OK" if ok else "doctor: problems found (see above)")
     return 0 if ok else 1
+
+
+def run_prepare() -> int:
+    """Set-up's last step (`make setup`, `alignloop prepare`): the embedded model and this CPU's
+    platform probe, each made once per machine and cached in the data dir, so a demo or run after
+    set-up finds them. Prints what it did and how long each part took; 1 if the probe failed."""
+    import time
+
+    from serving.probe import cached, run_probe
+    from training.base_model import materialize
+
+    t0 = time.monotonic()
+    model = materialize()
+    typer.echo(f"prepare: embedded model at {model.path} ({time.monotonic() - t0:.0f} s; "
+               f"check answer {model.check_answer!r})")
+    platform = detect()
+    if platform.has_gpu:
+        typer.echo("prepare: GPU machine: no platform probe (GPUs keep bf16 and W4A16/FP8)")
+        return 0
+    t1 = time.monotonic()
+    hit = cached(platform)
+    try:
+        result = hit or run_probe(platform, model_dir=model.path)
+    except (RuntimeError, OSError) as err:
+        typer.echo(f"prepare: platform probe FAILED: {err}")
+        return 1
+    how = "cached from " + result.taken_at if hit else f"measured in {time.monotonic() - t1:.0f} s"
+    typer.echo(f"prepare: platform probe ({how}): serve {result.dtype}, quantized scheme "
+               f"{result.scheme or 'none'} ({result.why})")
+    return 0

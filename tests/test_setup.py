@@ -88,3 +88,18 @@ def test_browser_tests_skip_without_chromium_but_fail_under_ci(
 
 def test_ci_runs_with_ci_true() -> None:
     assert "export CI=true" in (REPO / ".ci" / "run").read_text()
+
+
+def test_prepare_is_part_of_setup_and_demo_but_never_of_test() -> None:
+    """`make setup` and `make demo` make the embedded model and take the platform probe in the
+    user's data dir (once per machine), so the demo's ten minutes start after them; `make test`
+    (CI) must not touch that data dir, so it never runs `alignloop prepare`."""
+    def planned(target: str) -> str:
+        out = subprocess.run([MAKE, "-n", "-C", str(REPO), target, "SKIP_BROWSER=1"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "alignloop prepare" in planned("setup")
+    assert "alignloop prepare" in planned("demo")
+    assert "alignloop prepare" not in planned("test")
