@@ -58,7 +58,7 @@ gpu1() {  # the jobs of GPU 1 in this step (GPU 0 on a one-GPU box), one after t
     perf --variants bf16,w4a16-marlin,fp8-dynamic
   else
     gateway_gpu
-    trained 8b-1gpu || timeout "$(left)" "$py" benchmarks/gpu/train_scaling.py --out "$out/train" --model 8b \
+    trained 8b-sft-1gpu || timeout "$(left)" "$py" benchmarks/gpu/train_scaling.py --out "$out/train" --model 8b \
       --gpus 1 --devices "$CUDA_VISIBLE_DEVICES"
     todo=$(missing bf16 w4a16-marlin fp8-dynamic w4a16)
     [ -n "$todo" ] && perf --variants "$todo"
@@ -66,7 +66,7 @@ gpu1() {  # the jobs of GPU 1 in this step (GPU 0 on a one-GPU box), one after t
 }
 
 both_gpus() {  # the runs that need both GPUs, each only if it has no result yet
-  trained 8b-2gpu || timeout "$(left)" "$py" benchmarks/gpu/train_scaling.py --out "$out/train" --model 8b \
+  trained 8b-sft-2gpu || timeout "$(left)" "$py" benchmarks/gpu/train_scaling.py --out "$out/train" --model 8b \
     --gpus 2 --devices 0,1 > "$out/train2.log" 2>&1
   [ -n "$(missing bf16-tp2)" ] && perf --variants bf16 --tensor-parallel 2 > "$out/tp2.log" 2>&1
   [ "$step" = 3 ] && [ -n "$(missing bf16-dp2)" ] && perf --variants bf16 --data-parallel 2 > "$out/dp2.log" 2>&1
