@@ -55,9 +55,10 @@ class TrainSettings(StrictModel):
         False, description="Recompute activations in backward (saves memory, ~20% slower)."
     )
     liger_kernel: bool | None = Field(
-        None,
+        False,
         description="Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU) through TRL's "
-        "use_liger_kernel; None = on when training on a GPU with liger-kernel installed. Never on a CPU.",
+        "use_liger_kernel; None = on when training on a GPU with liger-kernel installed. Never on a CPU. "
+        "Off by default until a GPU run has measured it (issue 26's plan sets it per run).",
     )
 
 

@@ -43,7 +43,9 @@ per = max((m - weights) / b, 0.5)
 print(max(1, min(16, int((cap - weights) // per))) if m else b)" "$1" "$2" "$R/nvidia-smi.txt"
 }
 
-S="--steps 16 --warmup 4 --seq 2048"
+# train.liger_kernel is off by default until measured: null = on when liger-kernel is installed
+# (the plan carries its wheel); the *-base runs set it false.
+S="--steps 16 --warmup 4 --seq 2048 --set train.liger_kernel=null"
 b=2
 if [ "$what" != perf ]; then
   # SFT, fixed 2048-token rows (the loop's LoRA: r8 all-linear): the stage as shipped before, then
@@ -58,7 +60,7 @@ if [ "$what" != perf ]; then
   [ "$bd" -gt 1 ] && train "dpo-b$bd-liger" 180 --method dpo $S --batch "$bd"
   # varied row lengths: padding-free BFD packing (what the loop's packing: true does) vs padded batches
   train sft-varied-packed 180 --method sft --steps 20 --warmup 4 --seq 2048 --lengths varied --batch "$b" \
-    --set lora.dropout=0 --set packing=true
+    --set train.liger_kernel=null --set lora.dropout=0 --set packing=true
 fi
 
 if [ "$what" != train ]; then
@@ -82,9 +84,9 @@ if [ "$what" != perf ]; then
   b=$(cat "$R/sft_batch_fit.txt" 2>/dev/null || echo 2)
   train dpo-b1-base 150 --method dpo $S --batch 1 --set train.liger_kernel=false
   train sft-varied-padded 180 --method sft --steps 20 --warmup 4 --seq 2048 --lengths varied --batch "$b" \
-    --set lora.dropout=0 --set packing=false
+    --set train.liger_kernel=null --set lora.dropout=0 --set packing=false
   train sft-varied-packed-flex 200 --method sft --steps 20 --warmup 6 --seq 2048 --lengths varied --batch "$b" \
-    --set lora.dropout=0 --set packing=true --attn flex_attention --pad-multiple $(( b * 2048 ))
+    --set train.liger_kernel=null --set lora.dropout=0 --set packing=true --attn flex_attention --pad-multiple $(( b * 2048 ))
 fi
 "$py" benchmarks/gpu/summarize.py "$R" "$R/perf" "$R/train" > "$R/summary.md" 2>&1
 log "plan done"
