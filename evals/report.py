@@ -27,8 +27,8 @@ HEADLINE: list[tuple[str, str, str]] = [
     ("safety.attack_block_rate", "Attacks stopped", "pct_up"),
     ("safety.overblock_rate", "Benign over-blocked", "pct_down"),
     ("perf.workload_concurrency", "Workload concurrency (requests in flight, from the logs)", "num"),
-    ("perf.ttft_p95_ms", "p95 TTFT at the workload's concurrency (ms, worst repeat)", "down"),
-    ("perf.tpot_p95_ms", "p95 TPOT at the workload's concurrency (ms, worst repeat)", "down"),
+    ("perf.ttft_p95_ms", "p95 TTFT at the workload's concurrency (ms{worst})", "down"),
+    ("perf.tpot_p95_ms", "p95 TPOT at the workload's concurrency (ms{worst})", "down"),
     ("perf.output_tokens_per_s", "Output tokens/s at the workload's concurrency", "up"),
     ("perf.concurrency_at_slo", "Highest grid concurrency in SLO (informational)", "up"),
     ("perf.failed", "Failed requests", "down"),
@@ -235,21 +235,32 @@ def _confidence_lines(variants: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def served_as(scheme: str, dtype: str | None = None) -> str:
+    """A variant's weight format in words: "bf16" is the label of every unquantized model, which
+    vLLM serves in the platform's dtype (float32 on most CPUs), so it reads "unquantized (dtype)"."""
+    if scheme != "bf16":
+        return scheme
+    return f"unquantized ({dtype})" if dtype else "unquantized"
+
+
 def build_markdown(
-    variants: dict[str, dict[str, float]], gate_md: str | None = None, schemes: dict[str, str] | None = None
+    variants: dict[str, dict[str, float]], gate_md: str | None = None, schemes: dict[str, str] | None = None,
+    dtype: str | None = None,
 ) -> str:
     names = list(variants)
     ref = variants[names[0]] if names else {}
     lines = ["# alignloop eval report", "", "## What changed", ""]
     lines += [f"- {s}" for s in summary_sentences(variants)]
     if schemes:
-        lines += ["", "Served as: " + ", ".join(f"{n} = {schemes[n]}" for n in names if schemes.get(n))
+        lines += ["", "Served as: " + ", ".join(f"{n} = {served_as(schemes[n], dtype)}" for n in names if schemes.get(n))
                   + " (the baseline is an idle copy of the live release, with live's scheme)."]
     lines += ["", "## Side by side", "", "| metric | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
+    repeated = any(m.get("perf.workload.repeats", 1) > 1 for m in variants.values())
     for key, label, kind in HEADLINE:
         if not any(key in m for m in variants.values()):
             continue
+        label = label.format(worst=", worst repeat" if repeated else "")
         cells = [_fmt(m.get(key), kind) + (_delta(m.get(key), ref.get(key), kind) if i else "")
                  for i, m in enumerate(variants.values())]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -302,7 +313,8 @@ def run(
     _plot_latency(variants, plots[0])
     _plot_cost(variants, plots[1])
     schemes = {n: d["scheme"] for n, d in docs.items() if d.get("scheme")}
-    md = build_markdown(variants, gate_markdown, schemes)
+    dtype = next((d["dtype"] for d in docs.values() if d.get("dtype")), None)
+    md = build_markdown(variants, gate_markdown, schemes, dtype)
     (out / "report.md").write_text(md)
     report = {
         "variants": {n: {"metrics": d["metrics"], "seconds": d.get("seconds", {}),

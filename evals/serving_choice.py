@@ -227,7 +227,11 @@ def choose(
         m, how = _at_concurrency(pts, workload.concurrency)
         failures = _slo_failures(m, workload.slo)
         if name not in allowed:
-            failures.insert(0, "did not pass the quality gate")
+            # The live release's copy is the reference the candidates were gated against, not a
+            # candidate itself: it is kept unless one is chosen.
+            failures.insert(0, "live release (the reference, not a candidate)"
+                            if name == baseline_variant and allowed_variants is not None
+                            else "did not pass the quality gate")
         rows.append(
             {
                 "variant": name,

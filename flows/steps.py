@@ -323,10 +323,15 @@ def decide(
         gate_md += f"\n\n### Serving choice\n\n{choice.get('reason', '')}\n"
     out = run_dir / "report"
     metrics_files = {}
+    # What vLLM computes unquantized models in here (float32 on most CPUs), for "Served as".
+    from serving.platform import detect, serving_dtype
+
+    dtype = serving_dtype(detect())
     for variant, m in metrics.items():
         path = out / f"{variant}.metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"variant": variant, "metrics": m, "scheme": schemes.get(variant)}, indent=2))
+        path.write_text(json.dumps({"variant": variant, "metrics": m, "scheme": schemes.get(variant),
+                                    "dtype": dtype}, indent=2))
         metrics_files[variant] = path
     gate_doc = {
         v: d.to_dict() | {"require_approval": gate_cfg.require_approval}

@@ -289,3 +289,21 @@ def test_report_plots_are_embedded_for_pages_without_a_file_server(stored: dict[
     assert "](latency_vs_throughput.png)" not in embedded and "](quality_safety_vs_cost.png)" not in embedded
     uri = embedded.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]
     assert base64.b64decode(uri) == Path(res.plots[0]).read_bytes()
+
+
+@pytest.mark.parametrize("repeats, worst", [(1, False), (3, True)])
+def test_worst_repeat_is_said_only_when_there_were_repeats(repeats: int, worst: bool) -> None:
+    m = _variant(0.5, 100, 100, 30) | {"perf.workload.repeats": float(repeats)}
+    md = report.build_markdown({"baseline": m, "aligned": m})
+    row = next(line for line in md.splitlines() if line.startswith("| p95 TTFT"))
+    assert ("worst repeat" in row) is worst
+    assert "(ms" in row
+
+
+def test_unquantized_variants_read_as_unquantized_in_the_served_dtype() -> None:
+    m = _variant(0.5, 100, 100, 30)
+    md = report.build_markdown({"baseline": m, "quantized": m}, schemes={"baseline": "bf16", "quantized": "w8a8-int8"},
+                               dtype="float32")
+    line = next(ln for ln in md.splitlines() if ln.startswith("Served as:"))
+    assert "baseline = unquantized (float32)" in line and "quantized = w8a8-int8" in line
+    assert "bf16" not in line

@@ -120,6 +120,16 @@ def test_quality_gate_excludes_variants() -> None:
     assert marlin["why_not"] == ["did not pass the quality gate"]
 
 
+def test_the_live_reference_is_not_said_to_have_failed_the_gate() -> None:
+    """The baseline is live's copy, gated against by the candidates, never a candidate itself."""
+    d = choose(bench_rows(), Workload(concurrency=1, usd_per_hour=3.0), allowed_variants=["w4a16"],
+               baseline_variant="bf16")
+    live = next(r for r in d["candidates"] if r["variant"] == "bf16")
+    assert live["why_not"] == ["live release (the reference, not a candidate)"]
+    marlin = next(r for r in d["candidates"] if r["variant"] == "w4a16-marlin")
+    assert marlin["why_not"] == ["did not pass the quality gate"]
+
+
 def test_unmeasured_concurrency_uses_the_next_measured_above() -> None:
     d = choose(bench_rows(), Workload(concurrency=100, usd_per_hour=3.0))
     assert d["chosen"]["concurrency_used"] == 256 and d["chosen"]["variant"] == "bf16"
