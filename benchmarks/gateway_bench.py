@@ -49,8 +49,10 @@ MODES = ("direct", "guardrails", "noguard")
 
 
 def bench_args(base_url: str, model: str, tokenizer: str, c: int, n: int, a: argparse.Namespace,
-               out_dir: Path, tag: str) -> list[str]:
-    """One `vllm bench serve` run (result: ``<tag>-c<c>.json``)."""
+               out_dir: Path, tag: str, seed: int = 0) -> list[str]:
+    """One `vllm bench serve` run (result: ``<tag>-c<c>.json``). Every run against one upstream
+    needs a seed of its own: with one seed, each mode after the first replays the same random
+    prompts and a real vLLM's prefix cache serves their prefills from memory (evals/perf.py)."""
     return [
         "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
         "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
@@ -58,7 +60,7 @@ def bench_args(base_url: str, model: str, tokenizer: str, c: int, n: int, a: arg
         "--ignore-eos", "--num-prompts", str(n), "--max-concurrency", str(c),
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99",
         "--save-result", "--result-dir", str(out_dir), "--result-filename", f"{tag}-c{c}.json",
-        "--seed", "0", "--request-rate", "inf", "--random-range-ratio", "0", "--temperature", "0",
+        "--seed", str(seed), "--request-rate", "inf", "--random-range-ratio", "0", "--temperature", "0",
         "--disable-tqdm",  # the flags evals/perf.py uses: known to work with vLLM 0.26 (GPU) and 0.32
     ]
 
@@ -289,7 +291,7 @@ def main() -> None:
             n = max(a.min_prompts, a.prompts_per_level * c)
             for m in a.modes:
                 url, model = (direct_root, served) if m == "direct" else (gateways[m][0], "alignloop")
-                runs.append(bench_args(url, model, tokenizer, c, n, a, work, m))
+                runs.append(bench_args(url, model, tokenizer, c, n, a, work, m, seed=len(runs)))
                 plan.append((c, m))
         run_bench_grid(runs, work)
         time.sleep(1.0)  # the last rows reach the writer
