@@ -211,13 +211,13 @@ def run_demo(
     """Run the demo on ``windows`` consecutive feedback windows; return the exit code (0 also
     when the gate keeps the live model). ``serve_overrides`` go to `alignloop serve`."""
     from flows import prefect_env
-    from training.base_model import MARKER, default_dir, materialize
+    from training.base_model import is_current, materialize
 
     os.environ.setdefault("ALIGNLOOP_ADMIN_KEY", DEMO_ADMIN_KEY)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     _say(f"data dir {data_dir()}; Prefect: {prefect_env.configure()}")
-    made_before = (default_dir() / MARKER).is_file()
+    made_before = is_current()  # an older conversion's folder is rebuilt here, not "made at set-up"
     model = materialize()
     stage = "materialize" + (" (made at set-up)" if made_before else "")
     timings[stage] = time.monotonic() - t0

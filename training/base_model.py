@@ -75,6 +75,16 @@ def greedy_answer(model_dir: str | Path, prompt: str = CHECK_PROMPT, max_new_tok
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def is_current(dest: str | Path | None = None) -> bool:
+    """Whether ``dest`` (default: the data dir's) holds a model made by this conversion, which
+    :func:`materialize` returns as it is (an older format is rebuilt)."""
+    marker = Path(dest or default_dir()) / MARKER
+    try:
+        return json.loads(marker.read_text()).get("format", 1) == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def materialize(dest: str | Path | None = None, force: bool = False) -> MaterializeResult:
     """Make the embedded model a normal HF folder under the data dir, once (idempotent)."""
     # Absolute: the path is recorded and handed to other processes (vLLM, symlinks in tests).

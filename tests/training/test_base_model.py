@@ -51,3 +51,16 @@ def test_materialized_path_is_absolute_and_where_the_folder_is(tmp_path: Path, m
     (folder / MARKER).write_text(json.dumps(record))
     monkeypatch.chdir(tmp_path)
     assert materialize("models/base").path == str(folder)
+
+
+def test_a_folder_is_current_only_when_made_by_this_conversion(tmp_path: Path) -> None:
+    """The demo labels materialize "made at set-up" only for a folder materialize returns as is."""
+    from training.base_model import FORMAT, is_current
+
+    assert not is_current(tmp_path)  # no marker
+    (tmp_path / MARKER).write_text(json.dumps({"path": "x", "format": FORMAT - 1}))
+    assert not is_current(tmp_path)  # an older conversion: materialize rebuilds it
+    (tmp_path / MARKER).write_text("not json")
+    assert not is_current(tmp_path)
+    (tmp_path / MARKER).write_text(json.dumps({"path": "x", "format": FORMAT}))
+    assert is_current(tmp_path)
