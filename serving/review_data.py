@@ -282,8 +282,8 @@ HEADLINE = (
     ("quality.answer_tokens_mean", "tokens per answer", "num"),
     ("safety.attack_block_rate", "attacks stopped", "pct"),
     ("safety.overblock_rate", "benign over-blocked", "pct"),
-    ("perf.ttft_p95_ms", "p95 TTFT at the SLO point (ms)", "num"),
-    ("perf.output_tokens_per_s", "output tok/s at the SLO point", "num"),
+    ("perf.ttft_p95_ms", "p95 TTFT at the workload's concurrency (ms)", "num"),
+    ("perf.output_tokens_per_s", "output tok/s at the workload's concurrency", "num"),
     ("cost.usd_per_1m_output_tokens", "$ per 1M output tokens", "usd"),
 )
 

@@ -307,3 +307,18 @@ def test_unquantized_variants_read_as_unquantized_in_the_served_dtype() -> None:
     line = next(ln for ln in md.splitlines() if ln.startswith("Served as:"))
     assert "baseline = unquantized (float32)" in line and "quantized = w8a8-int8" in line
     assert "bf16" not in line
+
+
+def test_every_page_names_the_perf_headline_where_it_was_measured() -> None:
+    """perf.ttft_p95_ms and perf.output_tokens_per_s are measured at the workload's concurrency
+    (evals/perf.py), the level the gate reads; the report, the review page and the Prefect table
+    say so, and none calls it the SLO point."""
+    from flows.steps import TABLE_METRICS
+    from serving.review_data import HEADLINE as REVIEW_HEADLINE
+
+    labels = [label for key, label, _ in report.HEADLINE if key in ("perf.ttft_p95_ms", "perf.output_tokens_per_s")]
+    labels += [label for key, label, _ in REVIEW_HEADLINE if key in ("perf.ttft_p95_ms", "perf.output_tokens_per_s")]
+    labels += [label for label, key, _ in TABLE_METRICS if key in ("perf.ttft_p95_ms", "perf.output_tokens_per_s")]
+    assert len(labels) == 6
+    for label in labels:
+        assert "workload's concurrency" in label and "SLO point" not in label, label
