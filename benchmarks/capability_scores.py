@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -88,11 +89,6 @@ def score_model(model_dir: str, items: dict[str, list[dict]], batch: int = 16) -
     return out
 
 
-def _sd(xs: list[float]) -> float:
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 def ratio(rows: list[dict]) -> dict[str, float] | None:
     """Items-needed ratio (log-prob / 0-1) from rows of paired differences (see the module doc)."""
     d01 = [r["real01"] for r in rows]
@@ -102,7 +98,7 @@ def ratio(rows: list[dict]) -> dict[str, float] | None:
     if dmg01 == 0 or len(rows) < 3:
         return None
     slope = dmglp / dmg01
-    sd01, sdlp = _sd(d01), _sd(dlp)
+    sd01, sdlp = statistics.stdev(d01), statistics.stdev(dlp)
     if sd01 == 0 or slope == 0:
         return None
     return {"sd_01": sd01, "sd_logprob": sdlp, "mean_01": sum(d01) / len(d01), "mean_logprob": sum(dlp) / len(dlp),

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from evals.serving_choice import scheme_in_words
 from evals.suites import load_metrics_doc
 
 # (metric, label, kind) rows of the headline table; kind decides formatting and "better".
@@ -235,14 +236,6 @@ def _confidence_lines(variants: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def served_as(scheme: str, dtype: str | None = None) -> str:
-    """A variant's weight format in words: "bf16" is the label of every unquantized model, which
-    vLLM serves in the platform's dtype (float32 on most CPUs), so it reads "unquantized (dtype)"."""
-    if scheme != "bf16":
-        return scheme
-    return f"unquantized ({dtype})" if dtype else "unquantized"
-
-
 def build_markdown(
     variants: dict[str, dict[str, float]], gate_md: str | None = None, schemes: dict[str, str] | None = None,
     dtype: str | None = None,
@@ -252,7 +245,7 @@ def build_markdown(
     lines = ["# alignloop eval report", "", "## What changed", ""]
     lines += [f"- {s}" for s in summary_sentences(variants)]
     if schemes:
-        lines += ["", "Served as: " + ", ".join(f"{n} = {served_as(schemes[n], dtype)}" for n in names if schemes.get(n))
+        lines += ["", "Served as: " + ", ".join(f"{n} = {scheme_in_words(schemes[n], dtype)}" for n in names if schemes.get(n))
                   + " (the baseline is an idle copy of the live release, with live's scheme)."]
     lines += ["", "## Side by side", "", "| metric | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]

@@ -229,8 +229,7 @@ def choose(
         if name not in allowed:
             # The live release's copy is the reference the candidates were gated against, not a
             # candidate itself: it is kept unless one is chosen.
-            failures.insert(0, "live release (the reference, not a candidate)"
-                            if name == baseline_variant and allowed_variants is not None
+            failures.insert(0, "live release (the reference, not a candidate)" if name == baseline_variant
                             else "did not pass the quality gate")
         rows.append(
             {
@@ -367,6 +366,15 @@ def workload_from_logs(
         source=f"logs: p{round(quantile * 100)} in flight over {stats['exchanges']} exchanges, "
         f"peak {stats['peak']}",
     )
+
+
+def scheme_in_words(scheme: str, dtype: str | None = None) -> str:
+    """A scheme label for people: "bf16" is the label of every unquantized model (see
+    :func:`scheme_of_model`), which vLLM serves in the platform's dtype, so it reads "unquantized"
+    (with the dtype when given: "unquantized (float32)"); other schemes read as they are."""
+    if scheme != "bf16":
+        return scheme
+    return f"unquantized ({dtype})" if dtype else "unquantized"
 
 
 def scheme_of_model(model_dir: str | Path) -> Scheme:

@@ -137,6 +137,7 @@ def _served_dtype(row: dict) -> str:
 def _scheme(row: dict) -> str:
     """The weight format it serves (w8a8-int8, w4a16, fp8-dynamic, or unquantized), the vLLM
     kernel when not the default one (GPU W4A16 candidates), and the dtype."""
+    from evals.serving_choice import scheme_in_words
     from flows.gpu import served_label
     from training.config import ConfigError
 
@@ -146,8 +147,7 @@ def _scheme(row: dict) -> str:
         scheme, kernel = served_label(row)
     except (OSError, ValueError, KeyError, ConfigError):
         scheme, kernel = "unknown", "default"
-    # served_label calls every unquantized model "bf16"; what vLLM computes in is the dtype.
-    name = "unquantized" if scheme == "bf16" else scheme
+    name = scheme_in_words(scheme)  # the dtype follows, from the running vLLM
     kernel = "" if kernel == "default" else f", kernel {kernel}"
     return f"{name}{kernel}, dtype {_served_dtype(row)}"
 

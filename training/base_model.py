@@ -75,12 +75,18 @@ def greedy_answer(model_dir: str | Path, prompt: str = CHECK_PROMPT, max_new_tok
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def _current_record(dest: Path) -> dict | None:
+    """The marker's record of ``dest`` (format field removed) when this conversion made the
+    folder, None when an older one did. Raises as reading and parsing the marker do."""
+    record = json.loads((dest / MARKER).read_text())
+    return record if record.pop("format", 1) == FORMAT else None
+
+
 def is_current(dest: str | Path | None = None) -> bool:
     """Whether ``dest`` (default: the data dir's) holds a model made by this conversion, which
     :func:`materialize` returns as it is (an older format is rebuilt)."""
-    marker = Path(dest or default_dir()) / MARKER
     try:
-        return json.loads(marker.read_text()).get("format", 1) == FORMAT
+        return _current_record(Path(dest or default_dir())) is not None
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -91,8 +97,8 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
     dest = Path(dest).absolute() if dest else default_dir().absolute()
     marker = dest / MARKER
     if marker.is_file() and not force:
-        record = json.loads(marker.read_text())
-        if record.pop("format", 1) == FORMAT:
+        record = _current_record(dest)
+        if record is not None:
             return MaterializeResult(**{**record, "path": str(dest)})  # where it is now
         log.info("%s was made by an older conversion; rebuilding", dest)
 

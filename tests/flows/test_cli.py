@@ -192,3 +192,15 @@ def test_demo_ends_with_the_time_budget_and_how_to_serve_again() -> None:
     assert "release list" in after[2]
     kept = closing_lines(("http://127.0.0.1:8000", 4242))
     assert "(pid 4242)" in kept[0] and kept[0].endswith("alignloop stop")
+
+
+def test_release_list_names_an_unquantized_model_as_such_with_its_dtype(tmp_path) -> None:
+    """"bf16" is only the label of every unquantized model; the list says what it is and the dtype
+    vLLM was started with, and a quantized scheme by its name."""
+    from flows.cli_serving import _scheme
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert _scheme({"model_dir": str(tmp_path), "vllm_args": {"dtype": "float32"}}) == "unquantized, dtype float32"
+    quant = {"config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}, "input_activations": {"num_bits": 8}}}}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quant}))
+    assert _scheme({"model_dir": str(tmp_path), "vllm_args": {"dtype": "bfloat16"}}) == "w8a8-int8, dtype bfloat16"
