@@ -95,9 +95,11 @@ serve: $(ENVS)
 
 test: $(ENVS) browser
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports  # the floor plan (docs/DESIGN.md, "Floors"; contracts in pyproject.toml)
 	$(VENV)/bin/pytest
 
 test-fast: $(ENVS)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -m "not integration and not slow"
 
 lint: $(ENVS)

@@ -55,7 +55,7 @@ def cpu_kind() -> str:
 def forgetting(home: Path, runs: list[dict]) -> dict[str, list[dict]]:
     """Each window's aligned candidate vs window 1's baseline (the base model), paired by item."""
     from evals.gate import GateConfig, evaluate_stage_dirs
-    from training.config import load_config
+    from ground.config import load_config
 
     gate = load_config(GateConfig, REPO / "configs" / "gate.yaml")  # forgetting: the shipped rules
     first = next((r for r in runs if (home / "runs" / r["run_id"] / "evals-baseline").is_dir()), None)
@@ -91,7 +91,7 @@ def head_to_head(out: Path, results: list[dict], gate: Path | None) -> list[dict
     (the eval sets and their limits are the same in every variant), by the rules of ``gate``
     (``--gate``, else configs/gate.yaml)."""
     from evals.gate import GateConfig, evaluate_stage_dirs
-    from training.config import load_config
+    from ground.config import load_config
 
     ref = final_live_evals(out / results[0]["variant"], results[0]["windows"])
     if ref is None:

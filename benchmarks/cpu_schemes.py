@@ -16,8 +16,8 @@ import json
 
 from evals import perf
 from evals.config import Endpoint, EvalsConfig
-from serving.vllm_server import VLLMServer
-from training.config import load_config, repo_root
+from ground.config import load_config, repo_root
+from serving.engine.vllm_server import VLLMServer
 
 
 def main() -> None:

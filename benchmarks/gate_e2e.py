@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gate_oc import eval_model  # noqa: E402
 
 from evals.gate import GateConfig, evaluate_stage_dirs, load_outcome_dir  # noqa: E402
-from training.config import load_config  # noqa: E402
+from ground.config import load_config  # noqa: E402
 
 
 def damage(model_dir: Path, out: Path, noise: float, seed: int = 0) -> Path:

@@ -34,7 +34,7 @@ from evals.oc import (  # noqa: E402
     run_scenario,
     scenarios,
 )
-from training.config import load_config  # noqa: E402
+from ground.config import load_config  # noqa: E402
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -61,13 +61,14 @@ def eval_model(model: str | Path, variant: str, out: Path, cfg) -> dict[str, flo
     gateway with its guardrails (as the loop evaluates a staged release), into ``out`` (an
     ``evals-<variant>`` folder: result.json and output/outcomes-*.jsonl, what the gate reads)."""
     from evals import suites
-    from serving.vllm_server import VLLMArgs, VLLMServer
+    from serving.engine.vllm_server import VLLMArgs, VLLMServer
+    from serving.gateway.candidate import candidate_gateway
 
     (out / "output").mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
     with VLLMServer(Path(model), args=VLLMArgs(max_model_len=2048, kv_cache_gib=2),
                     log_path=out / "vllm.log", served_name=variant) as server, \
-            suites.candidate_gateway(server.base_url, variant, variant,
+            candidate_gateway(server.base_url, variant, variant,
                                      f"sqlite:///{(out / 'logs.db').resolve()}") as endpoint:
         res = suites.run(cfg, endpoint, out / "output", variant, suites=("quality", "safety"))
     (out / "result.json").write_text(json.dumps({"metrics": res.metrics, "model_dir": str(model)}, indent=2))

@@ -13,7 +13,7 @@ on, then off), same run, interleaved per concurrency level.
     python3 benchmarks/gateway_bench.py --model /tmp/b/models/llama8b/bf16 --gpu \
         --vllm-arg=--load-format --vllm-arg=dummy --concurrency 1 256 --out $OUT/gateway-gpu.json
 
-The gateway runs as `alignloop serve` runs it (serving.server.run_serve in its own process:
+The gateway runs as `alignloop serve` runs it (serving.control.server.run_serve in its own process:
 control plane + ``--workers`` worker processes, an external-upstream release), with the shipped
 configs/gateway.yaml chains ("guardrails") or none ("noguard"); the tenant and global in-flight
 limits are raised to 4096 so the benchmark measures the proxy, not its 429 backpressure. Per
@@ -67,7 +67,7 @@ def bench_args(base_url: str, model: str, tokenizer: str, c: int, n: int, a: arg
 
 def run_bench_grid(runs: list[list[str]], work: Path) -> None:
     """All runs in one serving-env process (evals/_bench_serve.py: vLLM's own bench)."""
-    from serving.vllm_server import serve_python
+    from ground.platform import serve_python
 
     (work / "runs.json").write_text(json.dumps(runs))
     env = {**os.environ, "OPENAI_API_KEY": BENCH_KEY, "HF_HUB_OFFLINE": "1"}
@@ -88,7 +88,7 @@ def gateway_serve_config(mode: str, upstream: str, served: str, port: int, worke
     """The serve config of one gateway under test (shipped chains, or none)."""
     import yaml
 
-    from serving.gateway_config import hash_key
+    from serving.gateway.config import hash_key
 
     gw = yaml.safe_load((REPO / "configs" / "gateway.yaml").read_text())
     gw["tenants"] = [{"name": "bench", "key_sha256": hash_key(BENCH_KEY, BENCH_SECRET.encode()),
@@ -110,11 +110,11 @@ def gateway_serve_config(mode: str, upstream: str, served: str, port: int, worke
 
 @contextlib.contextmanager
 def running_gateway(mode: str, upstream: str, served: str, workers: str, work: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
-    """A gateway process (this script with --serve-config: serving.server.run_serve)."""
+    """A gateway process (this script with --serve-config: serving.control.server.run_serve)."""
     import httpx
     import yaml
 
-    from serving.vllm_server import free_port
+    from serving.engine.vllm_server import free_port
 
     port = free_port()
     db = work / f"gateway-{mode}.db"
@@ -159,7 +159,7 @@ def running_upstream(a: argparse.Namespace, work: Path) -> Iterator[tuple[str, s
         yield a.upstream.rstrip("/"), a.served_model
         return
     if a.synthetic:
-        from serving.vllm_server import free_port
+        from serving.engine.vllm_server import free_port
 
         port = free_port()
         cmd = [sys.executable, str(REPO / "benchmarks" / "synthetic_upstream.py"), "--port", str(port),
@@ -179,7 +179,7 @@ def running_upstream(a: argparse.Namespace, work: Path) -> Iterator[tuple[str, s
             proc.terminate()
             proc.wait(30)
         return
-    from serving.vllm_server import VLLMArgs, VLLMServer
+    from serving.engine.vllm_server import VLLMArgs, VLLMServer
 
     args = VLLMArgs(
         max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
@@ -270,8 +270,8 @@ def main() -> None:
     p.add_argument("--serve-config", help=argparse.SUPPRESS)  # internal: run one gateway
     a = p.parse_args()
     if a.serve_config:
-        from serving.server import ServeConfig, run_serve
-        from training.config import load_config
+        from ground.config import load_config
+        from serving.control.server import ServeConfig, run_serve
 
         run_serve(load_config(ServeConfig, a.serve_config))
         return

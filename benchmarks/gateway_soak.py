@@ -88,7 +88,7 @@ def main() -> None:
     a = p.parse_args()
     import httpx
 
-    from serving.vllm_server import free_port
+    from serving.engine.vllm_server import free_port
 
     work = Path(tempfile.mkdtemp(prefix="gateway-soak-"))
     port = free_port()

@@ -119,8 +119,8 @@ def main() -> None:
 
     from dataclasses import asdict
 
+    from ground.config import load_config
     from training.base_model import materialize
-    from training.config import load_config
     from training.dpo import DPOStageConfig
     from training.dpo import run as run_dpo
     from training.merge import MergeConfig

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from training.config import StrictModel, repo_root
+from ground.config import StrictModel, repo_root
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 

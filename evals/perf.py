@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from evals.config import TASKS_DIR, Endpoint, PerfConfig, default_tokenizer
-from training.runs import folder_bytes
+from ground.runs import folder_bytes
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def bench_args(
 
 def run_benches(runs: list[list[str]], api_key: str, timeout_s: float, workdir: Path) -> None:
     """Run the benchmarks in one serving-env process (raise with the log tail on failure)."""
-    from serving.vllm_server import serve_python
+    from ground.platform import serve_python
 
     runs_file, log_file = workdir / "runs.json", workdir / "bench.log"
     runs_file.write_text(json.dumps(runs, indent=1))
@@ -88,7 +88,7 @@ def run_benches(runs: list[list[str]], api_key: str, timeout_s: float, workdir: 
     cmd = [str(serve_python()), "-P", str(BENCH_SCRIPT), "--runs-file", str(runs_file)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update({"OPENAI_API_KEY": api_key, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    from training.procs import run_owned  # the client stops with us, however we stop
+    from ground.procs import run_owned  # the client stops with us, however we stop
 
     with open(log_file, "w") as logf:
         code = run_owned(cmd, timeout_s=timeout_s * len(runs), stdout=logf, stderr=subprocess.STDOUT, env=env)

@@ -3,7 +3,7 @@
 The demo institution is *Nimbus Drive*, a fictional cloud-storage service. Its support assistant
 must follow the rules in :data:`POLICY_RULES`. They are deliberately short and checkable with
 fixed phrases, so that a 135M model can learn them from a few dozen SFT rows and DPO pairs in
-minutes of CPU training, and so that the simulated users (training/simulate.py) and the evals
+minutes of CPU training, and so that the simulated users (flows/simulate.py) and the evals
 (evals/) measure exactly the same thing.
 
     >>> compliance("How do I turn on 2FA?", "Turn on two-factor authentication in Settings > Security.")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import ConfigError, StrictModel
+from ground.config import ConfigError, StrictModel
 
 Scheme = Literal["bf16", "w4a16", "w8a8-int8", "fp8-dynamic"]
 Kernel = Literal["default", "marlin"]

@@ -28,13 +28,10 @@ Beside it, ``outcomes-quality.jsonl`` and ``outcomes-safety.jsonl`` hold every i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import secrets
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,32 +177,3 @@ def extend(cfg: EvalsConfig, endpoint: Endpoint, out_dir: str | Path, variant: s
     save_metrics(out_dir / "metrics.json", variant, changed)
     log.info("look %d of %s: %s", look, variant, ", ".join(f"{k} {v:.3g}" for k, v in sorted(changed.items())))
     return changed
-
-
-@contextlib.contextmanager
-def candidate_gateway(
-    vllm_base_url: str, served_model: str, release_id: str, store_url: str,
-    gateway_config: str | Path | None = None,
-) -> Iterator[Endpoint]:
-    """A gateway (same guardrails as production) in front of one release that is not live yet.
-
-    The production gateway routes only to the live release; a staged candidate is evaluated
-    through its own in-process gateway built from the same config, with a one-off tenant key,
-    so the chat template and guardrails are in the path exactly as they will be after promotion.
-    Exchanges go to ``store_url`` (keep them out of the production log store: they are evals).
-    """
-    from serving.app import create_app, serve_in_thread
-    from serving.gateway_config import TenantConfig, hash_key, load_gateway_config
-    from serving.logstore import LogStore
-    from serving.service import StaticUpstream, Upstream
-    from training.config import repo_root
-
-    cfg = load_gateway_config(gateway_config or repo_root() / "configs" / "gateway.yaml")
-    key = "sk-evals-" + secrets.token_hex(12)
-    cfg = cfg.model_copy(update={  # one private tenant; the demo keys have no business here
-        "tenants": [TenantConfig(name="evals", key_hash=hash_key(key), max_in_flight=256)],
-        "demo_keys": False,
-    })
-    upstream = StaticUpstream(Upstream(base_url=vllm_base_url, release_id=release_id, served_model=served_model))
-    with serve_in_thread(create_app(cfg, upstream, LogStore(store_url))) as base:
-        yield Endpoint(base + "/v1", key, cfg.public_models[0])

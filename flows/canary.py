@@ -1,7 +1,7 @@
 """The canary stage as a Prefect flow: ``canary-check`` looks once at the running canary (or at the
 release just promoted from one, while its holdback lasts) and exits.
 
-One run = one look (serving.canary.run_check: the online rules of configs/online.yaml decide, the
+One run = one look (serving.control.canary.run_check: the online rules of configs/online.yaml decide, the
 gateway's release manager promotes the canary, ends it, or rolls a watched release back), published
 as a markdown artifact with each rule's bound and the verdict. While undecided, a run that belongs to a
 deployment schedules the deployment's next run ``canary.check_every_s`` later (a scheduled flow
@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.loop_config import load_loop_config, resolve_path
-from training.config import load_config, repo_root
+from ground.config import load_config, repo_root
 
 DEPLOYMENT = "canary-check/canary"
 
@@ -28,9 +28,9 @@ DEPLOYMENT = "canary-check/canary"
 @task(name="check the canary", retries=2, retry_delay_seconds=5)
 def check_canary(config: str, overrides: list[str], loop_config: str) -> dict[str, Any]:
     from evals.online import OnlineConfig
-    from flows.steps import admin_client
-    from serving.canary import run_check
-    from serving.logstore import LogStore, default_url
+    from flows.loop_config import admin_client
+    from ground.logstore import LogStore, default_url
+    from serving.control.canary import run_check
 
     cfg = load_config(OnlineConfig, resolve_path(config), overrides)
     loop = load_loop_config(loop_config)
@@ -98,7 +98,7 @@ def schedule_check(delay_s: float, parameters: dict[str, Any], name: Any = DEPLO
 def register_deployment(config: str, loop_config: str, pool: str = "alignloop") -> str:
     """Create or update the ``canary-check/canary`` deployment in ``pool`` (no schedule of its
     own: runs are scheduled by the loop and by each run that continues)."""
-    from flows.schedule import ensure_work_pool
+    from flows.work_pools import ensure_work_pool
 
     ensure_work_pool(pool)
     dep = canary_check.to_deployment(

@@ -31,7 +31,7 @@ def _exit_on_sigterm() -> None:
     """SIGTERM (`timeout`, a cancelled Prefect run, systemd) unwinds like Ctrl-C, so `finally`
     blocks and exit handlers stop what the command started. A handler someone else installed
     (uvicorn's, Prefect's) is left alone; SIGKILL is handled by the children's watchdogs
-    (training/procs.py)."""
+    (ground/procs.py)."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 

@@ -12,7 +12,7 @@ import json
 
 import typer
 
-from flows.cli_serving import _KEY, _URL, _client, _run, _show
+from flows.cli_admin import ADMIN_KEY, URL, admin_or_offline, run_or_exit, show_release
 
 canary_app = typer.Typer(help="Canary releases: start, status, check (promote or roll back).", no_args_is_help=True)
 
@@ -24,7 +24,7 @@ class _OfflineReleases:
     """The persisted releases with the verbs run_check uses (no gateway runs)."""
 
     def __init__(self) -> None:
-        from serving.releases import ReleaseStore, offline_actor
+        from serving.releases.manager import ReleaseStore, offline_actor
 
         self.store, self.by = ReleaseStore(), offline_actor()
 
@@ -45,11 +45,11 @@ class _OfflineReleases:
 def _setup(config: str, overrides: list[str], log_store: str | None, url: str | None, admin_key: str | None):
     from evals.online import OnlineConfig
     from flows.loop_config import resolve_path
-    from serving.logstore import LogStore, default_url
-    from training.config import load_config
+    from ground.config import load_config
+    from ground.logstore import LogStore, default_url
 
-    cfg = _run(lambda: load_config(OnlineConfig, resolve_path(config), overrides))
-    client = _client(url, admin_key)
+    cfg = run_or_exit(lambda: load_config(OnlineConfig, resolve_path(config), overrides))
+    client = admin_or_offline(url, admin_key)
     return cfg, LogStore(log_store or default_url()), client or _OfflineReleases(), client is None
 
 
@@ -61,22 +61,22 @@ def canary_start(
     tenant: list[str] = typer.Option([], help="A tenant whose users may see it (repeat; default: the config's)."),  # noqa: B008
     force: bool = typer.Option(False, help="Start it without a passing gate decision (needs --reason)."),  # noqa: B008
     reason: str | None = typer.Option(None, help="Why (kept in the status history)."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Route a share of users to a staged release (sticky per user), beside live."""
     from evals.online import OnlineConfig
     from flows.loop_config import resolve_path
-    from training.config import load_config
+    from ground.config import load_config
 
     if force and not reason:
         raise typer.BadParameter("--force needs --reason", param_hint="--reason")
-    cfg = _run(lambda: load_config(OnlineConfig, resolve_path(config)))
-    client = _client(url, admin_key)
+    cfg = run_or_exit(lambda: load_config(OnlineConfig, resolve_path(config)))
+    client = admin_or_offline(url, admin_key)
     if client is None:
         typer.echo("error: no gateway running: a canary needs the gateway that routes users to it", err=True)
         raise typer.Exit(1)
-    _show(_run(lambda: client.start_canary(
+    show_release(run_or_exit(lambda: client.start_canary(
         release_id, share or cfg.canary.share, tenant or cfg.canary.tenants, force, reason)))
 
 
@@ -86,8 +86,8 @@ def canary_status(
     overrides: list[str] = typer.Argument(None, help="key=value overrides of the config."),  # noqa: B008
     log_store: str | None = _LOGS,
     as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """The running canary: share, tenants, each online rule's bound and the verdict now (no action)."""
     _look(config, overrides, log_store, as_json, url, admin_key, act=False)
@@ -99,8 +99,8 @@ def canary_check(
     overrides: list[str] = typer.Argument(None, help="key=value overrides of the config."),  # noqa: B008
     log_store: str | None = _LOGS,
     as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Decide on the running canary and carry it out: promote, roll back, end (live kept) or wait.
 
@@ -111,11 +111,11 @@ def canary_check(
 def _look(config: str, overrides: list[str] | None, log_store: str | None, as_json: bool,
           url: str | None, admin_key: str | None, act: bool) -> None:
     """One look at the running canary (``status``: no action; ``check``: carry out the verdict)."""
-    from serving.canary import run_check
+    from serving.control.canary import run_check
 
     cfg, store, releases, offline = _setup(config, overrides or [], log_store, url, admin_key)
     try:
-        result = _run(lambda: run_check(cfg, store, releases, act=act))
+        result = run_or_exit(lambda: run_check(cfg, store, releases, act=act))
     finally:
         store.close()
     _print(result, as_json)

@@ -18,7 +18,7 @@ eval_app = typer.Typer(help="Run eval suites against an OpenAI-compatible endpoi
 
 
 def _default(name: str) -> Path | None:
-    from training.config import repo_root
+    from ground.config import repo_root
 
     path = repo_root() / "configs" / name
     return path if path.is_file() else None
@@ -31,7 +31,7 @@ def _run_suites(
 ) -> None:
     from evals import suites as suites_mod
     from evals.config import Endpoint, EvalsConfig
-    from training.config import ConfigError, load_config
+    from ground.config import ConfigError, load_config
 
     try:
         cfg = load_config(EvalsConfig, config or _default("evals.yaml"), overrides or [])
@@ -95,7 +95,7 @@ def _decide(config: Path | None, candidate: str, live: str | None):
     (its per-item ``outcomes-*.jsonl`` beside it) or a loop run's ``evals-<variant>`` folder."""
     from evals.gate import GateConfig, evaluate, load_outcome_dir
     from evals.suites import load_metrics_doc
-    from training.config import load_config
+    from ground.config import load_config
 
     def read(path: str) -> tuple[dict, dict]:
         p = Path(path)
@@ -118,7 +118,7 @@ def gate(
 ) -> None:
     """Check the candidate against the gate rules; print every rule; exit 1 unless every rule
     passes (a rule that is inconclusive keeps live too)."""
-    from training.config import ConfigError
+    from ground.config import ConfigError
 
     try:
         decision = _decide(config, str(candidate), str(live) if live else None)

@@ -26,7 +26,7 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
 def _check_config(config: str, overrides: list[str]) -> None:
     """Fail before Prefect starts: a bad config names its field and exits 2."""
     from flows.loop_config import load_loop_config
-    from training.config import ConfigError
+    from ground.config import ConfigError
 
     try:
         load_loop_config(config, overrides)

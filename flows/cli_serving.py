@@ -18,86 +18,11 @@ from pathlib import Path
 
 import typer
 
+from flows.cli_admin import ADMIN_KEY, URL, admin_or_offline, run_or_exit, show_release
+
 release_app = typer.Typer(
     help="Blue/green releases: list, stage, promote, rollback.", no_args_is_help=True
 )
-
-_URL = typer.Option(
-    None,
-    "--url",
-    envvar="ALIGNLOOP_GATEWAY_URL",
-    help="Running gateway (default: from server.json).",
-)
-_KEY = typer.Option(
-    None, "--admin-key", envvar="ALIGNLOOP_ADMIN_KEY", help="Admin key of the running gateway."
-)
-
-
-def _client(url: str | None, admin_key: str | None):
-    """An AdminClient for the running gateway, or None when none runs (offline mode).
-
-    Without a key, a gateway on loopback is asked with the published demo admin key: it accepts
-    that key only on loopback and only while ``demo_keys`` is on (serving/auth.py), so this opens
-    nothing that was closed; a gateway that refuses it gets the usual "pass --admin-key".
-    """
-    from urllib.parse import urlsplit
-
-    from serving.admin_api import AdminClient, AdminError
-    from serving.auth import is_loopback
-    from serving.gateway_config import DEMO_ADMIN_KEY
-    from serving.server import running_server
-
-    if url is None:
-        info = running_server()
-        url = info["url"] if info else None
-    if url is None:
-        return None
-    if admin_key:
-        return AdminClient(url, admin_key)
-    need_key = f"a gateway runs at {url}: pass --admin-key or set ALIGNLOOP_ADMIN_KEY"
-    if not is_loopback(urlsplit(url).hostname or ""):
-        raise typer.BadParameter(need_key, param_hint="--admin-key")
-    import httpx
-
-    client = AdminClient(url, DEMO_ADMIN_KEY)
-    try:
-        client.describe()
-    except AdminError as exc:
-        if exc.status in (401, 403):
-            raise typer.BadParameter(
-                f"{need_key} (it refused the demo admin key: demo_keys is off)",
-                param_hint="--admin-key",
-            ) from None
-        raise
-    except httpx.HTTPError as exc:  # server.json names a live pid, but nothing answers there
-        raise typer.BadParameter(
-            f"{need_key} (asked with the demo admin key, it did not answer: {type(exc).__name__})",
-            param_hint="--admin-key",
-        ) from None
-    return client
-
-
-def _run(fn):
-    from serving.admin_api import AdminError
-    from serving.releases import ReleaseError
-    from training.config import ConfigError
-
-    try:
-        return fn()
-    except (AdminError, ReleaseError, ConfigError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-
-
-def _show(rel, note: str = "") -> None:
-    last = rel.history[-1] if rel.history else None
-    typer.echo(
-        f"{rel.release_id}: {rel.status}"
-        + (f" ({last.reason.splitlines()[0][:200]})" if last and last.reason else "")
-    )
-    if note:
-        typer.echo(note)
-
 
 def _address(row: dict) -> str | None:
     """host:port where the release answers: its external server, or its running vLLM."""
@@ -139,7 +64,7 @@ def _scheme(row: dict) -> str:
     kernel when not the default one (GPU W4A16 candidates), and the dtype."""
     from evals.serving_choice import scheme_in_words
     from flows.gpu import served_label
-    from training.config import ConfigError
+    from ground.config import ConfigError
 
     if row.get("upstream_url"):
         return "external (its own)"
@@ -155,16 +80,16 @@ def _scheme(row: dict) -> str:
 @release_app.command("list")
 def release_list(
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """List releases: status, where each is served (host:port), placement, scheme, lineage."""
     from flows.cli_canary import describe_canary
-    from serving.releases import ReleaseStore
+    from serving.releases.manager import ReleaseStore
     from training.lineage import describe_chain, release_lineage
 
-    client = _client(url, admin_key)
-    rows = _run(client.describe) if client else [r.to_dict() for r in ReleaseStore().list()]
+    client = admin_or_offline(url, admin_key)
+    rows = run_or_exit(client.describe) if client else [r.to_dict() for r in ReleaseStore().list()]
     for r in rows:
         r["address"], r["placement_text"], r["scheme"] = _address(r), _placement(r), _scheme(r)
     chains: dict[str, str] = {}
@@ -216,17 +141,17 @@ def release_stage(
         None, help="Run folder that produced the model (lineage)."
     ),  # noqa: B008
     source_stage: str | None = typer.Option(None, help="Stage inside that run (lineage)."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Start a candidate on its own port and health-check it; users are not routed to it."""
-    from serving.vllm_server import VLLMArgs
+    from ground.config import load_config
+    from serving.engine.vllm_server import VLLMArgs
     from training.base_model import resolve_base_model
-    from training.config import load_config
 
     # No args given: None, so the gateway applies its own releases.default_args.
     args = (
-        _run(lambda: load_config(VLLMArgs, args_file, overrides or []))
+        run_or_exit(lambda: load_config(VLLMArgs, args_file, overrides or []))
         if (args_file or overrides)
         else None
     )
@@ -235,26 +160,26 @@ def release_stage(
     except FileNotFoundError:
         model = model_dir  # recorded as failed below, with vLLM's reason
     source = {k: v for k, v in (("run_dir", source_run), ("stage", source_stage)) if v}
-    client = _client(url, admin_key)
+    client = admin_or_offline(url, admin_key)
     if client is not None:
-        rel = _run(lambda: client.stage(model, args, source, release_id))
+        rel = run_or_exit(lambda: client.stage(model, args, source, release_id))
         note = ""
     else:
-        from serving.releases import ReleaseManager
-        from serving.server import ServeConfig
-        from training.config import repo_root
+        from ground.config import repo_root
+        from serving.control.server import ServeConfig
+        from serving.releases.manager import ReleaseManager
 
         serve_yaml = repo_root() / "configs/serve.yaml"
         defaults = load_config(
             ServeConfig, serve_yaml if serve_yaml.is_file() else None
         ).releases.default_args
         with ReleaseManager(default_args=defaults) as manager:
-            rel = _run(lambda: manager.stage(model, args, source, release_id))
+            rel = run_or_exit(lambda: manager.stage(model, args, source, release_id))
         note = (
             "no gateway running: it started, answered and was stopped again; it starts when "
             "promoted in a running gateway, or at the next `alignloop serve` if promoted now."
         )
-    _show(rel, note if rel.status == "staged" else "")
+    show_release(rel, note if rel.status == "staged" else "")
     if rel.status != "staged":
         raise typer.Exit(1)
 
@@ -264,21 +189,21 @@ def release_promote(
     release_id: str = typer.Argument(..., help="Release to make live."),  # noqa: B008
     force: bool = typer.Option(False, help="Promote against a gate decision (needs --reason)."),  # noqa: B008
     reason: str | None = typer.Option(None, help="Why (kept in the status history)."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Switch the gateway to a release (health-checked first); the live one becomes previous."""
-    from serving.releases import ReleaseStore
+    from serving.releases.manager import ReleaseStore
 
     if force and not reason:
         raise typer.BadParameter("--force needs --reason", param_hint="--reason")
-    client = _client(url, admin_key)
+    client = admin_or_offline(url, admin_key)
     if client is not None:
-        _show(_run(lambda: client.promote(release_id, force, reason)))
+        show_release(run_or_exit(lambda: client.promote(release_id, force, reason)))
         return
 
-    _show(
-        _run(lambda: ReleaseStore().promote_offline(release_id, force, reason or "")),
+    show_release(
+        run_or_exit(lambda: ReleaseStore().promote_offline(release_id, force, reason or "")),
         "no gateway running: marked live in the data dir; the next "
         "`alignloop serve` starts it (and falls back to the previous release if it fails).",
     )
@@ -287,18 +212,18 @@ def release_promote(
 @release_app.command("rollback")
 def release_rollback(
     reason: str | None = typer.Option(None, help="Why (kept in the status history)."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Make the previous release live again (instant while it is warm)."""
-    from serving.releases import ReleaseStore
+    from serving.releases.manager import ReleaseStore
 
-    client = _client(url, admin_key)
+    client = admin_or_offline(url, admin_key)
     if client is not None:
-        _show(_run(lambda: client.rollback(reason)))
+        show_release(run_or_exit(lambda: client.rollback(reason)))
         return
-    _show(
-        _run(lambda: ReleaseStore().rollback_offline(reason or "")),
+    show_release(
+        run_or_exit(lambda: ReleaseStore().rollback_offline(reason or "")),
         "no gateway running: swapped live and previous in the data dir (takes effect at the next serve).",
     )
 
@@ -307,15 +232,15 @@ def release_rollback(
 def release_retire(
     release_id: str = typer.Argument(..., help="Staged or previous release to stop."),  # noqa: B008
     reason: str | None = typer.Option(None, help="Why."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Stop a staged/previous release and take it out of rotation."""
-    from serving.releases import ReleaseError, ReleaseStore
+    from serving.releases.manager import ReleaseError, ReleaseStore
 
-    client = _client(url, admin_key)
+    client = admin_or_offline(url, admin_key)
     if client is not None:
-        _show(_run(lambda: client.retire(release_id, reason)))
+        show_release(run_or_exit(lambda: client.retire(release_id, reason)))
         return
 
     def offline():
@@ -324,27 +249,27 @@ def release_retire(
             raise ReleaseError(f"release {release_id} is live: promote or roll back first")
         return store.set_status(release_id, "retired", reason or "retired (offline)")
 
-    _show(_run(offline))
+    show_release(run_or_exit(offline))
 
 
 @release_app.command("attach-eval")
 def release_attach_eval(
     release_id: str = typer.Argument(...),
     report: Path = typer.Argument(..., exists=True, help="Report JSON."),  # noqa: B008
-    url: str | None = _URL,
-    admin_key: str | None = _KEY,
+    url: str | None = URL,
+    admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Attach an eval report (JSON) to a release."""
-    from serving.releases import ReleaseStore
+    from serving.releases.manager import ReleaseStore
 
-    client = _client(url, admin_key)
+    client = admin_or_offline(url, admin_key)
     data = json.loads(report.read_text())
     rel = (
-        _run(lambda: client.attach_eval(release_id, data))
+        run_or_exit(lambda: client.attach_eval(release_id, data))
         if client
-        else _run(lambda: ReleaseStore().attach_eval(release_id, data))
+        else run_or_exit(lambda: ReleaseStore().attach_eval(release_id, data))
     )
-    _show(rel)
+    show_release(rel)
 
 
 def serve(
@@ -357,8 +282,8 @@ def serve(
     ),  # noqa: B008
 ) -> None:
     """Run the gateway with the live release (vLLM), admin API included, until Ctrl-C."""
-    from serving.server import ServeConfig, run_serve, running_server
-    from training.config import ConfigError, load_config, repo_root
+    from ground.config import ConfigError, load_config, repo_root
+    from serving.control.server import ServeConfig, run_serve, running_server
 
     try:
         cfg = load_config(
@@ -396,7 +321,7 @@ def stop(
     import signal
     import time
 
-    from serving.server import running_server
+    from serving.control.server import running_server
 
     info = running_server()
     if info is None:

@@ -25,7 +25,7 @@ _STAGES = {
 
 
 def _default_config(name: str) -> Path | None:
-    from training.config import repo_root
+    from ground.config import repo_root
 
     path = repo_root() / "configs" / name
     return path if path.is_file() else None
@@ -43,7 +43,7 @@ def _make_command(module: str, cls_name: str, default_file: str, help_text: str)
     ) -> None:
         import importlib
 
-        from training.config import ConfigError, load_config
+        from ground.config import ConfigError, load_config
 
         mod = importlib.import_module(module)
         try:

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import typer
 
-from training.config import data_dir, repo_root
+from ground.config import data_dir, repo_root
 
 DEMO_ADMIN_KEY = "sk-alignloop-admin"  # the DEMO admin key of configs/gateway.yaml (hash only there)
 # The demo decides under its own gate: the production rules with margins its 24-48 items per task
@@ -44,19 +44,19 @@ def _start_gateway(
 ) -> tuple[subprocess.Popen, str]:
     """`alignloop serve` in a child process; wait until the live release answers through it.
 
-    It stops with the demo (training/procs.py) and listens on a free port, unless ``keep``: then it
+    It stops with the demo (ground/procs.py) and listens on a free port, unless ``keep``: then it
     is detached and serves on at the serve config's fixed port (8000), where `alignloop serve`
     would. ``serve_overrides`` are key=value settings of `alignloop serve`.
     """
-    from serving.server import running_server, server_file
-    from serving.vllm_server import free_port
+    from serving.control.server import running_server, server_file
+    from serving.engine.vllm_server import free_port
 
     if (info := running_server()) is not None:
         raise RuntimeError(f"a gateway already runs for {data_dir()} ({info['url']}); "
                            "`alignloop stop` stops it")
     server_file().unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    from training.procs import owned_popen
+    from ground.procs import owned_popen
 
     port = [] if keep else [f"port={free_port()}"]
     cmd = [sys.executable, "-m", "flows.cli", "serve", *port, *(serve_overrides or [])]
@@ -95,9 +95,9 @@ def _stop_gateway(proc: subprocess.Popen) -> None:
 
 def _traffic(url: str, window: int) -> Any:
     """Demo traffic + simulated feedback for one window (seed = window number)."""
-    from training.config import load_config
-    from training.simulate import SimulateConfig
-    from training.simulate import run as simulate
+    from flows.simulate import SimulateConfig
+    from flows.simulate import run as simulate
+    from ground.config import load_config
 
     overrides = [f"base_url={url}/v1"]
     if window:  # window 0 is exactly `make demo`'s traffic
@@ -107,7 +107,8 @@ def _traffic(url: str, window: int) -> Any:
 
 def _live_chain() -> str:
     """The live release's lineage in one line (what `alignloop release list` prints under it)."""
-    from training.lineage import describe_chain, live_lineage
+    from serving.releases.manager import live_lineage
+    from training.lineage import describe_chain
 
     try:
         lineage = live_lineage()
@@ -123,8 +124,7 @@ LOOP_STAGE = "alignment loop (flow)"
 
 def _probe_state() -> str:
     """Whether set-up measured this CPU already (the loop's "plan quantization" reads it)."""
-    from serving.platform import detect
-    from serving.probe import cached
+    from ground.platform import cached, detect
 
     platform = detect()
     if platform.has_gpu:
@@ -144,7 +144,7 @@ def time_budget(timings: dict[str, float], loop_seconds: list[dict[str, float]])
     """Where the demo's time went: one line per stage with its share of the total, the loop's
     tasks under each loop run (``loop_seconds``, one dict per window, in order), and the total
     against the 10-minute goal."""
-    from serving.platform import detect
+    from ground.platform import detect
 
     total = timings.get("total") or sum(timings.values()) or 1.0
     cpu = f"{os.cpu_count()} cores, {detect().isa}"
@@ -171,9 +171,9 @@ def closing_lines(kept: tuple[str, int] | None = None) -> list[str]:
     """The demo's last lines: the one command that serves this data dir again (gateway, live
     release, review page on the serve config's fixed port) and how to stop it; with ``kept``
     (url, pid) the gateway `--keep-serving` left running instead."""
-    from serving.gateway_config import DEMO_REVIEWER_KEY
-    from serving.server import ServeConfig
-    from training.config import load_config
+    from ground.config import load_config
+    from serving.control.server import ServeConfig
+    from serving.gateway.config import DEMO_REVIEWER_KEY
 
     exe = Path(sys.executable).parent / "alignloop"
     alignloop = str(exe.relative_to(repo_root())) if exe.is_relative_to(repo_root()) else "alignloop"
@@ -290,7 +290,7 @@ def run_demo(
     typer.echo("")
     kept = None
     if keep_serving:
-        from serving.server import running_server
+        from serving.control.server import running_server
 
         kept = (url, (running_server() or {}).get("pid", proc.pid))
     for line in closing_lines(kept):

@@ -8,9 +8,8 @@ import subprocess
 
 import typer
 
-from serving.platform import detect
-from serving.vllm_server import serve_python
-from training.config import data_dir
+from ground.config import data_dir
+from ground.platform import detect, serve_python
 
 PIPELINE_PACKAGES = (
     "torch", "transformers", "peft", "trl", "datasets", "accelerate", "llmcompressor",
@@ -48,7 +47,8 @@ def _serving_versions() -> dict[str, str] | str:
 
 def _probe_report(platform, run: bool) -> bool:
     """Print the platform probe's choice (measuring first if ``run``); False if it failed."""
-    from serving.probe import cached, run_probe
+    from ground.platform import cached
+    from serving.engine.probe import run_probe
 
     if platform.has_gpu:
         return True
@@ -83,7 +83,7 @@ def run_doctor(start_vllm: bool = True, probe: bool = False) -> int:
     if ok:
         ok &= _probe_report(platform, run=probe)
     if start_vllm and ok:
-        from serving.vllm_server import VLLMServer, VLLMStartError
+        from serving.engine.vllm_server import VLLMServer, VLLMStartError
         from training.base_model import materialize
 
         model = materialize()
@@ -105,7 +105,8 @@ def run_prepare() -> int:
     set-up finds them. Prints what it did and how long each part took; 1 if the probe failed."""
     import time
 
-    from serving.probe import cached, run_probe
+    from ground.platform import cached
+    from serving.engine.probe import run_probe
     from training.base_model import materialize
 
     t0 = time.monotonic()

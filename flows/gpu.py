@@ -2,7 +2,7 @@
 a release actually serves. No Prefect here: flows/loop.py's tasks call these.
 
 - Training goes through ``accelerate launch`` (training/launch.py) on the GPUs that no serving
-  release holds, or beside them in the memory they leave (serving/placement.py); the holdings are
+  release holds, or beside them in the memory they leave (serving/releases/placement.py); the holdings are
   read from the running gateway, which places every release it starts.
 - A W4A16 candidate on a GPU is staged once per kernel worth comparing (vLLM's default Machete
   and Marlin): the serving choice then picks scheme *and* kernel from measurements, and the
@@ -17,8 +17,8 @@ from dataclasses import asdict
 from typing import Any
 
 from flows.loop_config import LoopConfig
-from serving.placement import Placement, PlacementError, gpu_inventory, place_training
-from serving.vllm_server import VLLMArgs
+from serving.engine.vllm_server import VLLMArgs
+from serving.releases.placement import Placement, PlacementError, gpu_inventory, place_training
 
 KERNEL_VARIANT_SUFFIX = {"default": "", "marlin": "-marlin"}
 
@@ -28,7 +28,7 @@ def training_placement(cfg: LoopConfig, processes: int | None = None) -> Placeme
 
     Idle staged candidates are retired first when that frees whole GPUs (placement config).
     """
-    from flows.steps import admin_client
+    from flows.loop_config import admin_client
 
     gpus = gpu_inventory(cfg.placement)
     if not gpus:

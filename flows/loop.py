@@ -29,7 +29,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from flows import window as windows
 from flows.loop_config import LoopConfig, load_loop_config, resolve_path
 from flows.timing import start_timings, task  # prefect's task, each call's seconds recorded
-from training.config import data_dir
+from ground.config import data_dir
 
 
 # -- tasks: each loads its config, calls the stage, returns a plain dict --------------------------
@@ -100,7 +100,7 @@ def merge_adapters(cfg: LoopConfig, run_dir: str, adapter: str) -> dict:
 @task(name="plan quantization")
 def plan_quantization(cfg: LoopConfig) -> dict:
     """The scheme the quantized candidate gets, or none when this target cannot serve one faster."""
-    from training.quantize import plan_scheme
+    from serving.engine.probe import plan_scheme
 
     q = cfg.stage_config("quantize", model_dir="<merge stage>", dataset_path="<data stage>")
     scheme, why = plan_scheme(q.scheme, q.target)
@@ -139,7 +139,7 @@ def stage_baseline(cfg: LoopConfig, live: dict) -> dict:
 
 @task(name="retire release", retries=2, retry_delay_seconds=5)
 def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
-    from flows.steps import admin_client
+    from flows.loop_config import admin_client
 
     with admin_client(cfg) as admin:
         if admin.get(release_id).status == "staged":
@@ -150,8 +150,8 @@ def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
 def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, kernel: str = "default") -> dict:
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
     from flows.gpu import kernel_args
-    from flows.steps import admin_client
-    from serving.admin_api import startup_progress
+    from flows.loop_config import admin_client
+    from serving.control.admin_api import startup_progress
 
     with admin_client(cfg) as admin:
         for rel in admin.describe():
@@ -225,7 +225,7 @@ def schedule_canary_check(cfg: LoopConfig) -> str:
     """The first ``canary-check`` run, one check interval from now (flows/canary.py)."""
     from evals.online import OnlineConfig
     from flows.canary import DEPLOYMENT, schedule_check
-    from training.config import load_config
+    from ground.config import load_config
 
     every = load_config(OnlineConfig, resolve_path(cfg.online_file)).canary.check_every_s
     run = schedule_check(every, {})
@@ -339,7 +339,7 @@ def alignment_loop(
         since: Window start; None = where the last successful run ended (or a pending window).
         until: Window end; None = now.
     """
-    from flows.schedule import one_run_per_model
+    from flows.work_pools import one_run_per_model
 
     cfg = load_loop_config(config, overrides or [])
     with one_run_per_model(cfg.model.name_or_path):  # never two runs of one model at once

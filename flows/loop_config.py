@@ -7,15 +7,16 @@ when the file is loaded, so a typo fails before any stage runs, naming the field
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
 
-from serving.placement import PlacementConfig
-from serving.vllm_server import VLLMArgs
-from training.config import (
+from ground.config import (
     ConfigError,
     ModelRef,
     StrictModel,
@@ -24,6 +25,8 @@ from training.config import (
     merge_dicts,
     repo_root,
 )
+from serving.engine.vllm_server import VLLMArgs
+from serving.releases.placement import PlacementConfig
 
 # Placeholders that satisfy required path fields while a section is validated at load time.
 _WIRED: dict[str, dict[str, Any]] = {
@@ -152,7 +155,7 @@ class LoopConfig(StrictModel):
         from evals.config import EvalsConfig
         from evals.gate import GateConfig
         from evals.online import OnlineConfig
-        from serving.gateway_config import GatewayConfig
+        from serving.gateway.config import GatewayConfig
 
         for field, cls, name in (("evals_file", EvalsConfig, self.evals_file),
                                  ("gate_file", GateConfig, self.gate_file),
@@ -201,3 +204,27 @@ def load_loop_config(path: str | Path | None, overrides: list[str] | tuple[str, 
         raise
     except ValueError as err:  # raised by a section's own validation inside the validator
         raise ConfigError(str(err)) from None
+
+
+@contextlib.contextmanager
+def admin_client(cfg: LoopConfig) -> Iterator[Any]:
+    """An admin client for the running gateway named by the config (or ``server.json``)."""
+    from serving.control.admin_api import AdminClient
+    from serving.control.server import running_server
+
+    url = cfg.gateway.url
+    if url is None:
+        info = running_server()
+        if info is None:
+            raise RuntimeError(
+                "no running gateway: start one with `alignloop serve` or set gateway.url in the loop config"
+            )
+        url = info["url"]
+    key = cfg.gateway.admin_key or os.environ.get(cfg.gateway.admin_key_env)
+    if not key:
+        raise RuntimeError(f"no admin key: set gateway.admin_key or ${cfg.gateway.admin_key_env}")
+    client = AdminClient(url, key)
+    try:
+        yield client
+    finally:
+        client.close()

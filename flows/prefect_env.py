@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from training.config import data_dir
+from ground.config import data_dir
 
 # On a fresh PREFECT_HOME (a new machine, CI) the ephemeral server migrates its SQLite database
 # first; on two cores that outlasts Prefect's default start-up timeout (docs/PLATFORM.md: it failed

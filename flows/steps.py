@@ -6,16 +6,13 @@ No Prefect here: the flow module wraps these in tasks.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flows.loop_config import LoopConfig, resolve_path
-from training.config import load_config
-from training.runs import StageDir
+from flows.loop_config import LoopConfig, admin_client, resolve_path
+from ground.config import load_config
+from ground.runs import StageDir
 
 COST_METRIC = "cost.usd_per_1m_output_tokens"
 POLICY_METRIC = "quality.policy.compliance"
@@ -35,30 +32,6 @@ TABLE_METRICS = (  # (row label, metric key, scale)
 
 
 # -- the running gateway -------------------------------------------------------------------------
-@contextlib.contextmanager
-def admin_client(cfg: LoopConfig) -> Iterator[Any]:
-    """An admin client for the running gateway named by the config (or ``server.json``)."""
-    from serving.admin_api import AdminClient
-    from serving.server import running_server
-
-    url = cfg.gateway.url
-    if url is None:
-        info = running_server()
-        if info is None:
-            raise RuntimeError(
-                "no running gateway: start one with `alignloop serve` or set gateway.url in the loop config"
-            )
-        url = info["url"]
-    key = cfg.gateway.admin_key or os.environ.get(cfg.gateway.admin_key_env)
-    if not key:
-        raise RuntimeError(f"no admin key: set gateway.admin_key or ${cfg.gateway.admin_key_env}")
-    client = AdminClient(url, key)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 def live_release(cfg: LoopConfig) -> dict[str, Any]:
     """The live release as the admin API describes it (it must be warm: it serves users)."""
     with admin_client(cfg) as admin:
@@ -100,6 +73,7 @@ def evaluate(
     """
     from evals import suites
     from evals.config import Endpoint, EvalsConfig
+    from serving.gateway.candidate import candidate_gateway
 
     evals_cfg = load_config(EvalsConfig, resolve_path(cfg.evals_file))
     evals_cfg.quality.preference_dataset = dataset_path
@@ -123,7 +97,7 @@ def evaluate(
         return done["metrics"]
     stage.start()
     store_url = f"sqlite:///{(stage.out / 'eval-gateway-logs.db').resolve()}"
-    with suites.candidate_gateway(
+    with candidate_gateway(
         release["base_url"], release["release_id"], release["release_id"], store_url,
         gateway_config=resolve_path(cfg.gateway.config_file),
     ) as endpoint:
@@ -164,12 +138,13 @@ def extend(cfg: LoopConfig, variant: str, release: dict[str, Any], run_dir: Path
     private gateway (as :func:`evaluate`), added to its eval folder. Returns the updated metrics."""
     from evals import suites
     from evals.config import EvalsConfig
+    from serving.gateway.candidate import candidate_gateway
 
     evals_cfg = suites.look_config(load_config(EvalsConfig, resolve_path(cfg.evals_file)),
                                    gate_config(cfg).looks, look, metrics)
     stage_out = run_dir / f"evals-{variant}" / "output"
     store_url = f"sqlite:///{(stage_out / 'eval-gateway-logs.db').resolve()}"
-    with suites.candidate_gateway(
+    with candidate_gateway(
         release["base_url"], release["release_id"], release["release_id"], store_url,
         gateway_config=resolve_path(cfg.gateway.config_file),
     ) as endpoint:
@@ -207,7 +182,7 @@ def workload(cfg: LoopConfig, window: tuple[Any, Any]) -> dict[str, Any]:
     the config, else the requests in flight the window's logs show (p95)."""
     from evals.config import EvalsConfig
     from evals.serving_choice import Slo, Workload, workload_from_logs
-    from serving.logstore import LogStore, default_url
+    from ground.logstore import LogStore, default_url
 
     evals_cfg = load_config(EvalsConfig, resolve_path(cfg.evals_file))
     usd = evals_cfg.cost.usd_per_hour[evals_cfg.cost.machine]
@@ -303,7 +278,7 @@ def decide(
     exactly as the release manager will recompute it."""
     from evals import report
     from evals.gate import evaluate_stage_dirs
-    from training.config import ConfigError
+    from ground.config import ConfigError
 
     gate_cfg = gate_config(cfg)
     live_dir = run_dir / "evals-baseline"
@@ -324,7 +299,7 @@ def decide(
     out = run_dir / "report"
     metrics_files = {}
     # What vLLM computes unquantized models in here (float32 on most CPUs), for "Served as".
-    from serving.platform import detect, serving_dtype
+    from ground.platform import detect, serving_dtype
 
     dtype = serving_dtype(detect())
     for variant, m in metrics.items():

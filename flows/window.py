@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from training.config import data_dir
+from ground.config import data_dir
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Guardrail hooks and chains: each hook takes a protocol object and returns it (maybe changed)
 with a :class:`Verdict` (allow / redact / block, a reason, the hook's name).
 
-- Input hooks see the whole :class:`~serving.protocol.ChatCompletionRequest`.
+- Input hooks see the whole :class:`~ground.protocol.ChatCompletionRequest`.
 - Output hooks see answer text. For streams, :class:`StreamGuard` feeds them the answer in
   windows (the first text at once, then once per ``window_chars`` new characters or
   ``window_s``) and holds back a tail (``holdback_chars``) so a value a hook matches (a PII
@@ -17,13 +17,12 @@ Hooks come from config by name (``registry.HOOKS``) or by ``module:Factory`` pat
 
 from __future__ import annotations
 
-import importlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from serving.protocol import ChatCompletionRequest
+from ground.protocol import ChatCompletionRequest
 
 Action = Literal["allow", "redact", "block"]
 Stage = Literal["input", "output"]
@@ -88,28 +87,6 @@ class OutputHook:
 
     def verdict(self, action: Action, reason: str = "") -> Verdict:
         return Verdict(self.name, "output", action, reason)
-
-
-def build_hook(name: str, params: dict[str, Any]) -> InputHook | OutputHook:
-    """A hook from a registered name or a ``package.module:Factory`` import path."""
-    from guardrails.registry import HOOKS
-
-    if name in HOOKS:
-        factory: Callable[..., Any] = HOOKS[name]
-    elif ":" in name:
-        mod, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"guardrail hook {name!r}: cannot import ({e})") from None
-    else:
-        raise ValueError(
-            f"guardrail hook {name!r}: unknown; registered: {sorted(HOOKS)} or 'module:Factory'"
-        )
-    try:
-        return factory(**params)
-    except TypeError as e:
-        raise ValueError(f"guardrail hook {name!r}: bad params {params} ({e})") from None
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ground.protocol import ChatCompletionRequest
 from guardrails.base import InputHook, OutputHook, Verdict
 from guardrails.pii import DEFAULT_ENTITIES, MAX_PII_CHARS, PIIDetector, default_detector
-from serving.protocol import ChatCompletionRequest
 
 DEFAULT_INJECTION_PATTERNS: tuple[str, ...] = (
     r"\b(ignore|disregard|forget|override)\b.{0,40}\b(previous|prior|above|earlier|all|system)\b.{0,20}\b(instructions?|prompts?|rules|guidelines|directions)\b",

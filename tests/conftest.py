@@ -30,7 +30,7 @@ SESSION_HOME = Path(tempfile.mkdtemp(prefix="alignloop-test-home-"))
 os.environ["ALIGNLOOP_HOME"] = str(SESSION_HOME)
 atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)
 # One key secret for the whole session and the processes it starts, so key hashes made by a test
-# (serving.gateway_config.hash_key) match in every gateway it starts, whatever its data dir. Set,
+# (serving.gateway.config.hash_key) match in every gateway it starts, whatever its data dir. Set,
 # not defaulted: the user's own secret must not decide what the tests' key hashes are.
 os.environ["ALIGNLOOP_KEY_SECRET"] = "test-key-secret-" + "0" * 32
 # The user's keys and gateway in the environment are not the suite's (tests that need one set it).
@@ -76,7 +76,7 @@ def tiny_model_dir(embedded_model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vllm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real vLLM server (serving env) for the tiny model, shared by a test session."""
-    from serving.vllm_server import VLLMArgs, VLLMServer
+    from serving.engine.vllm_server import VLLMArgs, VLLMServer
 
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     args = VLLMArgs(max_model_len=1024, kv_cache_gib=1)

@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from training.config import ConfigError, StrictModel, load_config, parse_overrides
+from ground.config import ConfigError, StrictModel, load_config, parse_overrides
 
 
 class Lora(StrictModel):

@@ -15,10 +15,10 @@ SECURITY = (REPO / "docs" / "SECURITY.md").read_text()
 
 def test_no_access_log_as_security_md_says() -> None:
     """SECURITY.md: `alignloop serve` writes no access log (gateway and workers), vLLM neither."""
-    from serving.app import uvicorn_config
-    from serving.gateway_config import load_gateway_config
-    from serving.platform import Platform
-    from serving.vllm_server import VLLMArgs, build_command
+    from ground.platform import Platform
+    from serving.engine.vllm_server import VLLMArgs, build_command
+    from serving.gateway.app import uvicorn_config
+    from serving.gateway.config import load_gateway_config
 
     assert "`alignloop serve` writes no access log" in SECURITY
     assert "writes uvicorn's access log" not in SECURITY
@@ -41,8 +41,8 @@ def test_readme_cli_block_lists_every_command() -> None:
 
 def test_readme_serve_command_and_address_are_real() -> None:
     """After the demo: `make serve` runs `alignloop serve`, on the address the README gives."""
-    from serving.server import ServeConfig
-    from training.config import load_config
+    from ground.config import load_config
+    from serving.control.server import ServeConfig
 
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^serve: .*\n\t\$\(VENV\)/bin/alignloop serve$", makefile, re.M)

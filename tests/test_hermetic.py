@@ -15,9 +15,9 @@ USER_HOME = REPO / ".alignloop"
 
 
 def test_the_data_dir_is_the_sessions_not_the_checkouts() -> None:
-    from serving.auth import keys_file_path
-    from serving.gateway_config import GatewayConfig, key_secret_path
-    from training.config import data_dir
+    from ground.config import data_dir
+    from serving.gateway.auth import keys_file_path
+    from serving.gateway.config import GatewayConfig, key_secret_path
 
     assert not data_dir().is_relative_to(REPO)
     # A gateway built without a keys file reads <data dir>/keys.yaml: the session's, not the user's.
@@ -27,7 +27,7 @@ def test_the_data_dir_is_the_sessions_not_the_checkouts() -> None:
 
 
 def test_a_process_the_suite_starts_sees_the_same_data_dir() -> None:
-    code = ("import json, os; from training.config import data_dir; "
+    code = ("import json, os; from ground.config import data_dir; "
             "print(json.dumps([str(data_dir()), os.environ.get('ALIGNLOOP_KEY_SECRET', '')]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     home, secret = json.loads(out.stdout)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from serving.platform import (
+from ground.platform import (
     Platform,
     default_quant_scheme,
     servable_schemes,
     serving_dtype,
     training_dtype,
 )
-from serving.vllm_server import VLLMArgs, build_command
+from serving.engine.vllm_server import VLLMArgs, build_command
 
 
 def make(flags: set[str], gpus: tuple[str, ...] = ()) -> Platform:
@@ -79,7 +79,7 @@ def test_vllm_command_per_platform() -> None:
 
 def test_isa_override_makes_the_avx2_choices(monkeypatch) -> None:
     """ALIGNLOOP_CPU_ISA=avx2 on an AVX-512 machine: the choices an AVX2-only CPU gets."""
-    from serving.platform import PlatformError, _read_cpuinfo, apply_isa_override, detect
+    from ground.platform import PlatformError, _read_cpuinfo, apply_isa_override, detect
 
     flags = frozenset({"avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "avx_vnni"})
     avx2 = Platform("cpu", apply_isa_override(flags, "avx2"), 2, 24.0)
@@ -109,7 +109,7 @@ def test_avx2_emulation_loads_vllms_avx2_kernels() -> None:
     """benchmarks/avx2/python: vLLM (serving env) takes its AVX2 build, torch reports no AVX-512."""
     import subprocess
 
-    from training.config import repo_root
+    from ground.config import repo_root
 
     code = (
         "import torch\n"
@@ -133,7 +133,7 @@ def test_served_greedy_answer_matches_the_materialize_check(embedded_model_dir, 
 
     import httpx
 
-    from serving.vllm_server import VLLMServer
+    from serving.engine.vllm_server import VLLMServer
     from training.base_model import CHECK_PROMPT, MARKER
 
     check = json.loads((embedded_model_dir / MARKER).read_text())["check_answer"]

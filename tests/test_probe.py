@@ -1,6 +1,6 @@
 """The platform probe's rules on measured numbers, and how its cached result drives the choices.
 
-The measurements below are the shapes the probe really produced (serving/probe.py) on the two
+The measurements below are the shapes the probe really produced (serving/engine/probe.py) on the two
 CPU kinds; the garbage answers are what bf16 gave on a real AVX2-only CPU (docs/PLATFORM.md).
 The serving env is replaced by a one-line script only where the cache asks for vLLM's version.
 """
@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from serving import probe
-from serving.platform import Platform, detect, serving_dtype
-from serving.probe import ProbeResult, agreement, cached, pick_dtype, pick_scheme
+from ground import platform as probe  # the probe's rules and cache
+from ground.platform import (
+    Platform,
+    ProbeResult,
+    agreement,
+    cached,
+    detect,
+    pick_dtype,
+    pick_scheme,
+    serving_dtype,
+)
 from training.base_model import CHECK_PROMPT
 
 RIGHT = ["The capital of France is Paris.", "A spider has eight legs.", "Jupiter is the largest.",
@@ -164,7 +172,8 @@ def test_cached_measurement_decides_the_serving_dtype(data_home: Path, serving_e
 def test_loop_plan_follows_the_probe_or_the_config(
     data_home: Path, serving_env_version, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from training.quantize import choose_scheme, plan_scheme
+    from serving.engine.probe import plan_scheme
+    from training.quantize import choose_scheme
 
     monkeypatch.setenv("ALIGNLOOP_FORCE_CPU", "1")
     detect.cache_clear()
@@ -185,18 +194,18 @@ def test_loop_plan_follows_the_probe_or_the_config(
 
 @pytest.mark.integration
 def test_the_serving_env_half_measures_a_real_vllm(tiny_model_dir: Path) -> None:
-    """`python -m serving._probe_vllm` in the serving env: answers and speeds from a real engine."""
+    """`python -m serving.engine._probe_vllm` in the serving env: answers and speeds from a real engine."""
     import os
     import subprocess
 
-    from serving.vllm_server import serve_python
-    from training.config import repo_root
+    from ground.config import repo_root
+    from ground.platform import serve_python
 
     spec = {"variants": [{"name": "float32", "model": str(tiny_model_dir), "dtype": "probe"}],
             "prompts": list(probe.PROMPTS[:2]), "check_tokens": 4, "tokens": 8, "batch": 2,
             "repeats": 1}
     out = subprocess.run(
-        [str(serve_python()), "-m", "serving._probe_vllm", json.dumps(spec)], cwd=repo_root(),
+        [str(serve_python()), "-m", "serving.engine._probe_vllm", json.dumps(spec)], cwd=repo_root(),
         capture_output=True, text=True, timeout=600,
         env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )

@@ -1,4 +1,4 @@
-"""Owned child processes (training/procs.py): the whole process group goes when its owner goes.
+"""Owned child processes (ground/procs.py): the whole process group goes when its owner goes.
 
 Real processes throughout: an owner Python process starts a shell under the watchdog, the shell
 starts a grandchild (as vLLM starts its engine core), and the owner is then killed or exits.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from training.procs import owned_popen, run_owned, stop_group
+from ground.procs import owned_popen, run_owned, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 # A child that ignores SIGTERM in its grandchild: only the SIGKILL after the grace period ends it.
@@ -25,7 +25,7 @@ OWNER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {repo!r})
-    from training.procs import owned_popen
+    from ground.procs import owned_popen
     proc = owned_popen(["sh", "-c", {cmd!r}], grace_s=1.0)
     print(proc.pid, flush=True)
     time.sleep(300)

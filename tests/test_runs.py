@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from training.config import StrictModel
-from training.runs import StageDir, fingerprint_path
+from ground.config import StrictModel
+from ground.runs import StageDir, fingerprint_path
 
 
 class Cfg(StrictModel):

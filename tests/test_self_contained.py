@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from training.config import repo_root
+from ground.config import repo_root
 
 OUTSIDE = re.compile(r"\.\./shared|STYLE\.md|(?<![/\w])(?:DESIGN|PLATFORM)\.md")
 THIS_FILE = "tests/test_self_contained.py"  # it spells out the patterns it looks for

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import build_config
+from ground.config import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 # file -> (schema, values for the fields a command line or the loop fills in)
 SCHEMAS: dict[str, tuple[str, dict]] = {
     "data.yaml": ("training.data:DataConfig", {}),
-    "demo.yaml": ("training.simulate:SimulateConfig", {}),
+    "demo.yaml": ("flows.simulate:SimulateConfig", {}),
     "sft.yaml": ("training.sft:SFTStageConfig", {"dataset_path": "d"}),
     "dpo.yaml": ("training.dpo:DPOStageConfig", {"dataset_path": "d", "sft_adapter": "a"}),
     "kto.yaml": ("training.kto:KTOStageConfig", {"dataset_path": "d", "adapter": "a"}),
@@ -27,9 +27,9 @@ SCHEMAS: dict[str, tuple[str, dict]] = {
     "gate.yaml": ("evals.gate:GateConfig", {}),
     "gate-demo.yaml": ("evals.gate:GateConfig", {}),
     "online.yaml": ("evals.online:OnlineConfig", {}),
-    "gateway.yaml": ("serving.gateway_config:GatewayConfig", {}),
-    "serve.yaml": ("serving.server:ServeConfig", {}),
-    "serve-gpu.yaml": ("serving.server:ServeConfig", {}),
+    "gateway.yaml": ("serving.gateway.config:GatewayConfig", {}),
+    "serve.yaml": ("serving.control.server:ServeConfig", {}),
+    "serve-gpu.yaml": ("serving.control.server:ServeConfig", {}),
     "loop.yaml": ("flows.loop_config:LoopConfig", {}),
     "loop-gpu.yaml": ("flows.loop_config:LoopConfig", {}),
 }
@@ -57,7 +57,7 @@ def test_shipped_yaml_loads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_shipped_yaml_rejects_a_typo() -> None:
-    from training.config import ConfigError, load_config
+    from ground.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="trian"):
         load_config(_schema(SCHEMAS["sft.yaml"][0]), REPO / "configs" / "sft.yaml", ["dataset_path=d", "trian.epochs=1"])
@@ -87,7 +87,7 @@ def test_measurement_and_demo_gates_differ_from_the_shipped_one_only_in_margins(
     compare with live's instead of the SLO (a laptop misses the production SLO whatever it
     serves): a candidate as fast as live passes them, one over twice as slow never does."""
     from evals.gate import GateConfig
-    from training.config import load_config
+    from ground.config import load_config
 
     path = REPO / path
     assert path.read_text().startswith(first_words)

@@ -19,8 +19,8 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.config import EMBEDDED_MODEL, data_dir
-from training.runs import fingerprint_path
+from ground.config import EMBEDDED_MODEL, data_dir
+from ground.runs import fingerprint_path
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from ground.config import StrictModel, data_dir, repo_root
+from ground.runs import StageDir, fingerprint_obj, new_run_id
 from training import ledger as mix
-from training.config import StrictModel, data_dir, repo_root
 from training.data_sources import DataError, EmptyWindow, SourceBatch, load_jsonl, load_logstore
 from training.governance import (
     EvalIndex,
@@ -45,7 +46,6 @@ from training.governance import (
     user_text,
 )
 from training.preferences import DPO_SOURCES, KTO_SOURCES, SFT_SOURCES, build_rows, prompt_key
-from training.runs import StageDir, fingerprint_obj, new_run_id
 from training.trust import TrustConfig, apply_trust, cap_tenant_rows
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def read_sources(cfg: DataConfig) -> SourceBatch:
     for path in cfg.jsonl:
         load_jsonl(path, batch)
     if cfg.logstore.enabled:
-        from serving.logstore import default_url
+        from ground.logstore import default_url
 
         since, until = cfg.logstore.window()
         try:
@@ -315,18 +315,10 @@ def _releases_of(rows: dict[str, list[dict[str, Any]]], batch: SourceBatch) -> N
 
 
 def _live_view(cfg: mix.MixConfig) -> tuple[list[str], list[str]]:
-    """(windows the live model learned from, current releases): from the config, else the live
-    release's lineage in <data dir>/releases."""
-    trained, current = cfg.trained_windows, cfg.current_releases
-    if trained is None or current is None:
-        from training.lineage import live_lineage
-
-        live = live_lineage()
-        if trained is None:
-            trained = live.trained_windows if live else []
-        if current is None:
-            current = [live.release_id] if live and live.release_id else []
-    return sorted(trained), sorted(current)
+    """(windows the live model learned from, current releases), as the caller set them: the flows
+    read them from the live release's lineage (:func:`serving.releases.manager.live_lineage`);
+    unset means no live model (nothing learned, every answer current)."""
+    return sorted(cfg.trained_windows or []), sorted(cfg.current_releases or [])
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -436,7 +428,7 @@ def run(cfg: DataConfig) -> DataResult:
             "by_kind": dict(Counter(f.kind for f in batch.feedback)),
             "simulated": simulated,
             "simulated_note": (
-                "feedback from simulated users (training/simulate.py), not real people"
+                "feedback from simulated users (flows/simulate.py), not real people"
             )
             if simulated
             else None,
@@ -496,7 +488,7 @@ def dataset_card(m: dict[str, Any]) -> str:
     fb = m["feedback"]
     sim = (
         f"**{fb['simulated']} of {fb['total']} feedback events came from simulated users** "
-        "(training/simulate.py scoring answers with evals/policy.py), not from real people.\n\n"
+        "(flows/simulate.py scoring answers with evals/policy.py), not from real people.\n\n"
         if fb["simulated"]
         else ""
     )

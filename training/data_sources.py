@@ -150,7 +150,7 @@ def load_logstore(
     Raises:
         EmptyWindow: "no feedback in window ..." when the window holds no feedback at all.
     """
-    from serving.logstore import LogStore
+    from ground.logstore import LogStore
 
     batch = batch or SourceBatch()
     store = LogStore(url)

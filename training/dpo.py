@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import StrictModel
+from ground.config import StrictModel
+from ground.runs import StageDir, folder_bytes
 from training.launch import LaunchSettings, process_state, progress_callbacks, stage_main
 from training.lora import (
     LoraSettings,
@@ -40,7 +41,6 @@ from training.lora import (
     trainer_kwargs,
     write_lineage,
 )
-from training.runs import StageDir, folder_bytes
 from training.sft import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from training.config import StrictModel
+from ground.config import StrictModel
+from ground.runs import StageDir, folder_bytes
 from training.dpo import DPO_COLUMNS
 from training.lora import (
     LoraSettings,
@@ -47,7 +48,6 @@ from training.lora import (
     trainer_kwargs,
     write_lineage,
 )
-from training.runs import StageDir, folder_bytes
 from training.sft import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)

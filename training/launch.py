@@ -6,7 +6,7 @@ resolved config into the run folder, starts
 
     python -m accelerate.commands.launch [flags] -m training.sft --config <run>/launch/sft.yaml
 
-as a child process that dies with its caller (training/procs.py), streams the child's output into
+as a child process that dies with its caller (ground/procs.py), streams the child's output into
 our log line by line (progress lines as ``step n/N loss ...``), and returns the result the rank-0
 process printed: the stage's own ``run(cfg)`` does the work in every rank, and the run folder
 (``<run>/<stage>/``: config, fingerprints, adapter, result.json) is exactly the in-process one.
@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import StrictModel, dump_config, load_config, repo_root
+from ground.config import StrictModel, dump_config, load_config, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def accelerate_command(
         if f.layer_cls:
             cmd += ["--fsdp_transformer_layer_cls_to_wrap", f.layer_cls]
     if num_processes > 1 or port:
-        from training.procs import free_port
+        from ground.procs import free_port
 
         cmd += ["--main_process_port", str(port or free_port())]
     return cmd + list(settings.extra_args) + list(target)
@@ -204,7 +204,7 @@ def run_stage(
     """Run the SFT or DPO stage as ``cfg.launch`` says and return its result dataclass.
 
     Args:
-        devices: physical GPU indexes given to the stage (serving/placement.py); None = the
+        devices: physical GPU indexes given to the stage (serving/releases/placement.py); None = the
             visible GPUs.
         memory_fraction: cap of each process's share of its GPU (a GPU shared with releases).
         on_line: called with each line of the child's output worth showing (a Prefect logger).
@@ -242,12 +242,12 @@ def run_stage(
 
 def _stream(cmd: list[str], env: dict[str, str], log_path: Path, stage: str, emit: Callable[[str], None]) -> dict:
     """Run ``cmd``, write its output to ``log_path``, pass lines on, return the printed result."""
-    from training.procs import owned_popen, stop_group
+    from ground.procs import owned_popen, stop_group
 
     tail: deque[str] = deque(maxlen=40)
     result: dict | None = None
     t0 = time.monotonic()
-    from training.config import data_dir
+    from ground.config import data_dir
 
     env = {**env, "ALIGNLOOP_HOME": str(data_dir())}  # the child runs from the checkout, not our cwd
     proc = owned_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

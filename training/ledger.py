@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import StrictModel
+from ground.config import StrictModel
 from training.preferences import normalize_text, prompt_key
 
 KINDS = ("sft", "dpo", "kto")
@@ -61,8 +61,8 @@ class MixConfig(StrictModel):
     )
     trained_windows: list[str] | None = Field(
         None,
-        description="Windows the live model already learned from; None = read from the live "
-        "release's lineage (run folders).",
+        description="Windows the live model already learned from; None = none (the loop and "
+        "`alignloop data build` fill it from the live release's lineage).",
     )
     min_new_rows: int = Field(
         8, ge=0,
@@ -84,8 +84,8 @@ class MixConfig(StrictModel):
     )
     current_releases: list[str] | None = Field(
         None,
-        description="Releases whose answers count as current; None = the live release (none live: "
-        "every answer is current).",
+        description="Releases whose answers count as current; None = every answer is current (the "
+        "loop and `alignloop data build` set the live release).",
     )
     seed: int = Field(0, description="Seed of the replay sample and of down-weighting.")
 

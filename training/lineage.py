@@ -139,18 +139,6 @@ def describe_chain(lineage: Lineage) -> str:
     return " <- ".join([*parts, f"base {lineage.root_model}"])
 
 
-def live_lineage(releases_root: str | Path | None = None) -> Lineage | None:
-    """The live release's lineage, or None when no release is live."""
-    from serving.releases import ReleaseStore
-    from training.config import data_dir
-
-    root = Path(releases_root) if releases_root else data_dir() / "releases"
-    if not root.is_dir():  # reading must not create the folder (ReleaseStore would)
-        return None
-    live = ReleaseStore(root).live()
-    return release_lineage(live.release_id, live.model_dir) if live is not None else None
-
-
 @dataclass
 class StartPoint:
     """Where a run's training starts, and why."""

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import StrictModel, data_dir
-from training.runs import new_run_id
+from ground.config import StrictModel, data_dir
+from ground.runs import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def on_gpu() -> bool:
 
 
 def compute_dtype() -> Any:
-    """bf16 on GPU, float32 on CPU (serving.platform.training_dtype)."""
+    """bf16 on GPU, float32 on CPU (ground.platform.training_dtype)."""
     import torch
 
     return torch.bfloat16 if on_gpu() else torch.float32

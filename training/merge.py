@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import StrictModel
+from ground.config import StrictModel
+from ground.runs import StageDir, folder_bytes
 from training.lora import check_adapter_dir, is_quantized, read_lineage, resolve_run_dir
-from training.runs import StageDir, folder_bytes
 from training.sft import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def resolve_dtype(name: str) -> str:
     """'auto' -> serving_dtype of this machine."""
     if name != "auto":
         return name
-    from serving.platform import detect, serving_dtype
+    from ground.platform import detect, serving_dtype
 
     return serving_dtype(detect())
 

@@ -1,6 +1,6 @@
 """Quantize stage: AWQ with llm-compressor (``oneshot`` + ``AWQModifier``) into a compressed-tensors folder.
 
-The scheme is chosen for the serving target (``serving.platform``): W4A16 on GPUs, W8A8-int8 on
+The scheme is chosen for the serving target (``ground.platform``): W4A16 on GPUs, W8A8-int8 on
 CPUs (AVX2-only CPUs have no int4 kernel; on AVX-512 CPUs int4 is servable but measured slower
 than bf16); a scheme the target cannot serve is refused. W4A16's group size is derived from the layer widths: the largest of 128/64/32 that
 divides every quantized layer's ``in_features`` (SmolLM2's 576 and 1536 -> 64). Calibration rows
@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import StrictModel
+from ground.config import StrictModel
+from ground.runs import StageDir, folder_bytes
 from training.lora import is_quantized, resolve_run_dir, set_threads
-from training.runs import StageDir, folder_bytes
 from training.sft import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class QuantizeConfig(StrictModel):
     num_samples: int = Field(32, ge=1, description="Calibration rows (fewer rows in the split: all of them).")
     max_seq_length: int = Field(256, ge=8, description="Calibration rows are truncated to this many tokens.")
     scheme: Literal["auto", "w4a16", "w8a8-int8", "fp8-dynamic"] = Field(
-        "auto", description="'auto' = the target's default (serving.platform.default_quant_scheme)."
+        "auto", description="'auto' = the target's default (ground.platform.default_quant_scheme)."
     )
     target: Target = Field("this-machine", description="Hardware that will serve the model; decides scheme and checks.")
     group_size: int | None = Field(None, ge=8, description="W4A16 group size; None = derived from the layer widths.")
@@ -74,8 +74,8 @@ class QuantizeResult:
 
 
 def target_platform(target: Target) -> Any:
-    """The :class:`serving.platform.Platform` a target names (this machine's own by default)."""
-    from serving.platform import Platform, detect
+    """The :class:`ground.platform.Platform` a target names (this machine's own by default)."""
+    from ground.platform import Platform, detect
 
     if target == "this-machine":
         return detect()
@@ -88,10 +88,9 @@ def choose_scheme(requested: str, target: Target) -> str:
     """The scheme to use; refuse one the target's vLLM cannot serve.
 
     ``auto`` on this machine's CPU follows the platform probe once it has measured here (see
-    :func:`plan_scheme`); otherwise, and for other targets, the target's default.
+    :func:`serving.engine.probe.plan_scheme`); otherwise, and for other targets, the target's default.
     """
-    from serving.platform import default_quant_scheme, servable_schemes
-    from serving.probe import cached
+    from ground.platform import cached, default_quant_scheme, servable_schemes
 
     p = target_platform(target)
     scheme = default_quant_scheme(p) if requested == "auto" else requested
@@ -105,23 +104,6 @@ def choose_scheme(requested: str, target: Target) -> str:
             f"{list(allowed)} (vLLM's CPU int4 kernel needs AVX-512; fp8 needs a GPU)"
         )
     return scheme
-
-
-def plan_scheme(requested: str, target: Target) -> tuple[str | None, str]:
-    """The scheme the loop's quantized candidate gets, or None (skip it), and why.
-
-    ``auto`` for this machine's CPU asks the platform probe, which measures what the CPU serves
-    faster (cached per machine): quantizing to a scheme the target runs slower costs minutes and
-    cannot win. An explicit scheme in the config is used as given.
-    """
-    if requested != "auto":
-        return choose_scheme(requested, target), "set in the quantize config"
-    if target != "this-machine":
-        return choose_scheme(requested, target), f"the default for target {target}"
-    from serving.platform import measured_quant_scheme
-
-    scheme, why = measured_quant_scheme(target_platform(target))
-    return (choose_scheme(scheme, target) if scheme else None), why
 
 
 def derive_group_size(in_features: list[int]) -> int:
@@ -275,7 +257,7 @@ def run(cfg: QuantizeConfig) -> QuantizeResult:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    from serving.platform import detect, serving_dtype
+    from ground.platform import detect, serving_dtype
 
     threads = set_threads(cfg.threads)
     tok = load_tokenizer(str(source))

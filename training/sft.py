@@ -21,7 +21,8 @@ from typing import Any
 
 from pydantic import Field
 
-from training.config import ModelRef, StrictModel
+from ground.config import ModelRef, StrictModel
+from ground.runs import StageDir, folder_bytes
 from training.launch import LaunchSettings, process_state, progress_callbacks, stage_main
 from training.lora import (
     LoraSettings,
@@ -37,7 +38,6 @@ from training.lora import (
     trainer_kwargs,
     write_lineage,
 )
-from training.runs import StageDir, folder_bytes
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from training.config import StrictModel
+from ground.config import StrictModel
 from training.data_sources import Feedback, SourceBatch
 from training.preferences import normalize_text, prompt_key
 

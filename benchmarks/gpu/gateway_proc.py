@@ -1,4 +1,4 @@
-"""Run the project's gateway (serving.app.create_app) in its own process in front of one vLLM.
+"""Run the project's gateway (serving.gateway.app.create_app) in its own process in front of one vLLM.
 
     python3 benchmarks/gpu/gateway_proc.py --upstream http://127.0.0.1:P/v1 --served NAME \
         --port 8000 --guardrails guardrails|noguard --db /tmp/gw.db
@@ -31,10 +31,10 @@ def main() -> None:
 
     import uvicorn
 
-    from serving.app import create_app
-    from serving.gateway_config import GatewayConfig
-    from serving.logstore import LogStore
-    from serving.service import StaticUpstream, Upstream
+    from ground.logstore import LogStore
+    from serving.gateway.app import create_app
+    from serving.gateway.config import GatewayConfig
+    from serving.gateway.service import StaticUpstream, Upstream
 
     raw = yaml.safe_load((ROOT / "configs" / "gateway.yaml").read_text())
     for t in raw["tenants"]:

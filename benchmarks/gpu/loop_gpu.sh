@@ -27,7 +27,7 @@ now() { date +%s.%N; }
 since() { "$py" -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$1"; }
 healthy() { "$py" -c "
 import sys, json, httpx
-from serving.server import running_server
+from serving.control.server import running_server
 info = running_server()
 sys.exit(0 if info and httpx.get(info['url'] + '/healthz', timeout=3).status_code == 200 else 1)" 2>/dev/null; }
 

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/gpu/perf_8b.py --models DIR --out DIR [--variants bf16,fp8-dynamic]
         [--concurrency 1,256] [--tensor-parallel 1] [--data-parallel 1]
 
-Each variant is a release of the product's :class:`serving.releases.ReleaseManager` (placed on
-the GPUs by serving/placement.py; ``--load-format dummy``; the Marlin variant carries the kernel's
+Each variant is a release of the product's :class:`serving.releases.manager.ReleaseManager` (placed on
+the GPUs by serving/releases/placement.py; ``--load-format dummy``; the Marlin variant carries the kernel's
 environment exactly as the loop stages it, flows/gpu.py), with the product's gateway in front of it
 (benchmarks/gpu/gateway_proc.py: configs/gateway.yaml, guardrails on, in-flight limits raised so
 a c=256 run measures the proxy rather than its 429s). One ``vllm bench serve`` process
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evals.config import SLO, Endpoint, PerfConfig  # noqa: E402
 from evals.perf import bench_args, run_benches, summarize  # noqa: E402
-from serving.vllm_server import VLLMArgs, free_port  # noqa: E402
+from serving.engine.vllm_server import VLLMArgs, free_port  # noqa: E402
 
 log = logging.getLogger("perf_8b")
 HERE = Path(__file__).resolve().parent
@@ -79,7 +79,7 @@ def with_seed(args: list[str], seed: int) -> list[str]:
 
 def start_gateway(upstream: str, served: str, work: Path) -> tuple[subprocess.Popen, str]:
     """The single-process gateway of gateway_proc.py (``--gateway single``: earlier sessions' numbers)."""
-    from training.procs import owned_popen
+    from ground.procs import owned_popen
 
     port = free_port()
     with open(work / "gateway.log", "w") as glog:
@@ -103,9 +103,9 @@ def start_gateway(upstream: str, served: str, work: Path) -> tuple[subprocess.Po
 
 def measure(name: str, models: Path, out: Path, conc: list[int], tp: int, dp: int, output_len: int,
             gateway_kind: str = "workers", noguard: bool = False) -> dict:
-    from serving.placement import PlacementConfig
-    from serving.releases import ReleaseManager, ReleaseStore
-    from training.procs import stop_group
+    from ground.procs import stop_group
+    from serving.releases.manager import ReleaseManager, ReleaseStore
+    from serving.releases.placement import PlacementConfig
 
     folder, scheme, kernel = VARIANTS[name]
     model_dir = models / folder

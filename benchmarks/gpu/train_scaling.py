@@ -99,7 +99,7 @@ def stage_config(a: argparse.Namespace):
     loop's own section on top), then ``--set`` overrides, then this benchmark's shape (steps, rows
     per step, row length). Returns (stage config, the TRL config from the stage's own mapping)."""
     from flows.loop_config import load_loop_config
-    from training.config import build_config, merge_dicts, parse_overrides
+    from ground.config import build_config, merge_dicts, parse_overrides
 
     loop = load_loop_config(a.loop_config)
     section = loop.section(a.method)
@@ -257,8 +257,8 @@ def main() -> None:
     if a.worker:
         worker(a)
         return
+    from ground.procs import run_owned
     from training.launch import LaunchSettings, accelerate_command
-    from training.procs import run_owned
 
     if a.cpu_dry_run:
         a.gpus, a.steps, a.warmup, a.batch, a.seq = "1", 4, 1, 2, 64

@@ -21,7 +21,7 @@ from scipy.stats import binom
 
 from evals.gate import GateConfig
 from evals.oc import Scenario, pooled_models, profile_items, run_scenario, scenarios
-from training.config import load_config
+from ground.config import load_config
 
 pytestmark = pytest.mark.slow
 

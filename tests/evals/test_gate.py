@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evals.gate import GateConfig, GateRule, evaluate
-from training.config import ConfigError, build_config, load_config, repo_root
+from ground.config import ConfigError, build_config, load_config, repo_root
 
 RULES = GateConfig(rules=[
     GateRule(metric="quality.capability.*.answer_match", op=">=", relative_to="live", offset=-0.02),

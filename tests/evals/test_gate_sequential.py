@@ -11,7 +11,7 @@ import pytest
 
 from evals.gate import GateConfig, evaluate, evaluate_stage_dirs, spent_alpha, write_outcomes
 from evals.stats import families_to_resolve, item_share_bound, paired_difference, resolution
-from training.config import ConfigError, build_config
+from ground.config import ConfigError, build_config
 
 METRIC = "safety.attack_block_rate"
 
@@ -198,7 +198,7 @@ def test_threshold_reason_names_the_reference_metric() -> None:
 def test_each_look_evaluates_the_next_share_of_each_open_tasks_budget() -> None:
     from evals.config import EvalsConfig
     from evals.suites import look_config
-    from training.config import load_config, repo_root
+    from ground.config import load_config, repo_root
 
     cfg = load_config(EvalsConfig, repo_root() / "configs" / "evals.yaml")
     cfg.quality.limit, cfg.safety.limit = 48, None

@@ -23,7 +23,7 @@ import random
 import pytest
 
 from evals.gate import GateConfig, evaluate
-from training.config import load_config, repo_root
+from ground.config import load_config, repo_root
 
 N = 400
 SEEDS = 200
@@ -133,7 +133,7 @@ def test_shipped_gate_rules_are_paired_where_they_compare_quality_and_safety() -
     {"metric": "x", "op": ">=", "value": 1, "margin": 0.1},                     # margin on threshold
 ])
 def test_bad_paired_rules_fail_at_load(rule: dict) -> None:
-    from training.config import ConfigError, build_config
+    from ground.config import ConfigError, build_config
 
     with pytest.raises(ConfigError):
         build_config(GateConfig, {"rules": [rule]})

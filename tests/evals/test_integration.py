@@ -1,6 +1,6 @@
 """Suites against real servers: the tiny model on vLLM, behind the real gateway for quality and safety.
 
-Real vLLM (serving env), real gateway (serving.app with configs/gateway.yaml's guardrails), real
+Real vLLM (serving env), real gateway (serving.gateway.app with configs/gateway.yaml's guardrails), real
 lm-eval and real `vllm bench serve`; nothing is mocked.
 """
 
@@ -14,13 +14,14 @@ import pytest
 
 from evals import suites
 from evals.config import Endpoint, EvalsConfig
+from serving.gateway.candidate import candidate_gateway
 
 pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def gateway_endpoint(tiny_vllm, tmp_path: Path):  # noqa: ANN001
     """The product path: gateway (shipped guardrail config, own eval tenant) -> tiny vLLM."""
-    with suites.candidate_gateway(tiny_vllm.base_url, "tiny", "tiny-r1",
+    with candidate_gateway(tiny_vllm.base_url, "tiny", "tiny-r1",
                                   f"sqlite:///{tmp_path / 'logs.db'}") as endpoint:
         yield endpoint
 

@@ -12,7 +12,7 @@ from evals.gate import load_outcome_dir, write_outcomes
 from evals.metrics import IFEVAL_INSTRUCTIONS, instruction_process_results, read_jsonl
 from evals.quality import item_score, preference_metrics
 from evals.safety import classify, item_outcomes
-from training.config import repo_root
+from ground.config import repo_root
 
 TASKS = repo_root() / "evals" / "tasks"
 
@@ -111,7 +111,7 @@ def test_decontamination_drops_rows_whose_answer_is_an_eval_reference() -> None:
 
 def test_simulated_users_judge_with_a_different_scorer_than_the_gate() -> None:
     from evals.policy import compliance
-    from training.simulate import load_pool, user_judgement
+    from flows.simulate import load_pool, user_judgement
 
     pool = load_pool()
     assert all(user_judgement(i, i["reference"]) == 1.0 for i in pool)  # the edits satisfy users

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from online_oc import SCENARIOS, Traffic, run_scenario  # noqa: E402
 
 from evals.online import OnlineConfig, mean_cs  # noqa: E402
-from training.config import load_config  # noqa: E402
+from ground.config import load_config  # noqa: E402
 
 LEVEL = 0.01
 

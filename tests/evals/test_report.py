@@ -314,7 +314,7 @@ def test_every_page_names_the_perf_headline_where_it_was_measured() -> None:
     (evals/perf.py), the level the gate reads; the report, the review page and the Prefect table
     say so, and none calls it the SLO point."""
     from flows.steps import TABLE_METRICS
-    from serving.review_data import HEADLINE as REVIEW_HEADLINE
+    from serving.review.data import HEADLINE as REVIEW_HEADLINE
 
     labels = [label for key, label, _ in report.HEADLINE if key in ("perf.ttft_p95_ms", "perf.output_tokens_per_s")]
     labels += [label for key, label, _ in REVIEW_HEADLINE if key in ("perf.ttft_p95_ms", "perf.output_tokens_per_s")]

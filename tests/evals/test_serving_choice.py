@@ -15,7 +15,7 @@ from evals.serving_choice import (
     usd_per_1m_tokens,
     workload_from_logs,
 )
-from training.config import ConfigError
+from ground.config import ConfigError
 
 # Output tok/s, 8B-class Llama, dummy weights, vLLM 0.26.0 on one H100 (docs/PLATFORM.md).
 H100_TABLE = {

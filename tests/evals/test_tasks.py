@@ -17,7 +17,7 @@ from evals.metrics import (
     read_jsonl,
     wilson_interval,
 )
-from training.config import ConfigError, load_config, repo_root
+from ground.config import ConfigError, load_config, repo_root
 
 CAPABILITY = ["alignloop_arithmetic", "alignloop_capitals", "alignloop_elements"]
 

@@ -59,7 +59,7 @@ def tiny_evals(loop_home: Path) -> Path:
 @pytest.fixture(scope="module")
 def running_gateway(loop_home: Path, tiny_model_dir: Path):
     """`alignloop serve` as a child process, with the tiny model as the initial live release."""
-    from serving.vllm_server import free_port
+    from serving.engine.vllm_server import free_port
 
     port = free_port()
     # The gateway verifies promotions with this policy (the loop test's passing gate).

@@ -31,10 +31,10 @@ def test_canary_check_flow_rolls_back_and_schedules_follow_ups(prefect_harness, 
         register_deployment,
         schedule_check,
     )
-    from serving.admin_api import build_admin_router
-    from serving.app import create_app, serve_in_thread
-    from serving.logstore import LogStore
-    from serving.releases import ReleaseManager, ReleaseStore
+    from ground.logstore import LogStore
+    from serving.control.admin_api import build_admin_router
+    from serving.gateway.app import create_app, serve_in_thread
+    from serving.releases.manager import ReleaseManager, ReleaseStore
 
     online = tmp_path / "online.yaml"
     online.write_text(yaml.safe_dump(ONLINE))

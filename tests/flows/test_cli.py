@@ -89,12 +89,12 @@ def _demo_gateway(tmp_path, demo_keys: bool):
     import contextlib
     import sys
 
-    from serving.admin_api import build_admin_router
-    from serving.app import create_app, serve_in_thread
-    from serving.gateway_config import GatewayConfig, load_gateway_config
-    from serving.logstore import LogStore
-    from serving.releases import ReleaseManager
-    from training.config import repo_root
+    from ground.config import repo_root
+    from ground.logstore import LogStore
+    from serving.control.admin_api import build_admin_router
+    from serving.gateway.app import create_app, serve_in_thread
+    from serving.gateway.config import GatewayConfig, load_gateway_config
+    from serving.releases.manager import ReleaseManager
 
     # benchmarks/ is not a package of the project: put it on the path as tests/serving does (the
     # suite runs as `.venv/bin/pytest`, whose sys.path does not start at the checkout).

@@ -36,9 +36,9 @@ TINY = [
 
 def traffic(url: str, home: Path, seed: int) -> None:
     """Simulated users through the real gateway (the tiny model answers noise, so most get edits)."""
-    from training.config import build_config
-    from training.simulate import SimulateConfig
-    from training.simulate import run as simulate
+    from flows.simulate import SimulateConfig
+    from flows.simulate import run as simulate
+    from ground.config import build_config
 
     result = simulate(build_config(SimulateConfig, {
         "base_url": url + "/v1", "api_key": TENANT_KEY, "limit": 16, "max_tokens": 12, "seed": seed,
@@ -74,8 +74,8 @@ def test_windows_quiet_resume_lineage_and_margin(
     from flows import window as windows
     from flows.cli_serving import release_app
     from flows.loop import alignment_loop
-    from serving.admin_api import AdminClient
-    from serving.releases import ReleaseError, ReleaseStore
+    from serving.control.admin_api import AdminClient
+    from serving.releases.manager import ReleaseError, ReleaseStore
 
     monkeypatch.setenv("ALIGNLOOP_HOME", str(loop_home))
     monkeypatch.setenv("ALIGNLOOP_ADMIN_KEY", ADMIN_KEY)
@@ -160,7 +160,7 @@ def test_windows_quiet_resume_lineage_and_margin(
     strict.write_text(yaml.safe_dump({"rules": [rule]}))
     wide.write_text(yaml.safe_dump({"rules": [{**rule, "margin": 0.30}]}))
     from evals.gate import GateConfig, evaluate_stage_dirs
-    from training.config import load_config
+    from ground.config import load_config
 
     (verdict,) = evaluate_stage_dirs(load_config(GateConfig, strict), run / "evals-aligned",
                                      run / "evals-baseline").outcomes

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import data_dir, repo_root
+from ground.config import data_dir, repo_root
 
 
 class _Stop(Exception):
@@ -32,9 +32,9 @@ def test_the_demo_gateway_and_launched_stages_get_the_callers_data_dir(
         seen.append(kwargs)
         raise _Stop
 
-    import training.procs
+    import ground.procs
 
-    monkeypatch.setattr(training.procs, "owned_popen", popen)
+    monkeypatch.setattr(ground.procs, "owned_popen", popen)
     from flows.demo import _start_gateway
 
     with pytest.raises(_Stop):
@@ -50,7 +50,7 @@ def test_the_demo_gateway_and_launched_stages_get_the_callers_data_dir(
 def test_a_child_from_the_checkout_resolves_the_data_dir_it_is_given(tmp_path: Path) -> None:
     """The mechanism itself: ALIGNLOOP_HOME wins over the child's working directory."""
     out = subprocess.run(
-        [sys.executable, "-c", "from training.config import data_dir; print(data_dir())"],
+        [sys.executable, "-c", "from ground.config import data_dir; print(data_dir())"],
         cwd=repo_root(), env={"ALIGNLOOP_HOME": str(tmp_path / "home"), "PATH": "/usr/bin"},
         capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str((tmp_path / "home").resolve())

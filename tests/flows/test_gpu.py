@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flows import gpu
 from flows.loop_config import load_loop_config
-from serving.vllm_server import VLLMArgs
+from serving.engine.vllm_server import VLLMArgs
 
 
 def _model(tmp_path: Path, name: str, preset: str | None) -> Path:

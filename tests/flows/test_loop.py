@@ -62,9 +62,9 @@ def loop_files(loop_home: Path, running_gateway: str, tiny_evals: Path) -> dict[
 @pytest.fixture(scope="module")
 def feedback_window(running_gateway: str, loop_home: Path) -> tuple[datetime, datetime]:
     """Simulated traffic and feedback through the real gateway (the tiny model answers noise)."""
-    from training.config import build_config
-    from training.simulate import SimulateConfig
-    from training.simulate import run as simulate
+    from flows.simulate import SimulateConfig
+    from flows.simulate import run as simulate
+    from ground.config import build_config
 
     since = datetime.now(UTC) - timedelta(seconds=1)
     cfg = build_config(SimulateConfig, {
@@ -83,7 +83,7 @@ def test_fail_resume_promote_keep(
     from prefect.client.orchestration import get_client
 
     from flows.loop import alignment_loop
-    from serving.admin_api import AdminClient
+    from serving.control.admin_api import AdminClient
 
     monkeypatch.setenv("ALIGNLOOP_HOME", str(loop_home))
     monkeypatch.setenv("ALIGNLOOP_ADMIN_KEY", ADMIN_KEY)

@@ -40,7 +40,7 @@ def home(tmp_path: Path, embedded_model_dir: Path, tiny_model_dir: Path) -> Path
 def _configs(home: Path, tiny_model_dir: Path) -> dict[str, Path]:
     from datasets import Dataset, DatasetDict
 
-    from serving.vllm_server import free_port
+    from serving.engine.vllm_server import free_port
 
     rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
              "completion": [{"role": "assistant", "content": f"Answer {i}, with some more words."}]}

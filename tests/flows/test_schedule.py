@@ -14,8 +14,9 @@ pytestmark = pytest.mark.integration
 def test_deployment_goes_to_a_process_work_pool(prefect_harness) -> None:
     from prefect.client.orchestration import get_client
 
-    from flows.schedule import model_limit_name, register_deployment
-    from training.config import repo_root
+    from flows.schedule import register_deployment
+    from flows.work_pools import model_limit_name
+    from ground.config import repo_root
 
     deployment_id = register_deployment("nightly", "15 3 * * *", "configs/loop.yaml", ["sft.train.epochs=2"])
     with get_client(sync_client=True) as client:
@@ -35,7 +36,7 @@ def test_deployment_goes_to_a_process_work_pool(prefect_harness) -> None:
 
 
 def test_one_run_per_model_at_a_time(prefect_harness) -> None:
-    from flows.schedule import model_limit_name, one_run_per_model
+    from flows.work_pools import model_limit_name, one_run_per_model
 
     assert model_limit_name("embedded") == "alignloop-model-embedded"
     assert model_limit_name("/models/a/llama") != model_limit_name("/models/b/llama")

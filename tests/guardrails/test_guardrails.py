@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from guardrails.base import InputChain, OutputChain, StreamGuard, build_hook
+from ground.protocol import ChatCompletionRequest
+from guardrails.base import InputChain, OutputChain, StreamGuard
 from guardrails.hooks import (
     BlockedPhrasesOutput,
     InjectionHeuristics,
@@ -16,7 +17,7 @@ from guardrails.hooks import (
     SizeLimits,
 )
 from guardrails.pii import default_detector
-from serving.protocol import ChatCompletionRequest
+from guardrails.registry import build_hook
 
 PII_TEXT = (
     "Reach Jane at jane.doe@example.com or +1 415-555-0132; card 4111 1111 1111 1111, "

@@ -29,12 +29,12 @@ from test_gateway_support import (  # noqa: E402, F401 (re-exported for the test
     running_gateway,
 )
 
-from serving.gateway_config import GatewayConfig, hash_key  # noqa: E402
-from serving.logstore import LogStore  # noqa: E402
-from serving.releases import Release, ReleaseStore  # noqa: E402
-from serving.review import build_review_router  # noqa: E402
-from serving.service import Upstream  # noqa: E402
-from serving.vllm_server import VLLMArgs  # noqa: E402
+from ground.logstore import LogStore  # noqa: E402
+from serving.engine.vllm_server import VLLMArgs  # noqa: E402
+from serving.gateway.config import GatewayConfig, hash_key  # noqa: E402
+from serving.gateway.service import Upstream  # noqa: E402
+from serving.releases.manager import Release, ReleaseStore  # noqa: E402
+from serving.review.page import build_review_router  # noqa: E402
 
 ALICE, BOB, CAROL = "rk-alice-key", "rk-bob-key", "rk-carol-key"
 LIVE_REPLY = "Our refund window is 30 days from delivery."
@@ -302,7 +302,7 @@ def make_demo_run(run_dir: Path) -> dict:
     from evals.quality import item_metric, item_score
     from flows.loop_config import load_loop_config
     from flows.steps import decide
-    from training.config import load_config, repo_root
+    from ground.config import load_config, repo_root
 
     quality = load_config(EvalsConfig, repo_root() / "configs" / "evals-demo.yaml").quality
     tasks_dir = Path(quality.tasks_dir)

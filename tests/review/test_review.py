@@ -34,11 +34,11 @@ from review_support import (  # noqa: E402
     verifiable_decision,
 )
 
-from serving.gateway_config import GatewayConfig, hash_key  # noqa: E402
-from serving.releases import ReleaseError, ReleaseStore  # noqa: E402
-from serving.review import build_review_router  # noqa: E402
-from serving.review_data import read_eval_samples, stratified_sample  # noqa: E402
-from training.config import ConfigError, load_config  # noqa: E402
+from ground.config import ConfigError, load_config  # noqa: E402
+from serving.gateway.config import GatewayConfig, hash_key  # noqa: E402
+from serving.releases.manager import ReleaseError, ReleaseStore  # noqa: E402
+from serving.review.data import read_eval_samples, stratified_sample  # noqa: E402
+from serving.review.page import build_review_router  # noqa: E402
 
 
 def signed_in(base: str, key: str) -> tuple[httpx.Client, str]:
@@ -252,8 +252,8 @@ def test_without_require_approval_promotion_needs_none(tmp_path: Path) -> None:
 
 def test_the_admin_api_records_no_approval(tmp_path: Path, data_home: Path) -> None:
     """The admin key is held by the loop itself: only a reviewer's approval counts (issue 23)."""
-    from serving.admin_api import build_admin_router
-    from serving.releases import ReleaseManager
+    from serving.control.admin_api import build_admin_router
+    from serving.releases.manager import ReleaseManager
 
     store = ReleaseStore(tmp_path / "releases")
     run = tmp_path / "run"
@@ -316,8 +316,8 @@ def test_eval_samples_are_read_from_the_eval_stages_output_folder(tmp_path: Path
 
 
 def test_window_excludes_old_exchanges(tmp_path: Path) -> None:
-    from serving.logstore import ExchangeRecord, LogStore
-    from serving.review_data import QueueQuery, load_queue
+    from ground.logstore import ExchangeRecord, LogStore
+    from serving.review.data import QueueQuery, load_queue
 
     store = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
     try:
@@ -351,9 +351,9 @@ def test_loop_leaves_the_winner_staged_until_a_reviewer_approves(
 
     from flows.loop_config import LoopConfig
     from flows.steps import apply_decision
-    from serving.admin_api import build_admin_router
-    from serving.releases import ReleaseManager
-    from serving.vllm_server import VLLMArgs
+    from serving.control.admin_api import build_admin_router
+    from serving.engine.vllm_server import VLLMArgs
+    from serving.releases.manager import ReleaseManager
 
     store = ReleaseStore(tmp_path / "releases")
     run = tmp_path / "runs" / "r1"
@@ -401,9 +401,9 @@ def test_templates_and_static_files_ship_in_the_package() -> None:
     root = Path(__file__).parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
-    ]["serving"]
+    ]["serving.review"]
     for folder in ("templates", "static"):
-        for f in (root / "serving" / folder).iterdir():
+        for f in (root / "serving" / "review" / folder).iterdir():
             rel = f"{folder}/{f.name}"
             assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} would not be packaged"
 
@@ -413,7 +413,7 @@ def test_approval_is_offered_only_where_it_can_lead_to_a_promotion(tmp_path: Pat
     the gate kept out (keep: inconclusive): not, with the reason the page shows."""
     import json
 
-    from serving.review_data import approvable
+    from serving.review.data import approvable
 
     store = ReleaseStore(tmp_path / "releases")
     run = tmp_path / "runs" / "r1"

@@ -215,7 +215,7 @@ def test_release_pages_of_a_demo_run_show_what_was_decided(
     from playwright.sync_api import expect
 
     from evals.render import decision_word, rule_rows
-    from serving.review_data import read_eval_samples
+    from serving.review.data import read_eval_samples
 
     with demo_review_site(tmp_path) as site:
         page = browser.new_page(viewport=LAPTOP)
@@ -266,7 +266,7 @@ def prefect_server(home: Path):  # noqa: ANN201
     (Prefect's test harness switches the UI off). Yields (api_url, ui_url)."""
     import httpx
 
-    from serving.vllm_server import free_port
+    from serving.engine.vllm_server import free_port
 
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

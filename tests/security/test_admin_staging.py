@@ -15,8 +15,10 @@ import httpx
 import pytest
 from test_gateway_support import ADMIN, FakeUpstream, make_config, running_fake, running_gateway
 
-from serving.admin_api import build_admin_router
-from serving.releases import (
+from ground.config import ConfigError, build_config
+from serving.control.admin_api import build_admin_router
+from serving.engine.vllm_server import VLLMArgs
+from serving.releases.manager import (
     DEFAULT_ALLOWED_ARGS,
     SERVER_ONLY_ARGS,
     ReleaseManager,
@@ -24,8 +26,6 @@ from serving.releases import (
     StagingError,
     StagingPolicy,
 )
-from serving.vllm_server import VLLMArgs
-from training.config import ConfigError, build_config
 
 H = {"Authorization": f"Bearer {ADMIN}"}
 DEFAULTS = VLLMArgs(max_model_len=2048)
@@ -83,8 +83,8 @@ def test_policy(roots: Path, tmp_path: Path) -> None:
 def test_loop_candidate_args_are_allowed(roots: Path) -> None:
     """What the loop stages (configs/loop.yaml candidate_args) passes the shipped policy."""
     from flows.loop_config import LoopConfig
-    from serving.server import ServeConfig
-    from training.config import load_config, repo_root
+    from ground.config import load_config, repo_root
+    from serving.control.server import ServeConfig
 
     serve = load_config(ServeConfig, repo_root() / "configs" / "serve.yaml")
     loop = load_config(LoopConfig, repo_root() / "configs" / "loop.yaml", ["candidate_args.max_model_len=1024"])

@@ -19,8 +19,8 @@ from test_gateway_support import (
     running_gateway,
 )
 
-from serving.auth import new_key_entry, write_keys_file
-from serving.gateway_config import load_key_secret
+from serving.gateway.auth import new_key_entry, write_keys_file
+from serving.gateway.config import load_key_secret
 
 SECRETS = ("fake-r1", "fake-model", '"a"', 'tenant="a"', "tenant=\"b\"")
 
@@ -28,7 +28,7 @@ SECRETS = ("fake-r1", "fake-model", '"a"', 'tenant="a"', "tenant=\"b\"")
 def test_unauthenticated_callers_learn_nothing(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.yaml"
     metrics_key, entry = new_key_entry("metrics", None, load_key_secret())
-    from serving.auth import KeysFile
+    from serving.gateway.auth import KeysFile
 
     write_keys_file(keys_file, KeysFile(keys=[entry]))
     cfg = make_config(keys_file=str(keys_file))

@@ -17,7 +17,9 @@ import pytest
 import yaml
 from test_gateway_support import FakeUpstream, make_config, running_fake, running_gateway
 
-from serving.auth import (
+from ground.config import ConfigError, load_config
+from serving.engine.vllm_server import free_port
+from serving.gateway.auth import (
     KeyRing,
     check_demo_keys,
     is_loopback,
@@ -25,7 +27,7 @@ from serving.auth import (
     read_keys_file,
     write_keys_file,
 )
-from serving.gateway_config import (
+from serving.gateway.config import (
     DEMO_ADMIN_KEY,
     DEMO_TENANT_KEY,
     GatewayConfig,
@@ -33,8 +35,6 @@ from serving.gateway_config import (
     load_gateway_config,
     load_key_secret,
 )
-from serving.vllm_server import free_port
-from training.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "alignloop", "messages": [{"role": "user", "content": "hi"}]}
@@ -66,7 +66,7 @@ def test_a_leaked_config_does_not_give_away_a_weak_key(monkeypatch: pytest.Monke
 
 def test_keys_compare_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The match goes through hmac.compare_digest, on digests the caller cannot choose."""
-    import serving.auth as auth
+    import serving.gateway.auth as auth
 
     calls: list[tuple[str, str]] = []
     real = auth.hmac.compare_digest
@@ -127,7 +127,7 @@ def test_demo_keys_only_on_loopback(tmp_path: Path) -> None:
 def test_reviewer_keys_follow_the_same_scheme(tmp_path: Path) -> None:
     """The review page signs in through the same key ring: keyed hashes, the keys file, and the
     published demo reviewer key only where the demo keys are allowed."""
-    from serving.review import reviewer_for_key
+    from serving.review.page import reviewer_for_key
 
     shipped = load_gateway_config(REPO / "configs" / "gateway.yaml")
     assert reviewer_for_key(shipped, "sk-alignloop-reviewer").name == "demo-reviewer"
@@ -206,14 +206,14 @@ def test_a_reload_in_the_control_plane_reaches_the_workers(tmp_path: Path) -> No
     worker's view of that state in this process; the test above runs real worker processes."""
     import shutil
 
-    from serving.dataplane import ControlPlane, SharedUpstream
-    from serving.service import StaticUpstream, Upstream
+    from serving.gateway.dataplane import ControlPlane, SharedUpstream
+    from serving.gateway.service import StaticUpstream, Upstream
 
     class Manager(StaticUpstream):
         def on_switch(self, fn) -> None:  # noqa: ANN001
             pass
 
-    from serving.logstore import LogStore
+    from ground.logstore import LogStore
 
     cfg = make_config()
     store = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")  # the plane counts its workers' drops there

@@ -21,8 +21,8 @@ from test_gateway_support import (
     running_gateway,
 )
 
-from serving.gateway_config import hash_key
-from serving.logstore import ExchangeRecord, LogStore
+from ground.logstore import ExchangeRecord, LogStore
+from serving.gateway.config import hash_key
 from training.data import DataConfig, run
 from training.data_sources import DataError
 
@@ -146,7 +146,7 @@ def test_no_tenant_gives_more_than_its_share_of_the_rows(store: Store, tmp_path:
 
 
 def test_trust_shares_are_checked_at_load() -> None:
-    from training.config import ConfigError, load_config, repo_root
+    from ground.config import ConfigError, load_config, repo_root
 
     cfg = load_config(DataConfig, repo_root() / "configs" / "data.yaml")
     assert cfg.trust.max_tenant_share < 1 and cfg.trust.max_agreeing_users_per_tenant == 1

@@ -1,7 +1,7 @@
 """Canary releases end to end on the CPU: a real gateway (its admin API and log store), a real
 release manager, external releases (scripted OpenAI-compatible servers: no vLLM), simulated end
 users who rate what they are served, and the online rules (evals/online.py) checked by
-`alignloop canary check` and serving.canary.run_check (what the CLI and the flow run).
+`alignloop canary check` and serving.control.canary.run_check (what the CLI and the flow run).
 
 A candidate made worse on purpose (its users thumb it down 60% of the time, live's 10%) is rolled
 back automatically during its canary; a good one (the same answers as live) is promoted.
@@ -26,13 +26,13 @@ from test_gateway_support import ADMIN, KEY_A, KEY_B, FakeUpstream, make_config 
 
 from evals.online import OnlineConfig  # noqa: E402
 from flows.cli import app as cli_app  # noqa: E402
-from serving.admin_api import AdminClient, build_admin_router  # noqa: E402
-from serving.app import create_app, serve_in_thread  # noqa: E402
-from serving.canary import run_check  # noqa: E402
-from serving.logstore import LogStore  # noqa: E402
-from serving.releases import ReleaseManager, ReleaseStore  # noqa: E402
-from serving.service import Canary, Upstream, route_request  # noqa: E402
-from training.config import build_config  # noqa: E402
+from ground.config import build_config  # noqa: E402
+from ground.logstore import LogStore  # noqa: E402
+from serving.control.admin_api import AdminClient, build_admin_router  # noqa: E402
+from serving.control.canary import run_check  # noqa: E402
+from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
+from serving.gateway.service import Canary, Upstream, route_request  # noqa: E402
+from serving.releases.manager import ReleaseManager, ReleaseStore  # noqa: E402
 
 # Margins wide enough to resolve on a few hundred answers (the shipped configs/online.yaml needs
 # hours of traffic; benchmarks/online_oc.py measures it); every rule of the shipped set is here.
@@ -183,7 +183,7 @@ def test_bad_canary_is_rolled_back_and_good_canary_is_promoted(tmp_path, data_ho
 
 @pytest.mark.parametrize("field,value", [("canary.share", 1.5), ("rules.0.margin", 2.0)])
 def test_online_config_names_the_bad_field(field: str, value: float) -> None:
-    from training.config import ConfigError
+    from ground.config import ConfigError
 
     data = {**ONLINE, "canary": dict(ONLINE["canary"]), "rules": [dict(r) for r in ONLINE["rules"]]}
     if field == "canary.share":
@@ -269,8 +269,8 @@ def test_worker_processes_route_the_canary_sticky_per_user(tmp_path) -> None:
 def test_canary_check_without_a_gateway_decides_on_the_files(tmp_path, data_home) -> None:
     """`alignloop canary status|check` with no gateway running read the persisted releases and
     the log store, and record the outcome in the data dir (it takes effect at the next serve)."""
-    from serving.logstore import ExchangeRecord
-    from serving.vllm_server import VLLMArgs
+    from ground.logstore import ExchangeRecord
+    from serving.engine.vllm_server import VLLMArgs
 
     releases = ReleaseStore()
     for rid in ("live", "cand"):

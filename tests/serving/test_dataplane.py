@@ -1,4 +1,4 @@
-"""Worker processes in front of a control plane (serving.dataplane): real spawned workers on a
+"""Worker processes in front of a control plane (serving.gateway.dataplane): real spawned workers on a
 shared socket, the real log store, admission shared through shared memory.
 
 The upstreams are benchmarks/synthetic_upstream.py (SYNTHETIC OpenAI-compatible servers, no
@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from synthetic_upstream import SyntheticUpstream  # noqa: E402
 from test_gateway_support import ADMIN, KEY_A, KEY_B, make_config  # noqa: E402
 
-from serving.app import create_app, serve_in_thread  # noqa: E402
-from serving.dataplane import ControlPlane  # noqa: E402
-from serving.gateway_config import hash_key  # noqa: E402
-from serving.logstore import LogStore  # noqa: E402
-from serving.service import StaticUpstream, Upstream  # noqa: E402
-from serving.vllm_server import free_port  # noqa: E402
+from ground.logstore import LogStore  # noqa: E402
+from serving.engine.vllm_server import free_port  # noqa: E402
+from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
+from serving.gateway.config import hash_key  # noqa: E402
+from serving.gateway.dataplane import ControlPlane  # noqa: E402
+from serving.gateway.service import StaticUpstream, Upstream  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -199,8 +199,8 @@ def test_alignloop_serve_fronts_an_external_upstream_with_workers(tmp_path: Path
 
     import yaml
 
-    from serving.gateway_config import GatewayConfig
-    from training.config import repo_root
+    from ground.config import repo_root
+    from serving.gateway.config import GatewayConfig
 
     syn = SyntheticUpstream()
     with serve_in_thread(syn) as up_base:

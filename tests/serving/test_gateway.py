@@ -30,9 +30,9 @@ from test_gateway_support import (  # noqa: E402
     running_gateway,
 )
 
-from serving.auth import require_admin  # noqa: E402
-from serving.service import Upstream  # noqa: E402
-from training.config import ConfigError, load_config  # noqa: E402
+from ground.config import ConfigError, load_config  # noqa: E402
+from serving.gateway.auth import require_admin  # noqa: E402
+from serving.gateway.service import Upstream  # noqa: E402
 
 PII_REPLY = (
     "Sure. Write to jane.doe@example.com, call +1 415-555-0132, pay with 4111 1111 1111 1111 "
@@ -504,7 +504,7 @@ def test_peer_dying_during_connect_is_a_503_not_a_500(
 
 
 def test_upstream_missing_or_down_gives_fast_503(tmp_path: Path) -> None:
-    from serving.vllm_server import free_port
+    from serving.engine.vllm_server import free_port
 
     dead = Upstream(
         base_url=f"http://127.0.0.1:{free_port()}/v1", release_id="dead", served_model="m"
@@ -576,8 +576,8 @@ def test_switch_upstream_keeps_in_flight_stream_on_old_release(tmp_path: Path) -
 
 
 def test_shipped_gateway_config_loads() -> None:
-    from serving.gateway_config import GatewayConfig
-    from serving.service import GatewayService, StaticUpstream
+    from serving.gateway.config import GatewayConfig
+    from serving.gateway.service import GatewayService, StaticUpstream
 
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(GatewayConfig, repo / "configs" / "gateway.yaml")

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from synthetic_upstream import SyntheticUpstream  # noqa: E402
 from test_gateway_support import ADMIN, KEY_A, KEY_B, make_config, running_gateway  # noqa: E402
 
-from serving.app import serve_in_thread  # noqa: E402
-from serving.gateway_config import hash_key  # noqa: E402
-from serving.service import Upstream  # noqa: E402
+from serving.gateway.app import serve_in_thread  # noqa: E402
+from serving.gateway.config import hash_key  # noqa: E402
+from serving.gateway.service import Upstream  # noqa: E402
 
 H = {"Authorization": f"Bearer {KEY_A}"}
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}  # /metrics and /healthz details are not public

@@ -16,10 +16,10 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.app import create_app, serve_in_thread
-from serving.gateway_config import GatewayConfig, hash_key
-from serving.logstore import LogStore
-from serving.service import StaticUpstream, Upstream
+from ground.logstore import LogStore
+from serving.gateway.app import create_app, serve_in_thread
+from serving.gateway.config import GatewayConfig, hash_key
+from serving.gateway.service import StaticUpstream, Upstream
 
 KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-admin"
 
@@ -148,7 +148,7 @@ def running_fake(fake: FakeUpstream) -> Iterator[Upstream]:
 
 
 def test_feedback_actor_is_stored_and_part_of_identity(tmp_path):
-    from serving.logstore import LogStore
+    from ground.logstore import LogStore
 
     db = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
     try:
@@ -168,7 +168,7 @@ def test_feedback_actor_is_stored_and_part_of_identity(tmp_path):
 def test_logstore_adds_feedback_columns_to_an_older_database(tmp_path):
     import sqlite3
 
-    from serving.logstore import LogStore
+    from ground.logstore import LogStore
 
     path = tmp_path / "old.db"
     con = sqlite3.connect(path)  # the feedback table as the first release created it

@@ -19,7 +19,7 @@ sys.path.insert(
 )  # --import-mode=importlib: make the support module importable
 from test_gateway_support import ADMIN, KEY_A, make_config, running_gateway  # noqa: E402
 
-from serving.service import Upstream  # noqa: E402
+from serving.gateway.service import Upstream  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ def test_killing_vllm_under_load_gives_503s_and_a_row_per_request(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Own server (not the shared fixture): we SIGKILL it while requests are in flight."""
-    from serving.vllm_server import VLLMArgs, VLLMServer
+    from serving.engine.vllm_server import VLLMArgs, VLLMServer
 
     server = VLLMServer(
         tiny_model_dir,

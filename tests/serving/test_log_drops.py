@@ -24,10 +24,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gateway_support import KEY_A, FakeUpstream, make_config, running_fake  # noqa: E402
 
-from serving.app import create_app, serve_in_thread  # noqa: E402
-from serving.dataplane import ControlPlane, QueueLogStore, SharedAdmission, SharedState  # noqa: E402
-from serving.logstore import ExchangeRecord, LogStore  # noqa: E402
-from serving.service import StaticUpstream  # noqa: E402
+from ground.logstore import ExchangeRecord, LogStore  # noqa: E402
+from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
+from serving.gateway.dataplane import ControlPlane, QueueLogStore, SharedAdmission, SharedState  # noqa: E402
+from serving.gateway.service import StaticUpstream  # noqa: E402
 
 H = {"Authorization": f"Bearer {KEY_A}"}
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +127,7 @@ def test_a_process_killed_holding_the_lock_blocks_nobody() -> None:
         cfg = make_config()
         code = (
             "import os, signal, sys\n"
-            "from serving.dataplane import ProcessLock\n"
+            "from serving.gateway.dataplane import ProcessLock\n"
             "lock = ProcessLock(sys.argv[1]); lock.acquire()\n"
             "print('held', flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -150,7 +150,7 @@ def test_the_lock_excludes_other_processes_and_threads() -> None:
     try:
         assert state.lock.acquire(False)
         other = subprocess.run(
-            [sys.executable, "-c", "import sys; from serving.dataplane import ProcessLock; "
+            [sys.executable, "-c", "import sys; from serving.gateway.dataplane import ProcessLock; "
              "print(ProcessLock(sys.argv[1]).acquire(False))", state.lock.path],
             cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert other.stdout.strip() == "False"

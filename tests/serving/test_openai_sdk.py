@@ -21,11 +21,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gateway_support import ADMIN, KEY_A, make_config, running_gateway  # noqa: E402
 
-from serving.app import create_app, serve_in_thread  # noqa: E402
-from serving.logstore import LogStore  # noqa: E402
-from serving.releases import ReleaseManager, ReleaseStore  # noqa: E402
-from serving.service import Upstream  # noqa: E402
-from serving.vllm_server import VLLMArgs  # noqa: E402
+from ground.logstore import LogStore  # noqa: E402
+from serving.engine.vllm_server import VLLMArgs  # noqa: E402
+from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
+from serving.gateway.service import Upstream  # noqa: E402
+from serving.releases.manager import ReleaseManager, ReleaseStore  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from serving.placement import (
+from ground.platform import Platform
+from serving.engine.vllm_server import VLLMArgs, build_command
+from serving.releases.manager import ReleaseManager, ReleaseStore
+from serving.releases.placement import (
     Gpu,
     Placement,
     PlacementConfig,
@@ -17,9 +20,6 @@ from serving.placement import (
     place_release,
     place_training,
 )
-from serving.platform import Platform
-from serving.releases import ReleaseManager, ReleaseStore
-from serving.vllm_server import VLLMArgs, build_command
 
 H200 = 143771
 ONE = (Gpu(0, "NVIDIA H200", H200),)

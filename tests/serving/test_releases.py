@@ -14,8 +14,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from serving.admin_api import build_admin_router
-from serving.releases import (
+from ground.config import ConfigError, load_config, repo_root
+from serving.control.admin_api import build_admin_router
+from serving.control.server import ServeConfig
+from serving.engine.vllm_server import VLLMArgs
+from serving.releases.manager import (
     Approval,
     ReleaseError,
     ReleaseManager,
@@ -24,9 +27,6 @@ from serving.releases import (
     decision_fingerprint,
     stored_gate_passed,
 )
-from serving.server import ServeConfig
-from serving.vllm_server import VLLMArgs
-from training.config import ConfigError, load_config, repo_root
 
 HAND_MADE = {"gate": {"passed": True, "decision": "promote"}}  # what once unlocked a promotion
 
@@ -193,7 +193,7 @@ def test_cli_talks_to_running_gateway_and_needs_admin_key(data_home: Path, monke
     import os
 
     from flows.cli import app
-    from serving.server import server_file
+    from serving.control.server import server_file
 
     monkeypatch.delenv("ALIGNLOOP_GATEWAY_URL", raising=False)
     monkeypatch.delenv("ALIGNLOOP_ADMIN_KEY", raising=False)

@@ -23,13 +23,13 @@ import httpx
 import pytest
 import yaml
 
-from serving.admin_api import AdminClient, AdminError, build_admin_router
-from serving.app import create_app, serve_in_thread
-from serving.gateway_config import GatewayConfig, TenantConfig, hash_key
-from serving.logstore import LogStore
-from serving.releases import ReleaseManager, ReleaseStore, StagingPolicy
-from serving.vllm_server import VLLMArgs, free_port
-from training.config import repo_root
+from ground.config import repo_root
+from ground.logstore import LogStore
+from serving.control.admin_api import AdminClient, AdminError, build_admin_router
+from serving.engine.vllm_server import VLLMArgs, free_port
+from serving.gateway.app import create_app, serve_in_thread
+from serving.gateway.config import GatewayConfig, TenantConfig, hash_key
+from serving.releases.manager import ReleaseManager, ReleaseStore, StagingPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from serving.vllm_server import VLLMArgs, VLLMServer, VLLMStartError
+from serving.engine.vllm_server import VLLMArgs, VLLMServer, VLLMStartError
 
 pytestmark = pytest.mark.integration
 

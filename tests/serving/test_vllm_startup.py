@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.releases import ReleaseManager, ReleaseStore, StagingPolicy
-from serving.vllm_server import StartupLog, VLLMArgs, VLLMServer, VLLMStartError
+from serving.engine.vllm_server import StartupLog, VLLMArgs, VLLMServer, VLLMStartError
+from serving.releases.manager import ReleaseManager, ReleaseStore, StagingPolicy
 
 STANDIN = """\
 #!{python}
@@ -172,11 +172,11 @@ def test_start_up_progress_in_the_log_and_through_the_admin_api(
     """A staging client sees vLLM's phase while it waits; the gateway's log says it too."""
     import logging
 
-    from serving import vllm_server
-    from serving.admin_api import AdminClient, build_admin_router, startup_progress
-    from serving.app import create_app, serve_in_thread
-    from serving.gateway_config import GatewayConfig, TenantConfig, hash_key
-    from serving.logstore import LogStore
+    from ground.logstore import LogStore
+    from serving.control.admin_api import AdminClient, build_admin_router, startup_progress
+    from serving.engine import vllm_server
+    from serving.gateway.app import create_app, serve_in_thread
+    from serving.gateway.config import GatewayConfig, TenantConfig, hash_key
 
     monkeypatch.setattr(vllm_server, "PROGRESS_EVERY_S", 0.5)
     monkeypatch.setenv("STANDIN_SLOW_LINES", "8")  # 2.4 s of "loading weights"
@@ -191,7 +191,7 @@ def test_start_up_progress_in_the_log_and_through_the_admin_api(
     seen: list[str] = []
     try:
         with (
-            caplog.at_level(logging.INFO, logger="serving.vllm_server"),
+            caplog.at_level(logging.INFO, logger="serving.engine.vllm_server"),
             serve_in_thread(app) as url,
             AdminClient(url, "sk-admin") as admin,
         ):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import build_config
+from ground.config import build_config
 from training.dpo import DPOStageConfig
 from training.dpo import run as run_dpo
 from training.sft import SFTStageConfig

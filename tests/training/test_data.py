@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.logstore import ExchangeRecord, LogStore
-from training.config import ConfigError, load_config
+from ground.config import ConfigError, load_config
+from ground.logstore import ExchangeRecord, LogStore
 from training.data import DataConfig, run
 from training.data_sources import DataError, load_logstore
 from training.preferences import build_rows, prompt_key

@@ -9,9 +9,9 @@ import typer
 from typer.testing import CliRunner
 
 from flows.cli_data import register
-from serving.logstore import ExchangeRecord, LogStore
-from training.config import load_config
-from training.simulate import SimulateConfig
+from flows.simulate import SimulateConfig
+from ground.config import load_config
+from ground.logstore import ExchangeRecord, LogStore
 
 REPO = Path(__file__).resolve().parents[2]
 

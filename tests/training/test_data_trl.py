@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.logstore import ExchangeRecord, LogStore
+from ground.logstore import ExchangeRecord, LogStore
 from training.data import DataConfig, run
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError, build_config
+from ground.config import ConfigError, build_config
 from training.kto import KTOStageConfig, balanced_weight, run
 
 TOPICS = ["refund policy", "opening hours", "password reset", "shipping times", "data privacy"]

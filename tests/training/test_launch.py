@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import build_config
+from ground.config import build_config
 from training.launch import LaunchSettings, TrainingLaunchError, accelerate_command, run_stage
 
 ACCEL = {"launcher": "accelerate"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import build_config
+from ground.config import build_config
 from training.merge import MergeConfig, run
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.platform import detect
-from training.config import build_config
+from ground.config import build_config
+from ground.platform import detect
 from training.quantize import QuantizeConfig, choose_scheme, derive_group_size, run
 
 
@@ -73,7 +73,7 @@ def _chat(server, text: str) -> str:
 
 
 def _quantize_and_serve(scheme: str, tiny_model_dir: Path, dataset: Path, tmp_path: Path) -> dict:
-    from serving.vllm_server import VLLMArgs, VLLMServer
+    from serving.engine.vllm_server import VLLMArgs, VLLMServer
 
     result = run(quantize_config(tiny_model_dir, dataset, tmp_path / "run", scheme=scheme))
     assert result.scheme == scheme and result.calibration_rows == 8

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError, build_config
+from ground.config import ConfigError, build_config
 from training.sft import SFTStageConfig, run
 
 
@@ -85,7 +85,7 @@ def test_sft_config_names_bad_fields() -> None:
 
 
 def test_shipped_training_yamls_load() -> None:
-    from training.config import load_config, repo_root
+    from ground.config import load_config, repo_root
     from training.dpo import DPOStageConfig
     from training.merge import MergeConfig
     from training.quantize import QuantizeConfig

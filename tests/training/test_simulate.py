@@ -12,21 +12,21 @@ import pytest
 from fastapi import FastAPI, Request
 
 from evals.policy import classify_prompt, compliance
-from serving.app import create_app, serve_in_thread
-from serving.gateway_config import GatewayConfig, hash_key
-from serving.logstore import LogStore
-from serving.service import StaticUpstream, Upstream
-from training.data import DataConfig, GovernanceConfig
-from training.data import run as build_data
-from training.governance import EvalIndex, load_eval_prompts
-from training.simulate import (
+from flows.simulate import (
     SimulateConfig,
     SimulationLabelError,
     decide_feedback,
     load_pool,
     plan_traffic,
 )
-from training.simulate import run as simulate
+from flows.simulate import run as simulate
+from ground.logstore import LogStore
+from serving.gateway.app import create_app, serve_in_thread
+from serving.gateway.config import GatewayConfig, hash_key
+from serving.gateway.service import StaticUpstream, Upstream
+from training.data import DataConfig, GovernanceConfig
+from training.data import run as build_data
+from training.governance import EvalIndex, load_eval_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-demo-tenant"

@@ -1,7 +1,7 @@
 """API keys: who a bearer key is (a tenant, the admin, a metrics scraper), rotation, demo keys.
 
 Keys are stored as HMAC-SHA256 digests under the server's key secret
-(:func:`serving.gateway_config.hash_key`). A presented key is hashed the same way and looked up;
+(:func:`serving.gateway.config.hash_key`). A presented key is hashed the same way and looked up;
 the attacker does not know the secret, so they cannot choose which digest a guess lands on, and
 the match is confirmed with :func:`hmac.compare_digest` (constant time).
 
@@ -36,7 +36,9 @@ import yaml
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field, field_validator, model_validator
 
-from serving.gateway_config import (
+from ground.config import ConfigError, StrictModel, build_config, data_dir
+from ground.protocol import GatewayError
+from serving.gateway.config import (
     DEMO_ADMIN_KEY,
     DEMO_REVIEWER,
     DEMO_REVIEWER_KEY,
@@ -47,8 +49,6 @@ from serving.gateway_config import (
     load_key_secret,
     secret_id,
 )
-from serving.protocol import GatewayError
-from training.config import ConfigError, StrictModel, build_config, data_dir
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def _unauthorized(msg: str) -> GatewayError:
 
 
 def _keyring(request: Request) -> KeyRing:
-    # A gateway worker (serving.dataplane) first looks whether the control plane re-read the keys
+    # A gateway worker (serving.gateway.dataplane) first looks whether the control plane re-read the keys
     # (one shared-memory integer): a SIGHUP or /admin/keys/reload reaches it at once.
     sync = getattr(request.app.state, "keys_sync", None)
     if sync is not None:

@@ -1,4 +1,4 @@
-"""The platform probe's measuring half; runs in the serving env (``python -m serving._probe_vllm``).
+"""The platform probe's measuring half; runs in the serving env (``python -m serving.engine._probe_vllm``).
 
 For each variant (a model folder served in one dtype) it starts vLLM's offline engine once,
 answers a few fixed prompts greedily (correctness: compared with the float32 answers), and times
@@ -6,7 +6,7 @@ decoding at batch 1 and at a small batch. One process for all variants, so vLLM 
 ``dtype: "probe"`` on a variant means the dtype chosen from the variants before it (float32, or
 bfloat16 when it answered like float32 and was faster). Prints one JSON object on the last line.
 
-Only the standard library and vLLM here, plus :mod:`serving.probe` (standard library only at import) for
+Only the standard library and vLLM here, plus :mod:`ground.platform` (standard library only at import) for
 the rules, so that both halves judge with the same code.
 """
 
@@ -23,7 +23,7 @@ def _measure(llm, spec: dict, name: str, results: dict) -> dict:
     """The variant's answers, then its speed unless the answers already rule it out."""
     from vllm import SamplingParams
 
-    from serving.probe import can_be_chosen
+    from ground.platform import can_be_chosen
 
     chats = [[{"role": "user", "content": p}] for p in spec["prompts"]]
     greedy = SamplingParams(max_tokens=spec["check_tokens"], temperature=0)
@@ -49,7 +49,7 @@ def _measure(llm, spec: dict, name: str, results: dict) -> dict:
 def main(spec: dict) -> dict:
     from vllm import LLM
 
-    from serving.probe import pick_dtype
+    from ground.platform import pick_dtype
 
     results: dict[str, dict] = {}
     for variant in spec["variants"]:

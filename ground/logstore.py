@@ -185,7 +185,7 @@ class LogStore:
         self.rejected = 0  # messages from worker processes that were not rows (see dataplane)
         self.written = 0
         # (tenant, id) of the last rows dropped, for feedback's "not logged"; and other places
-        # rows are dropped (worker processes: serving.dataplane.SharedState)
+        # rows are dropped (worker processes: serving.gateway.dataplane.SharedState)
         self._dropped_ids: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._drop_sources: list[Any] = []
 
@@ -456,7 +456,7 @@ def _window_query(
 
 
 def default_url() -> str:
-    from training.config import data_dir
+    from ground.config import data_dir
 
     path = data_dir() / "logs.db"
     path.parent.mkdir(parents=True, exist_ok=True)

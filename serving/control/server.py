@@ -3,7 +3,7 @@
 This process owns every vLLM it starts. The live release boots in the background while the
 gateway already listens (it answers 503 until the upstream is ready); on exit (SIGINT/SIGTERM,
 or an error) every vLLM is stopped, and if the process is killed outright each server's
-watchdog stops it (:mod:`training.procs`).
+watchdog stops it (:mod:`ground.procs`).
 
 While it runs, ``<data dir>/server.json`` says where it listens, so ``alignloop release ...``
 talks to its admin API instead of editing the files under it.
@@ -22,11 +22,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from serving.gateway_config import GatewayConfig, load_gateway_config
-from serving.placement import PlacementConfig
-from serving.releases import StagingPolicy
-from serving.vllm_server import VLLMArgs
-from training.config import StrictModel, data_dir, repo_root
+from ground.config import StrictModel, data_dir, repo_root
+from serving.engine.vllm_server import VLLMArgs
+from serving.gateway.config import GatewayConfig, load_gateway_config
+from serving.releases.manager import StagingPolicy
+from serving.releases.placement import PlacementConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ReleasesConfig(StrictModel):
     def _gate_file_loads(self) -> ReleasesConfig:
         """A gate policy that does not load fails at start-up, not at the first promotion."""
         from evals.gate import GateConfig
-        from training.config import ConfigError, load_config
+        from ground.config import ConfigError, load_config
 
         try:
             load_config(GateConfig, self.gate_path())
@@ -186,7 +186,7 @@ def _boot_external(manager, cfg: ReleasesConfig) -> None:
 
 def _boot(manager, initial_model: str | None, releases: ReleasesConfig | None = None) -> None:
     """Start the persisted live release; with none, stage + promote ``initial_model``."""
-    from serving.releases import ReleaseError
+    from serving.releases.manager import ReleaseError
 
     try:
         if releases is not None and releases.upstream_url:
@@ -215,7 +215,7 @@ def _boot(manager, initial_model: str | None, releases: ReleasesConfig | None = 
         log.exception("booting the live release failed")
 
 
-def _reload_keys(keys) -> None:  # noqa: ANN001 - serving.auth.KeyRing
+def _reload_keys(keys) -> None:  # noqa: ANN001 - serving.gateway.auth.KeyRing
     """SIGHUP: re-read the keys file (an invalid one is logged and the old keys stay)."""
     try:
         keys.reload()
@@ -244,17 +244,17 @@ def run_serve(cfg: ServeConfig) -> None:
     import signal
 
     from guardrails.pii import import_presidio_for_serving
-    from serving.auth import KeyRing, check_demo_keys
+    from serving.gateway.auth import KeyRing, check_demo_keys
 
     gw = cfg.gateway_config()
     keys = KeyRing(gw)
     check_demo_keys(keys, cfg.host, cfg.insecure_demo_keys)  # before anything loads or starts
     import_presidio_for_serving()  # before any thread starts (see there)
-    from serving.admin_api import build_admin_router
-    from serving.app import create_app, uvicorn_config
-    from serving.logstore import LogStore, default_url
-    from serving.releases import ReleaseManager, ReleaseStore
-    from serving.review import build_review_router, candidates_of
+    from ground.logstore import LogStore, default_url
+    from serving.control.admin_api import build_admin_router
+    from serving.gateway.app import create_app, uvicorn_config
+    from serving.releases.manager import ReleaseManager, ReleaseStore
+    from serving.review.page import build_review_router, candidates_of
 
     _Server = _server_class()
     workers = cfg.worker_count()
@@ -277,10 +277,10 @@ def run_serve(cfg: ServeConfig) -> None:
         else:
             # The control plane answers the workers' forwarded requests (admin API, feedback,
             # the review page) on a Unix socket; the workers share the public listening socket
-            # (serving.dataplane).
+            # (serving.gateway.dataplane).
             import tempfile
 
-            from serving.dataplane import ControlPlane
+            from serving.gateway.dataplane import ControlPlane
 
             uds = str(Path(tempfile.gettempdir()) / f"alignloop-gateway-{os.getpid()}.sock")
             app.state.service.feedback_wait_s = 2.0  # rows in transit from a worker

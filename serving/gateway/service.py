@@ -3,7 +3,7 @@ streaming relay, logging, metrics.
 
 The upstream is injected (:class:`UpstreamProvider`), and so are the log store and the admission
 counters, so the releases helper can switch blue/green upstreams atomically, worker processes can
-share one set of limits (serving.dataplane) and tests can use a fake upstream. Each request reads
+share one set of limits (serving.gateway.dataplane) and tests can use a fake upstream. Each request reads
 ``provider.current()`` once at its start and keeps that upstream to its end: in-flight requests
 and streams finish on the old release after a switch.
 
@@ -16,7 +16,7 @@ Where the time goes (measured with py-spy; docs/GATEWAY.md): the per-chunk relay
 So the relay reads upstream with aiohttp (C parser), parses each chunk once (the log needs its
 text) and forwards the upstream's own bytes, with only ``id`` and ``model`` swapped, unless an
 output hook changed the text or the chunk has fields that are not OpenAI's (then it is
-re-encoded without them: serving.protocol.public_chunk); output hooks run on windows of text (guardrails.base.StreamGuard);
+re-encoded without them: ground.protocol.public_chunk); output hooks run on windows of text (guardrails.base.StreamGuard);
 hooks over large texts run in a small thread pool so they never stall the event loop.
 """
 
@@ -39,10 +39,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from guardrails.base import ChainResult, InputChain, OutputChain, StreamGuard, Verdict, build_hook
-from serving.gateway_config import GatewayConfig
-from serving.logstore import ActorRole, ExchangeRecord, LogStore
-from serving.protocol import (
+from ground.logstore import ActorRole, ExchangeRecord, LogStore
+from ground.protocol import (
     DELTA_KEYS,
     GUARDED_DELTA_KEYS,
     ChatCompletionRequest,
@@ -59,6 +57,9 @@ from serving.protocol import (
     public_completion,
     validation_error,
 )
+from guardrails.base import ChainResult, InputChain, OutputChain, StreamGuard, Verdict
+from guardrails.registry import build_hook
+from serving.gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +530,7 @@ class GatewayService:
 
     # -- chat -----------------------------------------------------------------------------------
     def parse_chat(self, body: bytes) -> ChatCompletionRequest:
-        """The validated request, or a 4xx naming what is wrong (serving/protocol.py)."""
+        """The validated request, or a 4xx naming what is wrong (ground/protocol.py)."""
         try:
             req = ChatCompletionRequest.model_validate(parse_json_object(body))
         except ValidationError as e:
@@ -882,7 +883,7 @@ class GatewayService:
         rest, and chunks with fields that are not OpenAI's, are re-encoded.
         """
         st = _StreamState(self.output_chain, self.config.guardrails)
-        # Only OpenAI's chunk fields go on (serving/protocol.py); token logprobs only when asked
+        # Only OpenAI's chunk fields go on (ground/protocol.py); token logprobs only when asked
         # for, which parse_chat allows only without output hooks.
         keep_logprobs = bool(ex.request.logprobs)
         delta_keys = GUARDED_DELTA_KEYS if self.output_chain.hooks else DELTA_KEYS
@@ -1140,7 +1141,7 @@ def _refuse_no_information(
 ) -> None:
     """A 400 naming the field when feedback says nothing about the answer: an edit or a better
     text equal to the answer up to whitespace, a preference between two identical answers (the
-    request body alone is checked in serving.protocol: an answer preferred over itself)."""
+    request body alone is checked in ground.protocol: an answer preferred over itself)."""
     if req.edit is not None and _same_text(req.edit.text, answer):
         raise GatewayError(
             400, "Invalid 'edit.text': it is the answer itself (differing at most in whitespace)",

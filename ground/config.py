@@ -5,7 +5,7 @@ file is loaded, with a message that names the field and what was expected. Overr
 keys (``lora.rank=8``); their values are parsed as YAML scalars (``8`` is an int, ``true`` a bool).
 
 The layout of the repository is fixed (flows, training, serving, evals, guardrails), so the few
-pieces every package shares live here and in :mod:`training.runs`; they import nothing heavy.
+pieces every package shares live here and in :mod:`ground.runs`; they import nothing heavy.
 """
 
 from __future__ import annotations

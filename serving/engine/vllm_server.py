@@ -29,11 +29,11 @@ from typing import Literal, NoReturn
 import httpx
 from pydantic import Field
 
-from serving.platform import Platform, detect, serving_dtype
-from training.config import StrictModel, repo_root
-from training.procs import free_port, owned_popen, stop_group
+from ground.config import StrictModel
+from ground.platform import Platform, detect, serve_python, serving_dtype
+from ground.procs import free_port, owned_popen, stop_group
 
-__all__ = ["VLLMArgs", "VLLMServer", "VLLMStartError", "build_command", "free_port", "serve_python"]
+__all__ = ["VLLMArgs", "VLLMServer", "VLLMStartError", "build_command", "free_port"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class VLLMArgs(StrictModel):
     """How to serve one model with vLLM (per release, so evals can compare serving settings)."""
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="'auto' = serving.platform.serving_dtype: bf16 on GPUs; float32 on CPUs unless "
+        "auto", description="'auto' = ground.platform.serving_dtype: bf16 on GPUs; float32 on CPUs unless "
         "the platform probe measured bf16 answering like float32 there."
     )
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer in tokens.")
@@ -53,7 +53,7 @@ class VLLMArgs(StrictModel):
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1,
         description="Fraction of each GPU's memory this server may take (GPU only); None = the "
-        "share its placement gives it (serving/placement.py), 0.9 when started on its own.",
+        "share its placement gives it (serving/releases/placement.py), 0.9 when started on its own.",
     )
     enforce_eager: bool | None = Field(
         None, description="Skip CUDA graphs/torch.compile; None = true on CPU (start-up 250 s -> 50 s)."
@@ -174,11 +174,6 @@ class StartupLog:
         return self.error or self.fatal or ""
 
 
-def serve_python() -> Path:
-    """The serving env's interpreter: ``$ALIGNLOOP_SERVE_PYTHON`` or ``<repo>/.venv-serve/bin/python``."""
-    return Path(os.environ.get("ALIGNLOOP_SERVE_PYTHON", repo_root() / ".venv-serve/bin/python"))
-
-
 # On a CPU, vLLM's engine core runs inside the API server's process instead of two more processes
 # (engine core, worker) that wait on each other by spinning: on two cores the spinning took the
 # cores from the model. Measured on the 2-core AVX2 machine, the embedded model in float32, `vllm
@@ -262,7 +257,7 @@ class VLLMServer:
         self.startup_s: float | None = None
         self._log_offset = 0
         self.startup_phase: str | None = None  # while starting: vLLM's current phase, then "ready"
-        from serving.tool_parsers import resolve_tool_parser
+        from serving.engine.tool_parsers import resolve_tool_parser
 
         # The tool-call parser this server runs with (None: tools off); the gateway refuses
         # requests with tools for a release without one.
@@ -309,7 +304,7 @@ class VLLMServer:
         self._log_offset = logf.tell()  # a release's log keeps earlier starts: read only this one
         self._t0 = time.monotonic()
         # Under a watchdog in its own process group: the server and its engine processes stop
-        # when this process exits, however it exits (training/procs.py).
+        # when this process exits, however it exits (ground/procs.py).
         self.proc = owned_popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         logf.close()
         with _LIVE_LOCK:
@@ -433,7 +428,7 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-if __name__ == "__main__":  # manual check: python -m serving.vllm_server MODEL_DIR
+if __name__ == "__main__":  # manual check: python -m serving.engine.vllm_server MODEL_DIR
     logging.basicConfig(level=logging.INFO)
     with VLLMServer(sys.argv[1]) as srv:
         print(srv.check_generation())

@@ -52,8 +52,8 @@ from typing import Any
 
 import orjson
 
-from serving.gateway_config import GatewayConfig
-from serving.service import Upstream, fair_share_refusal
+from serving.gateway.config import GatewayConfig
+from serving.gateway.service import Upstream, fair_share_refusal
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
     from guardrails.pii import import_presidio_for_serving
 
     import_presidio_for_serving()  # a worker never trains: ~450 MB less per process
-    from serving.app import create_app, uvicorn_config
+    from serving.gateway.app import create_app, uvicorn_config
 
     state = SharedState(spec.shm_name, spec.lock)
     _, blob = state.read()
@@ -365,7 +365,7 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
     def on_config(cfg: GatewayConfig) -> None:  # keys, limits: switched with the blob
         admission.set_config(cfg)
         if "app" in holder:
-            from serving.auth import KeyRing
+            from serving.gateway.auth import KeyRing
 
             holder["app"].state.keyring = KeyRing(cfg)
 
@@ -375,7 +375,7 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
         forward_to=spec.control_uds,
     )
     holder["app"] = app
-    app.state.keys_sync = provider.current  # before each authentication: see serving.auth
+    app.state.keys_sync = provider.current  # before each authentication: see serving.gateway.auth
     provider.current()
     server = uvicorn.Server(uvicorn_config(app, log_level=spec.log_level, timeout_graceful_shutdown=10))
     try:

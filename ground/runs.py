@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from training.config import data_dir, dump_config
+from ground.config import data_dir, dump_config
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Typed gateway configuration: tenants, keys, limits, timeouts, guardrails, what is public.
 
-API keys are never stored. The config (and the keys file, see :mod:`serving.auth`) holds
+API keys are never stored. The config (and the keys file, see :mod:`serving.gateway.auth`) holds
 ``hmac-sha256:<secret id>:<digest>`` values: an HMAC-SHA256 of the key under this server's *key
 secret*, which lives outside the config (``$ALIGNLOOP_KEY_SECRET``, ``key_secret_file`` or
 ``<data dir>/key-secret``, created with mode 0600 on first use). A leaked config therefore does not
@@ -8,7 +8,7 @@ let anyone test guesses of a weak key offline; the secret id (8 hex digits of a 
 only tells which secret a digest belongs to. Make keys with ``alignloop keys new``.
 
 The published demo keys (``demo_keys: true``) are for a gateway on loopback only; see
-:func:`serving.auth.check_demo_keys`.
+:func:`serving.gateway.auth.check_demo_keys`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from training.config import StrictModel, data_dir, load_config
+from ground.config import StrictModel, data_dir, load_config
 
 KEY_SECRET_ENV = "ALIGNLOOP_KEY_SECRET"
 DEMO_TENANT = "demo"
@@ -152,7 +152,7 @@ class GuardrailsConfig(StrictModel):
         "Sorry, I can't help with that request.",
         description="Answer text sent when a hook blocks (finish_reason 'content_filter').",
     )
-    # How the chains run (serving.service): see docs/GATEWAY.md for the measurements behind these.
+    # How the chains run (serving.gateway.service): see docs/GATEWAY.md for the measurements behind these.
     stream_window_chars: int = Field(
         128, ge=1, description="Streams: output hooks run once per this many new characters "
         "(the first text is checked at once), not per chunk."

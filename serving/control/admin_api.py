@@ -21,7 +21,7 @@ history.
 Errors use OpenAI's error shape: 404 unknown release, 409 a state that forbids the operation
 (e.g. promoting a failed release, nothing to roll back to), 403 a stage request outside the
 server's staging policy (a model folder outside its roots, a vLLM argument it does not let the
-admin API set: :class:`~serving.releases.StagingPolicy`), 413 a body over
+admin API set: :class:`~serving.releases.manager.StagingPolicy`), 413 a body over
 ``limits.max_admin_body_bytes``, 400/422 a bad body.
 """
 
@@ -38,7 +38,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from serving.releases import (
+from ground.config import StrictModel
+from serving.engine.vllm_server import VLLMArgs
+from serving.releases.manager import (
     Release,
     ReleaseError,
     ReleaseManager,
@@ -46,8 +48,6 @@ from serving.releases import (
     StagingError,
     StagingPolicy,
 )
-from serving.vllm_server import VLLMArgs
-from training.config import StrictModel
 
 
 class StageRequest(StrictModel):
@@ -101,7 +101,7 @@ def _error(
 
 
 def _actor(request: Request) -> str:
-    """Who made an admin request: the admin key's id (``serving.auth.require_admin`` sets it)."""
+    """Who made an admin request: the admin key's id (``serving.gateway.auth.require_admin`` sets it)."""
     return getattr(request.state, "admin_key_id", None) or "admin API"
 
 
@@ -114,14 +114,14 @@ def build_admin_router(
     dependencies: Sequence[Callable[..., Any]] | None = None,
     staging: StagingPolicy | None = None,
 ) -> APIRouter:
-    """The admin routes over ``manager``; ``dependencies`` default to ``serving.auth.require_admin``.
+    """The admin routes over ``manager``; ``dependencies`` default to ``serving.gateway.auth.require_admin``.
 
     ``staging`` is what stage requests may ask for (default: models under the data dir's runs,
     models and releases folders, vLLM arguments as :class:`StagingPolicy` allows by default).
     """
     policy = staging or StagingPolicy()
     if dependencies is None:
-        from serving.auth import require_admin
+        from serving.gateway.auth import require_admin
 
         dependencies = [require_admin]
     router = APIRouter(

@@ -10,14 +10,14 @@ and approve releases, in the browser. Server-rendered Jinja templates + htmx (ve
   cookie (itsdangerous); every action POST also needs the session's CSRF token (a header htmx
   sends). A reviewer sees and acts on their tenants' exchanges only.
 - **Actions go through the API's rules.** Thumbs, edits and preferences are
-  :class:`~serving.protocol.FeedbackRequest` objects handed to
+  :class:`~ground.protocol.FeedbackRequest` objects handed to
   ``GatewayService.feedback(req, tenant, actor=<reviewer id>, actor_role="reviewer")``: the same
   tenant check, idempotency and validation as ``POST /v1/feedback``.
 - **Compare.** The served answer against a staged candidate's answer to the same (redacted)
   prompt, asked through the gateway's own service (same guardrails, logged as an exchange of the
   same tenant), shown blind in random order; the pick is a preference between the two exchanges.
 - **Releases.** Lineage, eval report and plots, live vs candidate answers on the held-out eval
-  prompts, and approval (:meth:`serving.releases.ReleaseStore.approve`).
+  prompts, and approval (:meth:`serving.releases.manager.ReleaseStore.approve`).
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from serving.auth import KeyRing
-from serving.gateway_config import GatewayConfig, ReviewerConfig
-from serving.protocol import FeedbackRequest, GatewayError
-from serving.review_data import (
+from ground.config import data_dir
+from ground.protocol import FeedbackRequest, GatewayError
+from serving.gateway.auth import KeyRing
+from serving.gateway.config import GatewayConfig, ReviewerConfig
+from serving.gateway.service import GatewayService, StaticUpstream, Upstream
+from serving.review.data import (
     REPORT_PLOTS,
     QueueQuery,
     approvable,
@@ -54,8 +56,6 @@ from serving.review_data import (
     redact_for_display,
     release_view,
 )
-from serving.service import GatewayService, StaticUpstream, Upstream
-from training.config import data_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def reviewer_for_key(
     """The reviewer whose key this is, else None.
 
     The one place that checks a reviewer key: it asks the gateway's key ring (keyed HMACs,
-    constant-time match, the keys file, the demo reviewer key on loopback; serving/auth.py).
+    constant-time match, the keys file, the demo reviewer key on loopback; serving/gateway/auth.py).
     """
     p = (keys or KeyRing(config)).authenticate(key)
     if p is None or p.role != "reviewer":
@@ -162,7 +162,7 @@ class _Auth:
 
 async def read_form(request: Request) -> dict[str, str]:
     """An urlencoded form body (htmx's default), at most ``FORM_LIMIT`` bytes."""
-    from serving.app import read_body
+    from serving.gateway.app import read_body
 
     body = await read_body(request, FORM_LIMIT)
     try:
@@ -172,7 +172,7 @@ async def read_form(request: Request) -> dict[str, str]:
 
 
 def candidates_of(manager: Any) -> CandidateSource:
-    """Staged releases of a :class:`~serving.releases.ReleaseManager` whose vLLM is warm."""
+    """Staged releases of a :class:`~serving.releases.manager.ReleaseManager` whose vLLM is warm."""
 
     def warm_candidates() -> list[Upstream]:
         warm = manager.warm()
@@ -221,7 +221,7 @@ def build_review_router(
     """The review page's routes.
 
     Args:
-        releases: a :class:`~serving.releases.ReleaseStore` (None = no release pages).
+        releases: a :class:`~serving.releases.manager.ReleaseStore` (None = no release pages).
         candidates: warm staged releases to compare against (None = no compare).
     """
     router = APIRouter(prefix="/review", include_in_schema=False)
@@ -493,7 +493,7 @@ def build_review_router(
 
     # -- releases ------------------------------------------------------------------------------
     def release_or_404(release_id: str) -> Any:
-        from serving.releases import ReleaseNotFound
+        from serving.releases.manager import ReleaseNotFound
 
         if releases is None:
             return None
@@ -507,7 +507,7 @@ def build_review_router(
         session = signed_in(request)
         if isinstance(session, Response):
             return session
-        from serving.releases import approval_required
+        from serving.releases.manager import approval_required
 
         rows = []
         for rel in reversed(await run_in_threadpool(releases.list) if releases else []):
@@ -536,7 +536,7 @@ def build_review_router(
                 status=404,
                 message=f"release {release_id!r} not found",
             )
-        from serving.releases import approval_required
+        from serving.releases.manager import approval_required
 
         view = await run_in_threadpool(release_view, rel)
         can, why_not = view["approvable"]
@@ -565,7 +565,7 @@ def build_review_router(
 
     @router.post("/releases/{release_id}/approve")
     async def approve(request: Request, release_id: str) -> Response:
-        from serving.releases import ReleaseError
+        from serving.releases.manager import ReleaseError
 
         got = await acting(request)
         if isinstance(got, Response):

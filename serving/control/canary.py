@@ -8,8 +8,8 @@ reason and each rule's bound in the release history.
 - A **release just promoted** with a holdback (its ``monitor`` record) is watched against the
   previous release until the grace period ends: a harm rolls it back; anything else waits.
 
-``releases`` is a :class:`serving.releases.ReleaseManager` (in the gateway's process, tests) or a
-:class:`serving.admin_api.AdminClient` (the CLI, the Prefect flow): both have ``list``,
+``releases`` is a :class:`serving.releases.manager.ReleaseManager` (in the gateway's process, tests) or a
+:class:`serving.control.admin_api.AdminClient` (the CLI, the Prefect flow): both have ``list``,
 ``promote``, ``end_canary`` and ``rollback``. No Prefect here (flows/canary.py wraps :func:`run_check`).
 """
 

@@ -1,4 +1,4 @@
-"""The gateway's FastAPI app: thin routers over :class:`~serving.service.GatewayService`.
+"""The gateway's FastAPI app: thin routers over :class:`~serving.gateway.service.GatewayService`.
 
     app = create_app(config, StaticUpstream(Upstream(url, "r1", "tiny")), LogStore(url))
     uvicorn.run(app)                      # or, in tests: with serve_in_thread(app) as base: ...
@@ -33,17 +33,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serving.auth import KeyRing, is_admin_request, keys_router, require_metrics, require_tenant
-from serving.gateway_config import GatewayConfig
-from serving.logstore import LogStore
-from serving.protocol import (
+from ground.logstore import LogStore
+from ground.protocol import (
     FeedbackRequest,
     GatewayError,
     param_path,
     parse_json_object,
     validation_error,
 )
-from serving.service import Admission, GatewayService, UpstreamProvider
+from serving.gateway.auth import (
+    KeyRing,
+    is_admin_request,
+    keys_router,
+    require_metrics,
+    require_tenant,
+)
+from serving.gateway.config import GatewayConfig
+from serving.gateway.service import Admission, GatewayService, UpstreamProvider
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +380,7 @@ def create_app(
 ) -> FastAPI:
     """The gateway app. It owns ``store`` from now on: shutdown flushes and closes it.
 
-    ``admission`` and ``forward_to`` make it a worker of serving.dataplane: admission counters
+    ``admission`` and ``forward_to`` make it a worker of serving.gateway.dataplane: admission counters
     shared with the other workers, and every route but the data plane's (chat, models, healthz,
     metrics) forwarded to the control plane listening on the Unix socket ``forward_to``.
     """
@@ -474,7 +480,7 @@ class AdminBodyLimit:
 
 def store_from_config(config: GatewayConfig) -> LogStore:
     """The log store the config names (``log_store_url``), default ``<data dir>/logs.db``."""
-    from serving.logstore import default_url
+    from ground.logstore import default_url
 
     return LogStore(config.log_store_url or default_url())
 
@@ -486,7 +492,7 @@ def serve_in_thread(
 ) -> Iterator[str]:
     """Run ``app`` with uvicorn in a thread; yields ``http://host:port`` (tests, benchmarks), or
     the socket's path when serving on the Unix socket ``uds``."""
-    from serving.vllm_server import free_port
+    from serving.engine.vllm_server import free_port
 
     port = port or free_port()
     where = {"uds": uds} if uds else {"host": host, "port": port}

@@ -33,11 +33,11 @@ from typing import Any
 
 from pydantic import Field
 
-from training.config import StrictModel, data_dir
+from ground.config import StrictModel, data_dir
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "training" / "demo"
 DEFAULT_POOL = DEMO_DIR / "prompts.jsonl"
 SIMULATED_COMMENT = "simulated user"
 
@@ -252,7 +252,7 @@ def resolve_base_url(cfg: SimulateConfig) -> str:
     """``cfg.base_url``, or the running gateway's URL + /v1 (from its server.json)."""
     if cfg.base_url:
         return cfg.base_url
-    from serving.server import running_server
+    from serving.control.server import running_server
 
     info = running_server()
     if info is None:

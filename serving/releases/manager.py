@@ -14,7 +14,7 @@ vLLM log and ``eval_report.json``). Statuses:
   rollback is instant, then stops (a later rollback restarts it). At most one.
 - ``retired``: out of rotation. ``failed``: did not start or did not answer; never promoted.
 
-Each start places the release on devices (:mod:`serving.placement`: whole GPUs, or a memory share
+Each start places the release on devices (:mod:`serving.releases.placement`: whole GPUs, or a memory share
 when GPUs are fewer than releases; nothing on a CPU) and records that as ``placement``.
 
 A release may also be an **external** OpenAI-compatible server (``upstream_url``: a vLLM a team
@@ -49,7 +49,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from serving.placement import (
+from ground.config import StrictModel, data_dir
+from serving.engine.vllm_server import VLLMArgs, VLLMServer, VLLMStartError
+from serving.gateway.service import EXTERNAL_TOOLS, Canary, Upstream
+from serving.releases.placement import (
     Gpu,
     Placement,
     PlacementConfig,
@@ -58,9 +61,7 @@ from serving.placement import (
     gpu_inventory,
     place_release,
 )
-from serving.service import EXTERNAL_TOOLS, Canary, Upstream
-from serving.vllm_server import VLLMArgs, VLLMServer, VLLMStartError
-from training.config import StrictModel, data_dir
+from training.lineage import Lineage, release_lineage
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Release:
     # after the canary ends, for the record (the online checks' verdicts are in the history).
     canary: dict[str, Any] | None = None
     # Watched after its promotion: the previous release keeps a share of users (a holdback) for
-    # the grace period, so the online rules compare both on the same period (serving/canary.py).
+    # the grace period, so the online rules compare both on the same period (serving/control/canary.py).
     monitor: dict[str, Any] | None = None
 
     @property
@@ -651,7 +652,7 @@ class StagingPolicy(StrictModel):
 
 def default_gate_file() -> Path:
     """The gate policy a release manager verifies promotions with unless told otherwise."""
-    from training.config import repo_root
+    from ground.config import repo_root
 
     return repo_root() / "configs" / "gate.yaml"
 
@@ -712,7 +713,7 @@ def gate_verdict(rel: Release, store: ReleaseStore, gate_file: str | Path | None
         ``report`` (:func:`decision_fingerprint`) and ``at``.
     """
     from evals.gate import GateConfig, evaluate_stage_dirs
-    from training.config import load_config
+    from ground.config import load_config
 
     policy = Path(gate_file or default_gate_file())
     live = store.live()
@@ -785,7 +786,7 @@ def valid_approvals(rel: Release, store: ReleaseStore) -> list[Approval]:
 
 def _check_approval(rel: Release, store: ReleaseStore, gate_file: str | Path | None) -> None:
     from evals.gate import GateConfig
-    from training.config import load_config
+    from ground.config import load_config
 
     if not load_config(GateConfig, gate_file or default_gate_file()).require_approval:
         return
@@ -870,7 +871,7 @@ class ReleaseManager:
             release when its server stops fails.
         default_args: vLLM arguments for a release staged without its own.
         gate_file: the gate policy promotions are verified with (default configs/gate.yaml).
-        placement: how releases share the GPUs (serving/placement.py).
+        placement: how releases share the GPUs (serving/releases/placement.py).
         gpus: the GPUs to place on; None = what ``nvidia-smi`` shows (none on a CPU machine).
     """
 
@@ -1341,3 +1342,12 @@ class ReleaseManager:
 def _short(exc: BaseException, limit: int = 2000) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[: limit // 2] + "\n...\n" + text[-limit // 2 :]
+
+
+def live_lineage(releases_root: str | Path | None = None) -> Lineage | None:
+    """The live release's lineage, or None when no release is live."""
+    root = Path(releases_root) if releases_root else data_dir() / "releases"
+    if not root.is_dir():  # reading must not create the folder (ReleaseStore would)
+        return None
+    live = ReleaseStore(root).live()
+    return release_lineage(live.release_id, live.model_dir) if live is not None else None

@@ -34,8 +34,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from serving.vllm_server import VLLMArgs
-from training.config import StrictModel
+from ground.config import StrictModel
+from serving.engine.vllm_server import VLLMArgs
 
 
 class PlacementError(RuntimeError):

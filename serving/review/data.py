@@ -1,7 +1,7 @@
 """What the review page shows, as plain data: the queue (a window of exchanges, filtered and
 sampled), PII redaction for display, and a release's lineage, eval report and held-out answers.
 
-No web framework here (:mod:`serving.review` renders it), so each piece is testable on its own.
+No web framework here (:mod:`serving.review.page` renders it), so each piece is testable on its own.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from evals.render import (
     rule_rows,
     verdict_of,
 )
-from serving.logstore import LogStore, feedback_table
-from training.config import StrictModel
+from ground.config import StrictModel
+from ground.logstore import LogStore, feedback_table
 
 VerdictFilter = Literal["any", "allow", "flagged", "redact", "block"]
 FeedbackFilter = Literal["any", "none", "unreviewed", "reviewed", "user"]
@@ -295,7 +295,7 @@ def _fmt(value: Any, kind: str) -> str:
 
 
 def release_view(release: Any) -> dict[str, Any]:
-    """Everything the release page shows about ``release`` (a :class:`~serving.releases.Release`)."""
+    """Everything the release page shows about ``release`` (a :class:`~serving.releases.manager.Release`)."""
     source = dict(release.source or {})
     attached = _json(release.eval_report)
     run_dir = source.get("run_dir") or attached.get("run_dir")
