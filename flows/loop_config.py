@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from ground.config import (
@@ -23,6 +22,7 @@ from ground.config import (
     build_config,
     load_config,
     merge_dicts,
+    read_config_file,
     repo_root,
 )
 from serving.engine.vllm_server import VLLMArgs
@@ -176,7 +176,7 @@ class LoopConfig(StrictModel):
             path = resolve_path(file)
             if not path.is_file():
                 raise ValueError(f"stage_files.{stage}: file not found: {file}")
-            base = yaml.safe_load(path.read_text()) or {}
+            base = read_config_file(path)
         own = getattr(self, stage)
         section = merge_dicts(base, own)
         if stage == "sft" and "model" not in own:  # the base model is named once, at the top
