@@ -4,7 +4,7 @@
 
 Seeded traffic: ``rpm`` requests a minute (Poisson) from a population of end users, each with
 their own thumbs-down propensity (Beta, mean ``thumbs_down``); each user is routed to the canary
-or to live once, by a coin of probability ``share`` (sticky, as serving.gateway.service.route_request
+or to live once, by a coin of probability ``share`` (sticky, as serving.gateway.upstream.route_request
 does by hash). Per request: rated with probability ``rated``, edited, blocked, failed, slow, and
 a completion length, at rates that are the same for both releases unless the scenario changes
 them. Every minute the rules of configs/online.yaml (evals/online.py, unchanged) look at the

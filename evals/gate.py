@@ -135,7 +135,7 @@ class GateConfig(StrictModel):
         "candidate: every candidate gets an equal share (Bonferroni).",
     )
     # Review approval: one switch, read by the loop (flows/steps.py) and enforced by the release
-    # manager with its own gate policy (serving/releases/manager.py, _check_promotable).
+    # manager with its own gate policy (serving/releases/verify.py, check_promotable).
     require_approval: bool = Field(
         False,
         description="A candidate that passes every rule is promoted only after a reviewer "

@@ -1,6 +1,6 @@
 """Online evidence: a canary compared with live on live traffic, with anytime-valid bounds.
 
-The canary serves a share of a tenant's end users (serving.gateway.service.route_request); every logged
+The canary serves a share of a tenant's end users (serving.gateway.upstream.route_request); every logged
 exchange names the release that answered it. Each rule of ``configs/online.yaml`` reads one
 per-exchange signal of both releases over the same period (since the canary started) from the
 log store and bounds the difference ``worsening`` (canary minus live, or live minus canary when

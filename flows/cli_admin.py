@@ -65,7 +65,7 @@ def admin_or_offline(url: str | None, admin_key: str | None):
 def run_or_exit(fn):
     from ground.config import ConfigError
     from serving.control.admin_api import AdminError
-    from serving.releases.manager import ReleaseError
+    from serving.releases.records import ReleaseError
 
     try:
         return fn()

@@ -24,7 +24,7 @@ class _OfflineReleases:
     """The persisted releases with the verbs run_check uses (no gateway runs)."""
 
     def __init__(self) -> None:
-        from serving.releases.manager import ReleaseStore, offline_actor
+        from serving.releases.store import ReleaseStore, offline_actor
 
         self.store, self.by = ReleaseStore(), offline_actor()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from serving.releases.manager import live_lineage
+from serving.releases.store import live_lineage
 from training.data import DataConfig
 
 data_app = typer.Typer(

@@ -85,7 +85,7 @@ def release_list(
 ) -> None:
     """List releases: status, where each is served (host:port), placement, scheme, lineage."""
     from flows.cli_canary import describe_canary
-    from serving.releases.manager import ReleaseStore
+    from serving.releases.store import ReleaseStore
     from training.lineage import describe_chain, release_lineage
 
     client = admin_or_offline(url, admin_key)
@@ -193,7 +193,7 @@ def release_promote(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Switch the gateway to a release (health-checked first); the live one becomes previous."""
-    from serving.releases.manager import ReleaseStore
+    from serving.releases.store import ReleaseStore
 
     if force and not reason:
         raise typer.BadParameter("--force needs --reason", param_hint="--reason")
@@ -216,7 +216,7 @@ def release_rollback(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Make the previous release live again (instant while it is warm)."""
-    from serving.releases.manager import ReleaseStore
+    from serving.releases.store import ReleaseStore
 
     client = admin_or_offline(url, admin_key)
     if client is not None:
@@ -236,7 +236,8 @@ def release_retire(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Stop a staged/previous release and take it out of rotation."""
-    from serving.releases.manager import ReleaseError, ReleaseStore
+    from serving.releases.records import ReleaseError
+    from serving.releases.store import ReleaseStore
 
     client = admin_or_offline(url, admin_key)
     if client is not None:
@@ -260,7 +261,7 @@ def release_attach_eval(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Attach an eval report (JSON) to a release."""
-    from serving.releases.manager import ReleaseStore
+    from serving.releases.store import ReleaseStore
 
     client = admin_or_offline(url, admin_key)
     data = json.loads(report.read_text())

@@ -107,7 +107,7 @@ def _traffic(url: str, window: int) -> Any:
 
 def _live_chain() -> str:
     """The live release's lineage in one line (what `alignloop release list` prints under it)."""
-    from serving.releases.manager import live_lineage
+    from serving.releases.store import live_lineage
     from training.lineage import describe_chain
 
     try:

@@ -316,7 +316,7 @@ def _releases_of(rows: dict[str, list[dict[str, Any]]], batch: SourceBatch) -> N
 
 def _live_view(cfg: mix.MixConfig) -> tuple[list[str], list[str]]:
     """(windows the live model learned from, current releases), as the caller set them: the flows
-    read them from the live release's lineage (:func:`serving.releases.manager.live_lineage`);
+    read them from the live release's lineage (:func:`serving.releases.store.live_lineage`);
     unset means no live model (nothing learned, every answer current)."""
     return sorted(cfg.trained_windows or []), sorted(cfg.current_releases or [])
 

@@ -34,7 +34,7 @@ def main() -> None:
     from ground.logstore import LogStore
     from serving.gateway.app import create_app
     from serving.gateway.config import GatewayConfig
-    from serving.gateway.service import StaticUpstream, Upstream
+    from serving.gateway.upstream import StaticUpstream, Upstream
 
     raw = yaml.safe_load((ROOT / "configs" / "gateway.yaml").read_text())
     for t in raw["tenants"]:

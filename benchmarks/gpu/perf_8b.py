@@ -104,8 +104,9 @@ def start_gateway(upstream: str, served: str, work: Path) -> tuple[subprocess.Po
 def measure(name: str, models: Path, out: Path, conc: list[int], tp: int, dp: int, output_len: int,
             gateway_kind: str = "workers", noguard: bool = False) -> dict:
     from ground.procs import stop_group
-    from serving.releases.manager import ReleaseManager, ReleaseStore
+    from serving.releases.manager import ReleaseManager
     from serving.releases.placement import PlacementConfig
+    from serving.releases.store import ReleaseStore
 
     folder, scheme, kernel = VARIANTS[name]
     model_dir = models / folder

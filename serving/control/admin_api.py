@@ -21,7 +21,7 @@ history.
 Errors use OpenAI's error shape: 404 unknown release, 409 a state that forbids the operation
 (e.g. promoting a failed release, nothing to roll back to), 403 a stage request outside the
 server's staging policy (a model folder outside its roots, a vLLM argument it does not let the
-admin API set: :class:`~serving.releases.manager.StagingPolicy`), 413 a body over
+admin API set: :class:`~serving.releases.staging.StagingPolicy`), 413 a body over
 ``limits.max_admin_body_bytes``, 400/422 a bad body.
 """
 
@@ -40,14 +40,9 @@ from pydantic import Field
 
 from ground.config import StrictModel
 from serving.engine.vllm_server import VLLMArgs
-from serving.releases.manager import (
-    Release,
-    ReleaseError,
-    ReleaseManager,
-    ReleaseNotFound,
-    StagingError,
-    StagingPolicy,
-)
+from serving.releases.manager import ReleaseManager
+from serving.releases.records import Release, ReleaseError, ReleaseNotFound
+from serving.releases.staging import StagingError, StagingPolicy
 
 
 class StageRequest(StrictModel):

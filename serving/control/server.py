@@ -25,8 +25,8 @@ from pydantic import Field, field_validator, model_validator
 from ground.config import StrictModel, data_dir, repo_root
 from serving.engine.vllm_server import VLLMArgs
 from serving.gateway.config import GatewayConfig, load_gateway_config
-from serving.releases.manager import StagingPolicy
 from serving.releases.placement import PlacementConfig
+from serving.releases.staging import StagingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _boot_external(manager, cfg: ReleasesConfig) -> None:
 
 def _boot(manager, initial_model: str | None, releases: ReleasesConfig | None = None) -> None:
     """Start the persisted live release; with none, stage + promote ``initial_model``."""
-    from serving.releases.manager import ReleaseError
+    from serving.releases.records import ReleaseError
 
     try:
         if releases is not None and releases.upstream_url:
@@ -253,7 +253,8 @@ def run_serve(cfg: ServeConfig) -> None:
     from ground.logstore import LogStore, default_url
     from serving.control.admin_api import build_admin_router
     from serving.gateway.app import create_app, uvicorn_config
-    from serving.releases.manager import ReleaseManager, ReleaseStore
+    from serving.releases.manager import ReleaseManager
+    from serving.releases.store import ReleaseStore
     from serving.review.page import build_review_router, candidates_of
 
     _Server = _server_class()

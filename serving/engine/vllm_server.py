@@ -394,24 +394,7 @@ class VLLMServer:
 
     def check_generation(self, client: httpx.Client | None = None, timeout_s: float = 120) -> str:
         """Send one short chat completion; raise if it fails. Returns the text."""
-        own = client is None
-        client = client or httpx.Client()
-        try:
-            r = client.post(
-                f"{self.base_url}/chat/completions",
-                json={
-                    "model": self.served_name,
-                    "messages": [{"role": "user", "content": "Say OK."}],
-                    "max_tokens": 2,
-                    "temperature": 0,
-                },
-                timeout=timeout_s,
-            )
-            r.raise_for_status()
-            return r.json()["choices"][0]["message"]["content"] or ""
-        finally:
-            if own:
-                client.close()
+        return check_generation(self.base_url, self.served_name, client, timeout_s)
 
     def stop(self, timeout_s: float = 20) -> None:
         """SIGTERM the server's process group, then SIGKILL what is left. Safe to call twice."""
@@ -422,6 +405,49 @@ class VLLMServer:
             return
         stop_group(proc, timeout_s)
         log.info("vLLM on port %d stopped", self.port)
+
+
+def check_generation(
+    base_url: str,
+    served_name: str,
+    client: httpx.Client | None = None,
+    timeout_s: float = 120,
+    headers: dict[str, str] | None = None,
+) -> str:
+    """Send one short chat completion to an OpenAI-compatible server; raise if it fails.
+
+    The health check past ``/health`` (or ``/v1/models``): the model itself answers. Our vLLMs
+    and external upstreams (:mod:`serving.releases.external`) are checked the same way.
+
+    Args:
+        base_url: the server's OpenAI base URL, ending in ``/v1``.
+        served_name: the model name it answers to.
+        client: an open client to send it with (None: a new one, closed afterwards).
+        timeout_s: how long the generation may take.
+        headers: extra request headers (an external server's authorization).
+
+    Returns:
+        The generated text ("" when the model answered with none).
+    """
+    own = client is None
+    client = client or httpx.Client()
+    try:
+        r = client.post(
+            f"{base_url}/chat/completions",
+            headers=headers,
+            json={
+                "model": served_name,
+                "messages": [{"role": "user", "content": "Say OK."}],
+                "max_tokens": 2,
+                "temperature": 0,
+            },
+            timeout=timeout_s,
+        )
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"] or ""
+    finally:
+        if own:
+            client.close()
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -34,13 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ground.logstore import LogStore
-from ground.protocol import (
-    FeedbackRequest,
-    GatewayError,
-    param_path,
-    parse_json_object,
-    validation_error,
-)
+from ground.protocol import FeedbackRequest, param_path
+from serving.gateway.admission import Admission
 from serving.gateway.auth import (
     KeyRing,
     is_admin_request,
@@ -49,7 +44,9 @@ from serving.gateway.auth import (
     require_tenant,
 )
 from serving.gateway.config import GatewayConfig
-from serving.gateway.service import Admission, GatewayService, UpstreamProvider
+from serving.gateway.service import GatewayService
+from serving.gateway.upstream import UpstreamProvider
+from serving.gateway.wire import GatewayError, parse_json_object, validation_error
 
 log = logging.getLogger(__name__)
 

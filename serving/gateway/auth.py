@@ -37,7 +37,6 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field, field_validator, model_validator
 
 from ground.config import ConfigError, StrictModel, build_config, data_dir
-from ground.protocol import GatewayError
 from serving.gateway.config import (
     DEMO_ADMIN_KEY,
     DEMO_REVIEWER,
@@ -49,6 +48,7 @@ from serving.gateway.config import (
     load_key_secret,
     secret_id,
 )
+from serving.gateway.wire import GatewayError
 
 log = logging.getLogger(__name__)
 

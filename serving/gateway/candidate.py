@@ -12,7 +12,7 @@ from ground.config import repo_root
 from ground.logstore import LogStore
 from serving.gateway.app import create_app, serve_in_thread
 from serving.gateway.config import TenantConfig, hash_key, load_gateway_config
-from serving.gateway.service import StaticUpstream, Upstream
+from serving.gateway.upstream import StaticUpstream, Upstream
 
 
 @contextlib.contextmanager

@@ -152,7 +152,7 @@ class GuardrailsConfig(StrictModel):
         "Sorry, I can't help with that request.",
         description="Answer text sent when a hook blocks (finish_reason 'content_filter').",
     )
-    # How the chains run (serving.gateway.service): see docs/GATEWAY.md for the measurements behind these.
+    # How the chains run (serving.gateway.guardpool, serving.gateway.relay): see docs/GATEWAY.md for the measurements behind these.
     stream_window_chars: int = Field(
         128, ge=1, description="Streams: output hooks run once per this many new characters "
         "(the first text is checked at once), not per chunk."

@@ -52,8 +52,9 @@ from typing import Any
 
 import orjson
 
+from serving.gateway.admission import fair_share_refusal
 from serving.gateway.config import GatewayConfig
-from serving.gateway.service import Upstream, fair_share_refusal
+from serving.gateway.upstream import Upstream
 
 log = logging.getLogger(__name__)
 

@@ -295,7 +295,7 @@ def _fmt(value: Any, kind: str) -> str:
 
 
 def release_view(release: Any) -> dict[str, Any]:
-    """Everything the release page shows about ``release`` (a :class:`~serving.releases.manager.Release`)."""
+    """Everything the release page shows about ``release`` (a :class:`~serving.releases.records.Release`)."""
     source = dict(release.source or {})
     attached = _json(release.eval_report)
     run_dir = source.get("run_dir") or attached.get("run_dir")

@@ -17,7 +17,7 @@ and approve releases, in the browser. Server-rendered Jinja templates + htmx (ve
   prompt, asked through the gateway's own service (same guardrails, logged as an exchange of the
   same tenant), shown blind in random order; the pick is a preference between the two exchanges.
 - **Releases.** Lineage, eval report and plots, live vs candidate answers on the held-out eval
-  prompts, and approval (:meth:`serving.releases.manager.ReleaseStore.approve`).
+  prompts, and approval (:meth:`serving.releases.store.ReleaseStore.approve`).
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ground.config import data_dir
-from ground.protocol import FeedbackRequest, GatewayError
+from ground.protocol import FeedbackRequest
 from serving.gateway.auth import KeyRing
 from serving.gateway.config import GatewayConfig, ReviewerConfig
-from serving.gateway.service import GatewayService, StaticUpstream, Upstream
+from serving.gateway.service import GatewayService
+from serving.gateway.upstream import StaticUpstream, Upstream
+from serving.gateway.wire import GatewayError
 from serving.review.data import (
     REPORT_PLOTS,
     QueueQuery,
@@ -221,7 +223,7 @@ def build_review_router(
     """The review page's routes.
 
     Args:
-        releases: a :class:`~serving.releases.manager.ReleaseStore` (None = no release pages).
+        releases: a :class:`~serving.releases.store.ReleaseStore` (None = no release pages).
         candidates: warm staged releases to compare against (None = no compare).
     """
     router = APIRouter(prefix="/review", include_in_schema=False)
@@ -493,7 +495,7 @@ def build_review_router(
 
     # -- releases ------------------------------------------------------------------------------
     def release_or_404(release_id: str) -> Any:
-        from serving.releases.manager import ReleaseNotFound
+        from serving.releases.records import ReleaseNotFound
 
         if releases is None:
             return None
@@ -507,7 +509,7 @@ def build_review_router(
         session = signed_in(request)
         if isinstance(session, Response):
             return session
-        from serving.releases.manager import approval_required
+        from serving.releases.verify import approval_required
 
         rows = []
         for rel in reversed(await run_in_threadpool(releases.list) if releases else []):
@@ -536,7 +538,7 @@ def build_review_router(
                 status=404,
                 message=f"release {release_id!r} not found",
             )
-        from serving.releases.manager import approval_required
+        from serving.releases.verify import approval_required
 
         view = await run_in_threadpool(release_view, rel)
         can, why_not = view["approvable"]
@@ -565,7 +567,7 @@ def build_review_router(
 
     @router.post("/releases/{release_id}/approve")
     async def approve(request: Request, release_id: str) -> Response:
-        from serving.releases.manager import ReleaseError
+        from serving.releases.records import ReleaseError
 
         got = await acting(request)
         if isinstance(got, Response):

@@ -34,7 +34,8 @@ def test_canary_check_flow_rolls_back_and_schedules_follow_ups(prefect_harness, 
     from ground.logstore import LogStore
     from serving.control.admin_api import build_admin_router
     from serving.gateway.app import create_app, serve_in_thread
-    from serving.releases.manager import ReleaseManager, ReleaseStore
+    from serving.releases.manager import ReleaseManager
+    from serving.releases.store import ReleaseStore
 
     online = tmp_path / "online.yaml"
     online.write_text(yaml.safe_dump(ONLINE))

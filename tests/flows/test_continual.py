@@ -75,7 +75,8 @@ def test_windows_quiet_resume_lineage_and_margin(
     from flows.cli_serving import release_app
     from flows.loop import alignment_loop
     from serving.control.admin_api import AdminClient
-    from serving.releases.manager import ReleaseError, ReleaseStore
+    from serving.releases.records import ReleaseError
+    from serving.releases.store import ReleaseStore
 
     monkeypatch.setenv("ALIGNLOOP_HOME", str(loop_home))
     monkeypatch.setenv("ALIGNLOOP_ADMIN_KEY", ADMIN_KEY)

@@ -89,7 +89,7 @@ def test_watchdog_exits_when_owner_is_already_gone(proc_tag) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     proc = subprocess.Popen(
-        [sys.executable, "-I", str(REPO / "training" / "procs.py"), "--owner", str(dead.pid),
+        [sys.executable, "-I", str(REPO / "ground" / "procs.py"), "--owner", str(dead.pid),
          "--grace", "1", "--", "sleep", "300"],
         start_new_session=True,
     )

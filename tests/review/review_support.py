@@ -32,8 +32,9 @@ from test_gateway_support import (  # noqa: E402, F401 (re-exported for the test
 from ground.logstore import LogStore  # noqa: E402
 from serving.engine.vllm_server import VLLMArgs  # noqa: E402
 from serving.gateway.config import GatewayConfig, hash_key  # noqa: E402
-from serving.gateway.service import Upstream  # noqa: E402
-from serving.releases.manager import Release, ReleaseStore  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
+from serving.releases.records import Release  # noqa: E402
+from serving.releases.store import ReleaseStore  # noqa: E402
 from serving.review.page import build_review_router  # noqa: E402
 
 ALICE, BOB, CAROL = "rk-alice-key", "rk-bob-key", "rk-carol-key"

@@ -36,7 +36,8 @@ from review_support import (  # noqa: E402
 
 from ground.config import ConfigError, load_config  # noqa: E402
 from serving.gateway.config import GatewayConfig, hash_key  # noqa: E402
-from serving.releases.manager import ReleaseError, ReleaseStore  # noqa: E402
+from serving.releases.records import ReleaseError  # noqa: E402
+from serving.releases.store import ReleaseStore  # noqa: E402
 from serving.review.data import read_eval_samples, stratified_sample  # noqa: E402
 from serving.review.page import build_review_router  # noqa: E402
 

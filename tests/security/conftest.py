@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
 from test_gateway_support import FakeUpstream, make_config, running_fake, running_gateway  # noqa: E402
 
-from serving.gateway.service import Upstream  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,14 @@ from test_gateway_support import ADMIN, FakeUpstream, make_config, running_fake,
 from ground.config import ConfigError, build_config
 from serving.control.admin_api import build_admin_router
 from serving.engine.vllm_server import VLLMArgs
-from serving.releases.manager import (
+from serving.releases.manager import ReleaseManager
+from serving.releases.staging import (
     DEFAULT_ALLOWED_ARGS,
     SERVER_ONLY_ARGS,
-    ReleaseManager,
-    ReleaseStore,
     StagingError,
     StagingPolicy,
 )
+from serving.releases.store import ReleaseStore
 
 H = {"Authorization": f"Bearer {ADMIN}"}
 DEFAULTS = VLLMArgs(max_model_len=2048)

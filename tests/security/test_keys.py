@@ -207,7 +207,7 @@ def test_a_reload_in_the_control_plane_reaches_the_workers(tmp_path: Path) -> No
     import shutil
 
     from serving.gateway.dataplane import ControlPlane, SharedUpstream
-    from serving.gateway.service import StaticUpstream, Upstream
+    from serving.gateway.upstream import StaticUpstream, Upstream
 
     class Manager(StaticUpstream):
         def on_switch(self, fn) -> None:  # noqa: ANN001

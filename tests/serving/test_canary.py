@@ -31,8 +31,9 @@ from ground.logstore import LogStore  # noqa: E402
 from serving.control.admin_api import AdminClient, build_admin_router  # noqa: E402
 from serving.control.canary import run_check  # noqa: E402
 from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
-from serving.gateway.service import Canary, Upstream, route_request  # noqa: E402
-from serving.releases.manager import ReleaseManager, ReleaseStore  # noqa: E402
+from serving.gateway.upstream import Canary, Upstream, route_request  # noqa: E402
+from serving.releases.manager import ReleaseManager  # noqa: E402
+from serving.releases.store import ReleaseStore  # noqa: E402
 
 # Margins wide enough to resolve on a few hundred answers (the shipped configs/online.yaml needs
 # hours of traffic; benchmarks/online_oc.py measures it); every rule of the shipped set is here.

@@ -34,7 +34,7 @@ from serving.engine.vllm_server import free_port  # noqa: E402
 from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
 from serving.gateway.config import hash_key  # noqa: E402
 from serving.gateway.dataplane import ControlPlane  # noqa: E402
-from serving.gateway.service import StaticUpstream, Upstream  # noqa: E402
+from serving.gateway.upstream import StaticUpstream, Upstream  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from test_gateway_support import (  # noqa: E402
 
 from ground.config import ConfigError, load_config  # noqa: E402
 from serving.gateway.auth import require_admin  # noqa: E402
-from serving.gateway.service import Upstream  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
 
 PII_REPLY = (
     "Sure. Write to jane.doe@example.com, call +1 415-555-0132, pay with 4111 1111 1111 1111 "
@@ -577,7 +577,8 @@ def test_switch_upstream_keeps_in_flight_stream_on_old_release(tmp_path: Path) -
 
 def test_shipped_gateway_config_loads() -> None:
     from serving.gateway.config import GatewayConfig
-    from serving.gateway.service import GatewayService, StaticUpstream
+    from serving.gateway.service import GatewayService
+    from serving.gateway.upstream import StaticUpstream
 
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(GatewayConfig, repo / "configs" / "gateway.yaml")

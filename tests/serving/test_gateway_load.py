@@ -32,7 +32,7 @@ from test_gateway_support import ADMIN, KEY_A, KEY_B, make_config, running_gatew
 
 from serving.gateway.app import serve_in_thread  # noqa: E402
 from serving.gateway.config import hash_key  # noqa: E402
-from serving.gateway.service import Upstream  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
 
 H = {"Authorization": f"Bearer {KEY_A}"}
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}  # /metrics and /healthz details are not public

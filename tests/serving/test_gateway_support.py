@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ground.logstore import LogStore
 from serving.gateway.app import create_app, serve_in_thread
 from serving.gateway.config import GatewayConfig, hash_key
-from serving.gateway.service import StaticUpstream, Upstream
+from serving.gateway.upstream import StaticUpstream, Upstream
 
 KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-admin"
 

@@ -19,7 +19,7 @@ sys.path.insert(
 )  # --import-mode=importlib: make the support module importable
 from test_gateway_support import ADMIN, KEY_A, make_config, running_gateway  # noqa: E402
 
-from serving.gateway.service import Upstream  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

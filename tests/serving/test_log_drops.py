@@ -27,7 +27,7 @@ from test_gateway_support import KEY_A, FakeUpstream, make_config, running_fake 
 from ground.logstore import ExchangeRecord, LogStore  # noqa: E402
 from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
 from serving.gateway.dataplane import ControlPlane, QueueLogStore, SharedAdmission, SharedState  # noqa: E402
-from serving.gateway.service import StaticUpstream  # noqa: E402
+from serving.gateway.upstream import StaticUpstream  # noqa: E402
 
 H = {"Authorization": f"Bearer {KEY_A}"}
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gateway_support import KEY_A, FakeUpstream, running_fake, running_gateway  # noqa: E402
 
-from serving.gateway.service import Upstream  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
 
 LEAK = "Mail me at jane.doe@example.com today."
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

@@ -24,8 +24,9 @@ from test_gateway_support import ADMIN, KEY_A, make_config, running_gateway  # n
 from ground.logstore import LogStore  # noqa: E402
 from serving.engine.vllm_server import VLLMArgs  # noqa: E402
 from serving.gateway.app import create_app, serve_in_thread  # noqa: E402
-from serving.gateway.service import Upstream  # noqa: E402
-from serving.releases.manager import ReleaseManager, ReleaseStore  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
+from serving.releases.manager import ReleaseManager  # noqa: E402
+from serving.releases.store import ReleaseStore  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gateway_support import KEY_A, make_config, running_gateway  # noqa: E402
 
-from ground.protocol import (  # noqa: E402
+from serving.gateway.app import serve_in_thread  # noqa: E402
+from serving.gateway.upstream import Upstream  # noqa: E402
+from serving.gateway.wire import (  # noqa: E402
     CHOICE_KEYS,
     CHUNK_CHOICE_KEYS,
     COMPLETION_KEYS,
@@ -33,8 +35,6 @@ from ground.protocol import (  # noqa: E402
     MESSAGE_KEYS,
     USAGE_KEYS,
 )
-from serving.gateway.app import serve_in_thread  # noqa: E402
-from serving.gateway.service import Upstream  # noqa: E402
 
 EMAIL = "jane.doe@example.com"
 REPLY = f"Write to {EMAIL} today."

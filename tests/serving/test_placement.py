@@ -9,7 +9,7 @@ import pytest
 
 from ground.platform import Platform
 from serving.engine.vllm_server import VLLMArgs, build_command
-from serving.releases.manager import ReleaseManager, ReleaseStore
+from serving.releases.manager import ReleaseManager
 from serving.releases.placement import (
     Gpu,
     Placement,
@@ -20,6 +20,7 @@ from serving.releases.placement import (
     place_release,
     place_training,
 )
+from serving.releases.store import ReleaseStore
 
 H200 = 143771
 ONE = (Gpu(0, "NVIDIA H200", H200),)

@@ -18,15 +18,10 @@ from ground.config import ConfigError, load_config, repo_root
 from serving.control.admin_api import build_admin_router
 from serving.control.server import ServeConfig
 from serving.engine.vllm_server import VLLMArgs
-from serving.releases.manager import (
-    Approval,
-    ReleaseError,
-    ReleaseManager,
-    ReleaseNotFound,
-    ReleaseStore,
-    decision_fingerprint,
-    stored_gate_passed,
-)
+from serving.releases.manager import ReleaseManager
+from serving.releases.records import Approval, ReleaseError, ReleaseNotFound
+from serving.releases.store import ReleaseStore
+from serving.releases.verify import decision_fingerprint, stored_gate_passed
 
 HAND_MADE = {"gate": {"passed": True, "decision": "promote"}}  # what once unlocked a promotion
 

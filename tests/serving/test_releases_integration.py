@@ -29,7 +29,9 @@ from serving.control.admin_api import AdminClient, AdminError, build_admin_route
 from serving.engine.vllm_server import VLLMArgs, free_port
 from serving.gateway.app import create_app, serve_in_thread
 from serving.gateway.config import GatewayConfig, TenantConfig, hash_key
-from serving.releases.manager import ReleaseManager, ReleaseStore, StagingPolicy
+from serving.releases.manager import ReleaseManager
+from serving.releases.staging import StagingPolicy
+from serving.releases.store import ReleaseStore
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from serving.engine.vllm_server import StartupLog, VLLMArgs, VLLMServer, VLLMStartError
-from serving.releases.manager import ReleaseManager, ReleaseStore, StagingPolicy
+from serving.releases.manager import ReleaseManager
+from serving.releases.staging import StagingPolicy
+from serving.releases.store import ReleaseStore
 
 STANDIN = """\
 #!{python}

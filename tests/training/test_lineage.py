@@ -2,7 +2,7 @@
 
 The folders are laid out as the stages write them, with result.json files made from the stages'
 own result dataclasses (so a field renamed there breaks this test); the release records are real
-(serving.releases.manager.ReleaseStore). The flow test runs the same walk on folders the stages wrote.
+(serving.releases.store.ReleaseStore). The flow test runs the same walk on folders the stages wrote.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from serving.engine.vllm_server import VLLMArgs
-from serving.releases.manager import ReleaseStore, live_lineage
+from serving.releases.store import ReleaseStore, live_lineage
 from training.lineage import resolve_start
 from training.merge import MergeResult
 from training.quantize import QuantizeResult

@@ -23,7 +23,7 @@ from flows.simulate import run as simulate
 from ground.logstore import LogStore
 from serving.gateway.app import create_app, serve_in_thread
 from serving.gateway.config import GatewayConfig, hash_key
-from serving.gateway.service import StaticUpstream, Upstream
+from serving.gateway.upstream import StaticUpstream, Upstream
 from training.data import DataConfig, GovernanceConfig
 from training.data import run as build_data
 from training.governance import EvalIndex, load_eval_prompts
