@@ -17,41 +17,42 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from ground.config import StrictModel
-from ground.runs import StageDir, folder_bytes
+from ground.runs import StageDir
+from training.base_model import resolve_base_model
 from training.launch import LaunchSettings, process_state, progress_callbacks, stage_main
 from training.lora import (
     LoraSettings,
     TrainSettings,
     check_adapter_dir,
     load_split,
-    loss_curve,
     optional_split,
+    preference_train_settings,
     read_lineage,
     resolve_run_dir,
-    save_adapter,
     set_threads,
     to_lora_config,
     trainer_kwargs,
-    write_lineage,
 )
-from training.sft import load_model, load_tokenizer
+from training.stage import (
+    PAIR_COLUMNS,
+    StageResult,
+    cached_or_start,
+    load_merged,
+    load_tokenizer,
+    result_fields,
+    save_adapter,
+)
 
 log = logging.getLogger(__name__)
 
-DPO_COLUMNS = ["prompt", "chosen", "rejected"]
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "sppo_hard"]
-
-
-def _dpo_train_defaults() -> TrainSettings:
-    # DPO moves the policy away from a reference it starts equal to: a lower rate than SFT.
-    return TrainSettings(learning_rate=5e-5, batch_size=4)
 
 
 class DPOStageConfig(StrictModel):
@@ -73,36 +74,25 @@ class DPOStageConfig(StrictModel):
         "passes per pair; the running means logged during training are recorded either way).",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The new DPO adapter.")
-    train: TrainSettings = Field(default_factory=_dpo_train_defaults, description="Optimisation and batching.")
+    train: TrainSettings = Field(
+        default_factory=preference_train_settings, description="Optimisation and batching."
+    )
     run_dir: str | None = Field(
         None, description="Run folder; None = the run that holds sft_adapter, else a new one."
     )
     launch: LaunchSettings = Field(default_factory=LaunchSettings, description="How the training processes start.")
 
 
-@dataclass
-class DPOResult:
+@dataclass(kw_only=True)
+class DPOResult(StageResult):
     """What the DPO stage produced (also ``result.json``)."""
 
-    stage_dir: str
-    adapter_dir: str
     sft_adapter: str
-    base_model: str
     train_pairs: int
     heldout_pairs: int
-    steps: int
-    epochs: float
-    final_loss: float | None
     reward_metrics: dict[str, dict[str, float]]
     tokens: int
     tokens_per_s: float
-    train_s: float
-    wall_s: float
-    adapter_bytes: int
-    threads: int
-    device: str
-    loss_curve: list[dict[str, float]] = field(default_factory=list)
-    skipped: bool = False
     processes: int = 1
 
 
@@ -115,14 +105,6 @@ def to_trl_config(cfg: DPOStageConfig, output_dir: Path) -> Any:
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
     )
-
-
-def load_sft_model(base: str, sft_adapter: Path) -> Any:
-    """Base + SFT adapter, merged in memory: the starting point and the reference of DPO."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_model(base), str(sft_adapter))
-    return model.merge_and_unload()
 
 
 def _reward_summary(logged: dict[str, float]) -> dict[str, float]:
@@ -151,35 +133,30 @@ def evaluate_rewards(trainer: Any, datasets: dict[str, Any]) -> dict[str, dict[s
 
 def run(cfg: DPOStageConfig) -> DPOResult:
     """Train the DPO adapter on the SFT model (skipped when the inputs are unchanged)."""
-    from training.base_model import resolve_base_model
-
     t0 = time.monotonic()
     ranks = process_state()  # one process inline; every rank runs this under accelerate launch
     sft_adapter = check_adapter_dir(cfg.sft_adapter, "sft_adapter")
     lineage = read_lineage(sft_adapter)
     with ranks.main_process_first():
         base = resolve_base_model(cfg.base_model or lineage["base_model"])
-    train_ds = load_split(cfg.dataset_path, cfg.split, DPO_COLUMNS, cfg.min_rows)
+    train_ds = load_split(cfg.dataset_path, cfg.split, PAIR_COLUMNS, cfg.min_rows)
     run_dir = resolve_run_dir(cfg.run_dir, sft_adapter)
     stage = StageDir(
         run_dir, "dpo", cfg,
         inputs={"dataset": cfg.dataset_path, "base": base, "sft_adapter": str(sft_adapter)},
     )
-    if (done := stage.cached_result()) is not None:
+    if (done := cached_or_start(stage, ranks)) is not None:
         return DPOResult(**{**done, "skipped": True})
-    if ranks.is_main_process:
-        stage.start()
-    ranks.wait_for_everyone()
 
     from trl import DPOTrainer
 
     threads = set_threads(cfg.train.threads)
-    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, DPO_COLUMNS) if cfg.heldout_split else None
+    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, PAIR_COLUMNS)
     log.info("dpo: %d pairs (held-out %d) on %s + %s, %d threads", len(train_ds),
              len(heldout) if heldout is not None else 0, base, sft_adapter, threads)
     tok = load_tokenizer(base)
     trainer = DPOTrainer(
-        model=load_sft_model(base, sft_adapter),
+        model=load_merged(base, [sft_adapter]),
         ref_model=None,  # PEFT: the reference is the SFT model with the DPO adapter disabled
         args=to_trl_config(cfg, stage.path / "trainer"),
         train_dataset=train_ds,
@@ -214,22 +191,15 @@ def run(cfg: DPOStageConfig) -> DPOResult:
             "margins": round(sum(e["rewards/margins"] for e in during) / len(during), 5),
         }
 
-    adapter_dir = stage.path / "output" / "adapter"
-    save_adapter(trainer, adapter_dir, ranks.is_main_process)  # every rank; rank 0 writes
-    if ranks.is_main_process:
-        tok.save_pretrained(adapter_dir)
-        write_lineage(adapter_dir, base, parents=[*lineage.get("parent_adapters", []), str(sft_adapter)])
-    curve = loss_curve(trainer.state.log_history)
+    parents = [*lineage.get("parent_adapters", []), str(sft_adapter)]
+    adapter_dir = save_adapter(trainer, stage, tok, base, parents, ranks)
     result = DPOResult(
-        stage_dir=str(stage.path), adapter_dir=str(adapter_dir), sft_adapter=str(sft_adapter),
-        base_model=base, train_pairs=len(train_ds),
-        heldout_pairs=len(heldout) if heldout is not None else 0,
-        steps=int(trainer.state.global_step), epochs=round(epochs_done, 3),
-        final_loss=curve[-1]["loss"] if curve else None, reward_metrics=reward_metrics,
+        **result_fields(trainer, stage, adapter_dir, base, ranks, started=t0, train_s=train_s,
+                        threads=threads),
+        sft_adapter=str(sft_adapter), train_pairs=len(train_ds),
+        heldout_pairs=len(heldout) if heldout is not None else 0, reward_metrics=reward_metrics,
         tokens=tokens, tokens_per_s=round(tokens / max(train_s, 1e-9), 1),
-        train_s=round(train_s, 2), wall_s=round(time.monotonic() - t0, 2),
-        adapter_bytes=folder_bytes(adapter_dir) if ranks.is_main_process else 0, threads=threads,
-        device=str(trainer.args.device), loss_curve=curve, processes=ranks.num_processes,
+        processes=ranks.num_processes,
     )
     if ranks.is_main_process:
         stage.save(asdict(result))

@@ -25,39 +25,42 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from ground.config import StrictModel
-from ground.runs import StageDir, folder_bytes
-from training.dpo import DPO_COLUMNS
+from ground.runs import StageDir
+from training.base_model import resolve_base_model
+from training.launch import process_state
 from training.lora import (
     LoraSettings,
     TrainSettings,
     check_adapter_dir,
     load_split,
-    loss_curve,
     optional_split,
+    preference_train_settings,
     read_lineage,
     resolve_run_dir,
     set_threads,
     to_lora_config,
     trainer_kwargs,
-    write_lineage,
 )
-from training.sft import load_model, load_tokenizer
+from training.stage import (
+    PAIR_COLUMNS,
+    StageResult,
+    cached_or_start,
+    load_merged,
+    load_tokenizer,
+    result_fields,
+    save_adapter,
+)
 
 log = logging.getLogger(__name__)
 
 KTO_COLUMNS = ["prompt", "completion", "label"]
-
-
-def _kto_train_defaults() -> TrainSettings:
-    # Like DPO: the policy moves away from a reference it starts equal to, at a low rate.
-    return TrainSettings(learning_rate=5e-5, batch_size=4)
 
 
 class KTOStageConfig(StrictModel):
@@ -85,7 +88,9 @@ class KTOStageConfig(StrictModel):
     )
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of bad rows.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="The new KTO adapter.")
-    train: TrainSettings = Field(default_factory=_kto_train_defaults, description="Optimisation and batching.")
+    train: TrainSettings = Field(
+        default_factory=preference_train_settings, description="Optimisation and batching."
+    )
     run_dir: str | None = Field(
         None, description="Run folder; None = the run that holds the adapter, else a new one."
     )
@@ -99,31 +104,18 @@ class KTOStageConfig(StrictModel):
         return self
 
 
-@dataclass
-class KTOResult:
+@dataclass(kw_only=True)
+class KTOResult(StageResult):
     """What the KTO stage produced (also ``result.json``)."""
 
-    stage_dir: str
-    adapter_dir: str
     parent_adapter: str
-    base_model: str
     train_rows: int
     desirable: int
     undesirable: int
     desirable_weight: float
     undesirable_weight: float
     heldout_rows: int
-    steps: int
-    epochs: float
-    final_loss: float | None
     reward_metrics: dict[str, dict[str, float]]
-    train_s: float
-    wall_s: float
-    adapter_bytes: int
-    threads: int
-    device: str
-    loss_curve: list[dict[str, float]] = field(default_factory=list)
-    skipped: bool = False
 
 
 def balanced_weight(desirable: int, undesirable: int, undesirable_weight: float) -> float:
@@ -146,16 +138,6 @@ def to_trl_config(cfg: KTOStageConfig, output_dir: Path, desirable_weight: float
     )
 
 
-def load_chain(base: str, adapters: list[Path]) -> Any:
-    """The base with each adapter merged in, in order: the model KTO starts from (and its reference)."""
-    from peft import PeftModel
-
-    model = load_model(base)
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return model
-
-
 def load_rows(cfg: KTOStageConfig) -> Any:
     """The unpaired rows (plus the pairs, unpaired, when asked), shuffled once with the seed."""
     from datasets import concatenate_datasets
@@ -163,7 +145,7 @@ def load_rows(cfg: KTOStageConfig) -> Any:
 
     parts = [load_split(cfg.dataset_path, cfg.split, KTO_COLUMNS, 0)]
     if cfg.pairs_split:
-        pairs = load_split(cfg.dataset_path, cfg.pairs_split, DPO_COLUMNS, 0)
+        pairs = load_split(cfg.dataset_path, cfg.pairs_split, PAIR_COLUMNS, 0)
         if len(pairs):
             parts.append(unpair_preference_dataset(pairs).select_columns(KTO_COLUMNS).cast(parts[0].features))
     rows = concatenate_datasets(parts)
@@ -190,9 +172,8 @@ def _reward_summary(trainer: Any, ds: Any, name: str) -> dict[str, float]:
 
 def run(cfg: KTOStageConfig) -> KTOResult:
     """Train the KTO adapter on top of ``cfg.adapter`` (skipped when the inputs are unchanged)."""
-    from training.base_model import resolve_base_model
-
     t0 = time.monotonic()
+    ranks = process_state()  # KTO runs inline, never under accelerate launch: one process
     parent = check_adapter_dir(cfg.adapter, "adapter")
     lineage = read_lineage(parent)
     base = resolve_base_model(cfg.base_model or lineage["base_model"])
@@ -202,9 +183,8 @@ def run(cfg: KTOStageConfig) -> KTOResult:
     stage = StageDir(run_dir, "kto", cfg, inputs={
         "dataset": cfg.dataset_path, "base": base, **{f"adapter_{i}": str(p) for i, p in enumerate(chain)},
     })
-    if (done := stage.cached_result()) is not None:
+    if (done := cached_or_start(stage, ranks)) is not None:
         return KTOResult(**{**done, "skipped": True})
-    stage.start()
 
     from trl import KTOTrainer
 
@@ -212,12 +192,12 @@ def run(cfg: KTOStageConfig) -> KTOResult:
     desirable = sum(1 for label in rows["label"] if label)
     undesirable = len(rows) - desirable
     d_weight = cfg.desirable_weight or balanced_weight(desirable, undesirable, cfg.undesirable_weight)
-    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, KTO_COLUMNS) if cfg.heldout_split else None
+    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, KTO_COLUMNS)
     log.info("kto: %d rows (%d good, %d bad; weights %.3g/%.3g) on %s + %d adapters, %d threads",
              len(rows), desirable, undesirable, d_weight, cfg.undesirable_weight, base, len(chain), threads)
     tok = load_tokenizer(base)
     trainer = KTOTrainer(
-        model=load_chain(base, chain),
+        model=load_merged(base, chain),
         ref_model=None,  # PEFT: the reference is the same model with the KTO adapter disabled
         args=to_trl_config(cfg, stage.path / "trainer", d_weight),
         train_dataset=rows,
@@ -232,23 +212,17 @@ def run(cfg: KTOStageConfig) -> KTOResult:
     if heldout is not None and len(heldout) >= 2:
         reward_metrics["heldout"] = _reward_summary(trainer, heldout, "heldout")
 
-    adapter_dir = stage.out / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    tok.save_pretrained(adapter_dir)
-    write_lineage(adapter_dir, base, parents=[str(p) for p in chain])
-    curve = loss_curve(trainer.state.log_history)
+    adapter_dir = save_adapter(trainer, stage, tok, base, [str(p) for p in chain], ranks)
     result = KTOResult(
-        stage_dir=str(stage.path), adapter_dir=str(adapter_dir), parent_adapter=str(parent),
-        base_model=base, train_rows=len(rows), desirable=desirable, undesirable=undesirable,
-        desirable_weight=d_weight, undesirable_weight=cfg.undesirable_weight,
-        heldout_rows=len(heldout) if heldout is not None else 0,
-        steps=int(trainer.state.global_step), epochs=round(float(trainer.state.epoch or 0.0), 3),
-        final_loss=curve[-1]["loss"] if curve else None, reward_metrics=reward_metrics,
-        train_s=round(train_s, 2), wall_s=round(time.monotonic() - t0, 2),
-        adapter_bytes=folder_bytes(adapter_dir), threads=threads, device=str(trainer.args.device),
-        loss_curve=curve,
+        **result_fields(trainer, stage, adapter_dir, base, ranks, started=t0, train_s=train_s,
+                        threads=threads),
+        parent_adapter=str(parent), train_rows=len(rows), desirable=desirable,
+        undesirable=undesirable, desirable_weight=d_weight,
+        undesirable_weight=cfg.undesirable_weight,
+        heldout_rows=len(heldout) if heldout is not None else 0, reward_metrics=reward_metrics,
     )
-    stage.save(asdict(result))
-    log.info("kto: %d steps, loss %s, rewards %s, %.1fs -> %s", result.steps, result.final_loss,
-             reward_metrics, result.train_s, adapter_dir)
+    if ranks.is_main_process:
+        stage.save(asdict(result))
+        log.info("kto: %d steps, loss %s, rewards %s, %.1fs -> %s", result.steps, result.final_loss,
+                 reward_metrics, result.train_s, adapter_dir)
     return result

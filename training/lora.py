@@ -1,10 +1,12 @@
-"""Parts shared by the SFT and DPO stages: LoRA and trainer settings, dataset loading, metrics.
+"""Parts shared by the SFT, DPO and KTO stages: LoRA and trainer settings, dataset loading,
+metrics, adapter lineage.
 
-Our configs are converted to PEFT's ``LoraConfig`` and TRL's ``SFTConfig``/``DPOConfig`` by plain
-functions (never subclasses), so our schema survives their releases. Device choices follow the
-platform: on a CPU, float32 weights and ``bf16=False`` (TRL defaults to bf16, which is 10-20x
-slower on a CPU without native bf16 matmuls; docs/PLATFORM.md), and no gradient checkpointing (TRL
-defaults it on; it trades ~20% speed for memory we do not need for LoRA on small models).
+Our configs are converted to PEFT's ``LoraConfig`` and TRL's ``SFTConfig``/``DPOConfig``/
+``KTOConfig`` by plain functions (never subclasses), so our schema survives their releases. Device
+choices follow the platform: on a CPU, float32 weights and ``bf16=False`` (TRL defaults to bf16,
+which is 10-20x slower on a CPU without native bf16 matmuls; docs/PLATFORM.md), and no gradient
+checkpointing (TRL defaults it on; it trades ~20% speed for memory we do not need for LoRA on
+small models).
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ class TrainSettings(StrictModel):
     )
 
 
+def preference_train_settings() -> TrainSettings:
+    """The ``train:`` defaults of DPO and KTO: the policy moves away from a reference it starts
+    equal to, so a lower rate than SFT's."""
+    return TrainSettings(learning_rate=5e-5, batch_size=4)
+
+
 def to_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> Any:
     """Our :class:`LoraSettings` as a PEFT ``LoraConfig``."""
     from peft import LoraConfig
@@ -111,7 +119,7 @@ def use_liger(setting: bool | None, gpu: bool) -> bool:
 
 
 def trainer_kwargs(train: TrainSettings, output_dir: Path) -> dict[str, Any]:
-    """The TrainingArguments fields both TRL configs share, chosen for this device."""
+    """The TrainingArguments fields the TRL configs share, chosen for this device."""
     gpu = on_gpu()
     return {
         "output_dir": str(output_dir),
@@ -139,15 +147,6 @@ def trainer_kwargs(train: TrainSettings, output_dir: Path) -> dict[str, Any]:
         # ones (an extra graph traversal per step).
         "ddp_find_unused_parameters": False,
     }
-
-
-def save_adapter(trainer: Any, adapter_dir: Path, is_main: bool) -> None:
-    """Write the trained adapter. Every process calls it (FSDP gathers the full state dict
-    collectively); only the main one writes. PEFT keeps the adapter's weights from the dict."""
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    if is_main:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model.save_pretrained(adapter_dir, state_dict=state_dict)
 
 
 def load_split(dataset_path: str | Path, split: str, columns: list[str], min_rows: int) -> Any:
@@ -179,8 +178,10 @@ def load_split(dataset_path: str | Path, split: str, columns: list[str], min_row
     return ds.select_columns(columns)
 
 
-def optional_split(dataset_path: str | Path, split: str, columns: list[str]) -> Any | None:
-    """A held-out split if present and non-empty, else None."""
+def optional_split(dataset_path: str | Path, split: str | None, columns: list[str]) -> Any | None:
+    """A held-out split if named, present and non-empty, else None."""
+    if not split:
+        return None
     from datasets import load_from_disk
 
     dd = load_from_disk(str(dataset_path), keep_in_memory=True)

@@ -33,7 +33,7 @@ from pydantic import Field
 from ground.config import StrictModel
 from ground.runs import StageDir, folder_bytes
 from training.lora import check_adapter_dir, is_quantized, read_lineage, resolve_run_dir
-from training.sft import load_tokenizer
+from training.stage import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pydantic import Field
 from ground.config import StrictModel
 from ground.runs import StageDir, folder_bytes
 from training.lora import is_quantized, resolve_run_dir, set_threads
-from training.sft import load_tokenizer
+from training.stage import load_tokenizer
 
 log = logging.getLogger(__name__)
 

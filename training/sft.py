@@ -15,28 +15,33 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from ground.config import ModelRef, StrictModel
-from ground.runs import StageDir, folder_bytes
+from ground.runs import StageDir
+from training.base_model import resolve_base_model
 from training.launch import LaunchSettings, process_state, progress_callbacks, stage_main
 from training.lora import (
     LoraSettings,
     TrainSettings,
-    compute_dtype,
     load_split,
-    loss_curve,
     optional_split,
     resolve_run_dir,
-    save_adapter,
     set_threads,
     to_lora_config,
     trainer_kwargs,
-    write_lineage,
+)
+from training.stage import (
+    StageResult,
+    cached_or_start,
+    load_model,
+    load_tokenizer,
+    result_fields,
+    save_adapter,
 )
 
 log = logging.getLogger(__name__)
@@ -61,28 +66,15 @@ class SFTStageConfig(StrictModel):
     launch: LaunchSettings = Field(default_factory=LaunchSettings, description="How the training processes start.")
 
 
-@dataclass
-class SFTResult:
+@dataclass(kw_only=True)
+class SFTResult(StageResult):
     """What the SFT stage produced (also ``result.json``)."""
 
-    stage_dir: str
-    adapter_dir: str
-    base_model: str
     train_rows: int
     heldout_rows: int
-    steps: int
-    epochs: float
-    final_loss: float | None
     heldout_loss: float | None
     tokens: int
     tokens_per_s: float
-    train_s: float
-    wall_s: float
-    adapter_bytes: int
-    threads: int
-    device: str
-    loss_curve: list[dict[str, float]] = field(default_factory=list)
-    skipped: bool = False
     processes: int = 1
 
 
@@ -99,49 +91,8 @@ def to_trl_config(cfg: SFTStageConfig, output_dir: Path) -> Any:
     )
 
 
-def load_tokenizer(model_dir: str) -> Any:
-    """The model's tokenizer, with eos/pad agreeing with the model's config.json.
-
-    The embedded model's GGUF-converted tokenizer names ``<|im_start|>`` as eos while its config
-    (and chat template) end turns with ``<|im_end|>``; the config wins, so training, the merged
-    folder and vLLM all stop on the token the template actually ends turns with.
-    """
-    import json
-
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg_file = Path(model_dir) / "config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    eos_id = cfg.get("eos_token_id")
-    if isinstance(eos_id, int) and eos_id != tok.eos_token_id:
-        log.warning("tokenizer eos %r differs from config eos id %d; using %r", tok.eos_token, eos_id,
-                    tok.convert_ids_to_tokens(eos_id))
-        tok.eos_token = tok.convert_ids_to_tokens(eos_id)
-    if tok.pad_token is None:
-        pad_id = cfg.get("pad_token_id")
-        tok.pad_token = tok.convert_ids_to_tokens(pad_id) if isinstance(pad_id, int) else tok.eos_token
-    return tok
-
-
-def load_model(model_dir: str) -> Any:
-    """A causal LM in the training dtype (float32 on CPU, bf16 on GPU)."""
-    from transformers import AutoModelForCausalLM
-
-    from training.lora import is_quantized
-
-    if is_quantized(model_dir):
-        raise ValueError(
-            f"model: {model_dir} is a quantized checkpoint; train on the full-precision model "
-            "(merge-then-quantize is the only order)"
-        )
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype())
-
-
 def run(cfg: SFTStageConfig) -> SFTResult:
     """Train the SFT LoRA adapter (skipped when the same inputs already produced one)."""
-    from training.base_model import resolve_base_model
-
     t0 = time.monotonic()
     ranks = process_state()  # one process inline; every rank runs this under accelerate launch
     with ranks.main_process_first():  # the first use may materialize the embedded model
@@ -149,16 +100,13 @@ def run(cfg: SFTStageConfig) -> SFTResult:
     train_ds = load_split(cfg.dataset_path, cfg.split, SFT_COLUMNS, cfg.min_rows)
     run_dir = resolve_run_dir(cfg.run_dir)
     stage = StageDir(run_dir, "sft", cfg, inputs={"dataset": cfg.dataset_path, "base": base})
-    if (done := stage.cached_result()) is not None:
+    if (done := cached_or_start(stage, ranks)) is not None:
         return SFTResult(**{**done, "skipped": True})
-    if ranks.is_main_process:
-        stage.start()
-    ranks.wait_for_everyone()
 
     from trl import SFTTrainer
 
     threads = set_threads(cfg.train.threads)
-    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, SFT_COLUMNS) if cfg.heldout_split else None
+    heldout = optional_split(cfg.dataset_path, cfg.heldout_split, SFT_COLUMNS)
     log.info("sft: %d rows (held-out %d), base %s, %d threads", len(train_ds),
              len(heldout) if heldout is not None else 0, base, threads)
     tok = load_tokenizer(base)
@@ -182,27 +130,20 @@ def run(cfg: SFTStageConfig) -> SFTResult:
     if heldout is not None:
         heldout_loss = round(float(trainer.evaluate(heldout)["eval_loss"]), 5)
 
-    adapter_dir = stage.path / "output" / "adapter"
-    save_adapter(trainer, adapter_dir, ranks.is_main_process)  # every rank; rank 0 writes
-    if ranks.is_main_process:
-        tok.save_pretrained(adapter_dir)
-        write_lineage(adapter_dir, base, parents=[])
-    curve = loss_curve(trainer.state.log_history)
+    adapter_dir = save_adapter(trainer, stage, tok, base, [], ranks)
     result = SFTResult(
-        stage_dir=str(stage.path), adapter_dir=str(adapter_dir), base_model=base,
+        **result_fields(trainer, stage, adapter_dir, base, ranks, started=t0, train_s=train_s,
+                        threads=threads, fallback_loss=round(float(out.training_loss), 5)),
         train_rows=len(train_ds), heldout_rows=len(heldout) if heldout is not None else 0,
-        steps=int(trainer.state.global_step), epochs=round(epochs_done, 3),
-        final_loss=curve[-1]["loss"] if curve else round(float(out.training_loss), 5),
         heldout_loss=heldout_loss, tokens=tokens, tokens_per_s=round(tokens / max(train_s, 1e-9), 1),
-        train_s=round(train_s, 2), wall_s=round(time.monotonic() - t0, 2),
-        adapter_bytes=folder_bytes(adapter_dir) if ranks.is_main_process else 0, threads=threads,
-        device=str(trainer.args.device), loss_curve=curve, processes=ranks.num_processes,
+        processes=ranks.num_processes,
     )
     if ranks.is_main_process:
         stage.save(asdict(result))
         log.info("sft: %d steps, loss %s, %.0f tok/s, %.1fs -> %s", result.steps, result.final_loss,
                  result.tokens_per_s, result.train_s, adapter_dir)
     return result
+
 
 if __name__ == "__main__":  # one rank under `accelerate launch -m training.sft --config FILE`
     stage_main(SFTStageConfig, run)

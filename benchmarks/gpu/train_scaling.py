@@ -46,7 +46,7 @@ def _model_and_tokenizer(kind: str, dry_run: bool, attn: str | None = None):
     base = materialize().path
     tok = AutoTokenizer.from_pretrained(base)
     if kind == "embedded":
-        from training.sft import load_model
+        from training.stage import load_model
 
         return load_model(base), tok
     from make_llama8b import LLAMA_8B
