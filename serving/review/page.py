@@ -276,6 +276,18 @@ def build_review_router(
             return None  # another tenant's exchange looks the same as none at all
         return ex
 
+    async def acting_on(
+        request: Request, request_id: str
+    ) -> tuple[Session, dict[str, str], dict[str, Any]] | Response:
+        """:func:`acting`, on an exchange the reviewer may see (404 for any other)."""
+        got = await acting(request)
+        if isinstance(got, Response):
+            return got
+        ex = await visible_exchange(request, got[0], request_id)
+        if ex is None:
+            return fragment_error(f"no request with id {request_id!r}", 404)
+        return (*got, ex)
+
     async def card(
         request: Request, session: Session, ex: dict[str, Any], **extra: Any
     ) -> HTMLResponse:
@@ -408,26 +420,20 @@ def build_review_router(
 
     @router.post("/x/{request_id}/rate")
     async def rate(request: Request, request_id: str) -> Response:
-        got = await acting(request)
+        got = await acting_on(request, request_id)
         if isinstance(got, Response):
             return got
-        session, form = got
-        ex = await visible_exchange(request, session, request_id)
-        if ex is None:
-            return fragment_error(f"no request with id {request_id!r}", 404)
+        session, form, ex = got
         if form.get("thumbs") not in ("up", "down"):
             return fragment_error("thumbs: expected 'up' or 'down'", 400)
         return await give_feedback(request, session, ex, {"rating": {"thumbs": form["thumbs"]}})
 
     @router.post("/x/{request_id}/edit")
     async def edit(request: Request, request_id: str) -> Response:
-        got = await acting(request)
+        got = await acting_on(request, request_id)
         if isinstance(got, Response):
             return got
-        session, form = got
-        ex = await visible_exchange(request, session, request_id)
-        if ex is None:
-            return fragment_error(f"no request with id {request_id!r}", 404)
+        session, form, ex = got
         text = form.get("text", "").strip()
         if not text:
             return fragment_error("text: the edited answer is empty", 400)
@@ -437,13 +443,10 @@ def build_review_router(
 
     @router.post("/x/{request_id}/compare")
     async def compare(request: Request, request_id: str) -> Response:
-        got = await acting(request)
+        got = await acting_on(request, request_id)
         if isinstance(got, Response):
             return got
-        session, _ = got
-        ex = await visible_exchange(request, session, request_id)
-        if ex is None:
-            return fragment_error(f"no request with id {request_id!r}", 404)
+        session, _, ex = got
         warm = candidates() if candidates else []
         warm = [u for u in warm if u.release_id != ex["release"]]
         if not warm:
