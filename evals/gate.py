@@ -39,6 +39,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from evals.render import decision_markdown
+from evals.stats import families_to_resolve, paired_difference, resolution, sign_flip_p
 from ground.config import StrictModel
 
 Op = Literal[">=", "<=", ">", "<", "=="]
@@ -168,6 +170,16 @@ def error_shares(cfg: GateConfig, names: list[str]) -> dict[str, float]:
     return {n: 1 / len(names) for n in names}
 
 
+def still_open(decision: GateDecision) -> set[str]:
+    """The metrics a sequential gate's next look evaluates more items of for this candidate: those
+    of its paired rules still inconclusive, while no rule has failed (a failed candidate is done).
+    The loop (flows.steps) and its simulation (evals.oc) both ask this."""
+    if decision.verdict != "inconclusive":
+        return set()
+    return {o.metric for o in decision.outcomes
+            if o.verdict == "inconclusive" and o.test in ("non_inferiority", "superiority")}
+
+
 def gatekeeper_outcome(cfg: GateConfig, first: GateDecision) -> RuleOutcome:
     """The rule a copy adds under serial gatekeeping: the gatekeeper's own verdict."""
     verdict = first.verdict
@@ -188,7 +200,7 @@ def spent_alpha(alpha: float, looks: list[float], index: int) -> float:
     shares add up to ``alpha`` over the plan, so by the union bound a rule that stops at its first
     resolved look is wrongly passed at most ``alpha`` of the time, however the looks correlate;
     early looks spend little, the last nearly all."""
-    from scipy.stats import norm
+    from scipy.stats import norm  # lazy: scipy, the statistics only
 
     def spend(t: float) -> float:
         return 0.0 if t <= 0 else float(2 - 2 * norm.cdf(norm.ppf(1 - alpha / 2) / math.sqrt(t)))
@@ -253,8 +265,6 @@ class GateDecision:
 
     def to_markdown(self) -> str:
         """The decision as markdown: the one rendering every page shares (evals/render.py)."""
-        from evals.render import decision_markdown
-
         return decision_markdown(self.to_dict())
 
 
@@ -303,8 +313,6 @@ def _check_paired(
     rule: GateRule, metric: str, cand_items: ItemOutcomes | None, live_items: ItemOutcomes | None,
     cfg: GateConfig, alpha_share: float = 1.0,
 ) -> RuleOutcome:
-    from evals.stats import families_to_resolve, paired_difference, resolution, sign_flip_p
-
     confidence = 1 - (1 - rule.confidence) * alpha_share
     base = {"rule": rule.label, "metric": metric, "test": rule.test, "margin": rule.margin,
             "confidence": confidence}

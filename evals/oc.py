@@ -40,7 +40,9 @@ from evals.gate import (
     evaluate,
     gatekeeper_outcome,
     load_outcome_dir,
+    still_open,
 )
+from evals.metrics import TASKS_DIR, read_jsonl, wilson_interval
 
 # Each eval task file and the gate metric its items feed (evals/quality.py, evals/safety.py).
 TASK_METRICS: dict[str, str] = {
@@ -69,8 +71,6 @@ class Items:
 
 def profile_items(limit: int | None, tasks_dir: Path | None = None) -> list[Items]:
     """The items an eval profile evaluates: the first ``limit`` of each task file (all if None)."""
-    from evals.metrics import TASKS_DIR, read_jsonl
-
     root = tasks_dir or TASKS_DIR
     out = []
     for name, metric in TASK_METRICS.items():
@@ -118,7 +118,7 @@ class Scenario:
 
 def _beta(rng, mean: float, icc: float, size: int):
     """Family-level rates with this mean and intra-class correlation (a constant when icc is 0)."""
-    import numpy as np
+    import numpy as np  # lazy: numpy, the statistics only
 
     if icc <= 0 or mean <= 0 or mean >= 1:
         return np.full(size, min(max(mean, 0.0), 1.0))
@@ -160,7 +160,7 @@ def simulate_outcomes(
     seed: int, items: list[Items], models: dict[str, MetricModel], scenario: Scenario
 ) -> tuple[ItemOutcomes, dict[str, ItemOutcomes]]:
     """Live's and each candidate's per-item outcomes (in the gate's sign: as the metric reads)."""
-    import numpy as np
+    import numpy as np  # lazy: numpy, the statistics only
 
     rng = np.random.default_rng(seed)
     live: ItemOutcomes = {}
@@ -227,8 +227,7 @@ def decide(
                 if name != first:
                     decisions[name].outcomes.append(gatekeeper_outcome(cfg, decisions[first]))
         # Extend what is still open for a candidate that can still be promoted (no failed rule).
-        open_metrics = {o.metric for d in decisions.values() if d.verdict == "inconclusive"
-                        for o in d.outcomes if o.verdict == "inconclusive" and o.metric in budget}
+        open_metrics = set().union(*(still_open(d) for d in decisions.values())) & set(budget)
         if not open_metrics or look == len(looks) - 1:
             break
     return decisions, counts
@@ -256,8 +255,6 @@ class Rates:
 
     def rate(self, count: int) -> tuple[float, float, float]:
         """Share and its 95% Wilson interval."""
-        from evals.metrics import wilson_interval
-
         low, high = wilson_interval(count, self.seeds)
         return count / self.seeds, low, high
 

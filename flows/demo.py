@@ -27,7 +27,19 @@ from typing import Any
 import httpx
 import typer
 
-from ground.config import data_dir, repo_root
+from flows import prefect_env
+from flows.simulate import SimulateConfig
+from flows.simulate import run as simulate
+from flows.window import trend_rows, window_summary
+from ground.config import data_dir, load_config, repo_root
+from ground.platform import cached, detect
+from ground.procs import owned_popen
+from serving.control.server import ServeConfig, running_server, server_file
+from serving.engine.vllm_server import free_port
+from serving.gateway.config import DEMO_REVIEWER_KEY
+from serving.releases.store import live_lineage
+from training.base_model import is_current, materialize
+from training.lineage import describe_chain
 
 DEMO_ADMIN_KEY = "sk-alignloop-admin"  # the DEMO admin key of configs/gateway.yaml (hash only there)
 # The demo decides under its own gate: the production rules with margins its 24-48 items per task
@@ -48,15 +60,11 @@ def _start_gateway(
     is detached and serves on at the serve config's fixed port (8000), where `alignloop serve`
     would. ``serve_overrides`` are key=value settings of `alignloop serve`.
     """
-    from serving.control.server import running_server, server_file
-    from serving.engine.vllm_server import free_port
-
     if (info := running_server()) is not None:
         raise RuntimeError(f"a gateway already runs for {data_dir()} ({info['url']}); "
                            "`alignloop stop` stops it")
     server_file().unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    from ground.procs import owned_popen
 
     port = [] if keep else [f"port={free_port()}"]
     cmd = [sys.executable, "-m", "flows.cli", "serve", *port, *(serve_overrides or [])]
@@ -95,10 +103,6 @@ def _stop_gateway(proc: subprocess.Popen) -> None:
 
 def _traffic(url: str, window: int) -> Any:
     """Demo traffic + simulated feedback for one window (seed = window number)."""
-    from flows.simulate import SimulateConfig
-    from flows.simulate import run as simulate
-    from ground.config import load_config
-
     overrides = [f"base_url={url}/v1"]
     if window:  # window 0 is exactly `make demo`'s traffic
         overrides += [f"seed={window}", f"out={data_dir() / 'simulate' / f'traffic-window{window}.jsonl'}"]
@@ -107,9 +111,6 @@ def _traffic(url: str, window: int) -> Any:
 
 def _live_chain() -> str:
     """The live release's lineage in one line (what `alignloop release list` prints under it)."""
-    from serving.releases.store import live_lineage
-    from training.lineage import describe_chain
-
     try:
         lineage = live_lineage()
     except (OSError, ValueError) as exc:
@@ -124,8 +125,6 @@ LOOP_STAGE = "alignment loop (flow)"
 
 def _probe_state() -> str:
     """Whether set-up measured this CPU already (the loop's "plan quantization" reads it)."""
-    from ground.platform import cached, detect
-
     platform = detect()
     if platform.has_gpu:
         return "GPU machine: no platform probe"
@@ -133,7 +132,7 @@ def _probe_state() -> str:
     if hit is None:
         return ("platform probe not taken on this machine yet: the loop takes it (about a minute; "
                 "`make setup` or `alignloop prepare` does it before the demo)")
-    return f"platform probe from {hit.taken_at} (set-up): serve {hit.dtype}, scheme {hit.scheme or 'none'}"
+    return f"platform probe from {hit.taken_at} (set-up): {hit.choice()}"
 
 
 def _minutes(seconds: float) -> str:
@@ -144,8 +143,6 @@ def time_budget(timings: dict[str, float], loop_seconds: list[dict[str, float]])
     """Where the demo's time went: one line per stage with its share of the total, the loop's
     tasks under each loop run (``loop_seconds``, one dict per window, in order), and the total
     against the 10-minute goal."""
-    from ground.platform import detect
-
     total = timings.get("total") or sum(timings.values()) or 1.0
     cpu = f"{os.cpu_count()} cores, {detect().isa}"
     lines = [f"time budget (goal: {_minutes(DEMO_GOAL_S)} after set-up; this machine: {cpu})"]
@@ -171,10 +168,6 @@ def closing_lines(kept: tuple[str, int] | None = None) -> list[str]:
     """The demo's last lines: the one command that serves this data dir again (gateway, live
     release, review page on the serve config's fixed port) and how to stop it; with ``kept``
     (url, pid) the gateway `--keep-serving` left running instead."""
-    from ground.config import load_config
-    from serving.control.server import ServeConfig
-    from serving.gateway.config import DEMO_REVIEWER_KEY
-
     exe = Path(sys.executable).parent / "alignloop"
     alignloop = str(exe.relative_to(repo_root())) if exe.is_relative_to(repo_root()) else "alignloop"
     if kept is not None:
@@ -194,8 +187,6 @@ def closing_lines(kept: tuple[str, int] | None = None) -> list[str]:
 
 def windows_table(runs: list[dict]) -> str:
     """The demo's per-window table in markdown: what each window decided and the gate's numbers."""
-    from flows.window import trend_rows
-
     rows = trend_rows(runs)
     if not rows:
         return "(no finished window)"
@@ -210,9 +201,6 @@ def run_demo(
 ) -> int:
     """Run the demo on ``windows`` consecutive feedback windows; return the exit code (0 also
     when the gate keeps the live model). ``serve_overrides`` go to `alignloop serve`."""
-    from flows import prefect_env
-    from training.base_model import is_current, materialize
-
     os.environ.setdefault("ALIGNLOOP_ADMIN_KEY", DEMO_ADMIN_KEY)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -232,7 +220,7 @@ def run_demo(
          "live release up")
     outcomes = []
     try:
-        from flows.loop import run_loop
+        from flows.loop import run_loop  # lazy: flows.loop loads prefect
 
         # The CPU demo's small eval profile (configs/evals-demo.yaml) under the demo's gate.
         demo_overrides = [f"evals_file={repo_root() / 'configs' / 'evals-demo.yaml'}", f"gate_file={DEMO_GATE}",
@@ -264,8 +252,6 @@ def run_demo(
         sections = Path(outcomes[0]["report"]).read_text().split("\n## ")
         typer.echo("\n## ".join(sections[:3]))
     else:
-        from flows.window import window_summary
-
         runs = [window_summary(Path(o["run_dir"])) for o in outcomes]
         table = windows_table(runs)
         summary = data_dir() / "demo-windows.md"
@@ -290,8 +276,6 @@ def run_demo(
     typer.echo("")
     kept = None
     if keep_serving:
-        from serving.control.server import running_server
-
         kept = (url, (running_server() or {}).get("pid", proc.pid))
     for line in closing_lines(kept):
         typer.echo(line)

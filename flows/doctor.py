@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import subprocess
+import time
 
 import typer
 
 from ground.config import data_dir
-from ground.platform import detect, serve_python
+from ground.platform import cached, detect, serve_python
+from serving.engine.probe import run_probe
+from serving.engine.vllm_server import VLLMServer, VLLMStartError
+from training.base_model import materialize
 
 PIPELINE_PACKAGES = (
     "torch", "transformers", "peft", "trl", "datasets", "accelerate", "llmcompressor",
@@ -47,9 +51,6 @@ def _serving_versions() -> dict[str, str] | str:
 
 def _probe_report(platform, run: bool) -> bool:
     """Print the platform probe's choice (measuring first if ``run``); False if it failed."""
-    from ground.platform import cached
-    from serving.engine.probe import run_probe
-
     if platform.has_gpu:
         return True
     if run:
@@ -83,9 +84,6 @@ def run_doctor(start_vllm: bool = True, probe: bool = False) -> int:
     if ok:
         ok &= _probe_report(platform, run=probe)
     if start_vllm and ok:
-        from serving.engine.vllm_server import VLLMServer, VLLMStartError
-        from training.base_model import materialize
-
         model = materialize()
         log_path = data_dir() / "logs" / "doctor-vllm.log"
         try:
@@ -103,12 +101,6 @@ def run_prepare() -> int:
     """Set-up's last step (`make setup`, `alignloop prepare`): the embedded model and this CPU's
     platform probe, each made once per machine and cached in the data dir, so a demo or run after
     set-up finds them. Prints what it did and how long each part took; 1 if the probe failed."""
-    import time
-
-    from ground.platform import cached
-    from serving.engine.probe import run_probe
-    from training.base_model import materialize
-
     t0 = time.monotonic()
     model = materialize()
     typer.echo(f"prepare: embedded model at {model.path} ({time.monotonic() - t0:.0f} s; "
@@ -125,6 +117,5 @@ def run_prepare() -> int:
         typer.echo(f"prepare: platform probe FAILED: {err}")
         return 1
     how = "cached from " + result.taken_at if hit else f"measured in {time.monotonic() - t1:.0f} s"
-    typer.echo(f"prepare: platform probe ({how}): serve {result.dtype}, quantized scheme "
-               f"{result.scheme or 'none'} ({result.why})")
+    typer.echo(f"prepare: platform probe ({how}): {result.choice()} ({result.why})")
     return 0

@@ -313,6 +313,10 @@ class ProbeResult:
     taken_at: str = ""
     probe_version: int = PROBE_VERSION
 
+    def choice(self) -> str:
+        """What it chose, in the words the demo, ``prepare`` and the docs use."""
+        return f"serve {self.dtype}, quantized scheme {self.scheme or 'none'}"
+
     def summary(self) -> dict[str, Any]:
         speeds = {k: round(speed(v), 1) for k, v in self.measured.items() if "tok_s_c1" in v}
         return {"dtype": self.dtype, "scheme": self.scheme or "none", "why": self.why,
@@ -321,7 +325,6 @@ class ProbeResult:
 
 
 def cache_file(p: Platform) -> Path:
-
     key = hashlib.sha256(f"{p.cpu_model}|{' '.join(sorted(p.cpu_flags))}".encode()).hexdigest()[:24]
     return data_dir() / "cache" / "platform-probe" / f"{key}.json"
 

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from evals.gate import GateConfig, evaluate, evaluate_stage_dirs, spent_alpha, write_outcomes
+from evals.gate import (
+    GateConfig,
+    GateDecision,
+    RuleOutcome,
+    evaluate,
+    evaluate_stage_dirs,
+    spent_alpha,
+    still_open,
+    write_outcomes,
+)
 from evals.stats import families_to_resolve, item_share_bound, paired_difference, resolution
 from ground.config import ConfigError, build_config
 
@@ -254,3 +263,17 @@ def test_a_copy_resolved_at_the_first_look_is_not_failed_by_items_it_was_never_a
     page = decision_markdown(copy.to_dict())
     row = next(line for line in page.splitlines() if line.startswith("| tested after aligned"))
     assert "missing" not in row and "aligned passes every rule" in page
+
+
+def test_still_open_names_the_inconclusive_paired_rules_of_a_candidate_that_can_still_pass() -> None:
+    """What the loop's next look extends (flows.steps.open_metrics) and its simulation
+    (evals.oc) extend alike: nothing once a rule failed, and never a gatekeeping row."""
+    def rule(metric: str, test: str, verdict: str) -> RuleOutcome:
+        return RuleOutcome(f"r-{metric}", metric, test, verdict, "")  # type: ignore[arg-type]
+
+    open_one = GateDecision([rule("q.a", "superiority", "inconclusive"), rule("q.b", "non_inferiority", "pass"),
+                             rule("gate.aligned", "gatekeeping", "inconclusive"), rule("q.t", "threshold", "pass")])
+    assert still_open(open_one) == {"q.a"}
+    failed = GateDecision([*open_one.outcomes, rule("q.c", "non_inferiority", "fail")])
+    assert still_open(failed) == set()
+    assert still_open(GateDecision([rule("q.a", "superiority", "pass")])) == set()
