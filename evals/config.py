@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from ground.config import StrictModel, repo_root
+from training.base_model import default_dir, materialize
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -188,7 +189,5 @@ def default_config_path() -> Path:
 
 def default_tokenizer() -> str:
     """The embedded base model's folder (same tokenizer as every variant derived from it)."""
-    from training.base_model import default_dir, materialize
-
     path = default_dir()
     return str(path) if (path / "config.json").is_file() else materialize().path

@@ -17,6 +17,8 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from evals.policy import compliance, score_answer
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
@@ -47,7 +49,7 @@ def load_items(file: str, required: str = "prompt", **_: Any):
 
     lm-eval calls this with the task's ``dataset_kwargs`` (``file``, ``required``) and its metadata.
     """
-    import datasets
+    import datasets  # lazy: datasets, pyarrow and pandas
 
     rows = read_jsonl(TASKS_DIR / file, tuple(required.split(",")))
     # Columns must have one type across rows: aliases default to an empty list.
@@ -116,18 +118,22 @@ def ifeval_registry() -> dict[str, Any]:
     disabled. The instructions in :data:`IFEVAL_INSTRUCTIONS` do not use the sentence tokenizer.
     ``langdetect`` (the lowercase/capital checkers) is seeded so a verdict is reproducible.
     """
-    import langdetect
-    import nltk
+    import langdetect  # lazy: langdetect, the IFEval checks only
+    import nltk  # lazy: nltk, about a second; the IFEval checks only
 
     langdetect.DetectorFactory.seed = 0
     try:
         nltk.data.find("tokenizers/punkt_tab")
-        from lm_eval.tasks.ifeval import instructions_registry
+        from lm_eval.tasks.ifeval import (
+            instructions_registry,  # lazy: lm_eval, imports torch and datasets
+        )
     except LookupError:
         download, nltk.download = nltk.download, (lambda *a, **k: False)
         try:  # (it prints "Downloaded punkt_tab" whatever the call returned: keep that out of logs)
             with contextlib.redirect_stdout(io.StringIO()):
-                from lm_eval.tasks.ifeval import instructions_registry
+                from lm_eval.tasks.ifeval import (
+                    instructions_registry,  # lazy: lm_eval, imports torch and datasets
+                )
         finally:
             nltk.download = download
     return dict(instructions_registry.INSTRUCTION_DICT)
@@ -140,7 +146,9 @@ def instruction_process_results(doc: dict[str, Any], results: list[str]) -> dict
     accuracy); ``loose_accuracy`` = the same with IFEval's loose response variants.
     """
     ifeval_registry()  # the offline import above, before lm-eval's utils imports the registry
-    from lm_eval.tasks.ifeval.utils import process_results
+    from lm_eval.tasks.ifeval.utils import (
+        process_results,  # lazy: lm_eval, imports torch and datasets
+    )
 
     doc = {**doc, "kwargs": [{k: v for k, v in kw.items() if v is not None} for kw in doc["kwargs"]]}
     out = process_results(doc, [results[0] if results else ""])
@@ -157,8 +165,6 @@ def policy_process_results(doc: dict[str, Any], results: list[str]) -> dict[str,
     The rules themselves live in :mod:`evals.policy` (the written policy, shared with the data
     stage that simulates feedback); per-rule rates come from :func:`policy_rule_rates`.
     """
-    from evals.policy import compliance
-
     response = results[0] if results else ""
     return {"compliance": float(compliance(doc["prompt"], response or "", doc.get("category") or None))}
 
@@ -169,8 +175,6 @@ def policy_rule_rates(items: list[tuple[str, str, str | None]]) -> dict[str, tup
     Args:
         items: (prompt, answer, category) triples.
     """
-    from evals.policy import score_answer
-
     passed: dict[str, int] = {}
     applicable: dict[str, int] = {}
     for prompt, answer, category in items:

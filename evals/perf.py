@@ -32,6 +32,8 @@ from typing import Any
 import httpx
 
 from evals.config import TASKS_DIR, Endpoint, PerfConfig, default_tokenizer
+from ground.platform import serve_python
+from ground.procs import run_owned
 from ground.runs import folder_bytes
 
 log = logging.getLogger(__name__)
@@ -80,15 +82,12 @@ def bench_args(
 
 def run_benches(runs: list[list[str]], api_key: str, timeout_s: float, workdir: Path) -> None:
     """Run the benchmarks in one serving-env process (raise with the log tail on failure)."""
-    from ground.platform import serve_python
-
     runs_file, log_file = workdir / "runs.json", workdir / "bench.log"
     runs_file.write_text(json.dumps(runs, indent=1))
     # -P: do not put evals/ on sys.path (a module there named like a stdlib one would shadow it).
     cmd = [str(serve_python()), "-P", str(BENCH_SCRIPT), "--runs-file", str(runs_file)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update({"OPENAI_API_KEY": api_key, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    from ground.procs import run_owned  # the client stops with us, however we stop
 
     with open(log_file, "w") as logf:
         code = run_owned(cmd, timeout_s=timeout_s * len(runs), stdout=logf, stderr=subprocess.STDOUT, env=env)

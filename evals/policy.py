@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from guardrails.pii import default_detector
+
 Category = Literal["faq", "advice", "personal_data", "general"]
 CATEGORIES: tuple[Category, ...] = ("faq", "advice", "personal_data", "general")
 
@@ -185,7 +187,6 @@ def has_personal_data(text: str) -> bool:
     """True when ``text`` holds PII (the gateway's Presidio detector) or a redaction placeholder."""
     if _PLACEHOLDER.search(text):
         return True
-    from guardrails.pii import default_detector
 
     return bool(default_detector().find(text))
 

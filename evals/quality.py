@@ -22,9 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from evals.config import TASKS_DIR, Endpoint, QualityConfig, default_tokenizer
-from evals.metrics import policy_rule_rates
+from evals.metrics import (
+    capability_process_results,
+    instruction_process_results,
+    policy_process_results,
+    policy_rule_rates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +62,9 @@ def item_metric(task: str, cfg: QualityConfig) -> str:
 
 def item_score(task: str, cfg: QualityConfig, doc: dict[str, Any], response: str) -> float:
     """One item's score, recomputed with the task's own scorer (deterministic)."""
-    from evals.metrics import capability_process_results, policy_process_results
-
     if task == cfg.policy_task:
         return policy_process_results(doc, [response])["compliance"]
     if task in cfg.instruction_tasks:
-        from evals.metrics import instruction_process_results
-
         return instruction_process_results(doc, [response])["strict_accuracy"]
     return capability_process_results(doc, [response])["answer_match"]
 
@@ -70,8 +72,6 @@ def item_score(task: str, cfg: QualityConfig, doc: dict[str, Any], response: str
 def task_sizes(cfg: QualityConfig) -> dict[str, int]:
     """Items per lm-eval task of ``cfg.tasks_dir`` (each task's ``dataset_kwargs.file``), so a
     sequential gate can plan each look's item windows before it runs them."""
-    import yaml
-
     class _Loader(yaml.SafeLoader):  # task YAMLs carry lm-eval's `!function` tags
         pass
 
@@ -92,8 +92,8 @@ def _policy_items_present() -> bool:
 
 def run_lm_eval(cfg: QualityConfig, endpoint: Endpoint, tasks: list[str]) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on ``tasks`` against the chat endpoint (returns its results)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # lazy: lm_eval, imports torch and datasets
+    from lm_eval.tasks import TaskManager  # lazy: lm_eval, imports torch and datasets
 
     # The tasks are local files and the tokenizer a local folder: never wait on the hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,7 +137,7 @@ def _sample_rows(samples: list[dict[str, Any]]) -> list[tuple[dict[str, Any], st
 
 def count_tokens(texts: list[str], tokenizer_dir: str) -> list[int]:
     """Token counts with a HF tokenizer (no special tokens)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers, imports torch
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -172,8 +172,8 @@ def preference_accuracy(
 ) -> dict[str, float]:
     """Held-out pairs scored by the served weights: summed and per-token log-probability of chosen
     vs rejected, with the length confound (:func:`preference_metrics`)."""
-    import datasets
-    from transformers import AutoTokenizer
+    import datasets  # lazy: datasets, pyarrow and pandas
+    from transformers import AutoTokenizer  # lazy: transformers, imports torch
 
     ds = datasets.load_from_disk(dataset_dir)
     if split not in ds:

@@ -8,6 +8,7 @@ each variant with the one before it. Output in ``out_dir``: ``report.md``,
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass
@@ -125,10 +126,10 @@ def summary_sentences(variants: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _plot_latency(variants: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, about half a second
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib, about half a second
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, m in variants.items():
@@ -155,10 +156,10 @@ def _plot_latency(variants: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def _plot_cost(variants: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, about half a second
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib, about half a second
 
     series = [("quality.policy.compliance", "policy compliance", "o"),
               ("quality.capability.mean_answer_match", "capability (mean)", "s"),
@@ -279,8 +280,6 @@ def embed_images(markdown: str, folder: str | Path) -> str:
     """``markdown`` with its relative PNG links (``![alt](plot.png)``) replaced by data URIs of
     the files in ``folder``: a page that shows the markdown elsewhere (a Prefect artifact) has no
     file server for the report folder, and requests a relative link from its own URL."""
-    import base64
-
     def inline(m: re.Match[str]) -> str:
         path = Path(folder) / m.group(2)
         if not path.is_file():

@@ -17,6 +17,7 @@ Pure functions over plain data; the measurements come from ``vllm bench serve`` 
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -385,8 +386,6 @@ def scheme_of_model(model_dir: str | Path) -> Scheme:
     activation quantization = "w4a16"; 8-bit int weights and activations = "w8a8-int8"; 8-bit float
     = "fp8-dynamic". Raises :class:`ConfigError` for a format this project does not serve.
     """
-    import json
-
     config = json.loads((Path(model_dir) / "config.json").read_text())
     quant = config.get("quantization_config")
     if not quant:

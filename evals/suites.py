@@ -39,7 +39,9 @@ from typing import Literal
 
 from evals import cost, perf, quality, safety
 from evals.config import Endpoint, EvalsConfig
+from evals.gate import load_outcome_dir, write_outcomes
 from evals.metrics import read_jsonl
+from evals.quality import item_metric, task_sizes
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,6 @@ def run(
     # Quality and safety run side by side: both are many short requests that vLLM batches, so
     # together they take about as long as quality alone (CPU, SmolLM2: ~20 s vs ~30 s in turn).
     # Perf runs alone afterwards: its latencies must not include the other suites' load.
-    from evals.gate import write_outcomes
 
     with ThreadPoolExecutor(2) as pool:
         fq = (pool.submit(quality.run, cfg.quality, endpoint, out_dir, logprobs_endpoint=logprobs_endpoint)
@@ -130,8 +131,6 @@ def look_config(cfg: EvalsConfig, looks: list[float], look: int, metrics: set[st
     """A copy of ``cfg`` that evaluates look ``look``'s new items: per task (and safety file) the
     items from the previous look's share of its budget up to this look's, for the gate metrics in
     ``metrics`` (None: all). A task's budget is ``limit`` items, or all of them."""
-    from evals.quality import item_metric, task_sizes
-
     def window(size: int, limit: int | None) -> tuple[int, int]:
         budget = min(size, limit or size)
         start = math.ceil(looks[look - 1] * budget) if look > 0 else 0
@@ -155,8 +154,6 @@ def extend(cfg: EvalsConfig, endpoint: Endpoint, out_dir: str | Path, variant: s
     safety items it names, stored as ``outcomes-<suite>.look<N>.jsonl`` beside the first look's.
     Returns the metrics that change: each extended metric's mean over all its items so far (the
     report's table then shows what the gate read) and the safety errors added up."""
-    from evals.gate import load_outcome_dir, write_outcomes
-
     out_dir = Path(out_dir)
     previous = load_metrics_doc(out_dir / "metrics.json")["metrics"]
     with ThreadPoolExecutor(2) as pool:

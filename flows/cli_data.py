@@ -8,8 +8,13 @@ from pathlib import Path
 
 import typer
 
+from flows import simulate as simulate_users
+from flows.simulate import SimulateConfig
+from ground.config import ConfigError, load_config
 from serving.releases.store import live_lineage
+from training import data as data_stage
 from training.data import DataConfig
+from training.data_sources import DataError
 
 data_app = typer.Typer(
     help="Datasets from served logs and feedback; demo traffic.", no_args_is_help=True
@@ -24,12 +29,8 @@ _OVERRIDES = typer.Argument(
 @data_app.command("build")
 def build(config: Path | None = _CONFIG, overrides: list[str] | None = _OVERRIDES) -> None:
     """Export a window of the log store (and JSONL files) into SFT/DPO datasets with a manifest."""
-    from ground.config import ConfigError, load_config
-    from training.data import run
-    from training.data_sources import DataError
-
     try:
-        result = run(with_live_view(load_config(DataConfig, config, overrides or [])))
+        result = data_stage.run(with_live_view(load_config(DataConfig, config, overrides or [])))
     except (ConfigError, DataError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -39,11 +40,8 @@ def build(config: Path | None = _CONFIG, overrides: list[str] | None = _OVERRIDE
 @data_app.command("simulate")
 def simulate(config: Path | None = _CONFIG, overrides: list[str] | None = _OVERRIDES) -> None:
     """Send the demo prompt pool through the gateway and post SIMULATED users' feedback."""
-    from flows.simulate import SimulateConfig, run
-    from ground.config import ConfigError, load_config
-
     try:
-        result = run(load_config(SimulateConfig, config, overrides or []))
+        result = simulate_users.run(load_config(SimulateConfig, config, overrides or []))
     except (ConfigError, ValueError, RuntimeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

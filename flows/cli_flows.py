@@ -10,6 +10,12 @@ from datetime import datetime
 
 import typer
 
+from flows import prefect_env
+from flows.cli_serving import release_promote
+from flows.demo import run_demo
+from flows.loop_config import load_loop_config
+from ground.config import ConfigError
+
 _CONFIG = typer.Option("configs/loop.yaml", "--config", "-c", help="Loop config YAML.")
 _OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. sft.train.epochs=2")
 
@@ -25,9 +31,6 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
 
 def _check_config(config: str, overrides: list[str]) -> None:
     """Fail before Prefect starts: a bad config names its field and exits 2."""
-    from flows.loop_config import load_loop_config
-    from ground.config import ConfigError
-
     try:
         load_loop_config(config, overrides)
     except ConfigError as exc:
@@ -42,11 +45,9 @@ def run(
     overrides: list[str] = _OVERRIDES,
 ) -> None:
     """Run the whole loop once on a feedback window: align, evaluate, gate, promote or keep."""
-    from flows import prefect_env
-
     _check_config(config, overrides or [])
     typer.echo(f"reporting to {prefect_env.configure()}")
-    from flows.loop import run_loop
+    from flows.loop import run_loop  # lazy: flows.loop loads prefect
 
     outcome = run_loop(config, overrides or [], _parse_time(since, "--since"), _parse_time(until, "--until"))
     typer.echo(json.dumps(outcome, indent=2, default=str))
@@ -69,15 +70,16 @@ def schedule(
     Each run takes the window since the last successful one; runs of the same base model never
     overlap (a global concurrency limit of one slot per model).
     """
-    from flows import prefect_env
-
     _check_config(config, overrides or [])
     where = prefect_env.configure()
     if "ephemeral" in where:  # schedules need a server whose scheduler creates the runs
         state = prefect_env.start_ui()
         os.environ["PREFECT_API_URL"] = state["api_url"]
         where = f"local Prefect UI at {state['ui_url']}"
-    from flows.schedule import register_deployment, worker_command
+    from flows.schedule import (  # lazy: flows.schedule loads prefect
+        register_deployment,
+        worker_command,
+    )
 
     deployment_id = register_deployment(name, cron, config, overrides or [], pool, pool_type)
     typer.echo(f"deployment alignment-loop/{name} ({deployment_id}) with cron {cron!r} in work pool {pool!r} on {where}")
@@ -93,8 +95,6 @@ def ui(
     port: int = typer.Option(4200, help="Port of the local Prefect server."),
 ) -> None:
     """Start a local Prefect server (SQLite) in the background and print its URL."""
-    from flows import prefect_env
-
     state = prefect_env.start_ui(port=port)
     typer.echo(f"Prefect UI: {state['ui_url']}  (API {state['api_url']}, pid {state['pid']})")
     typer.echo("alignloop commands run from now on report there; stop it with: kill " + str(state["pid"]))
@@ -115,7 +115,6 @@ def promote(
             err=True,
         )
         raise typer.Exit(2)
-    from flows.cli_serving import release_promote
 
     logging.getLogger("alignloop.promote").warning("FORCED promotion of %s: %s", release_id, reason)
     release_promote(release_id, force=True, reason=f"forced: {reason}", url=url, admin_key=admin_key)
@@ -130,8 +129,6 @@ def demo(
     ),
 ) -> None:
     """The whole loop on the embedded SmolLM2 on this machine, with simulated users (labeled as such)."""
-    from flows.demo import run_demo
-
     raise typer.Exit(run_demo(overrides or [], keep_serving=keep_serving, windows=windows, serve_overrides=serve))
 
 

@@ -7,12 +7,16 @@ last finished in the same run folder is skipped (``"skipped": true``).
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from ground.config import ConfigError, load_config, repo_root
+from training.launch import run_stage
 
 _STAGES = {
     # command: (module, config class, default config file, help)
@@ -25,8 +29,6 @@ _STAGES = {
 
 
 def _default_config(name: str) -> Path | None:
-    from ground.config import repo_root
-
     path = repo_root() / "configs" / name
     return path if path.is_file() else None
 
@@ -41,15 +43,10 @@ def _make_command(module: str, cls_name: str, default_file: str, help_text: str)
         ] = None,
         curve: Annotated[bool, typer.Option(help="Also print the loss curve.")] = False,
     ) -> None:
-        import importlib
-
-        from ground.config import ConfigError, load_config
-
         mod = importlib.import_module(module)
         try:
             cfg = load_config(getattr(mod, cls_name), config or _default_config(default_file), overrides or [])
             if hasattr(cfg, "launch"):  # SFT, DPO: `accelerate launch` on GPUs (training/launch.py)
-                from training.launch import run_stage
 
                 result = asdict(run_stage(module.rsplit(".", 1)[1], cfg))
             else:

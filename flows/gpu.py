@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from flows.loop_config import LoopConfig
+from evals.serving_choice import KERNEL_ENV, scheme_of_model
+from flows.loop_config import LoopConfig, admin_client
 from serving.engine.vllm_server import VLLMArgs
 from serving.releases.placement import Placement, PlacementError, gpu_inventory, place_training
+from training.launch import run_stage
 
 KERNEL_VARIANT_SUFFIX = {"default": "", "marlin": "-marlin"}
 
@@ -28,8 +30,6 @@ def training_placement(cfg: LoopConfig, processes: int | None = None) -> Placeme
 
     Idle staged candidates are retired first when that frees whole GPUs (placement config).
     """
-    from flows.loop_config import admin_client
-
     gpus = gpu_inventory(cfg.placement)
     if not gpus:
         return Placement(reason="CPU: no GPUs on this machine")
@@ -48,8 +48,6 @@ def launch_training(
     cfg: LoopConfig, stage: str, on_line: Callable[[str], None] | None = None, **wired: Any
 ) -> dict[str, Any]:
     """Run SFT or DPO as the stage's ``launch`` settings say, on the GPUs placement gives it."""
-    from training.launch import run_stage
-
     stage_cfg = cfg.stage_config(stage, **wired)
     placement = Placement()
     if stage_cfg.launch.launcher != "inline":
@@ -75,15 +73,11 @@ def kernels_for(cfg: LoopConfig, scheme: str, live: dict[str, Any]) -> list[str]
 
 def kernel_args(args: VLLMArgs, kernel: str) -> VLLMArgs:
     """The candidate's vLLM arguments with the kernel's environment."""
-    from evals.serving_choice import KERNEL_ENV
-
     return args.model_copy(update={"env": {**args.env, **KERNEL_ENV[kernel]}})
 
 
 def served_label(release: dict[str, Any]) -> tuple[str, str]:
     """(scheme, kernel) a release really serves: its checkpoint's quantization, its vLLM env."""
-    from evals.serving_choice import KERNEL_ENV, scheme_of_model
-
     env = (release.get("vllm_args") or {}).get("env") or {}
     kernel = next((k for k, e in KERNEL_ENV.items() if e and all(env.get(n) == v for n, v in e.items())), "default")
     return scheme_of_model(release["model_dir"]), kernel

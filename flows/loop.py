@@ -25,19 +25,29 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
+from evals.report import embed_images
 from flows import window as windows
-from flows.loop_config import LoopConfig, load_loop_config, resolve_path
+from flows.canary import DEPLOYMENT, schedule_check
+from flows.gpu import KERNEL_VARIANT_SUFFIX, kernel_args, kernels_for, launch_training
+from flows.loop_config import LoopConfig, admin_client, load_loop_config, resolve_path
+from flows.steps import apply_decision as apply
+from flows.steps import decide, evaluate, extend, gate_config, live_release, open_metrics, workload
+from flows.steps import stage_baseline as stage
 from flows.timing import start_timings, task  # prefect's task, each call's seconds recorded
-from ground.config import data_dir
+from flows.work_pools import one_run_per_model
+from ground.config import data_dir, load_config
+from serving.engine.probe import plan_scheme
+from training import data as data_stage
+from training import kto, merge, quantize
+from training.lineage import describe_chain, release_lineage, resolve_start
 
 
 # -- tasks: each loads its config, calls the stage, returns a plain dict --------------------------
 @task(name="where training starts", retries=2, retry_delay_seconds=5)
 def find_start(cfg: LoopConfig, live: dict) -> dict:
     """The live release's lineage (read from run folders) and the model this run trains on."""
-    from training.lineage import describe_chain, release_lineage, resolve_start
-
     try:
         lineage = release_lineage(live["release_id"], live["model_dir"])
     except ValueError as exc:  # e.g. an int8 model no run of ours made: only start_from=live needs it
@@ -53,55 +63,43 @@ def find_start(cfg: LoopConfig, live: dict) -> dict:
 
 @task(name="export + governance", retries=2, retry_delay_seconds=5)
 def build_datasets(cfg: LoopConfig, run_dir: str, since: datetime | None, until: datetime, start: dict) -> dict:
-    from training.data import run
-
     logstore = {**cfg.data.get("logstore", {}), "since": since, "until": until}
     # New windows are those the live lineage has not learned from; the mix follows start_from
     # unless the data config names one.
     ledger = {"windows": "new" if start["start_from"] == "live" else "all",
               **cfg.section("data").get("ledger", {}),
               "trained_windows": start["trained_windows"], "current_releases": [start["live_release"]]}
-    return asdict(run(cfg.stage_config("data", run_dir=run_dir, logstore=logstore, ledger=ledger)))
+    return asdict(data_stage.run(cfg.stage_config("data", run_dir=run_dir, logstore=logstore, ledger=ledger)))
 
 
 @task(name="sft")
 def train_sft(cfg: LoopConfig, run_dir: str, dataset_path: str, model: str) -> dict:
-    from flows.gpu import launch_training  # accelerate launch on free GPUs; inline on a CPU
-
     return launch_training(cfg, "sft", get_run_logger().info, run_dir=run_dir, dataset_path=dataset_path,
                            model={"name_or_path": model})
 
 
 @task(name="dpo")
 def train_dpo(cfg: LoopConfig, run_dir: str, dataset_path: str, sft_adapter: str) -> dict:
-    from flows.gpu import launch_training
-
     return launch_training(cfg, "dpo", get_run_logger().info, run_dir=run_dir,
                            dataset_path=dataset_path, sft_adapter=sft_adapter)
 
 
 @task(name="kto")
 def train_kto(cfg: LoopConfig, run_dir: str, dataset_path: str, adapter: str) -> dict:
-    from training.kto import run
-
     wired = {"run_dir": run_dir, "dataset_path": dataset_path, "adapter": adapter}
     if cfg.preference_objective == "kto" and "pairs_split" not in cfg.kto:
         wired["pairs_split"] = "dpo"  # KTO replaces DPO: it learns the pairs too, unpaired
-    return asdict(run(cfg.stage_config("kto", **wired)))
+    return asdict(kto.run(cfg.stage_config("kto", **wired)))
 
 
 @task(name="merge")
 def merge_adapters(cfg: LoopConfig, run_dir: str, adapter: str) -> dict:
-    from training.merge import run
-
-    return asdict(run(cfg.stage_config("merge", run_dir=run_dir, adapter=adapter)))
+    return asdict(merge.run(cfg.stage_config("merge", run_dir=run_dir, adapter=adapter)))
 
 
 @task(name="plan quantization")
 def plan_quantization(cfg: LoopConfig) -> dict:
     """The scheme the quantized candidate gets, or none when this target cannot serve one faster."""
-    from serving.engine.probe import plan_scheme
-
     q = cfg.stage_config("quantize", model_dir="<merge stage>", dataset_path="<data stage>")
     scheme, why = plan_scheme(q.scheme, q.target)
     return {"scheme": scheme, "why": why}
@@ -109,38 +107,28 @@ def plan_quantization(cfg: LoopConfig) -> dict:
 
 @task(name="quantize")
 def quantize_model(cfg: LoopConfig, run_dir: str, model_dir: str, dataset_path: str, scheme: str) -> dict:
-    from training.quantize import run
-
-    return asdict(run(cfg.stage_config(
+    return asdict(quantize.run(cfg.stage_config(
         "quantize", run_dir=run_dir, model_dir=model_dir, dataset_path=dataset_path, scheme=scheme
     )))
 
 
 @task(name="find live release", retries=2, retry_delay_seconds=5)
 def find_live_release(cfg: LoopConfig) -> dict:
-    from flows.steps import live_release
-
     return live_release(cfg)
 
 
 @task(name="workload from the logs", retries=2, retry_delay_seconds=5)
 def find_workload(cfg: LoopConfig, window: tuple) -> dict:
-    from flows.steps import workload
-
     return workload(cfg, window)
 
 
 @task(name="stage baseline copy of live", retries=2, retry_delay_seconds=10)
 def stage_baseline(cfg: LoopConfig, live: dict) -> dict:
-    from flows.steps import stage_baseline as stage
-
     return stage(cfg, live)
 
 
 @task(name="retire release", retries=2, retry_delay_seconds=5)
 def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
-    from flows.loop_config import admin_client
-
     with admin_client(cfg) as admin:
         if admin.get(release_id).status == "staged":
             admin.retire(release_id, reason=reason)
@@ -149,9 +137,9 @@ def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
 @task(name="stage release", retries=2, retry_delay_seconds=10)
 def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, kernel: str = "default") -> dict:
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
-    from flows.gpu import kernel_args
-    from flows.loop_config import admin_client
-    from serving.control.admin_api import startup_progress
+    from serving.control.admin_api import (
+        startup_progress,  # lazy: serving.control.admin_api loads fastapi
+    )
 
     with admin_client(cfg) as admin:
         for rel in admin.describe():
@@ -172,15 +160,11 @@ def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, k
 def evaluate_release(
     cfg: LoopConfig, variant: str, release: dict, run_dir: str, dataset_path: str, concurrency: int
 ) -> dict:
-    from flows.steps import evaluate
-
     return evaluate(cfg, variant, release, Path(run_dir), dataset_path, concurrency)
 
 
 @task(name="evaluate more items (sequential gate)")
 def extend_release(cfg: LoopConfig, variant: str, release: dict, run_dir: str, look: int, metrics: list[str]) -> dict:
-    from flows.steps import extend
-
     return extend(cfg, variant, release, Path(run_dir), look, set(metrics))
 
 
@@ -188,8 +172,6 @@ def sequential_looks(cfg: LoopConfig, run_dir: Path, releases: dict[str, dict], 
     """A sequential gate's later looks: while some candidate that can still be promoted has
     inconclusive rules, evaluate the next share of those rules' items on it and on live's copy
     (both still staged). Resolved rules stop; the gate's error is spent over the looks."""
-    from flows.steps import gate_config, open_metrics
-
     logger = get_run_logger()
     variants = [v for v in metrics if v != "baseline"]
     for look in range(1, len(gate_config(cfg).looks)):
@@ -209,23 +191,17 @@ def report_and_gate(
     cfg: LoopConfig, run_dir: str, metrics: dict[str, dict], schemes: dict[str, str], workload: dict,
     kernels: dict[str, str] | None = None,
 ) -> dict:
-    from flows.steps import decide
-
     return decide(cfg, Path(run_dir), metrics, schemes, workload, kernels)
 
 
 @task(name="attach evals + promote or keep", retries=2, retry_delay_seconds=5)
 def apply_decision(cfg: LoopConfig, releases: dict[str, dict], decision: dict, run_dir: str) -> dict | None:
-    from flows.steps import apply_decision as apply
-
     return apply(cfg, releases, decision, run_dir)
 
 
 def schedule_canary_check(cfg: LoopConfig) -> str:
     """The first ``canary-check`` run, one check interval from now (flows/canary.py)."""
-    from evals.online import OnlineConfig
-    from flows.canary import DEPLOYMENT, schedule_check
-    from ground.config import load_config
+    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
 
     every = load_config(OnlineConfig, resolve_path(cfg.online_file)).canary.check_every_s
     run = schedule_check(every, {})
@@ -242,7 +218,6 @@ def _image_markdown(path: Path, title: str) -> str:
 def publish_artifacts(run_dir: Path, data: dict, decision: dict, promotion: dict | None) -> None:
     """What someone who only opens the Prefect UI needs: what changed, what it cost, why (not)."""
     key = windows.artifact_key(run_dir.name)
-    from evals.report import embed_images
 
     report_md = Path(decision["report_md"])
     create_markdown_artifact(
@@ -312,8 +287,6 @@ def _skipped(run_dir: Path, win: windows.Window, data: dict, start: dict, timing
 
 # -- the flow ------------------------------------------------------------------------------------
 def _run_name() -> str:
-    from prefect.runtime import flow_run
-
     p = flow_run.parameters
     win = windows.resolve(_as_datetime(p.get("since")), _as_datetime(p.get("until")))
     windows.mark_pending(win)  # the flow body resolves the same window from it
@@ -339,8 +312,6 @@ def alignment_loop(
         since: Window start; None = where the last successful run ended (or a pending window).
         until: Window end; None = now.
     """
-    from flows.work_pools import one_run_per_model
-
     cfg = load_loop_config(config, overrides or [])
     with one_run_per_model(cfg.model.name_or_path):  # never two runs of one model at once
         return _align(cfg, since, until)
@@ -385,8 +356,6 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
             models["quantized"] = quant["model_dir"]
             schemes["quantized"] = quant["scheme"]
 
-    from flows.gpu import KERNEL_VARIANT_SUFFIX, kernels_for
-
     # The baseline is an idle copy of live (the release this run's training started from), staged
     # like a candidate and labelled with what live really serves (scheme and kernel). It is
     # evaluated and stopped before the candidates start, so no more vLLMs run at once than live +
@@ -399,7 +368,6 @@ def _align(cfg: LoopConfig, since: datetime | None, until: datetime | None) -> d
     kernels = {"baseline": baseline["source"].get("kernel", "default")}
     metrics = {"baseline": evaluate_release(
         cfg, "baseline", baseline, str(run_dir), data["dataset_path"], workload["concurrency"])}
-    from flows.steps import gate_config
 
     sequential = len(gate_config(cfg).looks) > 1
     if not sequential:  # else live's copy answers the later looks' items too, and stays staged

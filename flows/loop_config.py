@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from evals.config import EvalsConfig
+from evals.gate import GateConfig
 from ground.config import (
     ConfigError,
     ModelRef,
@@ -25,8 +27,16 @@ from ground.config import (
     read_config_file,
     repo_root,
 )
+from serving.control.server import running_server
 from serving.engine.vllm_server import VLLMArgs
+from serving.gateway.config import GatewayConfig
 from serving.releases.placement import PlacementConfig
+from training.data import DataConfig
+from training.dpo import DPOStageConfig
+from training.kto import KTOStageConfig
+from training.merge import MergeConfig
+from training.quantize import QuantizeConfig
+from training.sft import SFTStageConfig
 
 # Placeholders that satisfy required path fields while a section is validated at load time.
 _WIRED: dict[str, dict[str, Any]] = {
@@ -41,28 +51,16 @@ _WIRED: dict[str, dict[str, Any]] = {
 def stage_class(stage: str) -> type[StrictModel]:
     """The config class of a stage (imported lazily: the classes live with their stages)."""
     if stage == "data":
-        from training.data import DataConfig
-
         return DataConfig
     if stage == "sft":
-        from training.sft import SFTStageConfig
-
         return SFTStageConfig
     if stage == "dpo":
-        from training.dpo import DPOStageConfig
-
         return DPOStageConfig
     if stage == "kto":
-        from training.kto import KTOStageConfig
-
         return KTOStageConfig
     if stage == "merge":
-        from training.merge import MergeConfig
-
         return MergeConfig
     if stage == "quantize":
-        from training.quantize import QuantizeConfig
-
         return QuantizeConfig
     raise KeyError(stage)
 
@@ -152,10 +150,7 @@ class LoopConfig(StrictModel):
     def _check_files(self) -> None:
         """Every config the run will read, loaded now: a typo in the gate or eval config fails
         before SFT, DPO, merge and AWQ have spent their time (the error names file and field)."""
-        from evals.config import EvalsConfig
-        from evals.gate import GateConfig
-        from evals.online import OnlineConfig
-        from serving.gateway.config import GatewayConfig
+        from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
 
         for field, cls, name in (("evals_file", EvalsConfig, self.evals_file),
                                  ("gate_file", GateConfig, self.gate_file),
@@ -209,8 +204,9 @@ def load_loop_config(path: str | Path | None, overrides: list[str] | tuple[str, 
 @contextlib.contextmanager
 def admin_client(cfg: LoopConfig) -> Iterator[Any]:
     """An admin client for the running gateway named by the config (or ``server.json``)."""
-    from serving.control.admin_api import AdminClient
-    from serving.control.server import running_server
+    from serving.control.admin_api import (
+        AdminClient,  # lazy: serving.control.admin_api loads fastapi
+    )
 
     url = cfg.gateway.url
     if url is None:

@@ -13,6 +13,8 @@ model and stage into the same gateway never overlap: the second waits for the fi
 
 from __future__ import annotations
 
+import sys
+
 from flows.loop import alignment_loop
 from flows.loop_config import load_loop_config, resolve_path
 from flows.work_pools import DEFAULT_POOL, ensure_model_limit, ensure_work_pool, model_limit_name
@@ -42,6 +44,4 @@ def register_deployment(
 
 def worker_command(pool: str = DEFAULT_POOL) -> list[str]:
     """The command that runs a worker for ``pool`` here (what the README shows for a GPU machine)."""
-    import sys
-
     return [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]

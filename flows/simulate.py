@@ -31,9 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import Field
 
+from evals.policy import compliance, match_faq
 from ground.config import StrictModel, data_dir
+from serving.control.server import running_server
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +185,6 @@ def user_judgement(item: dict[str, Any], answer: str) -> float:
         mine = {m.group(0).strip() for m in _DIGITS_OR_EMAIL.finditer(item["prompt"])}
         checks.append(not any(v in text for v in mine))
     if category in ("faq", "personal_data"):
-        from evals.policy import match_faq
-
         faq = match_faq(item["prompt"])
         if faq:
             checks.append(all(w.lower() in low for w in faq["fact"].split()))
@@ -204,8 +205,6 @@ def decide_feedback(
         (feedback actions, the policy compliance of each answer as the gate's scorer measures it:
         reported in the traffic log, never used for the labels).
     """
-    from evals.policy import compliance
-
     rng = random.Random(f"{cfg.seed}:{rnd}:{item['id']}")
     judged = [user_judgement(item, a) for a in answers]
     scores = [compliance(item["prompt"], a, item["category"]) for a in answers]
@@ -252,7 +251,6 @@ def resolve_base_url(cfg: SimulateConfig) -> str:
     """``cfg.base_url``, or the running gateway's URL + /v1 (from its server.json)."""
     if cfg.base_url:
         return cfg.base_url
-    from serving.control.server import running_server
 
     info = running_server()
     if info is None:
@@ -266,8 +264,7 @@ class _Client:
     """The gateway over HTTP: chat via the openai SDK, feedback via httpx."""
 
     def __init__(self, cfg: SimulateConfig) -> None:
-        import httpx
-        import openai
+        import openai  # lazy: openai, about a second
 
         key = cfg.api_key or os.environ.get(cfg.api_key_env)
         if not key:

@@ -10,8 +10,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+from evals import report, suites
+from evals.config import Endpoint, EvalsConfig
+from evals.gate import GateConfig, error_shares, evaluate_stage_dirs, spent_alpha, still_open
+from evals.render import keep_summary
+from evals.serving_choice import (
+    Slo,
+    Workload,
+    choose,
+    measurements_from_perf_metrics,
+    workload_from_logs,
+)
+from flows.gpu import kernel_args, served_label
 from flows.loop_config import LoopConfig, admin_client, resolve_path
-from ground.config import load_config
+from ground.config import ConfigError, load_config
+from ground.platform import detect, serving_dtype
 from ground.runs import StageDir
 
 COST_METRIC = "cost.usd_per_1m_output_tokens"
@@ -45,8 +58,6 @@ def stage_baseline(cfg: LoopConfig, live: dict[str, Any]) -> dict[str, Any]:
     """An idle copy of the live release, staged like a candidate: the evals never load-test the
     release that serves users, and the baseline carries what live really serves: the scheme of its
     checkpoint and the kernel its vLLM arguments select."""
-    from flows.gpu import kernel_args, served_label
-
     scheme, kernel = served_label(live)
     with admin_client(cfg) as admin:
         for rel in admin.describe():  # a copy staged by an earlier attempt of this run
@@ -71,9 +82,9 @@ def evaluate(
     The private gateway has its own log store, so eval traffic never becomes training data.
     Results are stored in ``<run>/evals-<variant>/`` and reused while model and config are unchanged.
     """
-    from evals import suites
-    from evals.config import Endpoint, EvalsConfig
-    from serving.gateway.candidate import candidate_gateway
+    from serving.gateway.candidate import (
+        candidate_gateway,  # lazy: serving.gateway.candidate loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
+    )
 
     evals_cfg = load_config(EvalsConfig, resolve_path(cfg.evals_file))
     evals_cfg.quality.preference_dataset = dataset_path
@@ -112,8 +123,6 @@ def evaluate(
 
 def gate_config(cfg: LoopConfig):
     """The loop's gate policy (``gate_file``)."""
-    from evals.gate import GateConfig
-
     return load_config(GateConfig, resolve_path(cfg.gate_file))
 
 
@@ -121,14 +130,12 @@ def open_metrics(cfg: LoopConfig, run_dir: Path, variants: list[str], look: int)
     """After ``look`` of a sequential gate: per candidate that can still be promoted (no rule
     failed, some inconclusive), the metrics of its inconclusive paired rules: what the next look
     evaluates more items of, for it and for live's copy."""
-    from evals.gate import evaluate_stage_dirs
-
     gate_cfg = gate_config(cfg)
     out = {}
     for v in variants:
         d = evaluate_stage_dirs(gate_cfg, run_dir / f"evals-{v}", run_dir / "evals-baseline", looks=look + 1)
         if d.verdict == "inconclusive":
-            out[v] = {o.metric for o in d.outcomes if o.verdict == "inconclusive" and o.test != "threshold"}
+            out[v] = still_open(d)
     return out
 
 
@@ -136,9 +143,9 @@ def extend(cfg: LoopConfig, variant: str, release: dict[str, Any], run_dir: Path
            metrics: set[str]) -> dict[str, float]:
     """Look ``look`` of a sequential gate on one release: more items of ``metrics`` behind a
     private gateway (as :func:`evaluate`), added to its eval folder. Returns the updated metrics."""
-    from evals import suites
-    from evals.config import EvalsConfig
-    from serving.gateway.candidate import candidate_gateway
+    from serving.gateway.candidate import (
+        candidate_gateway,  # lazy: serving.gateway.candidate loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
+    )
 
     evals_cfg = suites.look_config(load_config(EvalsConfig, resolve_path(cfg.evals_file)),
                                    gate_config(cfg).looks, look, metrics)
@@ -180,9 +187,10 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
 def workload(cfg: LoopConfig, window: tuple[Any, Any]) -> dict[str, Any]:
     """The workload the perf suite and the serving choice plan for: ``workload_concurrency`` from
     the config, else the requests in flight the window's logs show (p95)."""
-    from evals.config import EvalsConfig
-    from evals.serving_choice import Slo, Workload, workload_from_logs
-    from ground.logstore import LogStore, default_url
+    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
+        LogStore,
+        default_url,
+    )
 
     evals_cfg = load_config(EvalsConfig, resolve_path(cfg.evals_file))
     usd = evals_cfg.cost.usd_per_hour[evals_cfg.cost.machine]
@@ -203,8 +211,6 @@ def serving_choice(
 ) -> dict[str, Any]:
     """Among the candidates that passed the gate, the cheapest $/1M meeting the SLO at the
     workload's concurrency (speed-ups relative to the baseline copy of live, by its real scheme)."""
-    from evals.serving_choice import Workload, choose, measurements_from_perf_metrics
-
     points = [
         m for v in metrics
         for m in measurements_from_perf_metrics(
@@ -223,8 +229,6 @@ def summarize_decision(
     candidate is named as what $ alone would pick: never "cheapest at the SLO".
     """
     if not passing:
-        from evals.render import keep_summary
-
         # The same rule titles (task named) and numbers as the gate table: one renderer.
         return None, keep_summary({v: d.to_dict() for v, d in decisions.items()})
     chosen = (choice.get("chosen") or {}).get("variant")
@@ -244,8 +248,6 @@ def summarize_decision(
 def error_budget(gate_cfg, candidates: list[str]) -> dict[str, Any]:
     """How the whole decision's error is split (pure): over the candidates (serial gatekeeping or
     equal shares, evals.gate.error_shares), then over the looks."""
-    from evals.gate import error_shares, spent_alpha
-
     alpha = 1 - min((r.confidence for r in gate_cfg.rules if r.test != "threshold"), default=0.95)
     shares = {v: alpha * s for v, s in error_shares(gate_cfg, candidates).items()}
     spend = {v: [round(spent_alpha(a, gate_cfg.looks, j), 5) for j in range(len(gate_cfg.looks))]
@@ -276,10 +278,6 @@ def decide(
     """Gate every candidate against the baseline copy of live on the same items, render the
     report, pick what to promote. Decided from the stored eval folders (the per-item outcomes),
     exactly as the release manager will recompute it."""
-    from evals import report
-    from evals.gate import evaluate_stage_dirs
-    from ground.config import ConfigError
-
     gate_cfg = gate_config(cfg)
     live_dir = run_dir / "evals-baseline"
     decisions = {v: evaluate_stage_dirs(gate_cfg, run_dir / f"evals-{v}", live_dir)
@@ -299,7 +297,6 @@ def decide(
     out = run_dir / "report"
     metrics_files = {}
     # What vLLM computes unquantized models in here (float32 on most CPUs), for "Served as".
-    from ground.platform import detect, serving_dtype
 
     dtype = serving_dtype(detect())
     for variant, m in metrics.items():
@@ -334,7 +331,7 @@ def apply_decision(
     not pass) or, with ``canary: true``, start it as a canary that the online rules decide
     (flows/canary.py), and retire what stays staged (candidates, the baseline copy) so their vLLMs
     stop."""
-    from evals.online import OnlineConfig
+    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
 
     gate = json.loads(Path(decision["report_json"]).read_text())["gate"]
     winner = decision.get("winner")

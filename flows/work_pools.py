@@ -18,9 +18,16 @@ DEFAULT_POOL = "alignloop"
 
 def ensure_work_pool(pool: str = DEFAULT_POOL, pool_type: str = "process") -> str:
     """Create the work pool if it does not exist; return its type."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.client.orchestration import (
+        get_client,  # lazy: prefect, seconds; alignloop --help stays quick
+    )
+    from prefect.client.schemas.actions import (
+        WorkPoolCreate,  # lazy: prefect, seconds; alignloop --help stays quick
+    )
+    from prefect.exceptions import (  # lazy: prefect, seconds; alignloop --help stays quick
+        ObjectAlreadyExists,
+        ObjectNotFound,
+    )
 
     with get_client(sync_client=True) as client:
         try:
@@ -43,9 +50,16 @@ def model_limit_name(model: str) -> str:
 
 def ensure_model_limit(name: str) -> None:
     """Create the limit (1 slot) if it does not exist."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.client.orchestration import (
+        get_client,  # lazy: prefect, seconds; alignloop --help stays quick
+    )
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,  # lazy: prefect, seconds; alignloop --help stays quick
+    )
+    from prefect.exceptions import (  # lazy: prefect, seconds; alignloop --help stays quick
+        ObjectAlreadyExists,
+        ObjectNotFound,
+    )
 
     with get_client(sync_client=True) as client:
         try:
@@ -60,7 +74,9 @@ def ensure_model_limit(name: str) -> None:
 @contextlib.contextmanager
 def one_run_per_model(model: str, timeout_s: float | None = None) -> Iterator[str]:
     """Hold the model's slot for the body (waiting for a run of the same model to finish)."""
-    from prefect.concurrency.sync import concurrency
+    from prefect.concurrency.sync import (
+        concurrency,  # lazy: prefect, seconds; alignloop --help stays quick
+    )
 
     name = model_limit_name(model)
     ensure_model_limit(name)

@@ -41,10 +41,15 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
+
+from ground.config import data_dir
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +421,6 @@ class LogStore:
 
     def count_exchanges(self) -> int:
         self.flush()
-        from sqlalchemy import func
 
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(requests_table)).scalar_one()
@@ -425,8 +429,6 @@ class LogStore:
 def _add_missing_columns(engine: Engine) -> None:
     """Add columns that newer code declares to tables an older version created (nullable or
     defaulted columns only, so existing rows stay valid). No migration framework for two tables."""
-    from sqlalchemy import inspect, text
-
     insp = inspect(engine)
     for table in (requests_table, feedback_table):
         have = {c["name"] for c in insp.get_columns(table.name)}
@@ -456,8 +458,6 @@ def _window_query(
 
 
 def default_url() -> str:
-    from ground.config import data_dir
-
     path = data_dir() / "logs.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"

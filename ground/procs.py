@@ -20,7 +20,9 @@ start-up left the server running, reparented to init.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
 import os
 import select
 import signal
@@ -140,8 +142,6 @@ def _stop_all(child: subprocess.Popen, grace_s: float) -> None:
 def _die_with_us() -> None:  # pragma: no cover - runs in the child between fork and exec
     """The direct child gets SIGTERM if the watchdog itself is SIGKILLed (single thread here)."""
     with contextlib.suppress(Exception):
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -187,8 +187,6 @@ def _watch(owner: int, grace_s: float, cmd: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(description="Run a command that dies with its owner.")
     ap.add_argument("--owner", type=int, required=True)
     ap.add_argument("--grace", type=float, default=15.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,13 +58,14 @@ def import_presidio_for_serving() -> None:
     Only for processes that serve and never train (gateway workers, ``alignloop serve``), called
     before any other thread starts: while hidden, nothing else in the process can import them.
     """
-    import sys
-
     hidden = [m for m in ("torch", "transformers") if m not in sys.modules]
     for m in hidden:
         sys.modules[m] = None  # type: ignore[assignment]
     try:
+        # lazy: presidio_analyzer, loads spaCy
         import presidio_analyzer.predefined_recognizers  # noqa: F401
+
+        # lazy: presidio_anonymizer, Presidio
         import presidio_anonymizer  # noqa: F401
     finally:
         for m in hidden:
@@ -77,7 +79,7 @@ def _offline_tldextract() -> None:
     Its default extractor fetches the public suffix list over the network on first use, which
     hangs or logs tracebacks on offline machines.
     """
-    import tldextract.tldextract as tld
+    import tldextract.tldextract as tld  # lazy: tldextract, Presidio's e-mail validator only
 
     if tld.TLD_EXTRACTOR.suffix_list_urls:
         tld.TLD_EXTRACTOR = tld.TLDExtract(
@@ -94,7 +96,7 @@ def _recognizers(entities: Sequence[str]) -> list:
         IpRecognizer,
         PhoneRecognizer,
         UsSsnRecognizer,
-    )
+    )  # lazy: presidio_analyzer, loads spaCy
 
     by_entity = {
         "EMAIL_ADDRESS": EmailRecognizer,
@@ -120,7 +122,7 @@ class PIIDetector:
     """
 
     def __init__(self, entities: Sequence[str] = DEFAULT_ENTITIES, min_score: float = 0.3) -> None:
-        from presidio_anonymizer import AnonymizerEngine
+        from presidio_anonymizer import AnonymizerEngine  # lazy: presidio_anonymizer, Presidio
 
         _offline_tldextract()
         self.entities = tuple(entities)
@@ -175,7 +177,10 @@ class PIIDetector:
         results = self._results(text)
         if not results:
             return text, []
-        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+        from presidio_anonymizer.entities import (  # lazy: presidio_anonymizer, Presidio
+            OperatorConfig,
+            RecognizerResult,
+        )
 
         conv = [RecognizerResult(e, a, b, sc) for e, a, b, sc in _merge_overlaps(results)]
         anon = self._anonymizer.anonymize(

@@ -148,9 +148,9 @@ def test_a_plain_file_reads_as_itself(tmp_path: Path) -> None:
 
 
 def test_base_is_found_from_the_profiles_folder_and_chains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path, "shared/base.yaml", BASE)
-    write(tmp_path, "shared/mid.yaml", "base: base.yaml\nlora:\n  alpha: 64\n")
-    top = write(tmp_path, "variants/top.yaml", "base: ../shared/mid.yaml\nname: top\n")
+    write(tmp_path, "common/base.yaml", BASE)
+    write(tmp_path, "common/mid.yaml", "base: base.yaml\nlora:\n  alpha: 64\n")
+    top = write(tmp_path, "variants/top.yaml", "base: ../common/mid.yaml\nname: top\n")
     monkeypatch.chdir(tmp_path / "variants")
     cfg = load_config(Stage, "top.yaml")
     assert (cfg.name, cfg.epochs, cfg.lora.rank, cfg.lora.alpha) == ("top", 3, 8, 64)

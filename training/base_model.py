@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,8 +62,11 @@ def _download_gguf(workdir: Path) -> Path:
 
 def greedy_answer(model_dir: str | Path, prompt: str = CHECK_PROMPT, max_new_tokens: int = 16) -> str:
     """One chat-templated greedy generation in-process (transformers), for checks."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # lazy: torch, seconds and hundreds of MB
+    from transformers import (  # lazy: transformers, imports torch
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -102,8 +106,12 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
             return MaterializeResult(**{**record, "path": str(dest)})  # where it is now
         log.info("%s was made by an older conversion; rebuilding", dest)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import torch  # lazy: torch, seconds and hundreds of MB
+    from transformers import (  # lazy: transformers, imports torch
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GgufConfig,
+    )
 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +129,6 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
         )
         staging = dest.with_name(dest.name + ".partial")
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging)
         model.config.quantization_config = None
         if hasattr(model.config, "_pre_quantization_dtype"):
@@ -136,8 +142,6 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
             f"materialized model failed its check: {CHECK_PROMPT!r} -> {answer!r} (expected Paris)"
         )
     if dest.exists():
-        import shutil
-
         shutil.rmtree(dest)
     staging.rename(dest)
     result = MaterializeResult(

@@ -160,7 +160,7 @@ class DataResult:
 
 
 def _features() -> dict[str, Any]:
-    from datasets import Features, List, Value
+    from datasets import Features, List, Value  # lazy: datasets, pyarrow and pandas
 
     msgs = List({"role": Value("string"), "content": Value("string")})
     ids = {
@@ -178,7 +178,7 @@ def _features() -> dict[str, Any]:
 
 
 def _to_dataset(rows: list[dict[str, Any]], features: Any) -> Any:
-    from datasets import Dataset
+    from datasets import Dataset  # lazy: datasets, pyarrow and pandas
 
     return Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
@@ -191,7 +191,7 @@ def read_sources(cfg: DataConfig) -> SourceBatch:
     for path in cfg.jsonl:
         load_jsonl(path, batch)
     if cfg.logstore.enabled:
-        from ground.logstore import default_url
+        from ground.logstore import default_url  # lazy: ground.logstore loads sqlalchemy
 
         since, until = cfg.logstore.window()
         try:
@@ -398,7 +398,7 @@ def run(cfg: DataConfig) -> DataResult:
 
     dataset_path = stage.out / "dataset"
     if skip_reason is None:
-        from datasets import DatasetDict
+        from datasets import DatasetDict  # lazy: datasets, pyarrow and pandas
 
         feats = _features()
         kind_of = lambda s: next(k for k in TRAIN_SPLITS if k in s)  # noqa: E731

@@ -150,7 +150,7 @@ def load_logstore(
     Raises:
         EmptyWindow: "no feedback in window ..." when the window holds no feedback at all.
     """
-    from ground.logstore import LogStore
+    from ground.logstore import LogStore  # lazy: ground.logstore loads sqlalchemy
 
     batch = batch or SourceBatch()
     store = LogStore(url)
@@ -239,7 +239,7 @@ def _exchange_from_row(row: dict[str, Any]) -> Exchange:
 
 def _safe_url(url: str) -> str:
     """The URL without a password (it goes into the manifest)."""
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import make_url  # lazy: sqlalchemy, about half a second
 
     return make_url(url).render_as_string(hide_password=True)
 

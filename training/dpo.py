@@ -98,7 +98,7 @@ class DPOResult(StageResult):
 
 def to_trl_config(cfg: DPOStageConfig, output_dir: Path) -> Any:
     """Our config as TRL's ``DPOConfig`` (the one place the mapping lives)."""
-    from trl import DPOConfig
+    from trl import DPOConfig  # lazy: trl, imports torch and transformers
 
     return DPOConfig(
         **trainer_kwargs(cfg.train, output_dir),
@@ -148,7 +148,7 @@ def run(cfg: DPOStageConfig) -> DPOResult:
     if (done := cached_or_start(stage, ranks)) is not None:
         return DPOResult(**{**done, "skipped": True})
 
-    from trl import DPOTrainer
+    from trl import DPOTrainer  # lazy: trl, imports torch and transformers
 
     threads = set_threads(cfg.train.threads)
     heldout = optional_split(cfg.dataset_path, cfg.heldout_split, PAIR_COLUMNS)

@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from guardrails.pii import default_detector
 from training.preferences import DPO_SOURCES, SFT_SOURCES, normalize_text, prompt_key
 
 TARGET_FIELDS = ("completion", "chosen", "rejected")
@@ -36,8 +37,6 @@ def scrub_pii(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[st
     Returns:
         (rows with redacted text, {"rows_changed": n, "entities": {type: count}}).
     """
-    from guardrails.pii import default_detector
-
     detector = default_detector()
     entities: Counter[str] = Counter()
     changed = 0

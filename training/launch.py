@@ -17,7 +17,9 @@ The YAML carries the launch settings (``launch:`` in configs/sft.yaml and config
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -26,12 +28,15 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from ground.config import StrictModel, dump_config, load_config, repo_root
+from ground.config import StrictModel, data_dir, dump_config, load_config, repo_root
+from ground.procs import free_port, owned_popen, stop_group
+from training.lora import resolve_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,7 @@ def process_state() -> Any:
     (so an inline run never initialises accelerate's state ahead of the trainer's own settings)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _OneProcess()
-    from accelerate import PartialState
+    from accelerate import PartialState  # lazy: accelerate, imports torch
 
     return PartialState()
 
@@ -106,7 +111,7 @@ def progress_callbacks() -> list[Any]:
     when the launcher asked for it; none otherwise."""
     if os.environ.get("ALIGNLOOP_PROGRESS") != "1":
         return []
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # lazy: transformers, imports torch
 
     class Progress(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
@@ -120,9 +125,6 @@ def progress_callbacks() -> list[Any]:
 
 def stage_main(config_cls: type[StrictModel], run: Callable[[Any], Any], argv: Sequence[str] | None = None) -> None:
     """Entry of ``python -m training.<stage> --config FILE [key=value ...]`` in each rank."""
-    import argparse
-    from dataclasses import asdict
-
     ap = argparse.ArgumentParser(description=f"one rank of the {config_cls.__name__} stage")
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*")
@@ -130,7 +132,7 @@ def stage_main(config_cls: type[StrictModel], run: Callable[[Any], Any], argv: S
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fraction = os.environ.get(MEMORY_FRACTION_ENV)
     if fraction:
-        import torch
+        import torch  # lazy: torch, seconds and hundreds of MB
 
         if torch.cuda.is_available():  # a GPU shared with serving releases: stay in our share
             device = int(os.environ.get("LOCAL_RANK", "0"))
@@ -164,8 +166,6 @@ def accelerate_command(
         if f.layer_cls:
             cmd += ["--fsdp_transformer_layer_cls_to_wrap", f.layer_cls]
     if num_processes > 1 or port:
-        from ground.procs import free_port
-
         cmd += ["--main_process_port", str(port or free_port())]
     return cmd + list(settings.extra_args) + list(target)
 
@@ -174,7 +174,7 @@ def visible_gpus() -> list[int]:
     """GPUs this process may use when nobody placed the stage (CUDA_VISIBLE_DEVICES or all)."""
     if os.environ.get("ALIGNLOOP_FORCE_CPU") == "1":
         return []
-    import torch
+    import torch  # lazy: torch, seconds and hundreds of MB
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -187,8 +187,6 @@ _RESULTS = {"sft": "SFTResult", "dpo": "DPOResult"}
 
 
 def _stage_module(stage: str) -> Any:
-    import importlib
-
     if stage not in _RESULTS:
         raise ValueError(f"stage: {stage!r} cannot be launched (sft or dpo)")
     return importlib.import_module(f"training.{stage}")
@@ -209,8 +207,6 @@ def run_stage(
         memory_fraction: cap of each process's share of its GPU (a GPU shared with releases).
         on_line: called with each line of the child's output worth showing (a Prefect logger).
     """
-    from training.lora import resolve_run_dir
-
     module = _stage_module(stage)
     gpus = list(devices) if devices is not None else visible_gpus()
     mode = cfg.launch.launcher
@@ -242,12 +238,9 @@ def run_stage(
 
 def _stream(cmd: list[str], env: dict[str, str], log_path: Path, stage: str, emit: Callable[[str], None]) -> dict:
     """Run ``cmd``, write its output to ``log_path``, pass lines on, return the printed result."""
-    from ground.procs import owned_popen, stop_group
-
     tail: deque[str] = deque(maxlen=40)
     result: dict | None = None
     t0 = time.monotonic()
-    from ground.config import data_dir
 
     env = {**env, "ALIGNLOOP_HOME": str(data_dir())}  # the child runs from the checkout, not our cwd
     proc = owned_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from training.lora import is_quantized
+
 StartFrom = Literal["base", "live"]
 
 
@@ -75,8 +77,6 @@ def full_precision_model(model_dir: str | Path) -> Path:
     Raises:
         ValueError: a quantized model that no quantize stage folder explains.
     """
-    from training.lora import is_quantized
-
     path = Path(model_dir).resolve()
     if not is_quantized(path):
         return path

@@ -11,6 +11,7 @@ small models).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ def preference_train_settings() -> TrainSettings:
 
 def to_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> Any:
     """Our :class:`LoraSettings` as a PEFT ``LoraConfig``."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft, imports torch
 
     return LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -84,21 +85,21 @@ def on_gpu() -> bool:
     """True when training will run on a CUDA device (``ALIGNLOOP_FORCE_CPU=1`` forces CPU)."""
     if os.environ.get("ALIGNLOOP_FORCE_CPU") == "1":
         return False
-    import torch
+    import torch  # lazy: torch, seconds and hundreds of MB
 
     return torch.cuda.is_available()
 
 
 def compute_dtype() -> Any:
     """bf16 on GPU, float32 on CPU (ground.platform.training_dtype)."""
-    import torch
+    import torch  # lazy: torch, seconds and hundreds of MB
 
     return torch.bfloat16 if on_gpu() else torch.float32
 
 
 def set_threads(threads: int | None) -> int:
     """Pin torch's intra-op threads (all cores by default); returns the number used."""
-    import torch
+    import torch  # lazy: torch, seconds and hundreds of MB
 
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
@@ -110,7 +111,6 @@ def use_liger(setting: bool | None, gpu: bool) -> bool:
     (Triton kernels). ``true`` without the package is an error rather than a silent slow run."""
     if not gpu or setting is False:
         return False
-    import importlib.util
 
     installed = importlib.util.find_spec("liger_kernel") is not None
     if setting and not installed:
@@ -155,7 +155,7 @@ def load_split(dataset_path: str | Path, split: str, columns: list[str], min_row
     Provenance columns (request_ids, feedback_ids, source) are dropped: TRL must see only the
     fields it trains on.
     """
-    from datasets import load_from_disk
+    from datasets import load_from_disk  # lazy: datasets, pyarrow and pandas
 
     path = Path(dataset_path)
     if not path.exists():
@@ -182,7 +182,7 @@ def optional_split(dataset_path: str | Path, split: str | None, columns: list[st
     """A held-out split if named, present and non-empty, else None."""
     if not split:
         return None
-    from datasets import load_from_disk
+    from datasets import load_from_disk  # lazy: datasets, pyarrow and pandas
 
     dd = load_from_disk(str(dataset_path), keep_in_memory=True)
     if split not in dd or len(dd[split]) == 0:

@@ -31,7 +31,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ground.config import StrictModel
+from ground.platform import detect, serving_dtype
 from ground.runs import StageDir, folder_bytes
+from training.base_model import resolve_base_model
 from training.lora import check_adapter_dir, is_quantized, read_lineage, resolve_run_dir
 from training.stage import load_tokenizer
 
@@ -84,7 +86,6 @@ def resolve_dtype(name: str) -> str:
     """'auto' -> serving_dtype of this machine."""
     if name != "auto":
         return name
-    from ground.platform import detect, serving_dtype
 
     return serving_dtype(detect())
 
@@ -96,7 +97,7 @@ def _check_inputs(tok: Any, prompts: list[str]) -> Any:
 
 
 def _logits(model: Any, batch: Any) -> Any:
-    import torch
+    import torch  # lazy: torch, seconds and hundreds of MB
 
     with torch.no_grad():
         out = model(**batch).logits.float()
@@ -105,8 +106,8 @@ def _logits(model: Any, batch: Any) -> Any:
 
 def _delta_rounding_error(peft_model: Any, dtype: Any) -> float | None:
     """How much of the adapters' weight delta a cast to ``dtype`` loses (0 = none, 1 = all)."""
-    import torch
-    from peft.tuners.lora import LoraLayer
+    import torch  # lazy: torch, seconds and hundreds of MB
+    from peft.tuners.lora import LoraLayer  # lazy: peft, imports torch
 
     if dtype == torch.float32:
         return None
@@ -134,11 +135,9 @@ def check_mergeable(base: str) -> None:
 
 def run(cfg: MergeConfig) -> MergeResult:
     """Fold the adapter chain into the base, check logits, save a full model folder."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from training.base_model import resolve_base_model
+    import torch  # lazy: torch, seconds and hundreds of MB
+    from peft import PeftModel  # lazy: peft, imports torch
+    from transformers import AutoModelForCausalLM  # lazy: transformers, imports torch
 
     t0 = time.monotonic()
     last = check_adapter_dir(cfg.adapter, "adapter")

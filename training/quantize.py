@@ -24,6 +24,14 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ground.config import StrictModel
+from ground.platform import (
+    Platform,
+    cached,
+    default_quant_scheme,
+    detect,
+    servable_schemes,
+    serving_dtype,
+)
 from ground.runs import StageDir, folder_bytes
 from training.lora import is_quantized, resolve_run_dir, set_threads
 from training.stage import load_tokenizer
@@ -75,8 +83,6 @@ class QuantizeResult:
 
 def target_platform(target: Target) -> Any:
     """The :class:`ground.platform.Platform` a target names (this machine's own by default)."""
-    from ground.platform import Platform, detect
-
     if target == "this-machine":
         return detect()
     flags = {"gpu": {"avx2"}, "cpu-avx512": {"avx2", "avx512f"}, "cpu-avx2": {"avx2"}}[target]
@@ -90,8 +96,6 @@ def choose_scheme(requested: str, target: Target) -> str:
     ``auto`` on this machine's CPU follows the platform probe once it has measured here (see
     :func:`serving.engine.probe.plan_scheme`); otherwise, and for other targets, the target's default.
     """
-    from ground.platform import cached, default_quant_scheme, servable_schemes
-
     p = target_platform(target)
     scheme = default_quant_scheme(p) if requested == "auto" else requested
     measured = cached(p) if requested == "auto" and target == "this-machine" else None
@@ -118,7 +122,7 @@ def derive_group_size(in_features: list[int]) -> int:
 
 
 def quantized_linear_widths(model: Any, ignore: list[str]) -> list[int]:
-    import torch
+    import torch  # lazy: torch, seconds and hundreds of MB
 
     return [
         m.in_features for name, m in model.named_modules()
@@ -128,9 +132,16 @@ def quantized_linear_widths(model: Any, ignore: list[str]) -> list[int]:
 
 def build_recipe(scheme: str, group_size: int | None, ignore: list[str], n_grid: int) -> list[Any]:
     """AWQ smoothing followed by the quantization modifier for ``scheme``."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from compressed_tensors.quantization import (  # lazy: compressed_tensors, imports torch
+        QuantizationArgs,
+        QuantizationScheme,
+    )
+    from llmcompressor.modifiers.quantization import (
+        QuantizationModifier,  # lazy: llmcompressor, imports torch
+    )
+    from llmcompressor.modifiers.transform.awq import (
+        AWQModifier,  # lazy: llmcompressor, imports torch
+    )
 
     if scheme == "fp8-dynamic":  # per-channel fp8 weights, dynamic activations: no calibration
         return [QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=ignore)]
@@ -150,11 +161,16 @@ def quantize_round_to_nearest(model_dir: str | Path, scheme: str, out: str | Pat
     The platform probe needs a model in each scheme to see how fast this machine serves it; AWQ's
     calibration would only change the weights' values, not the kernels' speed.
     """
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
+    import torch  # lazy: torch, seconds and hundreds of MB
+    from compressed_tensors.quantization import (  # lazy: compressed_tensors, imports torch
+        QuantizationArgs,
+        QuantizationScheme,
+    )
+    from llmcompressor import oneshot  # lazy: llmcompressor, imports torch
+    from llmcompressor.modifiers.quantization import (
+        QuantizationModifier,  # lazy: llmcompressor, imports torch
+    )
+    from transformers import AutoModelForCausalLM  # lazy: transformers, imports torch
 
     out = Path(out)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -183,7 +199,7 @@ def quantize_round_to_nearest(model_dir: str | Path, scheme: str, out: str | Pat
 
 def calibration_dataset(cfg: QuantizeConfig, tok: Any) -> Any:
     """The SFT split's conversations, chat-templated and tokenized (input_ids, attention_mask)."""
-    from datasets import load_from_disk
+    from datasets import load_from_disk  # lazy: datasets, pyarrow and pandas
 
     path = Path(cfg.dataset_path)
     if not path.exists():
@@ -214,8 +230,10 @@ def _cpu_pin_memory_workaround() -> Iterator[None]:
     which crashes on a CPU-only torch ("Cannot access accelerator device when none is
     available"). Pinning only speeds host-to-GPU copies, so without CUDA it is skipped.
     Remove when llmcompressor guards it itself."""
-    import torch
-    from llmcompressor.pipelines.cache import IntermediatesCache
+    import torch  # lazy: torch, seconds and hundreds of MB
+    from llmcompressor.pipelines.cache import (
+        IntermediatesCache,  # lazy: llmcompressor, imports torch
+    )
 
     if torch.cuda.is_available():
         yield
@@ -253,11 +271,9 @@ def run(cfg: QuantizeConfig) -> QuantizeResult:
         return QuantizeResult(**{**done, "skipped": True})
     stage.start()
 
-    import torch
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM
-
-    from ground.platform import detect, serving_dtype
+    import torch  # lazy: torch, seconds and hundreds of MB
+    from llmcompressor import oneshot  # lazy: llmcompressor, imports torch
+    from transformers import AutoModelForCausalLM  # lazy: transformers, imports torch
 
     threads = set_threads(cfg.threads)
     tok = load_tokenizer(str(source))

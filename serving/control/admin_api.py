@@ -40,6 +40,7 @@ from pydantic import Field
 
 from ground.config import StrictModel
 from serving.engine.vllm_server import VLLMArgs
+from serving.gateway.auth import require_admin
 from serving.releases.manager import ReleaseManager
 from serving.releases.records import Release, ReleaseError, ReleaseNotFound
 from serving.releases.staging import StagingError, StagingPolicy
@@ -116,8 +117,6 @@ def build_admin_router(
     """
     policy = staging or StagingPolicy()
     if dependencies is None:
-        from serving.gateway.auth import require_admin
-
         dependencies = [require_admin]
     router = APIRouter(
         prefix="/admin/releases", tags=["admin"], dependencies=[Depends(d) for d in dependencies]

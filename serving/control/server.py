@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +24,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ground.config import StrictModel, data_dir, repo_root
+from evals.gate import GateConfig
+from ground.config import ConfigError, StrictModel, data_dir, load_config, repo_root
+from guardrails.pii import import_presidio_for_serving
 from serving.engine.vllm_server import VLLMArgs
 from serving.gateway.config import GatewayConfig, load_gateway_config
+from serving.gateway.dataplane import ControlPlane
+from serving.releases.manager import ReleaseManager
 from serving.releases.placement import PlacementConfig
+from serving.releases.records import ReleaseError
 from serving.releases.staging import StagingPolicy
+from serving.releases.store import ReleaseStore
+from training.base_model import resolve_base_model
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +94,6 @@ class ReleasesConfig(StrictModel):
     @model_validator(mode="after")
     def _gate_file_loads(self) -> ReleasesConfig:
         """A gate policy that does not load fails at start-up, not at the first promotion."""
-        from evals.gate import GateConfig
-        from ground.config import ConfigError, load_config
-
         try:
             load_config(GateConfig, self.gate_path())
         except ConfigError as exc:
@@ -186,8 +192,6 @@ def _boot_external(manager, cfg: ReleasesConfig) -> None:
 
 def _boot(manager, initial_model: str | None, releases: ReleasesConfig | None = None) -> None:
     """Start the persisted live release; with none, stage + promote ``initial_model``."""
-    from serving.releases.records import ReleaseError
-
     try:
         if releases is not None and releases.upstream_url:
             _boot_external(manager, releases)
@@ -200,7 +204,6 @@ def _boot(manager, initial_model: str | None, releases: ReleasesConfig | None = 
             if manager.current() is None:
                 log.error("no release is serving; the gateway answers 503 until one is promoted")
             return
-        from training.base_model import resolve_base_model
 
         model_dir = resolve_base_model(initial_model)
         rel = manager.stage(model_dir, source={"kind": "initial_model", "name": initial_model})
@@ -224,7 +227,7 @@ def _reload_keys(keys) -> None:  # noqa: ANN001 - serving.gateway.auth.KeyRing
 
 
 def _server_class():
-    import uvicorn
+    import uvicorn  # lazy: uvicorn, the gateway's server only
 
     class _Server(uvicorn.Server):
         """uvicorn re-raises SIGINT/SIGTERM once it has shut down (uvicorn >= 0.29), which would kill
@@ -241,21 +244,30 @@ def _server_class():
 
 def run_serve(cfg: ServeConfig) -> None:
     """Run the gateway until SIGINT/SIGTERM; stop every vLLM it started on the way out."""
-    import signal
-
-    from guardrails.pii import import_presidio_for_serving
-    from serving.gateway.auth import KeyRing, check_demo_keys
+    from serving.gateway.auth import (  # lazy: serving.gateway.auth loads fastapi
+        KeyRing,
+        check_demo_keys,
+    )
 
     gw = cfg.gateway_config()
     keys = KeyRing(gw)
     check_demo_keys(keys, cfg.host, cfg.insecure_demo_keys)  # before anything loads or starts
     import_presidio_for_serving()  # before any thread starts (see there)
-    from ground.logstore import LogStore, default_url
-    from serving.control.admin_api import build_admin_router
-    from serving.gateway.app import create_app, uvicorn_config
-    from serving.releases.manager import ReleaseManager
-    from serving.releases.store import ReleaseStore
-    from serving.review.page import build_review_router, candidates_of
+    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
+        LogStore,
+        default_url,
+    )
+    from serving.control.admin_api import (
+        build_admin_router,  # lazy: serving.control.admin_api loads fastapi
+    )
+    from serving.gateway.app import (  # lazy: serving.gateway.app loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
+        create_app,
+        uvicorn_config,
+    )
+    from serving.review.page import (  # lazy: serving.review.page loads aiohttp, fastapi, sqlalchemy, starlette
+        build_review_router,
+        candidates_of,
+    )
 
     _Server = _server_class()
     workers = cfg.worker_count()
@@ -279,9 +291,6 @@ def run_serve(cfg: ServeConfig) -> None:
             # The control plane answers the workers' forwarded requests (admin API, feedback,
             # the review page) on a Unix socket; the workers share the public listening socket
             # (serving.gateway.dataplane).
-            import tempfile
-
-            from serving.gateway.dataplane import ControlPlane
 
             uds = str(Path(tempfile.gettempdir()) / f"alignloop-gateway-{os.getpid()}.sock")
             app.state.service.feedback_wait_s = 2.0  # rows in transit from a worker

@@ -18,12 +18,12 @@ import json
 import sys
 import time
 
+from ground.platform import can_be_chosen, pick_dtype
+
 
 def _measure(llm, spec: dict, name: str, results: dict) -> dict:
     """The variant's answers, then its speed unless the answers already rule it out."""
-    from vllm import SamplingParams
-
-    from ground.platform import can_be_chosen
+    from vllm import SamplingParams  # lazy: vllm, the serving env only
 
     chats = [[{"role": "user", "content": p}] for p in spec["prompts"]]
     greedy = SamplingParams(max_tokens=spec["check_tokens"], temperature=0)
@@ -47,9 +47,7 @@ def _measure(llm, spec: dict, name: str, results: dict) -> dict:
 
 
 def main(spec: dict) -> dict:
-    from vllm import LLM
-
-    from ground.platform import pick_dtype
+    from vllm import LLM  # lazy: vllm, the serving env only
 
     results: dict[str, dict] = {}
     for variant in spec["variants"]:

@@ -32,6 +32,7 @@ from pydantic import Field
 from ground.config import StrictModel
 from ground.platform import Platform, detect, serve_python, serving_dtype
 from ground.procs import free_port, owned_popen, stop_group
+from serving.engine.tool_parsers import resolve_tool_parser
 
 __all__ = ["VLLMArgs", "VLLMServer", "VLLMStartError", "build_command", "free_port"]
 
@@ -257,7 +258,6 @@ class VLLMServer:
         self.startup_s: float | None = None
         self._log_offset = 0
         self.startup_phase: str | None = None  # while starting: vLLM's current phase, then "ready"
-        from serving.engine.tool_parsers import resolve_tool_parser
 
         # The tool-call parser this server runs with (None: tools off); the gateway refuses
         # requests with tools for a release without one.

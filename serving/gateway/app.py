@@ -23,18 +23,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ground.logstore import LogStore
+from ground.logstore import LogStore, default_url
 from ground.protocol import FeedbackRequest, param_path
+from serving.engine.vllm_server import free_port
 from serving.gateway.admission import Admission
 from serving.gateway.auth import (
     KeyRing,
@@ -272,8 +276,6 @@ def _metrics_route(service: GatewayService, forward_to: str | None) -> APIRouter
             return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
         # A worker: every worker's series (prometheus multiprocess files) + the control plane's
         # log-writer series.
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
@@ -344,7 +346,6 @@ class _LogStoreCollector:
         self.store = store
 
     def collect(self):  # noqa: ANN201
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         s = self.store
         yield GaugeMetricFamily(
@@ -389,8 +390,6 @@ def create_app(
     async def lifespan(app: FastAPI):  # noqa: ANN202
         await service.start()
         if forward_to is not None:
-            import aiohttp
-
             app.state.forward_session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=forward_to),
                 timeout=aiohttp.ClientTimeout(total=None, connect=5),
@@ -477,8 +476,6 @@ class AdminBodyLimit:
 
 def store_from_config(config: GatewayConfig) -> LogStore:
     """The log store the config names (``log_store_url``), default ``<data dir>/logs.db``."""
-    from ground.logstore import default_url
-
     return LogStore(config.log_store_url or default_url())
 
 
@@ -489,8 +486,6 @@ def serve_in_thread(
 ) -> Iterator[str]:
     """Run ``app`` with uvicorn in a thread; yields ``http://host:port`` (tests, benchmarks), or
     the socket's path when serving on the Unix socket ``uds``."""
-    from serving.engine.vllm_server import free_port
-
     port = port or free_port()
     where = {"uds": uds} if uds else {"host": host, "port": port}
     if getattr(getattr(app, "state", None), "config", None) is not None:

@@ -24,6 +24,8 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -286,8 +288,6 @@ def new_key_entry(
     reviewer: str | None = None,
 ) -> tuple[str, KeyEntry]:
     """A fresh random key and its keys-file entry (the key itself is shown once, never stored)."""
-    import secrets
-
     key = "sk-al-" + secrets.token_urlsafe(32)
     digest = hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
     who = tenant or reviewer
@@ -305,8 +305,6 @@ def new_key_entry(
 
 def write_keys_file(path: Path, keys_file: KeysFile) -> None:
     """Write the keys file atomically (mode 0600)."""
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     body = (

@@ -34,24 +34,29 @@ What they share, and how:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import logging
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import shutil
+import signal
 import socket
 import struct
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import multiprocess, values
 
+from guardrails.pii import import_presidio_for_serving
 from serving.gateway.admission import fair_share_refusal
 from serving.gateway.config import GatewayConfig
 from serving.gateway.upstream import Upstream
@@ -133,8 +138,6 @@ class SharedState:
         if not self.owner:
             # Python's resource tracker would unlink the segment when this process exits.
             with contextlib.suppress(Exception):
-                from multiprocessing import resource_tracker
-
                 resource_tracker.unregister(self.shm._name, "shared_memory")  # type: ignore[attr-defined]
         if lock is None:
             fd, path = tempfile.mkstemp(prefix="alignloop-gateway-", suffix=".lock")
@@ -300,8 +303,6 @@ class QueueLogStore:
         self._closed = False
 
     def log_exchange(self, record: Any) -> None:
-        import queue as queue_mod
-
         if self._closed:
             raise RuntimeError("log store is closed")
         try:
@@ -340,22 +341,19 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child process
     """A data-plane worker: the chat app on the shared socket until SIGTERM/SIGINT."""
-    import ctypes
-    import signal
-
     with contextlib.suppress(Exception):  # the control plane killed outright: the workers go too
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = spec.metrics_dir
-    from prometheus_client import values
 
     values.ValueClass = values.get_value_class()  # metrics made from now on go to the mmap files
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker-{spec.index} %(name)s %(message)s")
-    import uvicorn
-
-    from guardrails.pii import import_presidio_for_serving
+    import uvicorn  # lazy: uvicorn, the gateway's server only
 
     import_presidio_for_serving()  # a worker never trains: ~450 MB less per process
-    from serving.gateway.app import create_app, uvicorn_config
+    from serving.gateway.app import (  # lazy: serving.gateway.app loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
+        create_app,
+        uvicorn_config,
+    )
 
     state = SharedState(spec.shm_name, spec.lock)
     _, blob = state.read()
@@ -366,7 +364,9 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
     def on_config(cfg: GatewayConfig) -> None:  # keys, limits: switched with the blob
         admission.set_config(cfg)
         if "app" in holder:
-            from serving.gateway.auth import KeyRing
+            from serving.gateway.auth import (
+                KeyRing,  # lazy: serving.gateway.auth loads fastapi
+            )
 
             holder["app"].state.keyring = KeyRing(cfg)
 
@@ -469,8 +469,6 @@ class ControlPlane:
         log.exception("worker log queue: skipped %s", what)
 
     def _watch(self) -> None:
-        from prometheus_client import multiprocess
-
         while not self._stopping.wait(0.5):
             for i, proc in list(self.procs.items()):
                 # exit code 0: a graceful stop (SIGINT/SIGTERM reached the worker): not restarted

@@ -28,6 +28,7 @@ from evals.render import (
 )
 from ground.config import StrictModel
 from ground.logstore import LogStore, feedback_table
+from guardrails.pii import default_detector
 
 VerdictFilter = Literal["any", "allow", "flagged", "redact", "block"]
 FeedbackFilter = Literal["any", "none", "unreviewed", "reviewed", "user"]
@@ -183,7 +184,6 @@ def redact_for_display(text: str | None) -> str:
     guardrails, but answers, older rows and other chains may still carry some."""
     if not text:
         return text or ""
-    from guardrails.pii import default_detector
 
     return default_detector().redact(text)[0]
 

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -63,7 +64,9 @@ class Session:
         return None if "*" in self.reviewer.tenants else list(self.reviewer.tenants)
 
 
-class _Auth:
+class ReviewAuth:
+    """Signs and reads the session cookie and one-off tokens with the gateway's session secret."""
+
     def __init__(self) -> None:
         self._signers: dict[int, tuple[URLSafeTimedSerializer, bytes]] = {}
 
@@ -113,7 +116,7 @@ class _Auth:
 
 async def read_form(request: Request) -> dict[str, str]:
     """An urlencoded form body (htmx's default), at most ``FORM_LIMIT`` bytes."""
-    from serving.gateway.app import read_body  # lazy: serving.gateway.app loads uvicorn at import
+    from serving.gateway.app import read_body  # lazy: serving.gateway.app loads uvicorn
 
     body = await read_body(request, FORM_LIMIT)
     try:

@@ -32,9 +32,12 @@ def test_the_demo_gateway_and_launched_stages_get_the_callers_data_dir(
         seen.append(kwargs)
         raise _Stop
 
-    import ground.procs
+    import flows.demo
+    import training.launch
 
-    monkeypatch.setattr(ground.procs, "owned_popen", popen)
+    # Each caller's own name for it: both import it at the top of their module.
+    monkeypatch.setattr(flows.demo, "owned_popen", popen)
+    monkeypatch.setattr(training.launch, "owned_popen", popen)
     from flows.demo import _start_gateway
 
     with pytest.raises(_Stop):

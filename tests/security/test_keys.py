@@ -127,7 +127,7 @@ def test_demo_keys_only_on_loopback(tmp_path: Path) -> None:
 def test_reviewer_keys_follow_the_same_scheme(tmp_path: Path) -> None:
     """The review page signs in through the same key ring: keyed hashes, the keys file, and the
     published demo reviewer key only where the demo keys are allowed."""
-    from serving.review.page import reviewer_for_key
+    from serving.review.session import reviewer_for_key
 
     shipped = load_gateway_config(REPO / "configs" / "gateway.yaml")
     assert reviewer_for_key(shipped, "sk-alignloop-reviewer").name == "demo-reviewer"
