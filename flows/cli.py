@@ -88,6 +88,5 @@ for _area in _AREAS:
     _mod.register(app)
 
 
-
 if __name__ == "__main__":  # `python -m flows.cli` (the demo starts `serve` this way)
     app()

@@ -39,6 +39,7 @@ release_app = typer.Typer(
     help="Blue/green releases: list, stage, promote, rollback.", no_args_is_help=True
 )
 
+
 def _address(row: dict) -> str | None:
     """host:port where the release answers: its external server, or its running vLLM."""
     url = row.get("upstream_url") or row.get("base_url")

@@ -55,6 +55,7 @@ from training.quantize import choose_scheme, quantize_round_to_nearest, target_p
 
 log = logging.getLogger(__name__)
 
+
 def run_probe(
     p: Platform | None = None, model_dir: str | Path | None = None, force: bool = False,
     timeout_s: float = 1200,

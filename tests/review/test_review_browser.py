@@ -187,7 +187,6 @@ def test_reviewer_rates_edits_compares_and_approves(
         ]
 
 
-
 def _login(page, base: str) -> None:  # noqa: ANN001
     page.goto(base + "/review/login")
     page.fill("input[name=key]", ALICE)

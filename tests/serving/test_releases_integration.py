@@ -43,7 +43,6 @@ GATEWAY = GatewayConfig(
 )
 
 
-
 def _live_group_members(pgids: set[int]) -> list[int]:
     """Pids (not zombies) whose process group is one of ``pgids``: vLLM servers and their workers."""
     found = []
