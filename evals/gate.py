@@ -200,7 +200,8 @@ def spent_alpha(alpha: float, looks: list[float], index: int) -> float:
     shares add up to ``alpha`` over the plan, so by the union bound a rule that stops at its first
     resolved look is wrongly passed at most ``alpha`` of the time, however the looks correlate;
     early looks spend little, the last nearly all."""
-    from scipy.stats import norm  # lazy: scipy, the statistics only
+    # lazy: scipy, the statistics only
+    from scipy.stats import norm
 
     def spend(t: float) -> float:
         return 0.0 if t <= 0 else float(2 - 2 * norm.cdf(norm.ppf(1 - alpha / 2) / math.sqrt(t)))

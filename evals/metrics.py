@@ -49,7 +49,8 @@ def load_items(file: str, required: str = "prompt", **_: Any):
 
     lm-eval calls this with the task's ``dataset_kwargs`` (``file``, ``required``) and its metadata.
     """
-    import datasets  # lazy: datasets, pyarrow and pandas
+    # lazy: datasets, pyarrow and pandas
+    import datasets
 
     rows = read_jsonl(TASKS_DIR / file, tuple(required.split(",")))
     # Columns must have one type across rows: aliases default to an empty list.
@@ -118,22 +119,21 @@ def ifeval_registry() -> dict[str, Any]:
     disabled. The instructions in :data:`IFEVAL_INSTRUCTIONS` do not use the sentence tokenizer.
     ``langdetect`` (the lowercase/capital checkers) is seeded so a verdict is reproducible.
     """
-    import langdetect  # lazy: langdetect, the IFEval checks only
-    import nltk  # lazy: nltk, about a second; the IFEval checks only
+    # lazy: langdetect, the IFEval checks only; nltk, about a second; the IFEval checks only
+    import langdetect
+    import nltk
 
     langdetect.DetectorFactory.seed = 0
     try:
         nltk.data.find("tokenizers/punkt_tab")
-        from lm_eval.tasks.ifeval import (
-            instructions_registry,  # lazy: lm_eval, imports torch and datasets
-        )
+        # lazy: lm_eval, imports torch and datasets
+        from lm_eval.tasks.ifeval import instructions_registry
     except LookupError:
         download, nltk.download = nltk.download, (lambda *a, **k: False)
         try:  # (it prints "Downloaded punkt_tab" whatever the call returned: keep that out of logs)
             with contextlib.redirect_stdout(io.StringIO()):
-                from lm_eval.tasks.ifeval import (
-                    instructions_registry,  # lazy: lm_eval, imports torch and datasets
-                )
+                # lazy: lm_eval, imports torch and datasets
+                from lm_eval.tasks.ifeval import instructions_registry
         finally:
             nltk.download = download
     return dict(instructions_registry.INSTRUCTION_DICT)
@@ -146,9 +146,8 @@ def instruction_process_results(doc: dict[str, Any], results: list[str]) -> dict
     accuracy); ``loose_accuracy`` = the same with IFEval's loose response variants.
     """
     ifeval_registry()  # the offline import above, before lm-eval's utils imports the registry
-    from lm_eval.tasks.ifeval.utils import (
-        process_results,  # lazy: lm_eval, imports torch and datasets
-    )
+    # lazy: lm_eval, imports torch and datasets
+    from lm_eval.tasks.ifeval.utils import process_results
 
     doc = {**doc, "kwargs": [{k: v for k, v in kw.items() if v is not None} for kw in doc["kwargs"]]}
     out = process_results(doc, [results[0] if results else ""])

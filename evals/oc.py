@@ -118,7 +118,8 @@ class Scenario:
 
 def _beta(rng, mean: float, icc: float, size: int):
     """Family-level rates with this mean and intra-class correlation (a constant when icc is 0)."""
-    import numpy as np  # lazy: numpy, the statistics only
+    # lazy: numpy, the statistics only
+    import numpy as np
 
     if icc <= 0 or mean <= 0 or mean >= 1:
         return np.full(size, min(max(mean, 0.0), 1.0))
@@ -160,7 +161,8 @@ def simulate_outcomes(
     seed: int, items: list[Items], models: dict[str, MetricModel], scenario: Scenario
 ) -> tuple[ItemOutcomes, dict[str, ItemOutcomes]]:
     """Live's and each candidate's per-item outcomes (in the gate's sign: as the metric reads)."""
-    import numpy as np  # lazy: numpy, the statistics only
+    # lazy: numpy, the statistics only
+    import numpy as np
 
     rng = np.random.default_rng(seed)
     live: ItemOutcomes = {}

@@ -92,8 +92,9 @@ def _policy_items_present() -> bool:
 
 def run_lm_eval(cfg: QualityConfig, endpoint: Endpoint, tasks: list[str]) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on ``tasks`` against the chat endpoint (returns its results)."""
-    import lm_eval  # lazy: lm_eval, imports torch and datasets
-    from lm_eval.tasks import TaskManager  # lazy: lm_eval, imports torch and datasets
+    # lazy: lm_eval, imports torch and datasets
+    import lm_eval
+    from lm_eval.tasks import TaskManager
 
     # The tasks are local files and the tokenizer a local folder: never wait on the hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,7 +138,8 @@ def _sample_rows(samples: list[dict[str, Any]]) -> list[tuple[dict[str, Any], st
 
 def count_tokens(texts: list[str], tokenizer_dir: str) -> list[int]:
     """Token counts with a HF tokenizer (no special tokens)."""
-    from transformers import AutoTokenizer  # lazy: transformers, imports torch
+    # lazy: transformers, imports torch
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -172,8 +174,9 @@ def preference_accuracy(
 ) -> dict[str, float]:
     """Held-out pairs scored by the served weights: summed and per-token log-probability of chosen
     vs rejected, with the length confound (:func:`preference_metrics`)."""
-    import datasets  # lazy: datasets, pyarrow and pandas
-    from transformers import AutoTokenizer  # lazy: transformers, imports torch
+    # lazy: datasets, pyarrow and pandas; transformers, imports torch
+    import datasets
+    from transformers import AutoTokenizer
 
     ds = datasets.load_from_disk(dataset_dir)
     if split not in ds:

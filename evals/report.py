@@ -126,10 +126,12 @@ def summary_sentences(variants: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _plot_latency(variants: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib  # lazy: matplotlib, about half a second
+    # lazy: matplotlib, about half a second
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: matplotlib, about half a second
+    # lazy: matplotlib, about half a second
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, m in variants.items():
@@ -156,10 +158,12 @@ def _plot_latency(variants: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def _plot_cost(variants: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib  # lazy: matplotlib, about half a second
+    # lazy: matplotlib, about half a second
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: matplotlib, about half a second
+    # lazy: matplotlib, about half a second
+    import matplotlib.pyplot as plt
 
     series = [("quality.policy.compliance", "policy compliance", "o"),
               ("quality.capability.mean_answer_match", "capability (mean)", "s"),

@@ -93,8 +93,9 @@ def paired_difference(
         resamples: bootstrap resamples.
         seed: bootstrap seed (the decision is reproducible).
     """
-    import numpy as np  # lazy: numpy, the statistics only
-    from scipy import stats  # lazy: scipy, the statistics only
+    # lazy: numpy, the statistics only; scipy, the statistics only
+    import numpy as np
+    from scipy import stats
 
     if len(candidate) != len(live):
         raise ValueError(f"paired outcomes differ in length: {len(candidate)} vs {len(live)}")
@@ -171,7 +172,8 @@ def item_share_bound(cluster_sizes: Sequence[int], confidence: float) -> float:
     differ: with equal sizes that is ``u`` itself; with unequal sizes it is the item share of the
     ``u * k`` largest families (the worst case the observed sizes allow, no wider).
     """
-    from scipy import stats  # lazy: scipy, the statistics only
+    # lazy: scipy, the statistics only
+    from scipy import stats
 
     sizes = sorted((int(s) for s in cluster_sizes), reverse=True)
     k = len(sizes)
@@ -200,8 +202,9 @@ def sign_flip_p(
     gives the null distribution exactly: a superiority verdict at margin 0 that needs this
     p below ``1 - confidence`` is wrong at most that often, whatever n.
     """
-    import numpy as np  # lazy: numpy, the statistics only
-    from scipy import stats  # lazy: scipy, the statistics only
+    # lazy: numpy, the statistics only; scipy, the statistics only
+    import numpy as np
+    from scipy import stats
 
     diffs = (np.asarray(candidate, dtype=float) - np.asarray(live, dtype=float)).tolist()
     sums, counts = _cluster_sums(diffs, clusters)
@@ -218,7 +221,8 @@ def sign_flip_p(
 
 def z_sum(confidence: float, power: float) -> float:
     """``z_confidence + z_power``: how many standard errors an effect must be from a boundary."""
-    from scipy.stats import norm  # lazy: scipy, the statistics only
+    # lazy: scipy, the statistics only
+    from scipy.stats import norm
 
     return float(norm.ppf(confidence) + norm.ppf(power))
 
@@ -245,7 +249,8 @@ def resolution(
         (``exact_p``) held a cleared bound back, from that test's z at this n. So whenever the rule
         is inconclusive, the number is more than the items it already has.
     """
-    from scipy.stats import norm  # lazy: scipy, the statistics only
+    # lazy: scipy, the statistics only
+    from scipy.stats import norm
 
     z = z_sum(est.confidence, power)
     mde = z * est.se

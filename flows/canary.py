@@ -31,14 +31,10 @@ DEPLOYMENT = "canary-check/canary"
 
 @task(name="check the canary", retries=2, retry_delay_seconds=5)
 def check_canary(config: str, overrides: list[str], loop_config: str) -> dict[str, Any]:
-    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
-    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
-        LogStore,
-        default_url,
-    )
-    from serving.control.canary import (
-        run_check,  # lazy: serving.control.canary loads numpy, scipy
-    )
+    # lazy: evals.online loads numpy, scipy; ground.logstore loads sqlalchemy; serving.control.canary loads numpy, scipy
+    from evals.online import OnlineConfig
+    from ground.logstore import LogStore, default_url
+    from serving.control.canary import run_check
 
     cfg = load_config(OnlineConfig, resolve_path(config), overrides)
     loop = load_loop_config(loop_config)

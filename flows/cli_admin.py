@@ -33,13 +33,9 @@ def admin_or_offline(url: str | None, admin_key: str | None):
     that key only on loopback and only while ``demo_keys`` is on (serving/gateway/auth.py), so this opens
     nothing that was closed; a gateway that refuses it gets the usual "pass --admin-key".
     """
-    from serving.control.admin_api import (  # lazy: serving.control.admin_api loads fastapi
-        AdminClient,
-        AdminError,
-    )
-    from serving.gateway.auth import (
-        is_loopback,  # lazy: serving.gateway.auth loads fastapi
-    )
+    # lazy: serving.control.admin_api loads fastapi; serving.gateway.auth loads fastapi
+    from serving.control.admin_api import AdminClient, AdminError
+    from serving.gateway.auth import is_loopback
 
     if url is None:
         info = running_server()
@@ -71,9 +67,8 @@ def admin_or_offline(url: str | None, admin_key: str | None):
 
 
 def run_or_exit(fn):
-    from serving.control.admin_api import (
-        AdminError,  # lazy: serving.control.admin_api loads fastapi
-    )
+    # lazy: serving.control.admin_api loads fastapi
+    from serving.control.admin_api import AdminError
 
     try:
         return fn()

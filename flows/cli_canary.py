@@ -45,11 +45,9 @@ class _OfflineReleases:
 
 
 def _setup(config: str, overrides: list[str], log_store: str | None, url: str | None, admin_key: str | None):
-    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
-    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
-        LogStore,
-        default_url,
-    )
+    # lazy: evals.online loads numpy, scipy; ground.logstore loads sqlalchemy
+    from evals.online import OnlineConfig
+    from ground.logstore import LogStore, default_url
 
     cfg = run_or_exit(lambda: load_config(OnlineConfig, resolve_path(config), overrides))
     client = admin_or_offline(url, admin_key)
@@ -68,7 +66,8 @@ def canary_start(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Route a share of users to a staged release (sticky per user), beside live."""
-    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
+    # lazy: evals.online loads numpy, scipy
+    from evals.online import OnlineConfig
 
     if force and not reason:
         raise typer.BadParameter("--force needs --reason", param_hint="--reason")
@@ -112,9 +111,8 @@ def canary_check(
 def _look(config: str, overrides: list[str] | None, log_store: str | None, as_json: bool,
           url: str | None, admin_key: str | None, act: bool) -> None:
     """One look at the running canary (``status``: no action; ``check``: carry out the verdict)."""
-    from serving.control.canary import (
-        run_check,  # lazy: serving.control.canary loads numpy, scipy
-    )
+    # lazy: serving.control.canary loads numpy, scipy
+    from serving.control.canary import run_check
 
     cfg, store, releases, offline = _setup(config, overrides or [], log_store, url, admin_key)
     try:
@@ -135,10 +133,8 @@ def canary_deploy(
     """Register the Prefect deployment canary-check/canary: the loop schedules its first run when
     it starts a canary, and each run schedules the next while the rules are inconclusive."""
     prefect_env.configure()
-    from flows.canary import (  # lazy: flows.canary loads prefect
-        DEPLOYMENT,
-        register_deployment,
-    )
+    # lazy: flows.canary loads prefect
+    from flows.canary import DEPLOYMENT, register_deployment
 
     dep = register_deployment(config, loop_config, pool)
     typer.echo(f"deployment {DEPLOYMENT} ({dep}) in work pool {pool}: start a worker with "

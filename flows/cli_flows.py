@@ -47,7 +47,8 @@ def run(
     """Run the whole loop once on a feedback window: align, evaluate, gate, promote or keep."""
     _check_config(config, overrides or [])
     typer.echo(f"reporting to {prefect_env.configure()}")
-    from flows.loop import run_loop  # lazy: flows.loop loads prefect
+    # lazy: flows.loop loads prefect
+    from flows.loop import run_loop
 
     outcome = run_loop(config, overrides or [], _parse_time(since, "--since"), _parse_time(until, "--until"))
     typer.echo(json.dumps(outcome, indent=2, default=str))
@@ -76,10 +77,8 @@ def schedule(
         state = prefect_env.start_ui()
         os.environ["PREFECT_API_URL"] = state["api_url"]
         where = f"local Prefect UI at {state['ui_url']}"
-    from flows.schedule import (  # lazy: flows.schedule loads prefect
-        register_deployment,
-        worker_command,
-    )
+    # lazy: flows.schedule loads prefect
+    from flows.schedule import register_deployment, worker_command
 
     deployment_id = register_deployment(name, cron, config, overrides or [], pool, pool_type)
     typer.echo(f"deployment alignment-loop/{name} ({deployment_id}) with cron {cron!r} in work pool {pool!r} on {where}")

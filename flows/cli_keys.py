@@ -40,12 +40,8 @@ def keys_new(
     config: Path | None = _CONFIG,
 ) -> None:
     """Make a key, add its hash to the keys file and print the key (shown this once)."""
-    from serving.gateway.auth import (  # lazy: serving.gateway.auth loads fastapi
-        keys_file_path,
-        new_key_entry,
-        read_keys_file,
-        write_keys_file,
-    )
+    # lazy: serving.gateway.auth loads fastapi
+    from serving.gateway.auth import keys_file_path, new_key_entry, read_keys_file, write_keys_file
 
     if sum([tenant is not None, admin, metrics, reviewer is not None]) != 1:
         raise typer.BadParameter("give exactly one of --tenant NAME, --admin, --metrics, --reviewer NAME")
@@ -77,10 +73,8 @@ def keys_new(
 @keys_app.command("list")
 def keys_list(config: Path | None = _CONFIG) -> None:
     """The keys in the keys file (ids, roles, tenants; never the keys)."""
-    from serving.gateway.auth import (  # lazy: serving.gateway.auth loads fastapi
-        keys_file_path,
-        read_keys_file,
-    )
+    # lazy: serving.gateway.auth loads fastapi
+    from serving.gateway.auth import keys_file_path, read_keys_file
 
     gw = _gateway(config)
     path = keys_file_path(gw)
@@ -96,11 +90,8 @@ def keys_list(config: Path | None = _CONFIG) -> None:
 def keys_revoke(key_id: str = typer.Argument(..., help="The id `keys list` shows."),
                 config: Path | None = _CONFIG) -> None:
     """Remove a key from the keys file (a running gateway refuses it within a second)."""
-    from serving.gateway.auth import (  # lazy: serving.gateway.auth loads fastapi
-        keys_file_path,
-        read_keys_file,
-        write_keys_file,
-    )
+    # lazy: serving.gateway.auth loads fastapi
+    from serving.gateway.auth import keys_file_path, read_keys_file, write_keys_file
 
     gw = _gateway(config)
     path = keys_file_path(gw)

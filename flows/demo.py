@@ -220,7 +220,8 @@ def run_demo(
          "live release up")
     outcomes = []
     try:
-        from flows.loop import run_loop  # lazy: flows.loop loads prefect
+        # lazy: flows.loop loads prefect
+        from flows.loop import run_loop
 
         # The CPU demo's small eval profile (configs/evals-demo.yaml) under the demo's gate.
         demo_overrides = [f"evals_file={repo_root() / 'configs' / 'evals-demo.yaml'}", f"gate_file={DEMO_GATE}",

@@ -137,9 +137,8 @@ def retire_release(cfg: LoopConfig, release_id: str, reason: str) -> None:
 @task(name="stage release", retries=2, retry_delay_seconds=10)
 def stage_release(cfg: LoopConfig, variant: str, model_dir: str, source: dict, kernel: str = "default") -> dict:
     """Stage a candidate in the running gateway (reusing one staged from the same run folder)."""
-    from serving.control.admin_api import (
-        startup_progress,  # lazy: serving.control.admin_api loads fastapi
-    )
+    # lazy: serving.control.admin_api loads fastapi
+    from serving.control.admin_api import startup_progress
 
     with admin_client(cfg) as admin:
         for rel in admin.describe():
@@ -201,7 +200,8 @@ def apply_decision(cfg: LoopConfig, releases: dict[str, dict], decision: dict, r
 
 def schedule_canary_check(cfg: LoopConfig) -> str:
     """The first ``canary-check`` run, one check interval from now (flows/canary.py)."""
-    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
+    # lazy: evals.online loads numpy, scipy
+    from evals.online import OnlineConfig
 
     every = load_config(OnlineConfig, resolve_path(cfg.online_file)).canary.check_every_s
     run = schedule_check(every, {})

@@ -150,7 +150,8 @@ class LoopConfig(StrictModel):
     def _check_files(self) -> None:
         """Every config the run will read, loaded now: a typo in the gate or eval config fails
         before SFT, DPO, merge and AWQ have spent their time (the error names file and field)."""
-        from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
+        # lazy: evals.online loads numpy, scipy
+        from evals.online import OnlineConfig
 
         for field, cls, name in (("evals_file", EvalsConfig, self.evals_file),
                                  ("gate_file", GateConfig, self.gate_file),
@@ -204,9 +205,8 @@ def load_loop_config(path: str | Path | None, overrides: list[str] | tuple[str, 
 @contextlib.contextmanager
 def admin_client(cfg: LoopConfig) -> Iterator[Any]:
     """An admin client for the running gateway named by the config (or ``server.json``)."""
-    from serving.control.admin_api import (
-        AdminClient,  # lazy: serving.control.admin_api loads fastapi
-    )
+    # lazy: serving.control.admin_api loads fastapi
+    from serving.control.admin_api import AdminClient
 
     url = cfg.gateway.url
     if url is None:

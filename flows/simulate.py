@@ -264,7 +264,8 @@ class _Client:
     """The gateway over HTTP: chat via the openai SDK, feedback via httpx."""
 
     def __init__(self, cfg: SimulateConfig) -> None:
-        import openai  # lazy: openai, about a second
+        # lazy: openai, about a second
+        import openai
 
         key = cfg.api_key or os.environ.get(cfg.api_key_env)
         if not key:

@@ -82,9 +82,8 @@ def evaluate(
     The private gateway has its own log store, so eval traffic never becomes training data.
     Results are stored in ``<run>/evals-<variant>/`` and reused while model and config are unchanged.
     """
-    from serving.gateway.candidate import (
-        candidate_gateway,  # lazy: serving.gateway.candidate loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
-    )
+    # lazy: serving.gateway.candidate loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
+    from serving.gateway.candidate import candidate_gateway
 
     evals_cfg = load_config(EvalsConfig, resolve_path(cfg.evals_file))
     evals_cfg.quality.preference_dataset = dataset_path
@@ -143,9 +142,8 @@ def extend(cfg: LoopConfig, variant: str, release: dict[str, Any], run_dir: Path
            metrics: set[str]) -> dict[str, float]:
     """Look ``look`` of a sequential gate on one release: more items of ``metrics`` behind a
     private gateway (as :func:`evaluate`), added to its eval folder. Returns the updated metrics."""
-    from serving.gateway.candidate import (
-        candidate_gateway,  # lazy: serving.gateway.candidate loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
-    )
+    # lazy: serving.gateway.candidate loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
+    from serving.gateway.candidate import candidate_gateway
 
     evals_cfg = suites.look_config(load_config(EvalsConfig, resolve_path(cfg.evals_file)),
                                    gate_config(cfg).looks, look, metrics)
@@ -187,10 +185,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
 def workload(cfg: LoopConfig, window: tuple[Any, Any]) -> dict[str, Any]:
     """The workload the perf suite and the serving choice plan for: ``workload_concurrency`` from
     the config, else the requests in flight the window's logs show (p95)."""
-    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
-        LogStore,
-        default_url,
-    )
+    # lazy: ground.logstore loads sqlalchemy
+    from ground.logstore import LogStore, default_url
 
     evals_cfg = load_config(EvalsConfig, resolve_path(cfg.evals_file))
     usd = evals_cfg.cost.usd_per_hour[evals_cfg.cost.machine]
@@ -331,7 +327,8 @@ def apply_decision(
     not pass) or, with ``canary: true``, start it as a canary that the online rules decide
     (flows/canary.py), and retire what stays staged (candidates, the baseline copy) so their vLLMs
     stop."""
-    from evals.online import OnlineConfig  # lazy: evals.online loads numpy, scipy
+    # lazy: evals.online loads numpy, scipy
+    from evals.online import OnlineConfig
 
     gate = json.loads(Path(decision["report_json"]).read_text())["gate"]
     winner = decision.get("winner")

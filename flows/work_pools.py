@@ -11,32 +11,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 DEFAULT_POOL = "alignloop"
 
 
-def ensure_work_pool(pool: str = DEFAULT_POOL, pool_type: str = "process") -> str:
-    """Create the work pool if it does not exist; return its type."""
-    from prefect.client.orchestration import (
-        get_client,  # lazy: prefect, seconds; alignloop --help stays quick
-    )
-    from prefect.client.schemas.actions import (
-        WorkPoolCreate,  # lazy: prefect, seconds; alignloop --help stays quick
-    )
-    from prefect.exceptions import (  # lazy: prefect, seconds; alignloop --help stays quick
-        ObjectAlreadyExists,
-        ObjectNotFound,
-    )
+def _ensure(read: Callable[[Any], Any], create: Callable[[Any], Any]) -> Any:
+    """``read`` the object, creating it first when it does not exist (or another process just did)."""
+    # lazy: prefect, seconds; alignloop --help stays quick
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            return client.read_work_pool(pool).type
+            return read(client)
         except ObjectNotFound:
             pass
         with contextlib.suppress(ObjectAlreadyExists):  # created meanwhile by another process
-            client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type))
-        return client.read_work_pool(pool).type
+            create(client)
+        return read(client)
+
+
+def ensure_work_pool(pool: str = DEFAULT_POOL, pool_type: str = "process") -> str:
+    """Create the work pool if it does not exist; return its type."""
+    # lazy: prefect, seconds; alignloop --help stays quick
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    return _ensure(lambda c: c.read_work_pool(pool).type,
+                   lambda c: c.create_work_pool(WorkPoolCreate(name=pool, type=pool_type)))
 
 
 # -- one run per model ----------------------------------------------------------------------------
@@ -50,33 +53,18 @@ def model_limit_name(model: str) -> str:
 
 def ensure_model_limit(name: str) -> None:
     """Create the limit (1 slot) if it does not exist."""
-    from prefect.client.orchestration import (
-        get_client,  # lazy: prefect, seconds; alignloop --help stays quick
-    )
-    from prefect.client.schemas.actions import (
-        GlobalConcurrencyLimitCreate,  # lazy: prefect, seconds; alignloop --help stays quick
-    )
-    from prefect.exceptions import (  # lazy: prefect, seconds; alignloop --help stays quick
-        ObjectAlreadyExists,
-        ObjectNotFound,
-    )
+    # lazy: prefect, seconds; alignloop --help stays quick
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return
-        except ObjectNotFound:
-            pass
-        with contextlib.suppress(ObjectAlreadyExists):
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    _ensure(lambda c: c.read_global_concurrency_limit_by_name(name),
+            lambda c: c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1)))
 
 
 @contextlib.contextmanager
 def one_run_per_model(model: str, timeout_s: float | None = None) -> Iterator[str]:
     """Hold the model's slot for the body (waiting for a run of the same model to finish)."""
-    from prefect.concurrency.sync import (
-        concurrency,  # lazy: prefect, seconds; alignloop --help stays quick
-    )
+    # lazy: prefect, seconds; alignloop --help stays quick
+    from prefect.concurrency.sync import concurrency
 
     name = model_limit_name(model)
     ensure_model_limit(name)

@@ -79,7 +79,8 @@ def _offline_tldextract() -> None:
     Its default extractor fetches the public suffix list over the network on first use, which
     hangs or logs tracebacks on offline machines.
     """
-    import tldextract.tldextract as tld  # lazy: tldextract, Presidio's e-mail validator only
+    # lazy: tldextract, Presidio's e-mail validator only
+    import tldextract.tldextract as tld
 
     if tld.TLD_EXTRACTOR.suffix_list_urls:
         tld.TLD_EXTRACTOR = tld.TLDExtract(
@@ -88,6 +89,7 @@ def _offline_tldextract() -> None:
 
 
 def _recognizers(entities: Sequence[str]) -> list:
+    # lazy: presidio_analyzer, loads spaCy
     from presidio_analyzer.predefined_recognizers import (
         CreditCardRecognizer,
         CryptoRecognizer,
@@ -96,7 +98,7 @@ def _recognizers(entities: Sequence[str]) -> list:
         IpRecognizer,
         PhoneRecognizer,
         UsSsnRecognizer,
-    )  # lazy: presidio_analyzer, loads spaCy
+    )
 
     by_entity = {
         "EMAIL_ADDRESS": EmailRecognizer,
@@ -122,7 +124,8 @@ class PIIDetector:
     """
 
     def __init__(self, entities: Sequence[str] = DEFAULT_ENTITIES, min_score: float = 0.3) -> None:
-        from presidio_anonymizer import AnonymizerEngine  # lazy: presidio_anonymizer, Presidio
+        # lazy: presidio_anonymizer, Presidio
+        from presidio_anonymizer import AnonymizerEngine
 
         _offline_tldextract()
         self.entities = tuple(entities)
@@ -177,10 +180,8 @@ class PIIDetector:
         results = self._results(text)
         if not results:
             return text, []
-        from presidio_anonymizer.entities import (  # lazy: presidio_anonymizer, Presidio
-            OperatorConfig,
-            RecognizerResult,
-        )
+        # lazy: presidio_anonymizer, Presidio
+        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 
         conv = [RecognizerResult(e, a, b, sc) for e, a, b, sc in _merge_overlaps(results)]
         anon = self._anonymizer.anonymize(

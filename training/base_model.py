@@ -62,11 +62,9 @@ def _download_gguf(workdir: Path) -> Path:
 
 def greedy_answer(model_dir: str | Path, prompt: str = CHECK_PROMPT, max_new_tokens: int = 16) -> str:
     """One chat-templated greedy generation in-process (transformers), for checks."""
-    import torch  # lazy: torch, seconds and hundreds of MB
-    from transformers import (  # lazy: transformers, imports torch
-        AutoModelForCausalLM,
-        AutoTokenizer,
-    )
+    # lazy: torch, seconds and hundreds of MB; transformers, imports torch
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -106,12 +104,9 @@ def materialize(dest: str | Path | None = None, force: bool = False) -> Material
             return MaterializeResult(**{**record, "path": str(dest)})  # where it is now
         log.info("%s was made by an older conversion; rebuilding", dest)
 
-    import torch  # lazy: torch, seconds and hundreds of MB
-    from transformers import (  # lazy: transformers, imports torch
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        GgufConfig,
-    )
+    # lazy: torch, seconds and hundreds of MB; transformers, imports torch
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:

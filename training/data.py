@@ -160,7 +160,8 @@ class DataResult:
 
 
 def _features() -> dict[str, Any]:
-    from datasets import Features, List, Value  # lazy: datasets, pyarrow and pandas
+    # lazy: datasets, pyarrow and pandas
+    from datasets import Features, List, Value
 
     msgs = List({"role": Value("string"), "content": Value("string")})
     ids = {
@@ -178,7 +179,8 @@ def _features() -> dict[str, Any]:
 
 
 def _to_dataset(rows: list[dict[str, Any]], features: Any) -> Any:
-    from datasets import Dataset  # lazy: datasets, pyarrow and pandas
+    # lazy: datasets, pyarrow and pandas
+    from datasets import Dataset
 
     return Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
@@ -191,7 +193,8 @@ def read_sources(cfg: DataConfig) -> SourceBatch:
     for path in cfg.jsonl:
         load_jsonl(path, batch)
     if cfg.logstore.enabled:
-        from ground.logstore import default_url  # lazy: ground.logstore loads sqlalchemy
+        # lazy: ground.logstore loads sqlalchemy
+        from ground.logstore import default_url
 
         since, until = cfg.logstore.window()
         try:
@@ -398,7 +401,8 @@ def run(cfg: DataConfig) -> DataResult:
 
     dataset_path = stage.out / "dataset"
     if skip_reason is None:
-        from datasets import DatasetDict  # lazy: datasets, pyarrow and pandas
+        # lazy: datasets, pyarrow and pandas
+        from datasets import DatasetDict
 
         feats = _features()
         kind_of = lambda s: next(k for k in TRAIN_SPLITS if k in s)  # noqa: E731

@@ -150,7 +150,8 @@ def load_logstore(
     Raises:
         EmptyWindow: "no feedback in window ..." when the window holds no feedback at all.
     """
-    from ground.logstore import LogStore  # lazy: ground.logstore loads sqlalchemy
+    # lazy: ground.logstore loads sqlalchemy
+    from ground.logstore import LogStore
 
     batch = batch or SourceBatch()
     store = LogStore(url)
@@ -239,7 +240,8 @@ def _exchange_from_row(row: dict[str, Any]) -> Exchange:
 
 def _safe_url(url: str) -> str:
     """The URL without a password (it goes into the manifest)."""
-    from sqlalchemy.engine import make_url  # lazy: sqlalchemy, about half a second
+    # lazy: sqlalchemy, about half a second
+    from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
 

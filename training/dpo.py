@@ -98,7 +98,8 @@ class DPOResult(StageResult):
 
 def to_trl_config(cfg: DPOStageConfig, output_dir: Path) -> Any:
     """Our config as TRL's ``DPOConfig`` (the one place the mapping lives)."""
-    from trl import DPOConfig  # lazy: trl, imports torch and transformers
+    # lazy: trl, imports torch and transformers
+    from trl import DPOConfig
 
     return DPOConfig(
         **trainer_kwargs(cfg.train, output_dir),
@@ -148,7 +149,8 @@ def run(cfg: DPOStageConfig) -> DPOResult:
     if (done := cached_or_start(stage, ranks)) is not None:
         return DPOResult(**{**done, "skipped": True})
 
-    from trl import DPOTrainer  # lazy: trl, imports torch and transformers
+    # lazy: trl, imports torch and transformers
+    from trl import DPOTrainer
 
     threads = set_threads(cfg.train.threads)
     heldout = optional_split(cfg.dataset_path, cfg.heldout_split, PAIR_COLUMNS)

@@ -127,7 +127,8 @@ def balanced_weight(desirable: int, undesirable: int, undesirable_weight: float)
 
 def to_trl_config(cfg: KTOStageConfig, output_dir: Path, desirable_weight: float) -> Any:
     """Our config as TRL's ``KTOConfig`` (the one place the mapping lives)."""
-    from trl import KTOConfig  # lazy: trl, imports torch and transformers
+    # lazy: trl, imports torch and transformers
+    from trl import KTOConfig
 
     return KTOConfig(
         **trainer_kwargs(cfg.train, output_dir),
@@ -140,10 +141,9 @@ def to_trl_config(cfg: KTOStageConfig, output_dir: Path, desirable_weight: float
 
 def load_rows(cfg: KTOStageConfig) -> Any:
     """The unpaired rows (plus the pairs, unpaired, when asked), shuffled once with the seed."""
-    from datasets import concatenate_datasets  # lazy: datasets, pyarrow and pandas
-    from trl.data_utils import (
-        unpair_preference_dataset,  # lazy: trl, imports torch and transformers
-    )
+    # lazy: datasets, pyarrow and pandas; trl, imports torch and transformers
+    from datasets import concatenate_datasets
+    from trl.data_utils import unpair_preference_dataset
 
     parts = [load_split(cfg.dataset_path, cfg.split, KTO_COLUMNS, 0)]
     if cfg.pairs_split:
@@ -188,7 +188,8 @@ def run(cfg: KTOStageConfig) -> KTOResult:
     if (done := cached_or_start(stage, ranks)) is not None:
         return KTOResult(**{**done, "skipped": True})
 
-    from trl import KTOTrainer  # lazy: trl, imports torch and transformers
+    # lazy: trl, imports torch and transformers
+    from trl import KTOTrainer
 
     threads = set_threads(cfg.train.threads)
     desirable = sum(1 for label in rows["label"] if label)

@@ -101,7 +101,8 @@ def process_state() -> Any:
     (so an inline run never initialises accelerate's state ahead of the trainer's own settings)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _OneProcess()
-    from accelerate import PartialState  # lazy: accelerate, imports torch
+    # lazy: accelerate, imports torch
+    from accelerate import PartialState
 
     return PartialState()
 
@@ -111,7 +112,8 @@ def progress_callbacks() -> list[Any]:
     when the launcher asked for it; none otherwise."""
     if os.environ.get("ALIGNLOOP_PROGRESS") != "1":
         return []
-    from transformers import TrainerCallback  # lazy: transformers, imports torch
+    # lazy: transformers, imports torch
+    from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
@@ -132,7 +134,8 @@ def stage_main(config_cls: type[StrictModel], run: Callable[[Any], Any], argv: S
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fraction = os.environ.get(MEMORY_FRACTION_ENV)
     if fraction:
-        import torch  # lazy: torch, seconds and hundreds of MB
+        # lazy: torch, seconds and hundreds of MB
+        import torch
 
         if torch.cuda.is_available():  # a GPU shared with serving releases: stay in our share
             device = int(os.environ.get("LOCAL_RANK", "0"))
@@ -174,7 +177,8 @@ def visible_gpus() -> list[int]:
     """GPUs this process may use when nobody placed the stage (CUDA_VISIBLE_DEVICES or all)."""
     if os.environ.get("ALIGNLOOP_FORCE_CPU") == "1":
         return []
-    import torch  # lazy: torch, seconds and hundreds of MB
+    # lazy: torch, seconds and hundreds of MB
+    import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

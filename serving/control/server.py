@@ -227,7 +227,8 @@ def _reload_keys(keys) -> None:  # noqa: ANN001 - serving.gateway.auth.KeyRing
 
 
 def _server_class():
-    import uvicorn  # lazy: uvicorn, the gateway's server only
+    # lazy: uvicorn, the gateway's server only
+    import uvicorn
 
     class _Server(uvicorn.Server):
         """uvicorn re-raises SIGINT/SIGTERM once it has shut down (uvicorn >= 0.29), which would kill
@@ -244,30 +245,18 @@ def _server_class():
 
 def run_serve(cfg: ServeConfig) -> None:
     """Run the gateway until SIGINT/SIGTERM; stop every vLLM it started on the way out."""
-    from serving.gateway.auth import (  # lazy: serving.gateway.auth loads fastapi
-        KeyRing,
-        check_demo_keys,
-    )
+    # lazy: serving.gateway.auth loads fastapi
+    from serving.gateway.auth import KeyRing, check_demo_keys
 
     gw = cfg.gateway_config()
     keys = KeyRing(gw)
     check_demo_keys(keys, cfg.host, cfg.insecure_demo_keys)  # before anything loads or starts
     import_presidio_for_serving()  # before any thread starts (see there)
-    from ground.logstore import (  # lazy: ground.logstore loads sqlalchemy
-        LogStore,
-        default_url,
-    )
-    from serving.control.admin_api import (
-        build_admin_router,  # lazy: serving.control.admin_api loads fastapi
-    )
-    from serving.gateway.app import (  # lazy: serving.gateway.app loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
-        create_app,
-        uvicorn_config,
-    )
-    from serving.review.page import (  # lazy: serving.review.page loads aiohttp, fastapi, sqlalchemy, starlette
-        build_review_router,
-        candidates_of,
-    )
+    # lazy: ground.logstore loads sqlalchemy; serving.control.admin_api loads fastapi; serving.gateway.app loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn; serving.review.page loads aiohttp, fastapi, sqlalchemy, starlette
+    from ground.logstore import LogStore, default_url
+    from serving.control.admin_api import build_admin_router
+    from serving.gateway.app import create_app, uvicorn_config
+    from serving.review.page import build_review_router, candidates_of
 
     _Server = _server_class()
     workers = cfg.worker_count()

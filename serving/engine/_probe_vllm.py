@@ -23,7 +23,8 @@ from ground.platform import can_be_chosen, pick_dtype
 
 def _measure(llm, spec: dict, name: str, results: dict) -> dict:
     """The variant's answers, then its speed unless the answers already rule it out."""
-    from vllm import SamplingParams  # lazy: vllm, the serving env only
+    # lazy: vllm, the serving env only
+    from vllm import SamplingParams
 
     chats = [[{"role": "user", "content": p}] for p in spec["prompts"]]
     greedy = SamplingParams(max_tokens=spec["check_tokens"], temperature=0)
@@ -47,7 +48,8 @@ def _measure(llm, spec: dict, name: str, results: dict) -> dict:
 
 
 def main(spec: dict) -> dict:
-    from vllm import LLM  # lazy: vllm, the serving env only
+    # lazy: vllm, the serving env only
+    from vllm import LLM
 
     results: dict[str, dict] = {}
     for variant in spec["variants"]:

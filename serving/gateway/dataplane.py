@@ -347,13 +347,12 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
 
     values.ValueClass = values.get_value_class()  # metrics made from now on go to the mmap files
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker-{spec.index} %(name)s %(message)s")
-    import uvicorn  # lazy: uvicorn, the gateway's server only
+    # lazy: uvicorn, the gateway's server only
+    import uvicorn
 
     import_presidio_for_serving()  # a worker never trains: ~450 MB less per process
-    from serving.gateway.app import (  # lazy: serving.gateway.app loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
-        create_app,
-        uvicorn_config,
-    )
+    # lazy: serving.gateway.app loads aiohttp, fastapi, sqlalchemy, starlette, uvicorn
+    from serving.gateway.app import create_app, uvicorn_config
 
     state = SharedState(spec.shm_name, spec.lock)
     _, blob = state.read()
@@ -364,9 +363,8 @@ def worker_main(spec: WorkerSpec) -> None:  # pragma: no cover - runs in a child
     def on_config(cfg: GatewayConfig) -> None:  # keys, limits: switched with the blob
         admission.set_config(cfg)
         if "app" in holder:
-            from serving.gateway.auth import (
-                KeyRing,  # lazy: serving.gateway.auth loads fastapi
-            )
+            # lazy: serving.gateway.auth loads fastapi
+            from serving.gateway.auth import KeyRing
 
             holder["app"].state.keyring = KeyRing(cfg)
 

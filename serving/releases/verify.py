@@ -20,13 +20,7 @@ from typing import Any, Protocol
 
 from evals.gate import GateConfig, evaluate_stage_dirs
 from ground.config import load_config, repo_root
-from serving.releases.records import (
-    RELEASE_ID_RE,
-    Approval,
-    Release,
-    ReleaseError,
-    now_iso,
-)
+from serving.releases.records import RELEASE_ID_RE, Approval, Release, ReleaseError, now_iso
 
 
 class StoreView(Protocol):

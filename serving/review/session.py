@@ -116,7 +116,8 @@ class ReviewAuth:
 
 async def read_form(request: Request) -> dict[str, str]:
     """An urlencoded form body (htmx's default), at most ``FORM_LIMIT`` bytes."""
-    from serving.gateway.app import read_body  # lazy: serving.gateway.app loads uvicorn
+    # lazy: serving.gateway.app loads uvicorn
+    from serving.gateway.app import read_body
 
     body = await read_body(request, FORM_LIMIT)
     try:
