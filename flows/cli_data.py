@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from flows import simulate as simulate_users
-from flows.simulate import SimulateConfig
-from ground.config import ConfigError, load_config
-from serving.releases.store import live_lineage
-from training import data as data_stage
-from training.data import DataConfig
-from training.data_sources import DataError
+if TYPE_CHECKING:
+    from training.data import DataConfig
 
 data_app = typer.Typer(
     help="Datasets from served logs and feedback; demo traffic.", no_args_is_help=True
@@ -29,8 +25,13 @@ _OVERRIDES = typer.Argument(
 @data_app.command("build")
 def build(config: Path | None = _CONFIG, overrides: list[str] | None = _OVERRIDES) -> None:
     """Export a window of the log store (and JSONL files) into SFT/DPO datasets with a manifest."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import ConfigError, load_config
+    from training.data import DataConfig, run
+    from training.data_sources import DataError
+
     try:
-        result = data_stage.run(with_live_view(load_config(DataConfig, config, overrides or [])))
+        result = run(with_live_view(load_config(DataConfig, config, overrides or [])))
     except (ConfigError, DataError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -40,8 +41,12 @@ def build(config: Path | None = _CONFIG, overrides: list[str] | None = _OVERRIDE
 @data_app.command("simulate")
 def simulate(config: Path | None = _CONFIG, overrides: list[str] | None = _OVERRIDES) -> None:
     """Send the demo prompt pool through the gateway and post SIMULATED users' feedback."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows.simulate import SimulateConfig, run
+    from ground.config import ConfigError, load_config
+
     try:
-        result = simulate_users.run(load_config(SimulateConfig, config, overrides or []))
+        result = run(load_config(SimulateConfig, config, overrides or []))
     except (ConfigError, ValueError, RuntimeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -51,6 +56,9 @@ def simulate(config: Path | None = _CONFIG, overrides: list[str] | None = _OVERR
 def with_live_view(cfg: DataConfig) -> DataConfig:
     """Fill what the config leaves unset of the live view (windows learned, current releases)
     from the live release's lineage: training/ reads no release records (docs/DESIGN.md)."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from serving.releases.store import live_lineage
+
     ledger = cfg.ledger
     if ledger.trained_windows is not None and ledger.current_releases is not None:
         return cfg

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import typer
 
-from evals import report as report_mod
-from evals import suites as suites_mod
-from evals.config import Endpoint, EvalsConfig
-from evals.gate import GateConfig, evaluate, load_outcome_dir
-from evals.suites import load_metrics_doc
-from ground.config import ConfigError, load_config, repo_root
-
 eval_app = typer.Typer(help="Run eval suites against an OpenAI-compatible endpoint.", no_args_is_help=True)
 
 
 def _default(name: str) -> Path | None:
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import repo_root
+
     path = repo_root() / "configs" / name
     return path if path.is_file() else None
 
@@ -34,6 +30,11 @@ def _run_suites(
     config: Path | None, overrides: list[str] | None, logprobs_endpoint: str | None,
     model_dir: Path | None,
 ) -> None:
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from evals import suites as suites_mod
+    from evals.config import Endpoint, EvalsConfig
+    from ground.config import ConfigError, load_config
+
     try:
         cfg = load_config(EvalsConfig, config or _default("evals.yaml"), overrides or [])
         if model_dir is not None:
@@ -74,6 +75,9 @@ def report(
     gate_config: Path | None = typer.Option(None, help="Gate YAML: include the decision of the last variant vs the first."),
 ) -> None:
     """Render report.md, report.json and PNG plots from stored metrics files."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from evals import report as report_mod
+
     files = {}
     for item in metrics:
         name, sep, path = item.partition("=")
@@ -92,6 +96,11 @@ def report(
 def _decide(config: Path | None, candidate: str, live: str | None):
     """The decision for a candidate vs live, each given as an eval output folder's metrics.json
     (its per-item ``outcomes-*.jsonl`` beside it) or a loop run's ``evals-<variant>`` folder."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from evals.gate import GateConfig, evaluate, load_outcome_dir
+    from evals.suites import load_metrics_doc
+    from ground.config import load_config
+
     def read(path: str) -> tuple[dict, dict]:
         p = Path(path)
         if p.is_dir() and (p / "result.json").is_file():  # runs/<run>/evals-<variant>/
@@ -113,6 +122,9 @@ def gate(
 ) -> None:
     """Check the candidate against the gate rules; print every rule; exit 1 unless every rule
     passes (a rule that is inconclusive keeps live too)."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import ConfigError
+
     try:
         decision = _decide(config, str(candidate), str(live) if live else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

@@ -10,12 +10,6 @@ from datetime import datetime
 
 import typer
 
-from flows import prefect_env
-from flows.cli_serving import release_promote
-from flows.demo import run_demo
-from flows.loop_config import load_loop_config
-from ground.config import ConfigError
-
 _CONFIG = typer.Option("configs/loop.yaml", "--config", "-c", help="Loop config YAML.")
 _OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. sft.train.epochs=2")
 
@@ -31,6 +25,10 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
 
 def _check_config(config: str, overrides: list[str]) -> None:
     """Fail before Prefect starts: a bad config names its field and exits 2."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows.loop_config import load_loop_config
+    from ground.config import ConfigError
+
     try:
         load_loop_config(config, overrides)
     except ConfigError as exc:
@@ -45,9 +43,12 @@ def run(
     overrides: list[str] = _OVERRIDES,
 ) -> None:
     """Run the whole loop once on a feedback window: align, evaluate, gate, promote or keep."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows import prefect_env
+
     _check_config(config, overrides or [])
     typer.echo(f"reporting to {prefect_env.configure()}")
-    # lazy: flows.loop loads prefect
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from flows.loop import run_loop
 
     outcome = run_loop(config, overrides or [], _parse_time(since, "--since"), _parse_time(until, "--until"))
@@ -71,13 +72,16 @@ def schedule(
     Each run takes the window since the last successful one; runs of the same base model never
     overlap (a global concurrency limit of one slot per model).
     """
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows import prefect_env
+
     _check_config(config, overrides or [])
     where = prefect_env.configure()
     if "ephemeral" in where:  # schedules need a server whose scheduler creates the runs
         state = prefect_env.start_ui()
         os.environ["PREFECT_API_URL"] = state["api_url"]
         where = f"local Prefect UI at {state['ui_url']}"
-    # lazy: flows.schedule loads prefect
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from flows.schedule import register_deployment, worker_command
 
     deployment_id = register_deployment(name, cron, config, overrides or [], pool, pool_type)
@@ -94,6 +98,9 @@ def ui(
     port: int = typer.Option(4200, help="Port of the local Prefect server."),
 ) -> None:
     """Start a local Prefect server (SQLite) in the background and print its URL."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows import prefect_env
+
     state = prefect_env.start_ui(port=port)
     typer.echo(f"Prefect UI: {state['ui_url']}  (API {state['api_url']}, pid {state['pid']})")
     typer.echo("alignloop commands run from now on report there; stop it with: kill " + str(state["pid"]))
@@ -114,6 +121,8 @@ def promote(
             err=True,
         )
         raise typer.Exit(2)
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows.cli_serving import release_promote
 
     logging.getLogger("alignloop.promote").warning("FORCED promotion of %s: %s", release_id, reason)
     release_promote(release_id, force=True, reason=f"forced: {reason}", url=url, admin_key=admin_key)
@@ -128,6 +137,9 @@ def demo(
     ),
 ) -> None:
     """The whole loop on the embedded SmolLM2 on this machine, with simulated users (labeled as such)."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows.demo import run_demo
+
     raise typer.Exit(run_demo(overrides or [], keep_serving=keep_serving, windows=windows, serve_overrides=serve))
 
 

@@ -13,9 +13,6 @@ from pathlib import Path
 
 import typer
 
-from ground.config import ConfigError, repo_root
-from serving.gateway.config import hash_key, load_gateway_config, load_key_secret
-
 keys_app = typer.Typer(help="API keys: make, list, revoke (a running gateway picks them up).",
                        no_args_is_help=True)
 
@@ -23,6 +20,10 @@ _CONFIG = typer.Option(None, "--config", help="Gateway config YAML (default: <re
 
 
 def _gateway(config: Path | None):
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import ConfigError, repo_root
+    from serving.gateway.config import load_gateway_config
+
     try:
         return load_gateway_config(config or repo_root() / "configs" / "gateway.yaml")
     except ConfigError as exc:
@@ -40,8 +41,9 @@ def keys_new(
     config: Path | None = _CONFIG,
 ) -> None:
     """Make a key, add its hash to the keys file and print the key (shown this once)."""
-    # lazy: serving.gateway.auth loads fastapi
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from serving.gateway.auth import keys_file_path, new_key_entry, read_keys_file, write_keys_file
+    from serving.gateway.config import load_key_secret
 
     if sum([tenant is not None, admin, metrics, reviewer is not None]) != 1:
         raise typer.BadParameter("give exactly one of --tenant NAME, --admin, --metrics, --reviewer NAME")
@@ -73,7 +75,7 @@ def keys_new(
 @keys_app.command("list")
 def keys_list(config: Path | None = _CONFIG) -> None:
     """The keys in the keys file (ids, roles, tenants; never the keys)."""
-    # lazy: serving.gateway.auth loads fastapi
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from serving.gateway.auth import keys_file_path, read_keys_file
 
     gw = _gateway(config)
@@ -90,7 +92,7 @@ def keys_list(config: Path | None = _CONFIG) -> None:
 def keys_revoke(key_id: str = typer.Argument(..., help="The id `keys list` shows."),
                 config: Path | None = _CONFIG) -> None:
     """Remove a key from the keys file (a running gateway refuses it within a second)."""
-    # lazy: serving.gateway.auth loads fastapi
+    # lazy: a command imports what it runs (alignloop --help stays quick)
     from serving.gateway.auth import keys_file_path, read_keys_file, write_keys_file
 
     gw = _gateway(config)
@@ -108,6 +110,9 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The id `keys list` shows
 @keys_app.command("hash")
 def keys_hash(config: Path | None = _CONFIG) -> None:
     """Hash a key read from stdin (for `key_hash` / `admin_key_hash` in the gateway config)."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from serving.gateway.config import hash_key, load_key_secret
+
     gw = _gateway(config)
     key = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("key", hide_input=True)
     if not key:

@@ -22,23 +22,11 @@ from urllib.parse import urlsplit
 
 import typer
 
-from evals.serving_choice import scheme_in_words
 from flows.cli_admin import ADMIN_KEY, URL, admin_or_offline, run_or_exit, show_release
-from flows.cli_canary import describe_canary
-from flows.gpu import served_label
-from ground.config import ConfigError, load_config, repo_root
-from serving.control.server import ServeConfig, run_serve, running_server
-from serving.engine.vllm_server import VLLMArgs
-from serving.releases.manager import ReleaseManager
-from serving.releases.records import ReleaseError
-from serving.releases.store import ReleaseStore
-from training.base_model import resolve_base_model
-from training.lineage import describe_chain, release_lineage
 
 release_app = typer.Typer(
     help="Blue/green releases: list, stage, promote, rollback.", no_args_is_help=True
 )
-
 
 def _address(row: dict) -> str | None:
     """host:port where the release answers: its external server, or its running vLLM."""
@@ -76,6 +64,11 @@ def _served_dtype(row: dict) -> str:
 def _scheme(row: dict) -> str:
     """The weight format it serves (w8a8-int8, w4a16, fp8-dynamic, or unquantized), the vLLM
     kernel when not the default one (GPU W4A16 candidates), and the dtype."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from evals.serving_choice import scheme_in_words
+    from flows.gpu import served_label
+    from ground.config import ConfigError
+
     if row.get("upstream_url"):
         return "external (its own)"
     try:
@@ -94,6 +87,11 @@ def release_list(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """List releases: status, where each is served (host:port), placement, scheme, lineage."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from flows.cli_canary import describe_canary
+    from serving.releases.store import ReleaseStore
+    from training.lineage import describe_chain, release_lineage
+
     client = admin_or_offline(url, admin_key)
     rows = run_or_exit(client.describe) if client else [r.to_dict() for r in ReleaseStore().list()]
     for r in rows:
@@ -151,6 +149,11 @@ def release_stage(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Start a candidate on its own port and health-check it; users are not routed to it."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import load_config
+    from serving.engine.vllm_server import VLLMArgs
+    from training.base_model import resolve_base_model
+
     # No args given: None, so the gateway applies its own releases.default_args.
     args = (
         run_or_exit(lambda: load_config(VLLMArgs, args_file, overrides or []))
@@ -167,6 +170,11 @@ def release_stage(
         rel = run_or_exit(lambda: client.stage(model, args, source, release_id))
         note = ""
     else:
+        # lazy: a command imports what it runs (alignloop --help stays quick)
+        from ground.config import repo_root
+        from serving.control.server import ServeConfig
+        from serving.releases.manager import ReleaseManager
+
         serve_yaml = repo_root() / "configs/serve.yaml"
         defaults = load_config(
             ServeConfig, serve_yaml if serve_yaml.is_file() else None
@@ -191,6 +199,9 @@ def release_promote(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Switch the gateway to a release (health-checked first); the live one becomes previous."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from serving.releases.store import ReleaseStore
+
     if force and not reason:
         raise typer.BadParameter("--force needs --reason", param_hint="--reason")
     client = admin_or_offline(url, admin_key)
@@ -212,6 +223,9 @@ def release_rollback(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Make the previous release live again (instant while it is warm)."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from serving.releases.store import ReleaseStore
+
     client = admin_or_offline(url, admin_key)
     if client is not None:
         show_release(run_or_exit(lambda: client.rollback(reason)))
@@ -230,6 +244,10 @@ def release_retire(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Stop a staged/previous release and take it out of rotation."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from serving.releases.records import ReleaseError
+    from serving.releases.store import ReleaseStore
+
     client = admin_or_offline(url, admin_key)
     if client is not None:
         show_release(run_or_exit(lambda: client.retire(release_id, reason)))
@@ -252,6 +270,9 @@ def release_attach_eval(
     admin_key: str | None = ADMIN_KEY,
 ) -> None:
     """Attach an eval report (JSON) to a release."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from serving.releases.store import ReleaseStore
+
     client = admin_or_offline(url, admin_key)
     data = json.loads(report.read_text())
     rel = (
@@ -272,6 +293,10 @@ def serve(
     ),  # noqa: B008
 ) -> None:
     """Run the gateway with the live release (vLLM), admin API included, until Ctrl-C."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import ConfigError, load_config, repo_root
+    from serving.control.server import ServeConfig, run_serve, running_server
+
     try:
         cfg = load_config(
             ServeConfig, config or repo_root() / "configs/serve.yaml", overrides or []
@@ -304,6 +329,9 @@ def stop(
 
     SIGTERM, as Ctrl-C: it stops its vLLM servers, then exits and removes its server.json.
     """
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from serving.control.server import running_server
+
     info = running_server()
     if info is None:
         typer.echo("no gateway runs for this data dir")

@@ -15,9 +15,6 @@ from typing import Annotated
 
 import typer
 
-from ground.config import ConfigError, load_config, repo_root
-from training.launch import run_stage
-
 _STAGES = {
     # command: (module, config class, default config file, help)
     "sft": ("training.sft", "SFTStageConfig", "sft.yaml", "Train the SFT LoRA adapter (TRL SFTTrainer)."),
@@ -29,6 +26,9 @@ _STAGES = {
 
 
 def _default_config(name: str) -> Path | None:
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.config import repo_root
+
     path = repo_root() / "configs" / name
     return path if path.is_file() else None
 
@@ -43,10 +43,15 @@ def _make_command(module: str, cls_name: str, default_file: str, help_text: str)
         ] = None,
         curve: Annotated[bool, typer.Option(help="Also print the loss curve.")] = False,
     ) -> None:
+        # lazy: a command imports what it runs (alignloop --help stays quick)
+        from ground.config import ConfigError, load_config
+
         mod = importlib.import_module(module)
         try:
             cfg = load_config(getattr(mod, cls_name), config or _default_config(default_file), overrides or [])
             if hasattr(cfg, "launch"):  # SFT, DPO: `accelerate launch` on GPUs (training/launch.py)
+                # lazy: a command imports what it runs (alignloop --help stays quick)
+                from training.launch import run_stage
 
                 result = asdict(run_stage(module.rsplit(".", 1)[1], cfg))
             else:

@@ -10,10 +10,7 @@ import time
 import typer
 
 from ground.config import data_dir
-from ground.platform import cached, detect, serve_python
-from serving.engine.probe import run_probe
-from serving.engine.vllm_server import VLLMServer, VLLMStartError
-from training.base_model import materialize
+from ground.platform import detect, serve_python
 
 PIPELINE_PACKAGES = (
     "torch", "transformers", "peft", "trl", "datasets", "accelerate", "llmcompressor",
@@ -51,6 +48,10 @@ def _serving_versions() -> dict[str, str] | str:
 
 def _probe_report(platform, run: bool) -> bool:
     """Print the platform probe's choice (measuring first if ``run``); False if it failed."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.platform import cached
+    from serving.engine.probe import run_probe
+
     if platform.has_gpu:
         return True
     if run:
@@ -84,6 +85,10 @@ def run_doctor(start_vllm: bool = True, probe: bool = False) -> int:
     if ok:
         ok &= _probe_report(platform, run=probe)
     if start_vllm and ok:
+        # lazy: a command imports what it runs (alignloop --help stays quick)
+        from serving.engine.vllm_server import VLLMServer, VLLMStartError
+        from training.base_model import materialize
+
         model = materialize()
         log_path = data_dir() / "logs" / "doctor-vllm.log"
         try:
@@ -101,6 +106,11 @@ def run_prepare() -> int:
     """Set-up's last step (`make setup`, `alignloop prepare`): the embedded model and this CPU's
     platform probe, each made once per machine and cached in the data dir, so a demo or run after
     set-up finds them. Prints what it did and how long each part took; 1 if the probe failed."""
+    # lazy: a command imports what it runs (alignloop --help stays quick)
+    from ground.platform import cached
+    from serving.engine.probe import run_probe
+    from training.base_model import materialize
+
     t0 = time.monotonic()
     model = materialize()
     typer.echo(f"prepare: embedded model at {model.path} ({time.monotonic() - t0:.0f} s; "
