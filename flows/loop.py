@@ -28,13 +28,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.runtime import flow_run
 
 from evals.report import embed_images
+from flows import steps
 from flows import window as windows
 from flows.canary import DEPLOYMENT, schedule_check
 from flows.gpu import KERNEL_VARIANT_SUFFIX, kernel_args, kernels_for, launch_training
 from flows.loop_config import LoopConfig, admin_client, load_loop_config, resolve_path
-from flows.steps import apply_decision as apply
 from flows.steps import decide, evaluate, extend, gate_config, live_release, open_metrics, workload
-from flows.steps import stage_baseline as stage
 from flows.timing import start_timings, task  # prefect's task, each call's seconds recorded
 from flows.work_pools import one_run_per_model
 from ground.config import data_dir, load_config
@@ -124,7 +123,7 @@ def find_workload(cfg: LoopConfig, window: tuple) -> dict:
 
 @task(name="stage baseline copy of live", retries=2, retry_delay_seconds=10)
 def stage_baseline(cfg: LoopConfig, live: dict) -> dict:
-    return stage(cfg, live)
+    return steps.stage_baseline(cfg, live)  # the task shares the step's name
 
 
 @task(name="retire release", retries=2, retry_delay_seconds=5)
@@ -195,7 +194,7 @@ def report_and_gate(
 
 @task(name="attach evals + promote or keep", retries=2, retry_delay_seconds=5)
 def apply_decision(cfg: LoopConfig, releases: dict[str, dict], decision: dict, run_dir: str) -> dict | None:
-    return apply(cfg, releases, decision, run_dir)
+    return steps.apply_decision(cfg, releases, decision, run_dir)  # the task shares its name
 
 
 def schedule_canary_check(cfg: LoopConfig) -> str:
