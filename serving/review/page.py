@@ -1,6 +1,6 @@
 """The review page (``/review``): people look at served answers, rate, compare and correct them,
 and approve releases, in the browser. Server-rendered Jinja templates + htmx (vendored in
-``serving/static``, no build step); mounted by the gateway next to the admin API::
+``serving/review/static``, no build step); mounted by the gateway next to the admin API::
 
     app = create_app(config, manager, store,
                      extra_routers=[build_review_router(manager.store, candidates_of(manager))])
