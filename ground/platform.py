@@ -96,16 +96,23 @@ def _read_cpuinfo() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
-def _gpu_names() -> tuple[str, ...]:
+def query_gpus(fields: str, timeout_s: float, units: bool = True) -> str:
+    """``nvidia-smi --query-gpu=<fields>`` as CSV lines; "" without GPUs (or with
+    ``ALIGNLOOP_FORCE_CPU=1``), and when nvidia-smi fails: the machine is then treated as a CPU one."""
     if os.environ.get("ALIGNLOOP_FORCE_CPU") == "1" or not shutil.which("nvidia-smi"):
-        return ()
+        return ""
+    fmt = "--format=csv,noheader" + ("" if units else ",nounits")
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
+        return subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", fmt],
+            capture_output=True, text=True, timeout=timeout_s, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return ()
+        return ""
+
+
+def _gpu_names() -> tuple[str, ...]:
+    out = query_gpus("name", timeout_s=20)
     return tuple(line.strip() for line in out.splitlines() if line.strip())
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from ground.config import StrictModel
+from ground.platform import query_gpus
 from serving.engine.vllm_server import VLLMArgs
 
 
@@ -128,15 +127,7 @@ class Placement:
 
 def gpu_inventory(cfg: PlacementConfig | None = None) -> tuple[Gpu, ...]:
     """The GPUs this process may place work on (``ALIGNLOOP_FORCE_CPU=1``: none)."""
-    if os.environ.get("ALIGNLOOP_FORCE_CPU") == "1" or not shutil.which("nvidia-smi"):
-        return ()
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
+    out = query_gpus("index,uuid,name,memory.total", timeout_s=30, units=False)
     return parse_inventory(out, os.environ.get("CUDA_VISIBLE_DEVICES"), cfg.gpus if cfg else None)
 
 
