@@ -51,7 +51,7 @@ from ground.platform import (
 )
 from serving.engine.vllm_server import CPU_ENGINE_ENV
 from training.base_model import materialize
-from training.quantize import choose_scheme, quantize_round_to_nearest, target_platform
+from training.quantize import Target, choose_scheme, quantize_round_to_nearest, target_platform
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def measured_quant_scheme(p: Platform) -> tuple[Scheme | None, str]:
     return result.scheme, f"platform probe ({result.taken_at}): {result.why}"  # type: ignore[return-value]
 
 
-def plan_scheme(requested: str, target: str) -> tuple[str | None, str]:
+def plan_scheme(requested: str, target: Target) -> tuple[str | None, str]:
     """The scheme the loop's quantized candidate gets, or None (skip it), and why.
 
     ``auto`` for this machine's CPU asks the platform probe, which measures what the CPU serves
@@ -146,8 +146,8 @@ def plan_scheme(requested: str, target: str) -> tuple[str | None, str]:
     training/quantize.py: the probe serves models, so it sits on the serving floor.)
     """
     if requested != "auto":
-        return choose_scheme(requested, target), "set in the quantize config"  # type: ignore[arg-type]
+        return choose_scheme(requested, target), "set in the quantize config"
     if target != "this-machine":
-        return choose_scheme(requested, target), f"the default for target {target}"  # type: ignore[arg-type]
-    scheme, why = measured_quant_scheme(target_platform(target))  # type: ignore[arg-type]
-    return (choose_scheme(scheme, target) if scheme else None), why  # type: ignore[arg-type]
+        return choose_scheme(requested, target), f"the default for target {target}"
+    scheme, why = measured_quant_scheme(target_platform(target))
+    return (choose_scheme(scheme, target) if scheme else None), why
