@@ -17,7 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import grimp
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = ("flows", "serving", "evals", "training", "guardrails", "ground")  # top to bottom
@@ -109,6 +108,9 @@ def test_the_contracts_are_the_floors_the_design_names() -> None:
     assert tuple(contracts["floors"]["layers"]) == FLOORS
     assert tuple(contracts["serving-floors"]["layers"]) == tuple(f"serving.{r}" for r in SERVING_ROOMS)
     assert set(contracts["no-circles"]["ancestors"]) == set(FLOORS)
+    # Only flows/ knows Prefect: every other floor is forbidden to import it.
+    assert contracts["prefect-in-flows"]["forbidden_modules"] == ["prefect"]
+    assert set(contracts["prefect-in-flows"]["source_modules"]) == set(FLOORS) - {"flows"}
 
 
 def test_every_arrow_runs_down_and_the_drawing_is_current() -> None:
@@ -262,18 +264,3 @@ def test_cli_help_is_fast_and_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == ""
-
-
-@pytest.mark.parametrize("package", ["training", "serving", "guardrails", "evals", "ground"])
-def test_no_prefect_outside_flows(package: str) -> None:
-    """Also a lint-imports contract; kept here so `pytest` alone says it too."""
-    offenders = []
-    for path in (REPO / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == "prefect"]
-    assert not offenders, offenders
